@@ -1,0 +1,55 @@
+# Everything a newcomer runs. `make demo` and `make test` work on a fresh machine with only
+# Python: they create .venv, install torch (2.13.0, CPU build where it lies on disk) and the
+# dependencies, build the extension against that torch (no build isolation), then run.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup build demo test test-fast cuda-check bench clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q triton numpy pybind11 ninja tqdm matplotlib safetensors scikit-learn \
+		pytest pytest-benchmark hypothesis
+	# spikingjelly declares torchvision/torchaudio, which would replace torch: no deps, then its light ones.
+	$(BIN)/python -m pip install -q --no-deps spikingjelly==2.0.0
+	$(BIN)/python -m pip install -q scipy loguru h5py
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Rebuild the extension in place after editing csrc/ (ninja: only what changed).
+build: $(STAMP)
+	$(BIN)/python setup.py -q build_ext --inplace
+
+demo: $(STAMP)
+	$(BIN)/cbp-quantize
+
+# Triton kernels run on CPU tensors under the interpreter, so the whole suite sees them.
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x -m "not slow" tests
+
+# Compile-only check of every CUDA source for sm_80 and sm_90 (no GPU needed).
+TORCH_INC = $(shell $(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
+PY_INC = $(shell $(BIN)/python -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])")
+cuda-check: $(STAMP)
+	@set -e; for f in $$(find csrc -name '*.cu'); do \
+		echo "nvcc $$f"; \
+		nvcc -std=c++20 -O3 -c $$f -o /dev/null -Icsrc $(TORCH_INC) $(PY_INC) \
+			-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90; \
+	done
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q bench --benchmark-json=bench/results/last.json
+	$(BIN)/python bench/report.py
+
+clean:
+	rm -rf build *.egg-info cbp_kernels/*.so

@@ -1,0 +1,106 @@
+"""Loads the compiled extension defensively and tells which backends run on this machine.
+
+Backends, by name (every op has the same ones, with one signature):
+- ``reference``: plain PyTorch, the specification; always there.
+- ``cpu``: C++/OpenMP kernels of the extension ``cbp_kernels._C`` (CPU tensors).
+- ``cuda``: CUDA C++ kernels of the same extension, when it was built with CUDA.
+- ``cupy``: the same CUDA sources compiled at run time by CuPy (``cupy.RawModule``).
+- ``triton``: Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+__all__ = ["backends", "has_kernel", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("reference", "cpu", "cuda", "cupy", "triton")
+
+# Preference per tensor device when ``backend="auto"`` (fastest first).
+_AUTO_ORDER = {"cuda": ("cuda", "cupy", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension() -> str | None:
+    """Imports ``cbp_kernels._C``; returns None when it loaded, else why it did not."""
+    try:
+        from cbp_kernels import _C  # noqa: F401  (registers the ops with the dispatcher)
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when the extension holds ``cbp_kernels_ext::<op>`` for ``dispatch_key`` (CPU/CUDA)."""
+    if _load_extension() is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"cbp_kernels_ext::{op}", dispatch_key)
+
+
+def _triton_usable(device: str) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device == "cuda":
+        return torch.cuda.is_available()
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cupy_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+
+
+@torch.compiler.assume_constant_result
+def _available(op: str, backend: str, device: str) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device == "cpu" and has_kernel(op, "CPU")
+    if backend == "cuda":
+        return device == "cuda" and has_kernel(op, "CUDA")
+    if backend == "cupy":
+        return device == "cuda" and _cupy_usable()
+    if backend == "triton":
+        return _triton_usable(device)
+    return False
+
+
+def backends(op: str = "neuron_forward") -> dict[str, dict[str, bool]]:
+    """What runs on this machine: ``{device: {backend: available}}`` for the op's kernels.
+
+    >>> cbp_kernels.backends()["cpu"]["cpu"]   # the compiled C++ kernel is there
+    True
+    """
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {dev: {b: _available(op, b, dev) for b in BACKENDS} for dev in devices}
+
+
+def resolve_backend(requested: str, op: str, device: torch.device) -> str:
+    """The backend to run ``op`` on a tensor of ``device``: ``requested`` checked, or the
+    fastest available one for ``"auto"`` (says once when it falls back)."""
+    dev = device.type
+    if dev not in _AUTO_ORDER:
+        raise ValueError(f"cbp_kernels runs on CPU and CUDA tensors, got a tensor on {device}")
+    if requested == "auto":
+        for name in _AUTO_ORDER[dev]:
+            if _available(op, name, dev):
+                if name != _AUTO_ORDER[dev][0]:
+                    why = _load_extension() or f"the extension was built without {_AUTO_ORDER[dev][0]} kernels"
+                    _warn_once(f"cbp_kernels: no compiled {dev} kernels ({why}); using the {name} backend")
+                return name
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}")
+    if not _available(op, requested, dev):
+        raise RuntimeError(
+            f"backend {requested!r} is not available for {dev} tensors on this machine "
+            f"(available: {[b for b, ok in backends(op).get(dev, {}).items() if ok]})"
+        )
+    return requested

@@ -1,0 +1,4 @@
+"""Modules built on the ops: spiking neurons (and, as they land, layers)."""
+from .neuron import IF, LIF, PLIF
+
+__all__ = ["IF", "LIF", "PLIF"]

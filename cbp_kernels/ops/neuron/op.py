@@ -1,0 +1,183 @@
+"""The public multi-step neuron op: validation, backend choice, torch.library custom ops
+(with fake implementations for torch.compile) and their autograd.
+
+Forward and backward each run in ONE kernel launch over all T timesteps. The forward saves
+H (the membrane potential before the reset, in x's dtype) and uses the spikes it returns;
+V[t-1] and the surrogate are rebuilt from them in the backward.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..._backend import resolve_backend
+from ..utils import check_choice, check_finite, check_kernel_dtype, check_same_device, check_tensor
+from . import reference
+from .params import DEFAULT_ALPHA, NEURONS, SURROGATES, NeuronParams
+
+__all__ = ["multistep_neuron"]
+
+_BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
+
+
+def _impl(backend: str):
+    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
+
+
+def _params(v_threshold, v_reset, soft_reset, kind, decay_input, detach_reset, surrogate, alpha):
+    return NeuronParams(v_threshold, None if soft_reset else v_reset, kind, decay_input, detach_reset, surrogate, alpha)
+
+
+@torch.library.custom_op("cbp_kernels::neuron_forward", mutates_args=())
+def _neuron_forward(
+    x_seq: torch.Tensor, v_init: torch.Tensor, decay: torch.Tensor, v_threshold: float, v_reset: float,
+    soft_reset: bool, kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = _params(v_threshold, v_reset, soft_reset, kind, decay_input, detach_reset, surrogate, alpha)
+    return _impl(backend).forward(x_seq, v_init, decay, p)
+
+
+@_neuron_forward.register_fake
+def _(x_seq, v_init, decay, *args):
+    return torch.empty_like(x_seq), torch.empty_like(v_init), torch.empty_like(x_seq)
+
+
+@torch.library.custom_op("cbp_kernels::neuron_backward", mutates_args=())
+def _neuron_backward(
+    grad_spike: torch.Tensor, grad_v_last: torch.Tensor, h_seq: torch.Tensor, spike_seq: torch.Tensor,
+    x_seq: torch.Tensor, v_init: torch.Tensor, decay: torch.Tensor, v_threshold: float, v_reset: float,
+    soft_reset: bool, kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float,
+    backend: str, need_grad_decay: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = _params(v_threshold, v_reset, soft_reset, kind, decay_input, detach_reset, surrogate, alpha)
+    return _impl(backend).backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p, need_grad_decay)
+
+
+@_neuron_backward.register_fake
+def _(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, *args):
+    return torch.empty_like(h_seq), torch.empty_like(v_init), torch.empty_like(decay)
+
+
+def _setup_context(ctx, inputs, output):
+    x_seq, v_init, decay = inputs[:3]
+    spike_seq, _, h_seq = output
+    ctx.need_grad_decay = decay.requires_grad
+    # x is needed only for PLIF's dH/dk with decay_input; otherwise save nothing of it.
+    x_saved = x_seq if ctx.need_grad_decay else x_seq.new_empty(0)
+    ctx.save_for_backward(h_seq, spike_seq, x_saved, v_init, decay)
+    ctx.args = inputs[3:]
+
+
+def _backward(ctx, grad_spike, grad_v_last, _grad_h):
+    h_seq, spike_seq, x_saved, v_init, decay = ctx.saved_tensors
+    grad_spike = torch.zeros_like(spike_seq) if grad_spike is None else grad_spike.to(spike_seq.dtype)
+    grad_v_last = torch.zeros_like(v_init) if grad_v_last is None else grad_v_last
+    grad_x, grad_v, grad_k = _neuron_backward(
+        grad_spike, grad_v_last, h_seq, spike_seq, x_saved, v_init, decay, *ctx.args, ctx.need_grad_decay
+    )
+    return (grad_x, grad_v, grad_k if ctx.need_grad_decay else None) + (None,) * len(ctx.args)
+
+
+torch.library.register_autograd("cbp_kernels::neuron_forward", _backward, setup_context=_setup_context)
+
+
+def _checked_tau(neuron: str, tau, x_seq: torch.Tensor) -> torch.Tensor:
+    """The decay k = 1/tau as a 0-dim float tensor (differentiable when tau is a tensor)."""
+    if neuron == "if":
+        return torch.ones((), dtype=torch.float32, device=x_seq.device)
+    if isinstance(tau, torch.Tensor):
+        if tau.numel() != 1:
+            raise ValueError(f"tau must be a number or a one-element tensor, got shape {tuple(tau.shape)}")
+        check_same_device("x_seq", x_seq, tau=tau)
+        # Value checks read the tensor: done eagerly, skipped while torch.compile traces.
+        if not torch.compiler.is_compiling():
+            check_finite("tau", tau.detach())
+        if not torch.compiler.is_compiling() and not bool(tau.detach() > 1):
+            raise ValueError(f"tau must be > 1 for {neuron!r} neurons (SpikingJelly's rule), got {float(tau)}")
+        dtype = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
+        return tau.reshape(()).to(dtype).reciprocal()
+    tau = check_finite("tau", tau)
+    if tau <= 1:
+        raise ValueError(f"tau must be > 1 for {neuron!r} neurons (SpikingJelly's rule), got {tau}")
+    dtype = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
+    return torch.tensor(1.0 / tau, dtype=dtype, device=x_seq.device)
+
+
+def multistep_neuron(
+    x_seq: torch.Tensor,
+    v_init: torch.Tensor | None = None,
+    *,
+    neuron: str = "lif",
+    tau: float | torch.Tensor = 2.0,
+    v_threshold: float = 1.0,
+    v_reset: float | None = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = False,
+    surrogate: str = "atan",
+    alpha: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs an IF / LIF / PLIF neuron over all T timesteps (SpikingJelly 2.0 semantics).
+
+    Args:
+        x_seq: input current ``[T, *]`` (any trailing shape), float32 / float16 / bfloat16
+            (float64 on the reference backend only).
+        v_init: membrane potential before the first step, ``[*]``; default ``v_reset``
+            (0 for the soft reset).
+        neuron: ``"if"``, ``"lif"`` or ``"plif"``. PLIF is LIF whose ``tau`` is a tensor that
+            receives a gradient (``cbp_kernels.nn.PLIF`` holds it as SpikingJelly does); a
+            float ``tau`` (or one without grad) makes it a plain LIF.
+        tau: membrane time constant (> 1) of LIF / PLIF; ignored by IF.
+        v_threshold: firing threshold: S[t] = (H[t] >= v_threshold).
+        v_reset: hard reset value; ``None`` selects the soft reset (V -= v_threshold).
+        decay_input: whether the input is divided by tau in the charge equation.
+        detach_reset: detach the spike in the reset path of the backward.
+        surrogate: ``"atan"``, ``"sigmoid"``, ``"rectangle"``, ``"triangle"``,
+            ``"piecewise_quadratic"``; ``alpha`` defaults per surrogate (2, 4, 1, 1, 1).
+        backend: ``"auto"`` or one of ``cbp_kernels.BACKENDS``.
+
+    Returns:
+        ``(spike_seq [T, *] in x's dtype, v_last [*] in float32, float64 for float64 input)``.
+    """
+    check_tensor("x_seq", x_seq, min_dim=1)
+    if x_seq.shape[0] == 0:
+        raise ValueError(f"x_seq must have T >= 1 timesteps, got shape {tuple(x_seq.shape)}")
+    if x_seq.numel() == 0:
+        raise ValueError(f"x_seq is empty (shape {tuple(x_seq.shape)})")
+    check_choice("neuron", neuron, NEURONS)
+    check_choice("surrogate", surrogate, SURROGATES)
+    v_threshold = check_finite("v_threshold", v_threshold)
+    if v_reset is not None:
+        v_reset = check_finite("v_reset", v_reset)
+        if v_threshold <= v_reset:
+            raise ValueError(f"v_threshold ({v_threshold}) must be greater than v_reset ({v_reset})")
+    alpha = DEFAULT_ALPHA[surrogate] if alpha is None else check_finite("alpha", alpha)
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    state_dtype = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
+    if v_init is None:
+        v_init = torch.full(x_seq.shape[1:], 0.0 if v_reset is None else v_reset, dtype=state_dtype, device=x_seq.device)
+    else:
+        check_tensor("v_init", v_init)
+        check_same_device("x_seq", x_seq, v_init=v_init)
+        if v_init.shape != x_seq.shape[1:]:
+            raise ValueError(f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), got {tuple(v_init.shape)}")
+        v_init = v_init.to(state_dtype)
+    decay = _checked_tau(neuron, tau, x_seq)
+    backend = resolve_backend(backend, "neuron_forward", x_seq.device)
+    check_kernel_dtype(backend, x_seq.dtype)
+    p = NeuronParams(v_threshold, v_reset, NEURONS[neuron], bool(decay_input), bool(detach_reset), SURROGATES[surrogate], alpha)
+    return run(x_seq, v_init, decay, p, backend)
+
+
+def run(x_seq, v_init, decay, p: NeuronParams, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on validated input (for layers that validated once, e.g. ``nn.PLIF``)."""
+    if backend == "reference":
+        spike, v_last, _ = reference.forward(x_seq, v_init, decay, p)
+        return spike, v_last
+    spike, v_last, _ = _neuron_forward(
+        x_seq, v_init, decay, p.v_threshold, p.reset_value, p.soft_reset, p.kind, p.decay_input,
+        p.detach_reset, p.surrogate, p.alpha, backend,
+    )
+    return spike, v_last

@@ -1,0 +1,46 @@
+"""Shared test helpers: the backends to test on this machine and a verbose allclose."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import cbp_kernels
+
+# (atol, rtol) of kernel gradients against the float32 reference, per input dtype.
+GRAD_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
+
+
+def kernel_backends(device: str = "cpu") -> list[str]:
+    """The non-reference backends that run on ``device`` here (Triton on CPU needs TRITON_INTERPRET=1)."""
+    avail = cbp_kernels.backends().get(device, {})
+    return [b for b, ok in avail.items() if ok and b != "reference"]
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "") -> None:
+    """allclose that says how many elements differ, the worst one and where."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
+    if bad.any():
+        diff = (actual - expected).abs()
+        worst = int(diff.argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), actual.shape))
+        pytest.fail(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}); worst at {idx}: "
+            f"{actual.flatten()[worst].item()} vs {expected.flatten()[worst].item()}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    return f"cbp_kernels backends: {cbp_kernels.backends()}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"

@@ -1,0 +1,266 @@
+"""multistep_neuron: every backend against the reference, the reference against SpikingJelly
+2.0 and gradcheck, torch.compile, shape fuzzing and every bad input."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cbp_kernels.ops import multistep_neuron
+from cbp_kernels.ops.neuron import SURROGATES
+
+from conftest import GRAD_TOL, assert_close, devices, kernel_backends
+
+CONFIGS = [
+    dict(neuron=n, v_reset=vr, detach_reset=dr, decay_input=di)
+    for n, vr, dr, di in itertools.product(["if", "lif", "plif"], [0.0, None, -0.5], [False, True], [True, False])
+    if not (n == "if" and not di)
+]
+
+
+def _run(x, v0, backend, cfg, tau=None):
+    """Forward + backward with fixed random output weights; returns outputs and grads."""
+    x = x.detach().clone().requires_grad_()
+    v0 = None if v0 is None else v0.detach().clone().requires_grad_()
+    kw = dict(cfg)
+    if kw.get("neuron") == "plif":
+        tau = torch.tensor(tau or 2.5, requires_grad=True)
+        kw["tau"] = tau
+    spike, v_last = multistep_neuron(x, v0, backend=backend, **kw)
+    g = torch.Generator().manual_seed(1)
+    ws = torch.randn(spike.shape, generator=g).to(spike.dtype)
+    wv = torch.randn(v_last.shape, generator=g).to(v_last.dtype)
+    ((spike * ws).float().sum() + (v_last * wv).sum()).backward()
+    grads = [x.grad, None if v0 is None else v0.grad, None if not isinstance(tau, torch.Tensor) else tau.grad]
+    return spike, v_last, grads
+
+
+def _inputs(shape, dtype, device="cpu", scale=1.5):
+    x = (torch.randn(shape, device=device) * scale + 0.4).to(dtype)
+    v0 = torch.rand(shape[1:], device=device) * 0.8
+    return x, v0
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("surrogate", list(SURROGATES))
+def test_kernels_match_reference_float32(device, cfg, surrogate):
+    backends = kernel_backends(device)
+    if not backends:
+        pytest.skip(f"no kernel backend runs on {device} here (build the extension: make build)")
+    x, v0 = _inputs((5, 3, 37), torch.float32, device)
+    cfg = dict(cfg, surrogate=surrogate)
+    ref = _run(x, v0, "reference", cfg)
+    for b in backends:
+        out = _run(x, v0, b, cfg)
+        assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
+        assert_close(out[1], ref[1], 1e-6, 1e-6, f"{b} v_last")
+        for name, ga, gr in zip(["x", "v_init", "tau"], out[2], ref[2]):
+            if gr is not None:
+                assert_close(ga, gr, 1e-5, 1e-4, f"{b} grad {name}")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_low_precision(device, dtype):
+    backends = kernel_backends(device)
+    if not backends:
+        pytest.skip(f"no kernel backend runs on {device} here (build the extension: make build)")
+    x, v0 = _inputs((4, 2, 33), dtype, device)
+    cfg = dict(neuron="plif", v_reset=0.0)
+    ref = _run(x, v0, "reference", cfg)
+    atol, rtol = GRAD_TOL[dtype]
+    for b in backends:
+        out = _run(x, v0, b, cfg)
+        assert out[0].dtype == dtype
+        assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
+        assert_close(out[1], ref[1], 1e-5, 1e-5, f"{b} v_last")
+        for name, ga, gr in zip(["x", "v_init", "tau"], out[2], ref[2]):
+            assert_close(ga, gr, atol, rtol * (10 if name == "tau" else 1), f"{b} grad {name}")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_and_odd_shapes(device):
+    backends = kernel_backends(device)
+    if not backends:
+        pytest.skip(f"no kernel backend runs on {device} here (build the extension: make build)")
+    base = torch.randn(3, 7, 11, 2, device=device) + 0.5
+    x = base.transpose(1, 2)[..., 0]  # [3, 11, 7], non-contiguous
+    assert not x.is_contiguous()
+    ref = _run(x, None, "reference", dict(neuron="lif"))
+    for b in backends:
+        out = _run(x, None, b, dict(neuron="lif"))
+        assert torch.equal(out[0], ref[0])
+        assert_close(out[2][0], ref[2][0], 1e-5, 1e-4, f"{b} grad x")
+
+
+@pytest.mark.parametrize("neuron", ["if", "lif", "plif"])
+@pytest.mark.parametrize("v_reset", [0.0, None])
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_reference_gradcheck_float64(monkeypatch, neuron, v_reset, decay_input):
+    from cbp_kernels.ops.neuron import reference
+
+    class Smooth:  # SpikeFn.apply(x, surrogate, alpha) -> differentiable sig(alpha x)
+        @staticmethod
+        def apply(x, surrogate, alpha):
+            return torch.sigmoid(alpha * x)
+
+    monkeypatch.setattr(reference, "SpikeFn", Smooth)
+    x = (torch.randn(4, 5, dtype=torch.float64) + 0.5).requires_grad_()
+    v0 = (torch.rand(5, dtype=torch.float64) * 0.3).requires_grad_()
+    tau = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+
+    def f(x, v0, tau):
+        return multistep_neuron(x, v0, neuron=neuron, tau=tau, v_reset=v_reset, decay_input=decay_input,
+                                surrogate="sigmoid", backend="reference")
+
+    assert torch.autograd.gradcheck(f, (x, v0, tau))
+
+
+def test_reference_surrogate_backward_matches_primitive_derivative():
+    """The Heaviside spike's backward is exactly d/dx of the sigmoid primitive (what the
+    gradcheck above replaced), so the two tests together check the real reference."""
+    from cbp_kernels.ops.neuron.surrogate import SpikeFn
+
+    x = torch.linspace(-2, 2, 41, dtype=torch.float64, requires_grad=True)
+    SpikeFn.apply(x, SURROGATES["sigmoid"], 4.0).sum().backward()
+    xs = x.detach().clone().requires_grad_()
+    torch.sigmoid(4.0 * xs).sum().backward()
+    assert_close(x.grad, xs.grad, 1e-12, 1e-12, "surrogate vs primitive derivative")
+
+
+def _sj_node(cfg, surrogate_cls):
+    from spikingjelly.activation_based import neuron as sjn
+    from spikingjelly.activation_based import surrogate as sjs
+
+    common = dict(v_threshold=1.0, v_reset=cfg["v_reset"], detach_reset=cfg["detach_reset"],
+                  surrogate_function=getattr(sjs, surrogate_cls)(), step_mode="m")
+    if cfg["neuron"] == "if":
+        return sjn.IFNode(**common)
+    if cfg["neuron"] == "lif":
+        return sjn.LIFNode(tau=2.0, decay_input=cfg["decay_input"], **common)
+    return sjn.ParametricLIFNode(init_tau=2.0, decay_input=cfg["decay_input"], **common)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("sj_surrogate,ours", [("ATan", "atan"), ("Sigmoid", "sigmoid")])
+def test_against_spikingjelly(cfg, sj_surrogate, ours):
+    pytest.importorskip("spikingjelly", reason="spikingjelly 2.0 is the test peer: make setup installs it")
+    from cbp_kernels import nn as cnn
+
+    sj = _sj_node(cfg, sj_surrogate)
+    kw = dict(v_reset=cfg["v_reset"], detach_reset=cfg["detach_reset"], surrogate_function=ours, step_mode="m")
+    if cfg["neuron"] == "if":
+        mine = cnn.IF(**kw)
+    elif cfg["neuron"] == "lif":
+        mine = cnn.LIF(tau=2.0, decay_input=cfg["decay_input"], **kw)
+    else:
+        mine = cnn.PLIF(init_tau=2.0, decay_input=cfg["decay_input"], **kw)
+    x = torch.randn(6, 4, 9) * 1.5 + 0.5
+    outs = []
+    for node in (sj, mine):
+        xi = x.clone().requires_grad_()
+        s = node(xi)
+        (s * torch.linspace(-1, 1, s.numel()).view_as(s)).sum().backward()
+        params = [p.grad for p in node.parameters()]
+        outs.append((s.detach(), xi.grad, params))
+    assert torch.equal(outs[0][0], outs[1][0]), "spikes differ from SpikingJelly"
+    assert_close(outs[1][1], outs[0][1], 1e-5, 1e-4, "grad x vs SpikingJelly")
+    for gm, gs in zip(outs[1][2], outs[0][2]):
+        assert_close(gm, gs, 1e-5, 1e-4, "grad w (PLIF) vs SpikingJelly")
+
+
+def test_compile_fullgraph_no_graph_break():
+    if not kernel_backends("cpu"):
+        pytest.skip("no compiled CPU kernel here (build the extension: make build)")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            s, _ = multistep_neuron(self.fc(x), neuron="lif", backend="cpu")
+            return s.mean(0).sum()
+
+    net = Net()
+    x = torch.randn(4, 3, 8)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward()
+    g_compiled = net.fc.weight.grad.clone()
+    net.zero_grad()
+    net(x).backward()
+    assert_close(out, net(x), 1e-6, 1e-6, "compiled output")
+    assert_close(g_compiled, net.fc.weight.grad, 1e-6, 1e-5, "compiled grad")
+
+
+def test_opcheck():
+    if not kernel_backends("cpu"):
+        pytest.skip("no compiled CPU kernel here (build the extension: make build)")
+    from cbp_kernels.ops.neuron.op import _neuron_forward
+
+    x = torch.randn(3, 5, requires_grad=True)
+    args = (x, torch.zeros(5), torch.tensor(0.5), 1.0, 0.0, False, 1, True, False, 0, 2.0, "cpu")
+    torch.library.opcheck(_neuron_forward, args)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    neuron=st.sampled_from(["if", "lif", "plif"]),
+    v_reset=st.sampled_from([0.0, None]),
+)
+def test_shape_fuzz(shape, neuron, v_reset):
+    backends = kernel_backends("cpu")
+    x = torch.randn(shape) + 0.5
+    cfg = dict(neuron=neuron, v_reset=v_reset)
+    ref = _run(x, None, "reference", cfg)
+    assert ref[0].shape == x.shape and ref[1].shape == x.shape[1:]
+    for b in backends:
+        out = _run(x, None, b, cfg)
+        assert torch.equal(out[0], ref[0])
+        assert_close(out[2][0], ref[2][0], 1e-5, 1e-4, f"{b} grad x")
+
+
+BAD = [
+    (dict(x=torch.randn(3)), None),  # rank 1 is allowed: [T]
+    (dict(x=torch.randn(0, 4)), "T >= 1"),
+    (dict(x=torch.randn(3, 0)), "empty"),
+    (dict(x=torch.ones(3, 4, dtype=torch.int32)), "dtype"),
+    (dict(x=torch.randn(3, 4), v_init=torch.zeros(5)), "v_init must have shape"),
+    (dict(x=torch.randn(3, 4), tau=1.0), "tau must be > 1"),
+    (dict(x=torch.randn(3, 4), tau=float("nan")), "tau must be finite"),
+    (dict(x=torch.randn(3, 4), neuron="plif", tau=torch.tensor(0.5)), "tau must be > 1"),
+    (dict(x=torch.randn(3, 4), v_threshold=0.0, v_reset=0.0), "must be greater than v_reset"),
+    (dict(x=torch.randn(3, 4), v_threshold=float("nan")), "v_threshold must be finite"),
+    (dict(x=torch.randn(3, 4), surrogate="relu"), "surrogate must be one of"),
+    (dict(x=torch.randn(3, 4), neuron="izhikevich"), "neuron must be one of"),
+    (dict(x=torch.randn(3, 4), alpha=-1.0), "alpha must be > 0"),
+    (dict(x=torch.randn(3, 4), backend="fortran"), "backend must be"),
+    (dict(x=torch.randn(3, 4, dtype=torch.float64), backend="cpu"), "float64"),
+    (dict(x=torch.randn(3, 4), backend="cuda"), "not available"),
+    (dict(x=[1.0, 2.0]), "must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("case,match", BAD)
+def test_bad_input(case, match):
+    x = case.pop("x")
+    if match is None:
+        s, v = multistep_neuron(x, **case)
+        assert s.shape == x.shape and v.shape == ()
+        return
+    if case.get("backend") == "cpu" and not kernel_backends("cpu"):
+        pytest.skip("no compiled CPU kernel here (build the extension: make build)")
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        multistep_neuron(x, **case)
+
+
+def test_mixed_devices_rejected():
+    meta = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="v_init is on meta"):
+        multistep_neuron(torch.randn(3, 4), meta)
