@@ -286,6 +286,13 @@ def test_bad_models():
         model[2].weight.zero_()
     with pytest.raises(ValueError, match="all-zero"):
         CBPQuantizer(model)
+    model = _mlp()
+    model[4].double()
+    with pytest.raises(ValueError, match="one dtype"):
+        CBPQuantizer(model)
+    model = _Net().to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="non-contiguous"):
+        CBPQuantizer(model)
     assert _quantized_names(model) == []
 
 
@@ -357,7 +364,7 @@ def test_any_loss_and_eval_fn():
     def mse_on_counts(out, y):  # MSE against one-hot "spike counts"
         return ((out - nn.functional.one_hot(y, 4).float()) ** 2).mean()
 
-    history = q.fit(_data(), mse_on_counts, epochs=2, eval_fn=lambda m: {"accuracy": 0.5, "top5": 1.0}, progress=False)
+    history = q.fit(_data(), mse_on_counts, epochs=2, eval_fn=lambda m: {"accuracy": 0.5, "top5": 1.0}, progress=True)
     assert history[-1]["accuracy"] == 0.5 and history[-1]["top5"] == 1.0
     assert sum(history[-1]["weight_hist"]) == q.num_weights
 

@@ -170,10 +170,14 @@ class CBPQuantizer:
         config: a ``CBPConfig``; None and no preset: ``CBPConfig()``.
         backend: the backend of the constraint pass and of the quantize op.
 
+    Move the model to its device (and dtype) first: lambda and the level set are created
+    beside the weights. The quantized weights must be contiguous and share one dtype/device.
+
     Raises:
         ValueError / TypeError: bad levels, unknown preset, preset and config both given,
             an excluded name that is not a module or holds no quantizable layer, a model
-            with no quantizable layer or none left after exclusion.
+            with no quantizable layer or none left after exclusion, NaN/Inf or all-zero
+            weights; the model is left unchanged.
     """
 
     def __init__(self, model: nn.Module, levels: str | Sequence[float] = "binary", preset: str | None = None,
@@ -197,8 +201,15 @@ class CBPQuantizer:
                 f"no layer left to quantize: {sorted(excluded)} excluded"
                 + (" (the first and last quantizable layers are by default; pass exclude=[] to keep them)" if exclude is None else "")
             )
+        first = net.get_submodule(targets[0]).weight
         for name in targets:
             weight = net.get_submodule(name).weight.detach()
+            if (weight.dtype, weight.device) != (first.dtype, first.device):
+                raise ValueError(f"quantized weights must share one dtype and device: {name!r} is {weight.dtype} on "
+                                 f"{weight.device}, {targets[0]!r} is {first.dtype} on {first.device}")
+            if not weight.is_contiguous():
+                raise ValueError(f"layer {name!r} has a non-contiguous weight (channels_last?): the fused constraint "
+                                 "pass needs contiguous weights")
             if not torch.isfinite(weight).all():
                 raise ValueError(f"layer {name!r} has NaN/Inf weights; nothing was changed")
             if not bool(weight.abs().sum() > 0):
