@@ -8,9 +8,9 @@ The file doubles as the worker script of its subprocess tests (``python test_qua
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -456,13 +456,17 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     cmd = [sys.executable, __file__, "kill-run"]
     proc = subprocess.Popen(cmd + [str(killed), "0"], stdout=subprocess.PIPE, text=True, env=_worker_env())
-    steps = 0
-    for line in proc.stdout:  # 6 batches per epoch: kill in the middle of the second epoch
-        steps += line.startswith("step")
-        if steps == 8:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
+    try:
+        steps = 0
+        for line in proc.stdout:  # 6 batches per epoch: kill in the middle of the second epoch
+            steps += line.startswith("step")
+            if steps == 8:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (killed / "final.pt").exists()
     saved = load_checkpoint(killed / "last.pt")
     assert saved["epoch"] == 1 and 0 < saved["batch"] < 6  # killed mid-epoch
@@ -480,12 +484,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 # --- 2-rank DDP ---------------------------------------------------------------------------------------------
 
 def _ddp_run(out_dir: Path):
-    """The worker of one rank (RANK / WORLD_SIZE / MASTER_* in the environment, gloo)."""
+    """The worker of one rank (RANK in the environment; gloo over loopback, a file store)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'store'}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(_mlp())
     q = CBPQuantizer(model, "binary", config=_cfg(p_max=20), backend=BACKEND)
@@ -500,13 +505,15 @@ def _ddp_run(out_dir: Path):
 
 
 def test_ddp_two_ranks_agree(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, __file__, "ddp-run", str(tmp_path)],
-                              env={**_worker_env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(port)}) for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    env = {**_worker_env(), "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [subprocess.Popen([sys.executable, __file__, "ddp-run", str(tmp_path)], env={**env, "RANK": str(r)})
+             for r in range(2)]
+    try:
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["decision"] is True and r1["decision"] is True and r0["g"] == r1["g"]
     assert [h["L_sum"] for h in r0["history"]] == [h["L_sum"] for h in r1["history"]]

@@ -390,8 +390,9 @@ class CBPQuantizer:
                 average); default ``model(inputs)``.
             eval_fn: ``eval_fn(model) -> float | dict`` after each epoch; a float is recorded
                 as ``accuracy``, a dict is merged into the record.
-            checkpoint_dir: where ``last.pt`` is written atomically after every epoch (and
-                every ``checkpoint_every`` batches when > 0).
+            checkpoint_dir: where ``last.pt`` is written atomically after every epoch (rank 0
+                only under torch.distributed).
+            checkpoint_every: also checkpoint every this many batches (0: at epoch ends only).
             resume: continue from ``checkpoint_dir/last.pt`` if it exists (bit-identical to an
                 uninterrupted run, even when resumed mid-epoch).
             progress: show a tqdm bar (loss, L, CFS, g) on rank 0.
