@@ -56,7 +56,8 @@ class QuantizedLayer:
         # containers are copied so that the two modules do not share their dicts.
         qcls = quantized_class(type(layer))
         q = qcls.__new__(qcls)
-        q.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in layer.__dict__.items()})
+        state = layer.__dict__.items()
+        q.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in state})
         with torch.no_grad():
             s = layer.weight.abs().mean() if scale is None else scale
         q._init_quant(levels, s)

@@ -84,7 +84,8 @@ class WindowSchedule:
         return {"g": self.g, "p": self.p, "L_pre": self.L_pre, "p_max": self.p_max}
 
     def load_state_dict(self, state: dict) -> None:
-        self.g, self.p, self.L_pre, self.p_max = int(state["g"]), int(state["p"]), float(state["L_pre"]), int(state["p_max"])
+        self.g, self.p, self.p_max = int(state["g"]), int(state["p"]), int(state["p_max"])
+        self.L_pre = float(state["L_pre"])
 
 
 def _quantizable(module: nn.Module) -> bool:
@@ -105,7 +106,8 @@ def _excluded_names(net: nn.Module, candidates: list[str], exclude: Iterable[str
             raise ValueError(f"exclude names {name!r}, which is not a module of the model")
         under = [c for c in candidates if c == name or c.startswith(name + ".")]
         if not under:
-            raise ValueError(f"exclude names {name!r} ({type(modules[name]).__name__}), which holds no quantizable layer")
+            kind = type(modules[name]).__name__
+            raise ValueError(f"exclude names {name!r} ({kind}), which holds no quantizable layer")
         excluded.update(under)
     return excluded
 
@@ -197,10 +199,8 @@ class CBPQuantizer:
         excluded = _excluded_names(net, candidates, exclude)
         targets = [name for name in candidates if name not in excluded]
         if not targets:
-            raise ValueError(
-                f"no layer left to quantize: {sorted(excluded)} excluded"
-                + (" (the first and last quantizable layers are by default; pass exclude=[] to keep them)" if exclude is None else "")
-            )
+            why = "" if exclude is not None else " (first and last layers are by default; exclude=[] keeps them)"
+            raise ValueError(f"no layer left to quantize: {sorted(excluded)} excluded{why}")
         first = net.get_submodule(targets[0]).weight
         for name in targets:
             weight = net.get_submodule(name).weight.detach()
@@ -213,7 +213,7 @@ class CBPQuantizer:
             if not torch.isfinite(weight).all():
                 raise ValueError(f"layer {name!r} has NaN/Inf weights; nothing was changed")
             if not bool(weight.abs().sum() > 0):
-                raise ValueError(f"layer {name!r} has all-zero weights (scale mean|W| = 0); exclude it or initialise it")
+                raise ValueError(f"layer {name!r} has all-zero weights (scale mean|W| = 0): exclude or initialise it")
         if self.config.calibration:
             rescale_thresholds(threshold_pairs(net))
         self.layers: dict[str, QuantizedLayer] = {}
@@ -268,7 +268,8 @@ class CBPQuantizer:
         layers = [m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         quantized = {id(w) for w in self.weights}
         weights = [m.weight for m in layers if m.weight.requires_grad and id(m.weight) not in quantized]
-        biases = [m.bias for m in layers if m.bias is not None and m.bias.requires_grad] if self.config.calibration else []
+        biases = [m.bias for m in layers if m.bias is not None and m.bias.requires_grad]
+        biases = biases if self.config.calibration else []
         taken = quantized | {id(p) for p in weights + biases}
         others = [p for p in self.net.parameters() if p.requires_grad and id(p) not in taken]
         wd = self.config.weight_decay
@@ -347,9 +348,9 @@ class CBPQuantizer:
 
         ``L_sum``: the epoch's sum of L; default the sum of what ``step`` returned this epoch.
         Under torch.distributed it is summed over the ranks first (all_reduce, as the CBP
-        authors' code), so that every rank takes the same decision. Returns the epoch's record: ``epoch``, ``loss`` (mean C),
-        ``L_sum``, ``updated`` (g/lambda updated), ``g`` (after the update), ``p``, ``lr``
-        (of the quantized weights), ``cfs``."""
+        authors' code), so that every rank takes the same decision. Returns the epoch's
+        record: ``epoch``, ``loss`` (mean C), ``L_sum``, ``updated`` (g/lambda updated), ``g``
+        (after the update), ``p``, ``lr`` (of the quantized weights), ``cfs``."""
         L_sum = self._L_sum if L_sum is None else float(L_sum)
         if not math.isfinite(L_sum):
             raise FloatingPointError(f"L_sum is {L_sum} at the end of epoch {self.epoch}; nothing was updated")
@@ -429,8 +430,8 @@ class CBPQuantizer:
                 set_rng_state(saved_rng)
                 saved_rng = None
             total = len(train_loader) if hasattr(train_loader, "__len__") else None
-            bar = tqdm(total=total, initial=self._batch, desc=f"epoch {self.epoch + 1}/{epochs}", disable=not (progress and rank0),
-                       leave=False)
+            bar = tqdm(total=total, initial=self._batch, desc=f"epoch {self.epoch + 1}/{epochs}",
+                       disable=not (progress and rank0), leave=False)
             for inputs, target in batches:
                 inputs, target = _to_device(inputs, device), _to_device(target, device)
                 for m in resettable:
@@ -442,7 +443,8 @@ class CBPQuantizer:
                     where = f"; the last checkpoint {path} is intact" if path is not None and path.exists() else ""
                     raise FloatingPointError(f"CBP stopped: {err}{where}") from err
                 bar.update(1)
-                bar.set_postfix(loss=f"{self._loss_sum / self._steps:.4g}", L=f"{L:.4g}", CFS=f"{self._last_cfs:.3g}", g=self.g)
+                bar.set_postfix(loss=f"{self._loss_sum / self._steps:.4g}", L=f"{L:.4g}",
+                                CFS=f"{self._last_cfs:.3g}", g=self.g)
                 if checkpoint_every and self._batch % checkpoint_every == 0:
                     self.save_checkpoint(path)
             bar.close()

@@ -75,9 +75,8 @@ class CBPConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"CBPConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.multiplier_optimizer not in MULTIPLIER_OPTIMIZERS:
-            raise ValueError(
-                f"CBPConfig.multiplier_optimizer must be one of {MULTIPLIER_OPTIMIZERS}, got {self.multiplier_optimizer!r}"
-            )
+            raise ValueError(f"CBPConfig.multiplier_optimizer must be one of {MULTIPLIER_OPTIMIZERS}, "
+                             f"got {self.multiplier_optimizer!r}")
         for name in ("batch_size", "epochs", "timesteps", "p_max", "g"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
