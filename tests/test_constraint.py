@@ -304,3 +304,26 @@ def test_quantize_bad_input(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         quantize(args["w"], args["levels"], args["scale"])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + _backends())
+def test_torch_compile_traces_both_ops(backend):
+    weights, lambdas, scales = _layers(torch.float32, sizes=[(5,), (33,)])
+    lv = _t(TERNARY)
+
+    def step(w, grads):
+        q = quantize(w[0], lv, scales[0], backend=backend)
+        return q, constraint_pass([x.detach() for x in w], lambdas, lv, scales, 2.0, grads=grads, backend=backend)
+
+    ws = [w.clone().requires_grad_() for w in weights]
+    eager_grads = [torch.zeros_like(w) for w in weights]
+    compiled_grads = [torch.zeros_like(w) for w in weights]
+    want_q, want = step(ws, eager_grads)
+    got_q, got = torch.compile(step, fullgraph=True, backend="aot_eager")(ws, compiled_grads)
+    assert torch.equal(got_q, want_q)
+    assert_close(got[0], want[0], 1e-9, 1e-9, "compiled sum lambda*cs")
+    for a, b in zip(compiled_grads, eager_grads):
+        assert torch.equal(a, b)
+    g = torch.randn(got_q.shape)
+    got_q.backward(g)
+    assert torch.equal(ws[0].grad, g)  # straight-through through the compiled graph
