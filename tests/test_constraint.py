@@ -206,6 +206,21 @@ def test_pass_kernels_match_reference(device, dtype, levels, g):
             assert_close(klg[i], rlg[i], 1e-30, ulp, f"{b} lambda_grads[{i}]")
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_cpu_kernel_every_instruction_set(monkeypatch, isa):
+    if "cpu" not in _backends():
+        pytest.skip("the compiled CPU kernels are not built (make build)")
+    monkeypatch.setenv("CBP_KERNELS_CPU_ISA", isa)  # caps the run-time choice (per call)
+    weights, lambdas, scales = _layers(torch.float32, sizes=[(1,), (4097,), (40000,)])
+    for levels, g in [(TERNARY, 3), (FOUR, 2)]:
+        (rl, rf), rg, rlg = _pass("reference", weights, lambdas, levels, scales, g, torch.float32)
+        (kl, kf), kg, klg = _pass("cpu", weights, lambdas, levels, scales, g, torch.float32)
+        assert_close(kl, rl, 1e-6, 1e-6, f"{isa} sum lambda*cs")
+        assert_close(kf, rf, 1e-6, 1e-6, f"{isa} sum cs")
+        assert all(torch.equal(a, b) for a, b in zip(kg, rg)), f"{isa}: grads differ"
+        assert all(torch.equal(a, b) for a, b in zip(klg, rlg)), f"{isa}: lambda_grads differ"
+
+
 @pytest.mark.parametrize("backend", ["reference"] + _backends())
 def test_pass_optional_outputs_and_nonfinite(backend):
     weights, lambdas, scales = _layers(torch.float32, sizes=[(5,), (40,)])
