@@ -33,7 +33,7 @@ struct Chunk {
   int64_t layer, start, len;
 };
 
-// The instruction sets the chunk loop is compiled for, picked once at run time.
+// The instruction sets the chunk loop is compiled for (the best one the CPU has runs).
 enum class Isa { kBase, kAvx2, kAvx512 };
 
 #if defined(__GNUC__) && defined(__x86_64__)
