@@ -145,7 +145,7 @@ def test_quantize_kernels_match_reference(dtype):
 
 # --- the fused pass -------------------------------------------------------------------------
 
-SIZES = [(1,), (31,), (1000,), (4097,), (3, 5, 7), (64, 3, 3, 3), (2, 1, 1)]
+SIZES = [(1,), (31,), (0,), (1000,), (4097,), (3, 5, 7), (64, 3, 3, 3), (2, 1, 1)]
 
 
 def _layers(dtype, device="cpu", sizes=SIZES, levels=TERNARY, g=3):
