@@ -1,76 +1,70 @@
-"""Layers quantized with the differentiable sigmoid-sum function (seed paper 001): during
-training the weight used is ``sigmoid_quantize(W, alpha, beta, levels, T)``; in eval mode the
-hard steps (its T -> infinity limit). alpha and beta are learned per layer, starting at
-beta = 1.25 / max|W| and alpha = 1 / beta; the temperature T is set by the trainer."""
+"""Layers quantized with the differentiable sigmoid-sum function (seed paper 001): in training
+mode the weight used is ``sigmoid_quantize(W, alpha, beta, levels, T)``; in eval mode the hard
+steps (its T -> infinity limit), i.e. alpha * q for a level q. alpha and beta are learned per
+layer, starting at beta = 1.25 / max|W| and alpha = 1 / beta; the temperature T (attribute
+``temperature``) is set by the trainer (``cbp_kernels.quant.SigmoidQuantizer``)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn import functional as F
 
 from ..ops.sigmoid_quant import level_table, sigmoid_hard_quantize, sigmoid_quantize
+from .quantized import QuantizedLayer
 
-__all__ = ["SigmoidQuantConv2d", "SigmoidQuantLinear"]
+__all__ = ["SigmoidQuantized", "SigmoidQuantConv2d", "SigmoidQuantLinear"]
 
 
-class _SigmoidQuantMixin:
-    def _init_quant(self, levels) -> None:
-        level_table(levels)  # validates the level set
-        self._levels = tuple(float(q) for q in levels)  # a host copy: no device sync per forward
-        self.register_buffer("levels", torch.tensor(self._levels))
-        self.alpha = nn.Parameter(torch.tensor(1.0))
-        self.beta = nn.Parameter(torch.tensor(1.0))
-        self.reset_scale()
-        self.temperature = 1.0
-
-    def reset_scale(self) -> None:
-        """beta = 1.25 / max|W|, alpha = 1 / beta (the paper's start) from the current weights."""
-        beta = 1.25 / float(self.weight.detach().abs().max().clamp_min(1e-12))
-        with torch.no_grad():
-            self.alpha.fill_(1.0 / beta)
-            self.beta.fill_(beta)
-
-    def quantized_weight(self) -> torch.Tensor:
-        levels = self._levels
-        if self.training:
-            return sigmoid_quantize(self.weight, self.alpha, self.beta, levels, self.temperature)
-        return sigmoid_hard_quantize(self.weight, self.alpha.detach(), self.beta.detach(), levels)
+class SigmoidQuantized(QuantizedLayer):
+    """Mixin: buffers ``levels``, parameters ``alpha`` and ``beta``, ``quantized_weight()``."""
 
     @classmethod
-    def from_float(cls, layer, levels):
-        """The same layer (weights, bias, hyper-parameters) quantized to ``levels``."""
-        if isinstance(layer, nn.Conv2d):
-            new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                      padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                      bias=layer.bias is not None, levels=levels)
-        else:
-            new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, levels=levels)
-        new.to(layer.weight.device)
-        with torch.no_grad():
-            new.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias)
-        new.reset_scale()
-        return new
+    def _family(cls) -> tuple[type, type]:
+        return SigmoidQuantConv2d, SigmoidQuantLinear
+
+    def _init_quant(self, levels, scale=None) -> None:
+        """``scale`` is unused: the sigmoid sum learns its own (alpha)."""
+        levels = torch.as_tensor(levels, dtype=torch.float32).flatten()
+        level_table(levels)  # validates: sorted, distinct, symmetric
+        device = self.weight.device
+        self._levels = tuple(levels.tolist())  # a host copy: no device sync per forward
+        self.register_buffer("levels", levels.to(device))
+        self.alpha = nn.Parameter(torch.ones((), device=device))
+        self.beta = nn.Parameter(torch.ones((), device=device))
+        self.temperature = 1.0
+        self.reset_scale()
+
+    @torch.no_grad()
+    def reset_scale(self) -> None:
+        """beta = 1.25 / max|W| and alpha = 1 / beta (the paper's start), from the weights now."""
+        beta = 1.25 / float(self.weight.abs().max().clamp_min(1e-12))
+        self.alpha.fill_(1.0 / beta)
+        self.beta.fill_(beta)
+
+    def quantized_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        if self.training:
+            return sigmoid_quantize(weight, self.alpha, self.beta, self._levels, self.temperature)
+        return sigmoid_hard_quantize(weight, self.alpha.detach(), self.beta.detach(), self._levels)
 
 
-class SigmoidQuantConv2d(_SigmoidQuantMixin, nn.Conv2d):
-    """nn.Conv2d whose weight is sigmoid-sum quantized (see module docstring)."""
+class SigmoidQuantConv2d(SigmoidQuantized, nn.Conv2d):
+    """nn.Conv2d computing with the sigmoid-quantized weight; ``from_float(conv, levels)``."""
 
     def __init__(self, *args, levels=(-1.0, 1.0), **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(list(levels))
+        self._init_quant(levels)
 
-    def forward(self, x):
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, self.quantized_weight(weight), bias)
 
 
-class SigmoidQuantLinear(_SigmoidQuantMixin, nn.Linear):
-    """nn.Linear whose weight is sigmoid-sum quantized (see module docstring)."""
+class SigmoidQuantLinear(SigmoidQuantized, nn.Linear):
+    """nn.Linear computing with the sigmoid-quantized weight; ``from_float(linear, levels)``."""
 
     def __init__(self, *args, levels=(-1.0, 1.0), **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(list(levels))
+        self._init_quant(levels)
 
-    def forward(self, x):
-        return F.linear(x, self.quantized_weight(), self.bias)
+    def forward(self, input):
+        return F.linear(input, self.quantized_weight(), self.bias)
