@@ -113,3 +113,82 @@ def test_bad_input(case, match):
         pytest.skip("no compiled CPU kernel here (build the extension: make build)")
     with pytest.raises((ValueError, TypeError), match=match):
         sigmoid_quantize(args["w"], args["alpha"], args["beta"], args["levels"], args["temperature"], backend=backend)
+
+
+# ---- the layers and the quantizer ---------------------------------------------------------
+
+def _toy(seed=0):
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(256, 8)
+    y = x[:, :4].argmax(1)
+    return net, x, y, [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+
+
+def test_layers_train_soft_and_eval_hard():
+    from cbp_kernels.nn.sigmoid_quant import SigmoidQuantConv2d
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    q = SigmoidQuantConv2d.from_float(conv, [-1.0, 0.0, 1.0])
+    assert q.weight is conv.weight and float(q.alpha * q.beta) == pytest.approx(1.0)
+    q.temperature = 4.0
+    q(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert q.alpha.grad is not None and q.beta.grad is not None and conv.weight.grad is not None
+    q.eval()
+    units = torch.unique(q.quantized_weight() / q.alpha)
+    assert set(units.tolist()) <= {-1.0, 0.0, 1.0} and len(units) >= 2
+
+
+def test_sigmoid_quantizer_end_to_end():
+    from torch.nn import functional as F
+
+    from cbp_kernels.nn import QuantLinear
+    from cbp_kernels.quant import SigmoidConfig, SigmoidQuantizer
+
+    net, x, y, loader = _toy()
+    q = SigmoidQuantizer(net, "ternary", config=SigmoidConfig(lr=1e-2, temperature0=5.0, temperature_max=20.0))
+    assert list(q.layers) == ["2"], "the first and last layers stay in float by default"
+    history = q.fit(loader, F.cross_entropy, epochs=5, progress=False)
+    assert [r["temperature"] for r in history] == [5.0, 10.0, 15.0, 20.0, 20.0]
+    assert history[-1]["loss"] < history[0]["loss"]
+    model, export = q.finalize()
+    layer = model[2]
+    assert isinstance(layer, QuantLinear)
+    assert set(torch.unique(layer.weight / layer.weight_scale).tolist()) <= {-1.0, 0.0, 1.0}
+    codes = export["2"]["codes"].long()
+    levels = torch.tensor(export["2"]["levels"])
+    assert torch.equal(levels[codes] * export["2"]["scale"], layer.weight.detach())
+    accuracy = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.5, f"the quantized toy model is at chance ({accuracy:.2f})"
+
+
+def test_sigmoid_quantizer_state_round_trip(tmp_path):
+    from torch.nn import functional as F
+
+    from cbp_kernels.quant import SigmoidConfig, SigmoidQuantizer
+
+    config = SigmoidConfig(lr=1e-2)
+    net, _, _, loader = _toy()
+    q = SigmoidQuantizer(net, "binary", config=config)
+    q.fit(loader, F.cross_entropy, epochs=2, progress=False, checkpoint_dir=tmp_path)
+    net2, _, _, _ = _toy(seed=1)
+    q2 = SigmoidQuantizer(net2, "binary", config=config)
+    q2.load_checkpoint(tmp_path / "last.pt")
+    assert q2.epoch == 2 and q2.temperature == config.temperature(2)
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sigmoid_quantizer_bad_configs():
+    from cbp_kernels.quant import SigmoidConfig, SigmoidQuantizer
+
+    with pytest.raises(ValueError, match="symmetric"):
+        SigmoidQuantizer(_toy()[0], [-2.0, -1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="temperature_max"):
+        SigmoidConfig(temperature0=10.0, temperature_max=5.0)
+    with pytest.raises(ValueError, match="lr"):
+        SigmoidConfig(lr=0.0)
+    with pytest.raises(TypeError, match="SigmoidConfig"):
+        SigmoidQuantizer(_toy()[0], "binary", config=object())

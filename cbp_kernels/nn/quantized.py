@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops import quantize
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantizedLayer", "quantized_class", "twin_of"]
+__all__ = ["QuantConv2d", "QuantLinear", "QuantizedLayer", "quantized_class", "twin_of", "float_twin"]
 
 
 class QuantizedLayer:
@@ -36,6 +36,10 @@ class QuantizedLayer:
     @classmethod
     def _family(cls) -> tuple[type, type]:
         return QuantConv2d, QuantLinear
+
+    def _quant_state(self) -> tuple[str, ...]:
+        """Names of the parameters / buffers the quantizer added to the float layer."""
+        return ("levels", "weight_scale")
 
     def quantized_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Q(W) of ``weight`` (default ``self.weight``), same shape and dtype, with a
@@ -76,6 +80,21 @@ def twin_of(layer: nn.Module, cls: type) -> nn.Module:
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
+
+
+def float_twin(layer: QuantizedLayer) -> nn.Module:
+    """The float layer (nn.Conv2d / nn.Linear or the subclass it was made from) holding the
+    quantized ``layer``'s Parameter objects and state, without the quantizer's own
+    parameters and buffers (levels, scale, ...)."""
+    conv_cls, linear_cls = type(layer)._family()
+    qcls = type(layer)
+    fcls = {conv_cls: nn.Conv2d, linear_cls: nn.Linear}.get(qcls) or qcls.__bases__[1]
+    f = fcls.__new__(fcls)
+    f.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in layer.__dict__.items()})
+    own = set(layer._quant_state())
+    for container in ("_parameters", "_buffers"):
+        setattr(f, container, {k: v for k, v in getattr(layer, container).items() if k not in own})
+    return f
 
 
 def quantized_class(float_cls: type, conv_cls: type | None = None, linear_cls: type | None = None) -> type:

@@ -22,6 +22,9 @@ class SigmoidQuantized(QuantizedLayer):
     def _family(cls) -> tuple[type, type]:
         return SigmoidQuantConv2d, SigmoidQuantLinear
 
+    def _quant_state(self) -> tuple[str, ...]:
+        return ("levels", "alpha", "beta")
+
     def _init_quant(self, levels, scale=None) -> None:
         """``scale`` is unused: the sigmoid sum learns its own (alpha)."""
         levels = torch.as_tensor(levels, dtype=torch.float32).flatten()
@@ -32,6 +35,7 @@ class SigmoidQuantized(QuantizedLayer):
         self.alpha = nn.Parameter(torch.ones((), device=device))
         self.beta = nn.Parameter(torch.ones((), device=device))
         self.temperature = 1.0
+        self.quant_backend = "auto"
         self.reset_scale()
 
     @torch.no_grad()
@@ -44,7 +48,8 @@ class SigmoidQuantized(QuantizedLayer):
     def quantized_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
         if self.training:
-            return sigmoid_quantize(weight, self.alpha, self.beta, self._levels, self.temperature)
+            return sigmoid_quantize(weight, self.alpha, self.beta, self._levels, self.temperature,
+                                    backend=self.quant_backend)
         return sigmoid_hard_quantize(weight, self.alpha.detach(), self.beta.detach(), self._levels)
 
 
