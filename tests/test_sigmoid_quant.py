@@ -192,3 +192,16 @@ def test_sigmoid_quantizer_bad_configs():
         SigmoidConfig(lr=0.0)
     with pytest.raises(TypeError, match="SigmoidConfig"):
         SigmoidQuantizer(_toy()[0], "binary", config=object())
+
+
+def test_cupy_source_has_every_kernel_the_backend_launches():
+    """The cupy backend cannot run without a GPU; its source (inlined headers) and the kernel
+    names it launches are checked here."""
+    from cbp_kernels.ops._cuda_source import cuda_source
+
+    src = cuda_source("sigmoid_quant")
+    assert "#include \"" not in src and "sigmoid_sum(" in src
+    for direction in ("forward", "backward"):
+        for suffix in ("f32", "f16", "bf16"):
+            assert f"CBP_SIGMOID_QUANT_KERNELS({suffix}," in src
+            assert f"sigmoid_quant_{direction}_##suffix" in src

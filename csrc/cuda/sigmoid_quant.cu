@@ -2,8 +2,7 @@
 // sigmoid_quant.cuh on the current stream, registers the CUDA implementations of the schemas
 // defined in csrc/cpu/sigmoid_quant.cpp.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
+#include "cuda/torch_cuda.h"
 #include <torch/library.h>
 
 #include <vector>
@@ -14,16 +13,6 @@ namespace cbp {
 namespace {
 
 constexpr int kThreads = 256;
-
-SigmoidTable make_table(const at::Tensor& gaps, const at::Tensor& mids, double offset) {
-  SigmoidTable t{};
-  auto g = gaps.to(at::kCPU, at::kFloat).contiguous(), m = mids.to(at::kCPU, at::kFloat).contiguous();
-  t.n = static_cast<int>(g.numel());
-  TORCH_CHECK(t.n <= kMaxSigmoids, "sigmoid_quant: at most ", kMaxSigmoids, " sigmoids");
-  for (int i = 0; i < t.n; ++i) t.gaps[i] = g.data_ptr<float>()[i], t.mids[i] = m.data_ptr<float>()[i];
-  t.offset = static_cast<float>(offset);
-  return t;
-}
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
@@ -38,15 +27,19 @@ unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1)
 
 at::Tensor forward_cuda(const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& gaps,
                         const at::Tensor& mids, double offset, double temperature) {
-  const SigmoidTable tab = make_table(gaps, mids, offset);
   auto wc = w.contiguous();
   auto y = at::empty_like(wc);
   const int64_t n = wc.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float *a = alpha.data_ptr<float>(), *b = beta.data_ptr<float>();
   const float T = static_cast<float>(temperature);
-#define LAUNCH(kernel) \
-  kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const T_*>(wc.data_ptr()), static_cast<T_*>(y.data_ptr()), n, a, b, T, tab)
+  TORCH_CHECK(gaps.numel() <= kMaxSigmoids, "sigmoid_quant: at most ", kMaxSigmoids, " sigmoids");
+  const float *gp = gaps.data_ptr<float>(), *mp = mids.data_ptr<float>();
+  const int ns = static_cast<int>(gaps.numel());
+  const float o = static_cast<float>(offset);
+#define LAUNCH(kernel)                                                                                             \
+  kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const T_*>(wc.data_ptr()), static_cast<T_*>(y.data_ptr()), \
+                                                 n, a, b, T, gp, mp, ns, o)
   CBP_DISPATCH_STORAGE(wc.scalar_type(), LAUNCH(sigmoid_quant_forward_f32), LAUNCH(sigmoid_quant_forward_f16),
                        LAUNCH(sigmoid_quant_forward_bf16))
 #undef LAUNCH
@@ -57,7 +50,6 @@ at::Tensor forward_cuda(const at::Tensor& w, const at::Tensor& alpha, const at::
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y, const at::Tensor& w, const at::Tensor& alpha,
                                       const at::Tensor& beta, const at::Tensor& gaps, const at::Tensor& mids,
                                       double offset, double temperature) {
-  const SigmoidTable tab = make_table(gaps, mids, offset);
   auto wc = w.contiguous();
   auto gy = grad_y.contiguous();
   auto grad_w = at::empty_like(wc);
@@ -68,10 +60,14 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y, const at::Tensor
   const float *a = alpha.data_ptr<float>(), *b = beta.data_ptr<float>();
   float *ga = grad_a.data_ptr<float>(), *gb = grad_b.data_ptr<float>();
   const float T = static_cast<float>(temperature);
+  TORCH_CHECK(gaps.numel() <= kMaxSigmoids, "sigmoid_quant: at most ", kMaxSigmoids, " sigmoids");
+  const float *gp = gaps.data_ptr<float>(), *mp = mids.data_ptr<float>();
+  const int ns = static_cast<int>(gaps.numel());
+  const float o = static_cast<float>(offset);
 #define LAUNCH(kernel)                                                                                   \
   kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const T_*>(gy.data_ptr()),                  \
                                                  static_cast<const T_*>(wc.data_ptr()),                  \
-                                                 static_cast<T_*>(grad_w.data_ptr()), ga, gb, n, a, b, T, tab)
+                                                 static_cast<T_*>(grad_w.data_ptr()), ga, gb, n, a, b, T, gp, mp, ns, o)
   CBP_DISPATCH_STORAGE(wc.scalar_type(), LAUNCH(sigmoid_quant_backward_f32), LAUNCH(sigmoid_quant_backward_f16),
                        LAUNCH(sigmoid_quant_backward_bf16))
 #undef LAUNCH

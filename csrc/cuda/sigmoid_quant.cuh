@@ -10,33 +10,30 @@
 
 namespace cbp {
 
-struct SigmoidTable {
-  float gaps[kMaxSigmoids];
-  float mids[kMaxSigmoids];
-  int n;
-  float offset;
-};
-
+// The level table lives in device memory: gaps s_i and midpoints b_i, [n] float32 each
+// (plain pointers, so CuPy passes them as it passes any array).
 template <typename scalar_t>
 __device__ void sigmoid_quant_forward_impl(const scalar_t* w, scalar_t* y, long long n, const float* alpha,
-                                           const float* beta, float temperature, SigmoidTable tab) {
+                                           const float* beta, float temperature, const float* gaps,
+                                           const float* mids, int n_sig, float offset) {
   const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const SigmoidSum r = sigmoid_sum(static_cast<float>(w[i]), *beta, temperature, tab.gaps, tab.mids, tab.n, tab.offset);
+  const SigmoidSum r = sigmoid_sum(static_cast<float>(w[i]), *beta, temperature, gaps, mids, n_sig, offset);
   y[i] = static_cast<scalar_t>(*alpha * r.value);
 }
 
 template <typename scalar_t>
 __device__ void sigmoid_quant_backward_impl(const scalar_t* gy, const scalar_t* w, scalar_t* gw, float* grad_alpha,
                                             float* grad_beta, long long n, const float* alpha, const float* beta,
-                                            float temperature, SigmoidTable tab) {
+                                            float temperature, const float* gaps, const float* mids, int n_sig,
+                                            float offset) {
   __shared__ float part_a[256], part_b[256];
   const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   float pa = 0.0f, pb = 0.0f;
   if (i < n) {
     const float a = *alpha, b = *beta;
     const float wi = static_cast<float>(w[i]), gi = static_cast<float>(gy[i]);
-    const SigmoidSum r = sigmoid_sum(wi, b, temperature, tab.gaps, tab.mids, tab.n, tab.offset);
+    const SigmoidSum r = sigmoid_sum(wi, b, temperature, gaps, mids, n_sig, offset);
     gw[i] = static_cast<scalar_t>(gi * a * b * temperature * r.slope);
     pa = gi * r.value;
     pb = gi * a * wi * temperature * r.slope;
@@ -63,13 +60,16 @@ __device__ void sigmoid_quant_backward_impl(const scalar_t* gy, const scalar_t* 
 #define CBP_SIGMOID_QUANT_KERNELS(suffix, scalar_t)                                                             \
   extern "C" __global__ void sigmoid_quant_forward_##suffix(const scalar_t* w, scalar_t* y, long long n,         \
                                                             const float* alpha, const float* beta,             \
-                                                            float temperature, cbp::SigmoidTable tab) {        \
-    cbp::sigmoid_quant_forward_impl<scalar_t>(w, y, n, alpha, beta, temperature, tab);                          \
+                                                            float temperature, const float* gaps,              \
+                                                            const float* mids, int n_sig, float offset) {      \
+    cbp::sigmoid_quant_forward_impl<scalar_t>(w, y, n, alpha, beta, temperature, gaps, mids, n_sig, offset);    \
   }                                                                                                             \
   extern "C" __global__ void sigmoid_quant_backward_##suffix(                                                   \
       const scalar_t* gy, const scalar_t* w, scalar_t* gw, float* grad_alpha, float* grad_beta, long long n,    \
-      const float* alpha, const float* beta, float temperature, cbp::SigmoidTable tab) {                        \
-    cbp::sigmoid_quant_backward_impl<scalar_t>(gy, w, gw, grad_alpha, grad_beta, n, alpha, beta, temperature, tab); \
+      const float* alpha, const float* beta, float temperature, const float* gaps, const float* mids, int n_sig, \
+      float offset) {                                                                                           \
+    cbp::sigmoid_quant_backward_impl<scalar_t>(gy, w, gw, grad_alpha, grad_beta, n, alpha, beta, temperature,   \
+                                               gaps, mids, n_sig, offset);                                      \
   }
 
 CBP_SIGMOID_QUANT_KERNELS(f32, float)

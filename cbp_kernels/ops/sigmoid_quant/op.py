@@ -12,7 +12,7 @@ from . import reference
 
 __all__ = ["sigmoid_quantize", "sigmoid_hard_quantize", "level_table"]
 
-_BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "triton": "triton"}
+_BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
 MAX_LEVELS = 17
 
 
