@@ -186,7 +186,8 @@ class LIFConv2d(nn.Conv2d):
         from ..ops import quantize  # noqa: PLC0415  (the quantizer op lives below nn/)
 
         scale = self.weight_scale if self.weight_scale is not None else self.weight.detach().abs().mean()
-        return quantize(self.weight, self.weight_levels, scale)
+        levels = torch.tensor(sorted(self.weight_levels), dtype=torch.float32, device=self.weight.device)
+        return quantize(self.weight, levels, scale)
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) with the BatchNorm's running statistics folded in (the eval forward)."""
