@@ -249,7 +249,7 @@ def test_convert_replaces_spikingjelly_layers():
     assert isinstance(ours.conv, LIFConv2d) and ours.conv.neuron is None, "conv+bn fused without the neuron"
     assert isinstance(ours.sn, IF) and ours.sn.v_reset is None
     assert isinstance(ours.features[0].neuron, LIF) and isinstance(ours.features[3].neuron, PLIF)
-    assert float(ours.features[3].neuron.w) == pytest.approx(-0.4)
+    assert ours.features[3].neuron.w.item() == pytest.approx(-0.4)
     x = (torch.rand(2, 2, 3, 5, 5) * 2)
     for mode in ("train", "eval"):
         getattr(sj, mode)()

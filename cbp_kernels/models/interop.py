@@ -22,6 +22,7 @@ prefix on every key; both are handled. Neuron parameters (PLIF's ``w``) map betw
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 
@@ -80,7 +81,14 @@ def _unwrap(checkpoint) -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint (a path, ``{"model": ...}``, ``{"state_dict": ...}``
     or a state dict), with DDP's ``module.`` prefix removed."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{os.fspath(checkpoint)} holds Python objects besides tensors (the original repository "
+                "saves its argparse args), which torch.load(weights_only=True) refuses. If you trust the "
+                "file, load it yourself with torch.load(path, weights_only=False) and pass the result."
+            ) from e
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"a checkpoint must be a mapping of names to tensors, got {type(checkpoint).__name__}")
     for wrapper in ("model", "state_dict"):
