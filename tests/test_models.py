@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import types
 
 import pytest
@@ -14,28 +13,19 @@ import torch
 
 import cbp_kernels
 from cbp_kernels import memory_report, models
-from cbp_kernels.models.interop import CheckpointError, load_checkpoint, save_spikingjelly, to_spikingjelly
+from cbp_kernels.models.interop import (CheckpointError, load_checkpoint, save_spikingjelly, spikingjelly_model_zoo,
+                                        to_spikingjelly)
 
 from conftest import assert_close
 
 
 @pytest.fixture(scope="module")
 def sj():
-    """SpikingJelly's model zoo. Its modules import load_state_dict_from_url from torchvision,
-    which is not installed here: a stub providing torch.hub's is injected for the import only."""
-    stub = types.ModuleType("torchvision")
-    stub_models = types.ModuleType("torchvision.models")
-    stub_utils = types.ModuleType("torchvision.models.utils")
-    stub_utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
-    with pytest.MonkeyPatch.context() as mp:
-        for name, mod in (("torchvision", stub), ("torchvision.models", stub_models),
-                          ("torchvision.models.utils", stub_utils)):
-            if name not in sys.modules:
-                mp.setitem(sys.modules, name, mod)
-        from spikingjelly.activation_based import functional, neuron, surrogate
-        from spikingjelly.activation_based.model import sew_resnet, spiking_resnet
-    return types.SimpleNamespace(functional=functional, neuron=neuron, surrogate=surrogate, sew_resnet=sew_resnet,
-                                 spiking_resnet=spiking_resnet)
+    from spikingjelly.activation_based import functional, neuron, surrogate
+
+    zoo = spikingjelly_model_zoo()  # torchvision is stubbed for the import when absent
+    return types.SimpleNamespace(functional=functional, neuron=neuron, surrogate=surrogate,
+                                 sew_resnet=zoo.sew_resnet, spiking_resnet=zoo.spiking_resnet)
 
 
 def _sj_model(sj, name, **kw):

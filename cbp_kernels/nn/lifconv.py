@@ -10,9 +10,12 @@ What it does differently from that composition (same numbers, less memory and ti
 - tensors saved for the backward that hold spikes are stored compactly: {0, 1} tensors at
   1 bit per element (8 spikes per uint8), small non-negative integers (SEW ADD sums) at
   8 bits; the convolution's own saved input goes through ``SpikeConv2dFunction``, the
-  neuron's saved spikes through ``compact_saved_tensors()``.
+  neuron's saved copy of its spikes through ``run_neuron_saving_packed_spikes``. Output
+  spikes are marked (``mark_spikes``) so the next layer packs them without a value check.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -20,33 +23,38 @@ from torch import nn
 
 from .neuron import IF, LIF, PLIF
 
-__all__ = ["LIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "pack_bits", "unpack_bits"]
+__all__ = ["LIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "mark_spikes", "packed_if_spikes", "pack_bits", "unpack_bits",
+           "run_neuron_saving_packed_spikes"]
 
 _NEURONS = {"if": IF, "lif": LIF, "plif": PLIF}
 # Packing 8 bytes b_0..b_7 (each 0 or 1) of a little-endian int64 word w into one byte:
 # w * _GATHER puts b_i at bit 56 + i with no carries (every product term lands on its own bit),
 # so (w * _GATHER) >> 56 is sum_i b_i << i.
 _GATHER = 0x0102040810204080
-# Unpacking: p * _SPREAD copies byte p into all 8 bytes; & _SELECT keeps bit i in byte i.
-_SPREAD = 0x0101010101010101
-_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """uint8 tensor of 0/1 (any shape) -> flat uint8 of ceil(numel / 8) bytes, bit i of byte k
-    holding element 8*k + i. (A private packer: cbp_kernels.ops.bitpack, the kernel version,
+    """Tensor of 0/1 (any shape and dtype) -> flat uint8 of ceil(numel / 8) bytes, bit i of
+    byte k holding element 8*k + i. (A private packer: cbp_kernels.ops.bitpack, the kernel version,
     was not on main when this layer was written.)"""
-    flat = bits.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+    flat = bits.detach().reshape(-1)
+    buf = torch.zeros(flat.numel() + (-flat.numel()) % 8, dtype=torch.uint8, device=flat.device)
+    buf[: flat.numel()].copy_(flat)  # the one full-size temporary (1 byte per element), packed in place
+    return buf.view(torch.int64).mul_(_GATHER).bitwise_right_shift_(56).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``pack_bits``: the 0/1 tensor of ``shape`` in ``dtype``."""
-    words = (packed.to(torch.int64) * _SPREAD) & _SELECT
-    return words.view(torch.uint8)[: shape.numel()].ne(0).view(shape).to(dtype)
+    """Inverse of ``pack_bits``: the 0/1 tensor of ``shape`` in ``dtype`` (one gather from a
+    256 x 8 table of every byte's bits)."""
+    table = _bit_table(dtype, packed.device)
+    return table[packed.long()].view(-1)[: shape.numel()].view(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _bit_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 8]: row b holds the bits of byte b, least significant first."""
+    b = torch.arange(256, dtype=torch.int64)
+    return ((b.unsqueeze(1) >> torch.arange(8)) & 1).to(device=device, dtype=dtype)
 
 
 class _Compact:
@@ -60,26 +68,67 @@ class _Compact:
     def restore(self) -> torch.Tensor:
         if self.bits == 1:
             return unpack_bits(self.data, self.shape, self.dtype)
-        return self.data.to(self.dtype)
+        return self.data.view(self.shape).to(self.dtype)
+
+
+def _pack_spikes(t: torch.Tensor) -> _Compact:
+    """``t`` known to hold only 0 and 1, at 1 bit per element."""
+    return _Compact(pack_bits(t), t.shape, t.dtype, 1)
+
+
+def mark_spikes(t: torch.Tensor, packed: _Compact | None = None) -> torch.Tensor:
+    """Records that ``t`` holds only 0 and 1 (a neuron's output), optionally with its packed
+    copy, so layers that save it for the backward reuse that copy (or pack it without a value
+    check). The mark is void once ``t`` is modified in place."""
+    t._cbp_spikes = (t._version, packed)
+    return t
+
+
+def packed_if_spikes(t: torch.Tensor) -> _Compact | None:
+    """The 1-bit copy of ``t`` when ``t`` is marked spikes (made once, shared), else None."""
+    mark = getattr(t, "_cbp_spikes", None)
+    if mark is None or mark[0] != t._version:
+        return None
+    if mark[1] is None:
+        mark_spikes(t, _pack_spikes(t))
+    return t._cbp_spikes[1]
 
 
 def _compact(t: torch.Tensor):
-    """``_Compact`` of ``t`` when its values allow it (checked exactly), else ``t`` itself."""
+    """``_Compact`` of ``t`` when its values allow it (checked exactly unless ``t`` is marked
+    spikes), else ``t`` itself. A strided sample of 1024 values rejects analogue tensors
+    (membrane potentials, BN outputs) before any full pass."""
+    packed = packed_if_spikes(t)
+    if packed is not None:
+        return packed
     if not t.is_floating_point() or t.numel() < 64:
         return t
-    lo, hi = torch.aminmax(t.detach())
-    if bool(lo < 0) or bool(hi > 255):
+    flat = t.detach().reshape(-1)
+    probe = flat[:: max(1, flat.numel() // 1024)]
+    if not bool(((probe == probe.trunc()) & (probe >= 0) & (probe <= 255)).all()):
         return t
-    as_u8 = t.detach().to(torch.uint8)
-    if not torch.equal(as_u8.to(t.dtype), t.detach()):
+    as_u8 = flat.to(torch.uint8)
+    if not bool((flat == as_u8).all()):  # exact: also catches values out of [0, 255]
         return t
-    if bool(hi <= 1):
+    if int(as_u8.max()) <= 1:
         return _Compact(pack_bits(as_u8), t.shape, t.dtype, 1)
     return _Compact(as_u8, t.shape, t.dtype, 8)
 
 
+class _Deferred:
+    """A saved tensor held as is until its producer knows whether it is its spike output."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, t):
+        self.value = t
+
+    def restore(self) -> torch.Tensor:
+        return _restore(self.value)
+
+
 def _restore(saved):
-    return saved.restore() if isinstance(saved, _Compact) else saved
+    return saved.restore() if isinstance(saved, (_Compact, _Deferred)) else saved
 
 
 def compact_saved_tensors():
@@ -89,16 +138,42 @@ def compact_saved_tensors():
     return torch.autograd.graph.saved_tensors_hooks(_compact, _restore)
 
 
+def run_neuron_saving_packed_spikes(neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``neuron(x)`` whose saved copy of its output spikes is kept at 1 bit per spike (the
+    other tensors it saves, e.g. the membrane potential, are kept as they are, unchecked).
+    The output is marked as spikes for the layers that save it next."""
+    held = []
+
+    def hold(t):
+        held.append(_Deferred(t))
+        return held[-1]
+
+    with torch.autograd.graph.saved_tensors_hooks(hold, _restore):
+        spikes = neuron(x)
+    packed = _pack_spikes(spikes)
+    for d in held:
+        t = d.value
+        if t.shape == spikes.shape and t.data_ptr() == spikes.data_ptr():
+            d.value = packed
+    return mark_spikes(spikes, packed)
+
+
 class SpikeConv2dFunction(torch.autograd.Function):
     """y = conv2d(x, w, b) whose saved input x is stored compactly (1 bit per spike, see
-    ``_compact``); x is kept only when the weight needs a gradient.
+    ``_compact``; ``packed``: x's compact copy, already made, with x's element order); x is
+    kept only when the weight needs a gradient.
 
     Backward (one ``aten.convolution_backward`` call): dx = conv_transpose2d(dy, w),
     dw = correlate(x, dy), db = sum of dy over (N, H, W)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        saved = _compact(x) if ctx.needs_input_grad[1] else x.new_empty(0)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, packed=None):
+        if not ctx.needs_input_grad[1]:
+            saved = x.new_empty(0)
+        elif packed is not None:
+            saved = _Compact(packed.data, x.shape, x.dtype, packed.bits)
+        else:
+            saved = _compact(x)
         ctx.compact = None if isinstance(saved, torch.Tensor) else (saved.shape, saved.dtype, saved.bits)
         ctx.save_for_backward(saved if isinstance(saved, torch.Tensor) else saved.data, weight)
         ctx.conf = (x.shape, stride, padding, dilation, groups, None if bias is None else list(bias.shape))
@@ -116,7 +191,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
             grad_y, x, weight, bias_shape, stride, padding, dilation, False, [0, 0], groups,
             list(ctx.needs_input_grad[:3]),
         )
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 class LIFConv2d(nn.Conv2d):
@@ -201,9 +276,10 @@ class LIFConv2d(nn.Conv2d):
         bias0 = torch.zeros_like(bn.running_mean) if bias is None else bias
         return weight * gamma.view(-1, 1, 1, 1), beta + (bias0 - bn.running_mean) * gamma
 
-    def _conv(self, x, weight, bias):
+    def _conv(self, x, weight, bias, packed):
         if self.compact_spikes and torch.is_grad_enabled():
-            return SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                                             packed)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,20 +289,21 @@ class LIFConv2d(nn.Conv2d):
             raise ValueError(f"input has {x.shape[2]} channels, expected in_channels={self.in_channels}")
         t, n = x.shape[:2]
         frames = x.flatten(0, 1)
+        # the previous layer's packed copy of its spikes (same element order when contiguous)
+        packed = packed_if_spikes(x) if x.is_contiguous() and self.compact_spikes and torch.is_grad_enabled() else None
         fold = self.bn is not None and not self.training and self.bn.track_running_stats
         if fold:
-            y = self._conv(frames, *self.folded_weight_bias())
+            y = self._conv(frames, *self.folded_weight_bias(), packed)
         else:
-            y = self._conv(frames, self.quantized_weight(), self.bias)
+            y = self._conv(frames, self.quantized_weight(), self.bias, packed)
             if self.bn is not None:
                 y = self.bn(y)
         y = y.view(t, n, *y.shape[1:])
         if self.neuron is None:
             return y
         if self.compact_spikes and torch.is_grad_enabled():
-            with compact_saved_tensors():
-                return self.neuron(y)
-        return self.neuron(y)
+            return run_neuron_saving_packed_spikes(self.neuron, y)
+        return mark_spikes(self.neuron(y))
 
     def reset(self) -> None:
         """Forgets the membrane state (as SpikingJelly's ``functional.reset_net``)."""
