@@ -33,9 +33,6 @@
 namespace cbp {
 namespace {
 
-// Output pixels per register block (4 x 4 x 16 outputs = 16 accumulators). Measured on the
-// bench's SEW-ResNet-18 layers: 4 beats 2 and 6 (6 x 4 spills registers in the ternary case).
-constexpr int kPix = 4;
 constexpr int kLanes = 16;    // 32-bit lanes per 512-bit register
 constexpr int kMaxJ = 4;      // 16-channel blocks per register block
 
@@ -93,38 +90,37 @@ void bitconv_portable(const uint32_t* x, const uint32_t* planes, const float* bi
 // ---------------------------------------------------------------- AVX-512 VPOPCNTDQ path
 #define CBP_AVX512 __attribute__((target("avx512f,avx512vpopcntdq")))
 
-// One register block: kPix consecutive output pixels (ow0..) x J blocks of 16 channels.
-// xrow[p][tap] points at the Wg words of the tap's input pixel (a zero row when it is
-// padding); wt points at [J blocks][K][16] with block stride K*16.
-template <int J, bool kTernary>
-CBP_AVX512 void block_kernel(const uint32_t* const* xtap, int64_t taps, int64_t Wg, const uint32_t* wt_pos,
-                             const uint32_t* wt_neg, int64_t K, int valid_pix, int valid_lanes_last,
-                             const float* bias, float scale, float* out, int64_t out_pix_stride) {
+// One register block: kPix consecutive output pixels x J blocks of 16 output channels.
+// xtap[p * taps + t] points at the Wg words of tap t's input pixel for pixel p (a zero row
+// when the tap is padding or the pixel is past the row's end); wt points at the chunk's
+// weights [K][J][16]. kWg > 0 fixes Wg at compile time (the inner word loop unrolls).
+template <int J, bool kTernary, int kPix, int kWg>
+CBP_AVX512 void block_kernel(const uint32_t* const* xtap, int64_t taps, int64_t Wg_rt, const uint32_t* wt_pos,
+                             const uint32_t* wt_neg, int valid_pix, int valid_lanes_last, const float* bias,
+                             float scale, float* out, int64_t out_pix_stride) {
+  const int64_t Wg = kWg > 0 ? kWg : Wg_rt;
   __m512i acc[kPix][J];
   for (int p = 0; p < kPix; ++p)
     for (int j = 0; j < J; ++j) acc[p][j] = _mm512_setzero_si512();
-  int32_t xcount[kPix] = {0, 0, 0, 0};
+  int32_t xcount[kPix] = {};
+  const uint32_t* wp_k = wt_pos;
+  const uint32_t* wn_k = wt_neg;
   for (int64_t t = 0; t < taps; ++t) {
     const uint32_t* xp[kPix];
     for (int p = 0; p < kPix; ++p) xp[p] = xtap[p * taps + t];
-    const int64_t k0 = t * Wg;
-    for (int64_t w = 0; w < Wg; ++w) {
-      __m512i xb[kPix];
-      for (int p = 0; p < kPix; ++p) {
-        xb[p] = _mm512_set1_epi32(static_cast<int>(xp[p][w]));
-        if (!kTernary) xcount[p] += __builtin_popcount(xp[p][w]);
-      }
+    for (int64_t w = 0; w < Wg; ++w, wp_k += J * kLanes, wn_k += J * kLanes) {
+      __m512i wp[J], wn[J];
       for (int j = 0; j < J; ++j) {
-        const __m512i wp = _mm512_loadu_si512(wt_pos + (j * K + k0 + w) * kLanes);
-        if (kTernary) {
-          const __m512i wn = _mm512_loadu_si512(wt_neg + (j * K + k0 + w) * kLanes);
-          for (int p = 0; p < kPix; ++p) {
-            acc[p][j] = _mm512_add_epi32(acc[p][j], _mm512_popcnt_epi32(_mm512_and_si512(xb[p], wp)));
-            acc[p][j] = _mm512_sub_epi32(acc[p][j], _mm512_popcnt_epi32(_mm512_and_si512(xb[p], wn)));
-          }
-        } else {
-          for (int p = 0; p < kPix; ++p)
-            acc[p][j] = _mm512_add_epi32(acc[p][j], _mm512_popcnt_epi32(_mm512_and_si512(xb[p], wp)));
+        wp[j] = _mm512_loadu_si512(wp_k + j * kLanes);
+        if (kTernary) wn[j] = _mm512_loadu_si512(wn_k + j * kLanes);
+      }
+      for (int p = 0; p < kPix; ++p) {
+        const uint32_t word = xp[p][w];
+        const __m512i xb = _mm512_set1_epi32(static_cast<int>(word));
+        if (!kTernary) xcount[p] += __builtin_popcount(word);
+        for (int j = 0; j < J; ++j) {
+          acc[p][j] = _mm512_add_epi32(acc[p][j], _mm512_popcnt_epi32(_mm512_and_si512(xb, wp[j])));
+          if (kTernary) acc[p][j] = _mm512_sub_epi32(acc[p][j], _mm512_popcnt_epi32(_mm512_and_si512(xb, wn[j])));
         }
       }
     }
@@ -142,15 +138,33 @@ CBP_AVX512 void block_kernel(const uint32_t* const* xtap, int64_t taps, int64_t 
   }
 }
 
+// Register block sizes: pixels x 16-channel blocks. Binary: 6 x 4 = 24 accumulators + 4
+// weight registers; ternary: 4 x 4 = 16 + 8 weight registers (of 32 zmm). Chosen on the
+// bench's SEW-ResNet-18 layers (binary 6 x 4 beat 4 x 4 by ~15% at 64-128 channels).
 template <bool kTernary>
-void run_block(int J, const uint32_t* const* xtap, int64_t taps, int64_t Wg, const uint32_t* wt_pos,
-               const uint32_t* wt_neg, int64_t K, int valid_pix, int valid_lanes_last, const float* bias, float scale,
-               float* out, int64_t out_pix_stride) {
+constexpr int pix_block() { return kTernary ? 4 : 6; }
+
+using BlockFn = void (*)(const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int, int,
+                         const float*, float, float*, int64_t);
+
+template <bool kTernary, int kWg>
+BlockFn pick_j(int J) {
+  constexpr int P = pix_block<kTernary>();
   switch (J) {
-    case 1: return block_kernel<1, kTernary>(xtap, taps, Wg, wt_pos, wt_neg, K, valid_pix, valid_lanes_last, bias, scale, out, out_pix_stride);
-    case 2: return block_kernel<2, kTernary>(xtap, taps, Wg, wt_pos, wt_neg, K, valid_pix, valid_lanes_last, bias, scale, out, out_pix_stride);
-    case 3: return block_kernel<3, kTernary>(xtap, taps, Wg, wt_pos, wt_neg, K, valid_pix, valid_lanes_last, bias, scale, out, out_pix_stride);
-    default: return block_kernel<4, kTernary>(xtap, taps, Wg, wt_pos, wt_neg, K, valid_pix, valid_lanes_last, bias, scale, out, out_pix_stride);
+    case 1: return &block_kernel<1, kTernary, P, kWg>;
+    case 2: return &block_kernel<2, kTernary, P, kWg>;
+    case 3: return &block_kernel<3, kTernary, P, kWg>;
+    default: return &block_kernel<4, kTernary, P, kWg>;
+  }
+}
+
+template <bool kTernary>
+BlockFn pick_block(int J, int64_t Wg) {
+  switch (Wg) {
+    case 1: return pick_j<kTernary, 1>(J);
+    case 2: return pick_j<kTernary, 2>(J);
+    case 4: return pick_j<kTernary, 4>(J);
+    default: return pick_j<kTernary, 0>(J);
   }
 }
 
@@ -158,16 +172,21 @@ void bitconv_avx512(const uint32_t* x, const uint32_t* planes, const float* bias
                     const BitConvGeometry& g) {
   const int64_t Wg = g.words_per_group, Og = g.out_per_group, O = g.groups * Og, Cw = g.groups * Wg;
   const int64_t taps = g.KH * g.KW, K = taps * Wg;
-  const int64_t OB = (Og + kLanes - 1) / kLanes;       // 16-channel blocks per group
-  const int64_t chunks = (OB + kMaxJ - 1) / kMaxJ;     // register blocks per group
-  // Weights re-laid out to [P][G][OB][K][16] (zero lanes past Og) and bias padded per group.
-  std::vector<uint32_t> wt(static_cast<size_t>(g.planes * g.groups * OB * K * kLanes), 0u);
+  const int64_t OB = (Og + kLanes - 1) / kLanes;    // 16-channel blocks per group
+  const int64_t chunks = (OB + kMaxJ - 1) / kMaxJ;  // register blocks (<= 4 x 16 channels) per group
+  const bool ternary = g.planes == 2;
+  const int P = ternary ? pix_block<true>() : pix_block<false>();
+  // Weights re-laid out to [P][G][chunk][K][J][16] (J = the chunk's 16-channel blocks, lanes
+  // past Og are 0), so a register block streams its weights in order; bias padded the same.
+  const int64_t group_stride = OB * kLanes * K, plane_stride = g.groups * group_stride;
+  std::vector<uint32_t> wt(static_cast<size_t>(g.planes * plane_stride), 0u);
   for (int64_t pl = 0; pl < g.planes; ++pl)
     for (int64_t o = 0; o < O; ++o) {
-      const int64_t grp = o / Og, ol = o % Og;
-      uint32_t* dst = wt.data() + (((pl * g.groups + grp) * OB + ol / kLanes) * K) * kLanes + ol % kLanes;
+      const int64_t grp = o / Og, ol = o % Og, chunk = ol / (kMaxJ * kLanes);
+      const int64_t J = std::min<int64_t>(kMaxJ, OB - chunk * kMaxJ), jl = ol % (kMaxJ * kLanes);
+      uint32_t* dst = wt.data() + pl * plane_stride + grp * group_stride + chunk * kMaxJ * kLanes * K + jl;
       const uint32_t* src = planes + (pl * O + o) * K;
-      for (int64_t k = 0; k < K; ++k) dst[k * kLanes] = src[k];
+      for (int64_t k = 0; k < K; ++k) dst[k * J * kLanes] = src[k];
     }
   std::vector<float> bias_pad;
   if (bias) {
@@ -175,43 +194,39 @@ void bitconv_avx512(const uint32_t* x, const uint32_t* planes, const float* bias
     for (int64_t o = 0; o < O; ++o) bias_pad[(o / Og) * OB * kLanes + o % Og] = bias[o];
   }
   const std::vector<uint32_t> zeros(static_cast<size_t>(Wg), 0u);
-  const int64_t plane_stride = g.groups * OB * K * kLanes;
-  const bool ternary = g.planes == 2;
+  const int64_t ow_blocks = (g.OW + P - 1) / P;
 
 #pragma omp parallel
   {
-    std::vector<const uint32_t*> xtap(static_cast<size_t>(kPix * taps));
+    // Tap pointers of one output row, for every pixel (padded to whole pixel blocks).
+    std::vector<const uint32_t*> xtap(static_cast<size_t>(ow_blocks * P * taps));
 #pragma omp for collapse(3) schedule(static)
     for (int64_t n = 0; n < g.N; ++n) {
       for (int64_t oh = 0; oh < g.OH; ++oh) {
-        for (int64_t gc = 0; gc < g.groups * chunks; ++gc) {
-          const int64_t grp = gc / chunks, chunk = gc % chunks;
-          const int64_t ob0 = chunk * kMaxJ;
-          const int J = static_cast<int>(std::min<int64_t>(kMaxJ, OB - ob0));
-          const int64_t o_end = std::min<int64_t>(Og, (ob0 + J) * kLanes);
-          const int valid_lanes_last = static_cast<int>(o_end - (ob0 + J - 1) * kLanes);
-          const uint32_t* wpos = wt.data() + ((grp * OB + ob0) * K) * kLanes;
-          const uint32_t* wneg = ternary ? wpos + plane_stride : nullptr;
-          const float* b = bias ? bias_pad.data() + (grp * OB + ob0) * kLanes : nullptr;
-          for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kPix) {
-            const int valid_pix = static_cast<int>(std::min<int64_t>(kPix, g.OW - ow0));
-            for (int p = 0; p < kPix; ++p) {
-              const int64_t ow = ow0 + std::min(p, valid_pix - 1);
-              for (int64_t kh = 0; kh < g.KH; ++kh) {
-                const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
-                for (int64_t kw = 0; kw < g.KW; ++kw) {
-                  const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
-                  const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-                  xtap[p * taps + kh * g.KW + kw] =
-                      inside ? x + ((n * g.H + ih) * g.W + iw) * Cw + grp * Wg : zeros.data();
-                }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          for (int64_t ow = 0; ow < ow_blocks * P; ++ow) {
+            for (int64_t kh = 0; kh < g.KH; ++kh) {
+              const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
+              for (int64_t kw = 0; kw < g.KW; ++kw) {
+                const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
+                const bool inside = ow < g.OW && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+                xtap[ow * taps + kh * g.KW + kw] = inside ? x + ((n * g.H + ih) * g.W + iw) * Cw + grp * Wg : zeros.data();
               }
             }
-            float* dst = out + ((n * g.OH + oh) * g.OW + ow0) * O + grp * Og + ob0 * kLanes;
-            if (ternary) {
-              run_block<true>(J, xtap.data(), taps, Wg, wpos, wneg, K, valid_pix, valid_lanes_last, b, scale, dst, O);
-            } else {
-              run_block<false>(J, xtap.data(), taps, Wg, wpos, wneg, K, valid_pix, valid_lanes_last, b, scale, dst, O);
+          }
+          for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+            const int64_t ob0 = chunk * kMaxJ;
+            const int J = static_cast<int>(std::min<int64_t>(kMaxJ, OB - ob0));
+            const int64_t o_end = std::min<int64_t>(Og, (ob0 + J) * kLanes);
+            const int valid_lanes_last = static_cast<int>(o_end - (ob0 + J - 1) * kLanes);
+            const uint32_t* wpos = wt.data() + grp * group_stride + ob0 * kLanes * K;
+            const uint32_t* wneg = ternary ? wpos + plane_stride : nullptr;
+            const float* b = bias ? bias_pad.data() + (grp * OB + ob0) * kLanes : nullptr;
+            const BlockFn block = ternary ? pick_block<true>(J, Wg) : pick_block<false>(J, Wg);
+            for (int64_t ow0 = 0; ow0 < g.OW; ow0 += P) {
+              const int valid_pix = static_cast<int>(std::min<int64_t>(P, g.OW - ow0));
+              float* dst = out + ((n * g.OH + oh) * g.OW + ow0) * O + grp * Og + ob0 * kLanes;
+              block(xtap.data() + ow0 * taps, taps, Wg, wpos, wneg, valid_pix, valid_lanes_last, b, scale, dst, O);
             }
           }
         }
