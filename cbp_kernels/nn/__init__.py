@@ -2,3 +2,6 @@
 from .neuron import IF, LIF, PLIF
 
 __all__ = ["IF", "LIF", "PLIF"]
+from .packed import PackedConv2d, PackedLinear  # noqa: E402
+
+__all__ += ["PackedConv2d", "PackedLinear"]
