@@ -15,7 +15,8 @@ import importlib
 import torch
 
 from ..._backend import resolve_backend
-from ..bitpack import WORD_BITS, bitpack, packed_size
+from ..bitpack import WORD_BITS, packed_size
+from ..bitpack.op import pack_along
 from ..utils import check_same_device
 from . import reference
 from .weight import PackedWeight
@@ -56,7 +57,7 @@ def pack_spikes(spikes: torch.Tensor, groups: int = 1, *, backend: str = "auto")
     C = spikes.shape[-1]
     if C % groups:
         raise ValueError(f"the channel count {C} is not divisible by groups={groups}")
-    return bitpack(spikes.unflatten(-1, (groups, C // groups)), -1, backend=backend).flatten(-2)
+    return pack_along(spikes.unflatten(-1, (groups, C // groups)), -1, backend=backend, name="spikes").flatten(-2)
 
 
 def _check_weight(weight_packed) -> PackedWeight:
