@@ -352,3 +352,14 @@ def test_packed_linear_module():
     assert torch.equal(m.forward_packed(bitpack(x, -1)), m(x))
     assert m.nbytes == 10 * 3 * 4 + 4 + 10 * 4
     assert isinstance(m.weight, PackedWeight)
+
+
+def test_torch_compile_traces_the_ops():
+    packed = pack_weight(_levels((8, 40, 3, 3), "ternary") * 0.5, "ternary", 0.5)
+    x = _spikes((2, 5, 6, 40))
+
+    def layer(spikes):
+        return packed_conv2d(pack_spikes(spikes), packed, None, 1, 1)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))

@@ -143,10 +143,12 @@ def packed_conv2d(
 
 
 def run(x, w: PackedWeight, bias, stride, padding, dilation, groups: int, backend: str) -> torch.Tensor:
-    """The op on validated input (for layers that validated once)."""
-    if backend == "reference":
-        return reference.conv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups)
-    return _bitconv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups, backend)
+    """The op on validated input (for layers that validated once). Eager calls go straight
+    to the backend (the custom op's Python dispatch costs ~0.1 ms, 10% of a SEW-ResNet-18
+    layer); torch.compile traces the custom op."""
+    if torch.compiler.is_compiling():
+        return _bitconv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups, backend)
+    return _impl(backend).conv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups)
 
 
 def packed_linear(

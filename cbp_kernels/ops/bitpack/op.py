@@ -106,7 +106,8 @@ def pack_along(x, dim, *, threshold=None, backend: str = "auto", name: str) -> t
     # [B, R, C]: a view whenever the leading dims merge (e.g. NCHW packed along C), so the
     # kernel reads the strided values without a copy.
     x3 = moved.reshape(1, 1, -1) if moved.dim() == 1 else moved.flatten(1, -2) if moved.dim() > 2 else moved.unsqueeze(0)
-    words, bad = _impl(backend).pack(x3) if backend == "reference" else _bitpack(x3, backend)
+    # Eager calls skip the custom op's Python dispatch (as packed_conv2d does); compile traces it.
+    words, bad = _bitpack(x3, backend) if torch.compiler.is_compiling() else _impl(backend).pack(x3)
     if not torch.compiler.is_compiling() and bool(bad):
         _raise_non_binary(name, x)
     return words.reshape(*moved.shape[:-1], words.shape[-1]).movedim(-1, dim)
@@ -139,8 +140,8 @@ def bitunpack(
     backend = resolve_backend(backend, "bitunpack", words.device)
     moved = words.movedim(dim, -1)
     rows = moved.reshape(-1, moved.shape[-1]).contiguous()
-    if backend == "reference":
-        out = _impl(backend).unpack(rows, size, dtype)
-    else:
+    if torch.compiler.is_compiling():
         out = _bitunpack(rows, size, dtype, backend)
+    else:
+        out = _impl(backend).unpack(rows, size, dtype)
     return out.reshape(*moved.shape[:-1], size).movedim(-1, dim)
