@@ -4,3 +4,6 @@ from .lifconv import LIFConv2d
 from .neuron import IF, LIF, PLIF
 
 __all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "convert"]
+from .packed import PackedConv2d, PackedLinear  # noqa: E402
+
+__all__ += ["PackedConv2d", "PackedLinear"]
