@@ -227,6 +227,8 @@ def test_memory_report_hand_counted():
     assert four.total_bits == 72 * 32 + (288 + 24) * 2
     assert own.as_dict()["layers"][1] == dict(name="1", kind="LIFConv2d", weights=288, biases=0, bits_per_weight=2,
                                               bits=576)
+    packed = torch.nn.Sequential(net[0], net[1].pack(), net[2], net[3])
+    assert memory_report(packed, print_table=False).total_bits == own.total_bits
     table = str(binary)
     assert "LIFConv2d" in table and "3.36 Kb" in table
 

@@ -8,57 +8,32 @@ What it does differently from that composition (same numbers, less memory and ti
   (W' = W * gamma / sqrt(var + eps), b' = beta + (b - mean) * gamma / sqrt(var + eps));
 - the neuron is the fused op ``cbp_kernels.ops.multistep_neuron`` (IF / LIF / PLIF);
 - tensors saved for the backward that hold spikes are stored compactly: {0, 1} tensors at
-  1 bit per element (8 spikes per uint8), small non-negative integers (SEW ADD sums) at
-  8 bits; the convolution's own saved input goes through ``SpikeConv2dFunction``, the
+  1 bit per element (``cbp_kernels.ops.bitpack``: 32 spikes per int32 word), small
+  non-negative integers (SEW ADD sums) at 8 bits; the convolution's own saved input goes through ``SpikeConv2dFunction``, the
   neuron's saved copy of its spikes through ``run_neuron_saving_packed_spikes``. Output
   spikes are marked (``mark_spikes``) so the next layer packs them without a value check.
 """
 from __future__ import annotations
 
-import functools
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.bitpack import bitpack, bitunpack
 from .neuron import IF, LIF, PLIF
+from .packed import PackedConv2d
 
-__all__ = ["LIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "mark_spikes", "packed_if_spikes", "pack_bits", "unpack_bits",
+__all__ = ["LIFConv2d", "PackedLIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "mark_spikes", "packed_if_spikes",
            "run_neuron_saving_packed_spikes"]
 
 _NEURONS = {"if": IF, "lif": LIF, "plif": PLIF}
-# Packing 8 bytes b_0..b_7 (each 0 or 1) of a little-endian int64 word w into one byte:
-# w * _GATHER puts b_i at bit 56 + i with no carries (every product term lands on its own bit),
-# so (w * _GATHER) >> 56 is sum_i b_i << i.
-_GATHER = 0x0102040810204080
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Tensor of 0/1 (any shape and dtype) -> flat uint8 of ceil(numel / 8) bytes, bit i of
-    byte k holding element 8*k + i. (A private packer: cbp_kernels.ops.bitpack, the kernel version,
-    was not on main when this layer was written.)"""
-    flat = bits.detach().reshape(-1)
-    buf = torch.zeros(flat.numel() + (-flat.numel()) % 8, dtype=torch.uint8, device=flat.device)
-    buf[: flat.numel()].copy_(flat)  # the one full-size temporary (1 byte per element), packed in place
-    return buf.view(torch.int64).mul_(_GATHER).bitwise_right_shift_(56).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``pack_bits``: the 0/1 tensor of ``shape`` in ``dtype`` (one gather from a
-    256 x 8 table of every byte's bits)."""
-    table = _bit_table(dtype, packed.device)
-    return table[packed.long()].view(-1)[: shape.numel()].view(shape)
-
-
-@functools.lru_cache(maxsize=None)
-def _bit_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[256, 8]: row b holds the bits of byte b, least significant first."""
-    b = torch.arange(256, dtype=torch.int64)
-    return ((b.unsqueeze(1) >> torch.arange(8)) & 1).to(device=device, dtype=dtype)
 
 
 class _Compact:
-    """A tensor stored in fewer bits: 1 bit for {0, 1}, 8 bits for integers in [0, 255]."""
+    """A tensor stored in fewer bits: 1 bit for {0, 1} (``cbp_kernels.ops.bitpack`` words of
+    the flattened tensor), 8 bits for integers in [0, 255] (uint8)."""
 
     __slots__ = ("data", "shape", "dtype", "bits")
 
@@ -67,13 +42,13 @@ class _Compact:
 
     def restore(self) -> torch.Tensor:
         if self.bits == 1:
-            return unpack_bits(self.data, self.shape, self.dtype)
+            return bitunpack(self.data, 0, self.shape.numel(), self.dtype).view(self.shape)
         return self.data.view(self.shape).to(self.dtype)
 
 
 def _pack_spikes(t: torch.Tensor) -> _Compact:
     """``t`` known to hold only 0 and 1, at 1 bit per element."""
-    return _Compact(pack_bits(t), t.shape, t.dtype, 1)
+    return _Compact(bitpack(t.detach().reshape(-1), 0), t.shape, t.dtype, 1)
 
 
 def mark_spikes(t: torch.Tensor, packed: _Compact | None = None) -> torch.Tensor:
@@ -111,7 +86,7 @@ def _compact(t: torch.Tensor):
     if not bool((flat == as_u8).all()):  # exact: also catches values out of [0, 255]
         return t
     if int(as_u8.max()) <= 1:
-        return _Compact(pack_bits(as_u8), t.shape, t.dtype, 1)
+        return _Compact(bitpack(as_u8, 0), t.shape, t.dtype, 1)
     return _Compact(as_u8, t.shape, t.dtype, 8)
 
 
@@ -310,8 +285,62 @@ class LIFConv2d(nn.Conv2d):
         if self.neuron is not None:
             self.neuron.reset()
 
+    @torch.no_grad()
+    def pack(self, backend: str = "auto") -> "PackedLIFConv2d":
+        """The popcount inference form of this layer (binary or ternary ``weight_levels``):
+        a ``PackedConv2d`` of the quantized weight (1 or 2 bits per weight), the BatchNorm's
+        running statistics as a per-channel affine after it, and a copy of the neuron.
+        Its input must be {0, 1} spikes."""
+        levels = {(-1.0, 1.0): "binary", (-1.0, 0.0, 1.0): "ternary"}.get(
+            None if self.weight_levels is None else tuple(sorted(self.weight_levels)))
+        if levels is None:
+            raise ValueError(f"pack() needs weight_levels (-1, 1) or (-1, 0, 1), got {self.weight_levels}")
+        plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.groups, bias=False, device=self.weight.device)
+        plain.weight.copy_(self.quantized_weight())
+        gain, shift = None, self.bias
+        if self.bn is not None:
+            bn = self.bn
+            gain = torch.rsqrt(bn.running_var + bn.eps)
+            gain = gain if bn.weight is None else bn.weight * gain
+            bias = torch.zeros_like(bn.running_mean) if self.bias is None else self.bias
+            shift = (bias - bn.running_mean) * gain + (0 if bn.bias is None else bn.bias)
+        conv = PackedConv2d.from_float(plain, levels, backend=backend)
+        neuron = None if self.neuron is None else copy.deepcopy(self.neuron)
+        if neuron is not None:
+            neuron.reset()
+        return PackedLIFConv2d(conv, gain, shift, neuron).eval()
+
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", bn={self.bn is not None}, neuron={self.neuron_type}"
         if self.weight_levels is not None:
             s += f", weight_levels={self.weight_levels}"
         return s
+
+
+class PackedLIFConv2d(nn.Module):
+    """``LIFConv2d.pack()``: popcount convolution of {0, 1} spikes with the packed quantized
+    weight, y = gain * conv(x, Q) + shift per output channel (BatchNorm and bias), then the
+    neuron. Input ``[T, N, C, H, W]`` spikes; output as ``LIFConv2d``'s (float32). Inference
+    only: no gradient reaches the packed weight."""
+
+    def __init__(self, conv: PackedConv2d, gain: torch.Tensor | None, shift: torch.Tensor | None,
+                 neuron: nn.Module | None):
+        super().__init__()
+        self.conv, self.neuron = conv, neuron
+        self.register_buffer("gain", None if gain is None else gain.detach().float().clone())
+        self.register_buffer("shift", None if shift is None else shift.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"expected spikes [T, N, C, H, W], got shape {tuple(x.shape)}")
+        y = self.conv(x)
+        if self.gain is not None:
+            y = y * self.gain.view(-1, 1, 1)
+        if self.shift is not None:
+            y = y + self.shift.view(-1, 1, 1)
+        return y if self.neuron is None else mark_spikes(self.neuron(y))
+
+    def reset(self) -> None:
+        if self.neuron is not None:
+            self.neuron.reset()
