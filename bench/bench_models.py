@@ -5,7 +5,9 @@ PyTorch kernels, the only ones it has there). Reports samples/s and peak memory.
 
     pytest bench/bench_models.py --benchmark-json=bench/results/<device>/bench_models.json
 
-CPU: batch 1 and 2 timed rounds (a step takes seconds on a small CPU); CUDA: batch 32.
+CPU: batch 1 and 2 timed rounds (a step takes seconds on a small CPU); CUDA: batch 32. The
+recorded CPU results ran with OMP_NUM_THREADS=1: this 2-core machine is shared, and OpenMP
+threads competing with other processes make multi-threaded timings meaningless here.
 The spikes saved for the backward are the same values in both models: cbp_kernels stores them
 at 1 bit (8 for SEW ADD sums), SpikingJelly at 32.
 """
@@ -60,4 +62,4 @@ def test_sew_resnet18_train_step(benchmark, provider):
     run(benchmark, step, device=DEVICE, rounds=ROUNDS, warmup=1, provider=provider, batch=BATCH, T=T,
         image=SIZE, peak_memory_bytes=peak)
     mean = benchmark.stats.stats.mean
-    benchmark.extra_info.update(samples_per_s=BATCH / mean, device=device_name(DEVICE))
+    benchmark.extra_info.update(samples_per_s=BATCH / mean, device=device_name(DEVICE), threads=torch.get_num_threads())
