@@ -28,7 +28,7 @@
 #define CBP_HAVE_X86 1
 #endif
 
-#include "common/bitconv_math.h"
+#include "common/bitconv_host.h"
 
 namespace cbp {
 namespace {
@@ -52,37 +52,14 @@ bool use_avx512() {
 // ---------------------------------------------------------------- portable path
 void bitconv_portable(const uint32_t* x, const uint32_t* planes, const float* bias, float scale, float* out,
                       const BitConvGeometry& g) {
-  const int64_t Wg = g.words_per_group, Og = g.out_per_group, O = g.groups * Og, Cw = g.groups * Wg;
-  const int64_t K = g.KH * g.KW * Wg;
-  const bool ternary = g.planes == 2;
+  const int64_t O = g.groups * g.out_per_group;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         float* dst = out + ((n * g.OH + oh) * g.OW + ow) * O;
         for (int64_t o = 0; o < O; ++o) {
-          const int64_t grp = o / Og;
-          const uint32_t* wp = planes + o * K;
-          const uint32_t* wn = planes + (O + o) * K;  // ternary only
-          int32_t c = 0;
-          for (int64_t kh = 0; kh < g.KH; ++kh) {
-            const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
-            if (ih < 0 || ih >= g.H) continue;
-            for (int64_t kw = 0; kw < g.KW; ++kw) {
-              const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
-              if (iw < 0 || iw >= g.W) continue;
-              const uint32_t* xp = x + ((n * g.H + ih) * g.W + iw) * Cw + grp * Wg;
-              const int64_t k0 = (kh * g.KW + kw) * Wg;
-              for (int64_t w = 0; w < Wg; ++w) {
-                if (ternary) {
-                  c += __builtin_popcount(xp[w] & wp[k0 + w]) - __builtin_popcount(xp[w] & wn[k0 + w]);
-                } else {
-                  c += 2 * __builtin_popcount(xp[w] & wp[k0 + w]) - __builtin_popcount(xp[w]);
-                }
-              }
-            }
-          }
-          dst[o] = bitconv_epilogue(c, scale, bias ? bias[o] : 0.0f);
+          dst[o] = bitconv_epilogue(bitconv_count(x, planes, g, n, oh, ow, o), scale, bias ? bias[o] : 0.0f);
         }
       }
     }
@@ -281,39 +258,16 @@ void bitconv_avx512(const uint32_t* x, const uint32_t* planes, const float* bias
 // bias: float32 [O] or None -> float32 [N, OH, OW, O].
 at::Tensor bitconv2d(const at::Tensor& x, const at::Tensor& planes, double scale, const std::optional<at::Tensor>& bias,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kInt && x.is_contiguous(), "bitconv2d: x must be contiguous int32 [N, H, W, Cw]");
-  TORCH_CHECK(planes.dim() == 5 && planes.scalar_type() == at::kInt && planes.is_contiguous(),
-              "bitconv2d: planes must be contiguous int32 [P, O, KH, KW, Wg]");
-  BitConvGeometry g{};
-  g.N = x.size(0); g.H = x.size(1); g.W = x.size(2);
-  g.planes = planes.size(0); g.KH = planes.size(2); g.KW = planes.size(3);
-  g.stride_h = stride[0]; g.stride_w = stride[1]; g.pad_h = padding[0]; g.pad_w = padding[1];
-  g.dil_h = dilation[0]; g.dil_w = dilation[1];
-  g.groups = groups; g.words_per_group = planes.size(4); g.out_per_group = planes.size(1) / groups;
-  TORCH_CHECK(x.size(3) == groups * g.words_per_group, "bitconv2d: x has ", x.size(3), " words per pixel, planes need ",
-              groups * g.words_per_group);
-  g.OH = bitconv_out_size(g.H, g.KH, g.stride_h, g.pad_h, g.dil_h);
-  g.OW = bitconv_out_size(g.W, g.KW, g.stride_w, g.pad_w, g.dil_w);
-  const int64_t O = planes.size(1);
-  auto out = at::empty({g.N, g.OH, g.OW, O}, x.options().dtype(at::kFloat));
-  const float* b = nullptr;
-  at::Tensor bias_c;
-  if (bias.has_value()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.scalar_type() == at::kFloat && bias_c.numel() == O, "bitconv2d: bias must be float32 [O]");
-    b = bias_c.data_ptr<float>();
-  }
-  if (out.numel() == 0) return out;
-  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
-  const auto* wp = reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>());
+  const BitConvCall c = bitconv_call(x, planes, bias, stride, padding, dilation, groups);
+  if (c.out.numel() == 0) return c.out;
 #ifdef CBP_HAVE_X86
   if (use_avx512()) {
-    bitconv_avx512(xp, wp, b, static_cast<float>(scale), out.data_ptr<float>(), g);
-    return out;
+    bitconv_avx512(c.x, c.planes, c.bias_ptr, static_cast<float>(scale), c.out_ptr, c.g);
+    return c.out;
   }
 #endif
-  bitconv_portable(xp, wp, b, static_cast<float>(scale), out.data_ptr<float>(), g);
-  return out;
+  bitconv_portable(c.x, c.planes, c.bias_ptr, static_cast<float>(scale), c.out_ptr, c.g);
+  return c.out;
 }
 
 }  // namespace

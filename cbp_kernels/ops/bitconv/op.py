@@ -40,8 +40,7 @@ def _bitconv2d(
 
 @_bitconv2d.register_fake
 def _(x, planes, scale, bias, stride, padding, dilation, groups, backend):
-    OH, OW = reference.output_size(x.shape[1], x.shape[2], planes.shape[2], planes.shape[3], stride, padding, dilation)
-    return x.new_empty(x.shape[0], OH, OW, planes.shape[1], dtype=torch.float32)
+    return reference.Geometry.of(x, planes, stride, padding, dilation, groups).empty_output(x)
 
 
 def _pair(name: str, value, minimum: int) -> list[int]:
