@@ -163,89 +163,125 @@ BlockFn pick_block(bool ternary, bool interior, int J, int64_t Wg) {
   return interior ? pick_block<false, true>(J, Wg) : pick_block<false, false>(J, Wg);
 }
 
+// The AVX-512 convolution of one call: weights re-laid out once, then work items of
+// kSuper pixel blocks. Pixels (n, oh, ow) are flattened in blocks of P (a block may span
+// rows: then it reads through a table), so no row end wastes a partial block, and a work
+// item reuses a chunk's weights (L1) over its kSuper blocks.
+struct AvxConv {
+  const BitConvGeometry& g;
+  int64_t Wg, Og, O, Cw, taps, K, OB, chunks, group_stride, plane_stride, pixels, blocks;
+  bool ternary;
+  int P;
+  std::vector<uint32_t> wt, zeros;
+  std::vector<float> bias_pad;
+  std::vector<int64_t> tapoff;
+
+  AvxConv(const uint32_t* planes, const float* bias, const BitConvGeometry& geometry) : g(geometry) {
+    Wg = g.words_per_group; Og = g.out_per_group; O = g.groups * Og; Cw = g.groups * Wg;
+    taps = g.KH * g.KW; K = taps * Wg;
+    OB = (Og + kLanes - 1) / kLanes;     // 16-channel blocks per group
+    chunks = (OB + kMaxJ - 1) / kMaxJ;   // register blocks (<= 4 x 16 channels) per group
+    ternary = g.planes == 2;
+    P = ternary ? pix_block<true>() : pix_block<false>();
+    pixels = g.N * g.OH * g.OW;
+    blocks = (pixels + P - 1) / P;
+    // Weights re-laid out to [P][G][chunk][K][J][16] (J = the chunk's 16-channel blocks,
+    // lanes past Og are 0), so a register block streams its weights in order.
+    group_stride = OB * kLanes * K;
+    plane_stride = g.groups * group_stride;
+    wt.assign(static_cast<size_t>(g.planes * plane_stride), 0u);
+    for (int64_t pl = 0; pl < g.planes; ++pl)
+      for (int64_t o = 0; o < O; ++o) {
+        const int64_t grp = o / Og, ol = o % Og, chunk = ol / (kMaxJ * kLanes);
+        const int64_t J = std::min<int64_t>(kMaxJ, OB - chunk * kMaxJ), jl = ol % (kMaxJ * kLanes);
+        uint32_t* dst = wt.data() + pl * plane_stride + grp * group_stride + chunk * kMaxJ * kLanes * K + jl;
+        const uint32_t* src = planes + (pl * O + o) * K;
+        for (int64_t k = 0; k < K; ++k) dst[k * J * kLanes] = src[k];
+      }
+    if (bias) {  // padded like the weights' lanes
+      bias_pad.assign(static_cast<size_t>(g.groups * OB * kLanes), 0.0f);
+      for (int64_t o = 0; o < O; ++o) bias_pad[(o / Og) * OB * kLanes + o % Og] = bias[o];
+    }
+    zeros.assign(static_cast<size_t>(Wg), 0u);
+    tapoff.resize(static_cast<size_t>(taps));
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw) tapoff[kh * g.KW + kw] = (kh * g.dil_h * g.W + kw * g.dil_w) * Cw;
+  }
+
+  // Input addressing of blocks block0 .. block0 + nb - 1 of group grp: interior blocks by
+  // offsets, the others through their part of xtap (kSuper * P * taps pointers).
+  void setup(const uint32_t* x, int64_t grp, int64_t block0, int64_t nb, BlockInput* in, bool* interior,
+             const uint32_t** xtap) const {
+    for (int64_t i = 0; i < nb; ++i) {
+      const int64_t pix0 = (block0 + i) * P;
+      const int64_t ow0 = pix0 % g.OW, oh = (pix0 / g.OW) % g.OH, n = pix0 / (g.OW * g.OH);
+      const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow0 * g.stride_w - g.pad_w;
+      interior[i] = ow0 + P <= g.OW && ih0 >= 0 && ih0 + (g.KH - 1) * g.dil_h < g.H && iw0 >= 0 &&
+                    iw0 + (P - 1) * g.stride_w + (g.KW - 1) * g.dil_w < g.W;
+      const uint32_t** table = xtap + i * P * taps;
+      in[i] = BlockInput{table, x + ((n * g.H + ih0) * g.W + iw0) * Cw + grp * Wg, tapoff.data(), g.stride_w * Cw};
+      if (interior[i]) continue;
+      for (int p = 0; p < P; ++p) {
+        const int64_t pix = pix0 + p;
+        const int64_t pw = pix % g.OW, ph = (pix / g.OW) % g.OH, pn = pix / (g.OW * g.OH);
+        for (int64_t kh = 0; kh < g.KH; ++kh) {
+          const int64_t ih = ph * g.stride_h - g.pad_h + kh * g.dil_h;
+          for (int64_t kw = 0; kw < g.KW; ++kw) {
+            const int64_t iw = pw * g.stride_w - g.pad_w + kw * g.dil_w;
+            const bool inside = pix < pixels && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+            table[p * taps + kh * g.KW + kw] = inside ? x + ((pn * g.H + ih) * g.W + iw) * Cw + grp * Wg : zeros.data();
+          }
+        }
+      }
+    }
+  }
+
+  struct Chunk {
+    int J, valid_lanes_last;
+    const uint32_t *wpos, *wneg;
+    const float* bias;
+    BlockFn interior, border;
+  };
+
+  Chunk chunk(int64_t grp, int64_t c) const {
+    const int64_t ob0 = c * kMaxJ;
+    const int J = static_cast<int>(std::min<int64_t>(kMaxJ, OB - ob0));
+    const int64_t o_end = std::min<int64_t>(Og, (ob0 + J) * kLanes);
+    const uint32_t* wpos = wt.data() + grp * group_stride + ob0 * kLanes * K;
+    return Chunk{J, static_cast<int>(o_end - (ob0 + J - 1) * kLanes), wpos, ternary ? wpos + plane_stride : nullptr,
+                 bias_pad.empty() ? nullptr : bias_pad.data() + (grp * OB + ob0) * kLanes,
+                 pick_block(ternary, true, J, Wg), pick_block(ternary, false, J, Wg)};
+  }
+
+  // out[pixel][channel of the chunk] = float(c) * scale + bias for kPix pixels of block i.
+  void run(const Chunk& ch, const BlockInput& in, bool interior, int valid_pix, float scale, float* out,
+           int64_t out_pix_stride) const {
+    (interior ? ch.interior : ch.border)(in, taps, Wg, ch.wpos, ch.wneg, valid_pix, ch.valid_lanes_last, ch.bias,
+                                         scale, out, out_pix_stride);
+  }
+};
+
 void bitconv_avx512(const uint32_t* x, const uint32_t* planes, const float* bias, float scale, float* out,
                     const BitConvGeometry& g) {
-  const int64_t Wg = g.words_per_group, Og = g.out_per_group, O = g.groups * Og, Cw = g.groups * Wg;
-  const int64_t taps = g.KH * g.KW, K = taps * Wg;
-  const int64_t OB = (Og + kLanes - 1) / kLanes;    // 16-channel blocks per group
-  const int64_t chunks = (OB + kMaxJ - 1) / kMaxJ;  // register blocks (<= 4 x 16 channels) per group
-  const bool ternary = g.planes == 2;
-  const int P = ternary ? pix_block<true>() : pix_block<false>();
-  // Weights re-laid out to [P][G][chunk][K][J][16] (J = the chunk's 16-channel blocks, lanes
-  // past Og are 0), so a register block streams its weights in order; bias padded the same.
-  const int64_t group_stride = OB * kLanes * K, plane_stride = g.groups * group_stride;
-  std::vector<uint32_t> wt(static_cast<size_t>(g.planes * plane_stride), 0u);
-  for (int64_t pl = 0; pl < g.planes; ++pl)
-    for (int64_t o = 0; o < O; ++o) {
-      const int64_t grp = o / Og, ol = o % Og, chunk = ol / (kMaxJ * kLanes);
-      const int64_t J = std::min<int64_t>(kMaxJ, OB - chunk * kMaxJ), jl = ol % (kMaxJ * kLanes);
-      uint32_t* dst = wt.data() + pl * plane_stride + grp * group_stride + chunk * kMaxJ * kLanes * K + jl;
-      const uint32_t* src = planes + (pl * O + o) * K;
-      for (int64_t k = 0; k < K; ++k) dst[k * J * kLanes] = src[k];
-    }
-  std::vector<float> bias_pad;
-  if (bias) {
-    bias_pad.assign(static_cast<size_t>(g.groups * OB * kLanes), 0.0f);
-    for (int64_t o = 0; o < O; ++o) bias_pad[(o / Og) * OB * kLanes + o % Og] = bias[o];
-  }
-  const std::vector<uint32_t> zeros(static_cast<size_t>(Wg), 0u);
-  std::vector<int64_t> tapoff(static_cast<size_t>(taps));
-  for (int64_t kh = 0; kh < g.KH; ++kh)
-    for (int64_t kw = 0; kw < g.KW; ++kw) tapoff[kh * g.KW + kw] = (kh * g.dil_h * g.W + kw * g.dil_w) * Cw;
-
-  // Pixels (n, oh, ow) flattened, in blocks of P (a block may span rows: then it reads
-  // through a table), and kSuper blocks per work item, so a work item reuses the chunk's
-  // weights (L1) over kSuper blocks and no row end wastes a partial block.
-  const int64_t pixels = g.N * g.OH * g.OW, blocks = (pixels + P - 1) / P;
-  const int64_t supers = (blocks + kSuper - 1) / kSuper;
-
+  const AvxConv conv(planes, bias, g);
+  const int64_t supers = (conv.blocks + kSuper - 1) / kSuper;
 #pragma omp parallel
   {
-    std::vector<const uint32_t*> xtap(static_cast<size_t>(kSuper * P * taps));  // border blocks' tables
+    std::vector<const uint32_t*> xtap(static_cast<size_t>(kSuper * conv.P * conv.taps));
     BlockInput in[kSuper];
     bool interior[kSuper];
 #pragma omp for collapse(2) schedule(static)
     for (int64_t sb = 0; sb < supers; ++sb) {
       for (int64_t grp = 0; grp < g.groups; ++grp) {
-        const int64_t nb = std::min<int64_t>(kSuper, blocks - sb * kSuper);
-        for (int64_t i = 0; i < nb; ++i) {
-          const int64_t pix0 = (sb * kSuper + i) * P;
-          const int64_t ow0 = pix0 % g.OW, oh = (pix0 / g.OW) % g.OH, n = pix0 / (g.OW * g.OH);
-          const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow0 * g.stride_w - g.pad_w;
-          interior[i] = ow0 + P <= g.OW && ih0 >= 0 && ih0 + (g.KH - 1) * g.dil_h < g.H && iw0 >= 0 &&
-                        iw0 + (P - 1) * g.stride_w + (g.KW - 1) * g.dil_w < g.W;
-          const uint32_t** table = xtap.data() + i * P * taps;
-          in[i] = BlockInput{table, x + ((n * g.H + ih0) * g.W + iw0) * Cw + grp * Wg, tapoff.data(), g.stride_w * Cw};
-          if (interior[i]) continue;
-          for (int p = 0; p < P; ++p) {
-            const int64_t pix = pix0 + p;
-            const int64_t pw = pix % g.OW, ph = (pix / g.OW) % g.OH, pn = pix / (g.OW * g.OH);
-            for (int64_t kh = 0; kh < g.KH; ++kh) {
-              const int64_t ih = ph * g.stride_h - g.pad_h + kh * g.dil_h;
-              for (int64_t kw = 0; kw < g.KW; ++kw) {
-                const int64_t iw = pw * g.stride_w - g.pad_w + kw * g.dil_w;
-                const bool inside = pix < pixels && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-                table[p * taps + kh * g.KW + kw] = inside ? x + ((pn * g.H + ih) * g.W + iw) * Cw + grp * Wg : zeros.data();
-              }
-            }
-          }
-        }
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          const int64_t ob0 = chunk * kMaxJ;
-          const int J = static_cast<int>(std::min<int64_t>(kMaxJ, OB - ob0));
-          const int64_t o_end = std::min<int64_t>(Og, (ob0 + J) * kLanes);
-          const int valid_lanes_last = static_cast<int>(o_end - (ob0 + J - 1) * kLanes);
-          const uint32_t* wpos = wt.data() + grp * group_stride + ob0 * kLanes * K;
-          const uint32_t* wneg = ternary ? wpos + plane_stride : nullptr;
-          const float* b = bias ? bias_pad.data() + (grp * OB + ob0) * kLanes : nullptr;
-          const BlockFn interior_block = pick_block(ternary, true, J, Wg);
-          const BlockFn border_block = pick_block(ternary, false, J, Wg);
+        const int64_t nb = std::min<int64_t>(kSuper, conv.blocks - sb * kSuper);
+        conv.setup(x, grp, sb * kSuper, nb, in, interior, xtap.data());
+        for (int64_t c = 0; c < conv.chunks; ++c) {
+          const AvxConv::Chunk ch = conv.chunk(grp, c);
           for (int64_t i = 0; i < nb; ++i) {
-            const int64_t pix0 = (sb * kSuper + i) * P;
-            const int valid_pix = static_cast<int>(std::min<int64_t>(P, pixels - pix0));
-            float* dst = out + pix0 * O + grp * Og + ob0 * kLanes;
-            (interior[i] ? interior_block : border_block)(in[i], taps, Wg, wpos, wneg, valid_pix, valid_lanes_last, b,
-                                                          scale, dst, O);
+            const int64_t pix0 = (sb * kSuper + i) * conv.P;
+            const int valid_pix = static_cast<int>(std::min<int64_t>(conv.P, conv.pixels - pix0));
+            conv.run(ch, in[i], interior[i], valid_pix, scale, out + pix0 * conv.O + grp * conv.Og + c * kMaxJ * kLanes,
+                     conv.O);
           }
         }
       }
