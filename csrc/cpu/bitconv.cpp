@@ -291,6 +291,38 @@ void bitconv_avx512(const uint32_t* x, const uint32_t* planes, const float* bias
   }
 }
 
+// One pixel's step of the fused epilogue on `width` (<= 64) channels, 16 lanes at a time,
+// with the arithmetic of csrc/common/neuron_math.h in the same order (bit for bit):
+//   y = c * mul + add;  H = charge(V, y);  S = (H - V_th >= 0);  V = reset(H, S);
+// the spike bits go to dst[0 .. ceil(width/32)).
+CBP_AVX512 void lif_tile(const float* c, const float* mul, const float* add, float* v, int64_t width, float k,
+                         const NeuronParams& np, uint32_t* dst) {
+  const __m512 kk = _mm512_set1_ps(k), vr = _mm512_set1_ps(np.v_reset), vth = _mm512_set1_ps(np.v_threshold);
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  uint32_t words[kMaxJ * kLanes / 32] = {};
+  for (int64_t l0 = 0; l0 < width; l0 += kLanes) {
+    const __mmask16 m = static_cast<__mmask16>(width - l0 >= kLanes ? 0xFFFFu : (1u << (width - l0)) - 1u);
+    const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, c + l0), _mm512_maskz_loadu_ps(m, mul + l0)),
+                                   _mm512_maskz_loadu_ps(m, add + l0));
+    const __m512 vo = _mm512_maskz_loadu_ps(m, v + l0);
+    __m512 h;
+    if (np.kind == kIF) {
+      h = _mm512_add_ps(vo, y);
+    } else if (np.decay_input) {
+      h = _mm512_add_ps(vo, _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(vr, vo), y), kk));
+    } else {
+      h = _mm512_add_ps(_mm512_add_ps(vo, _mm512_mul_ps(_mm512_sub_ps(vr, vo), kk)), y);
+    }
+    const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(h, vth), zero, _CMP_GE_OQ);
+    const __m512 s = _mm512_maskz_mov_ps(fire, one);
+    const __m512 vn = np.soft_reset ? _mm512_sub_ps(h, _mm512_mul_ps(vth, s))
+                                    : _mm512_add_ps(_mm512_mul_ps(h, _mm512_sub_ps(one, s)), _mm512_mul_ps(vr, s));
+    _mm512_mask_storeu_ps(v + l0, m, vn);
+    words[l0 / 32] |= static_cast<uint32_t>(fire) << (l0 % 32);
+  }
+  for (int64_t w = 0; w < (width + 31) / 32; ++w) dst[w] = words[w];
+}
+
 // Fused epilogue: y = float(c) * mul[o] + add[o], then the neuron over T timesteps
 // (csrc/common/neuron_math.h: charge, fire S = (H - V_th >= 0), reset), the spikes packed
 // along the output channels. x holds T images per sample ([T * Nb, H, W, Cw], t major); a
@@ -331,17 +363,9 @@ void bitconv_lif_avx512(const uint32_t* x, const uint32_t* planes, const float* 
               const int valid = static_cast<int>(std::min<int64_t>(conv.P, Q - q0));
               conv.run(ch, in[t * kSuper + i], interior[t * kSuper + i], valid, 1.0f, tile.data(), tile_w);
               for (int p = 0; p < valid; ++p) {
-                float* vp = v.data() + (i * conv.P + p) * tile_w;
-                uint32_t words[kMaxJ * kLanes / 32] = {};
-                for (int64_t l = 0; l < width; ++l) {
-                  const float y = tile[p * tile_w + l] * mul[o0 + l] + add[o0 + l];
-                  const float h = neuron_charge(vp[l], y, k, np);
-                  const float s = (h - np.v_threshold >= 0.0f) ? 1.0f : 0.0f;
-                  vp[l] = neuron_reset(h, s, np);
-                  words[l / 32] |= static_cast<uint32_t>(s != 0.0f) << (l % 32);
-                }
                 uint32_t* dst = spikes + (t * Q + q0 + p) * Wo + o0 / 32;
-                for (int64_t w = 0; w < (width + 31) / 32; ++w) dst[w] = words[w];
+                lif_tile(tile.data() + p * tile_w, mul + o0, add + o0, v.data() + (i * conv.P + p) * tile_w, width, k, np,
+                         dst);
               }
             }
           }
