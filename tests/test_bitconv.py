@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cbp_kernels
 from cbp_kernels.nn import PackedConv2d, PackedLinear
 from cbp_kernels.ops import bitpack, bitunpack, pack_spikes, pack_weight, packed_conv2d, packed_linear, unpack_weight
 from cbp_kernels.ops.bitconv import PackedWeight, infer_levels
 
-from conftest import devices
+from conftest import devices, kernel_backends
 
 
 def backends_of(op: str, device: str = "cpu") -> list[str]:
     """Every backend of ``op`` that runs on ``device`` here, the reference included."""
-    return [b for b, ok in cbp_kernels.backends(op).get(device, {}).items() if ok]
+    package = "cbp_kernels.ops.bitpack" if op.startswith("bit") and "conv" not in op else "cbp_kernels.ops.bitconv"
+    return ["reference"] + kernel_backends(device, op, package)
 
 
 def _spikes(shape, p=0.4, device="cpu"):

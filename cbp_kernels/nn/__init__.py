@@ -2,6 +2,9 @@
 from .neuron import IF, LIF, PLIF
 
 __all__ = ["IF", "LIF", "PLIF"]
+from .quantized import QuantConv2d, QuantLinear
+
+__all__ += ["QuantConv2d", "QuantLinear"]
 from .packed import PackedConv2d, PackedLinear  # noqa: E402
 
 __all__ += ["PackedConv2d", "PackedLinear"]

@@ -114,7 +114,7 @@ def packed_conv2d(
     stride, padding, dilation = _check_conv(spikes_packed, w, stride, padding, dilation, groups)
     check_same_device("weight_packed.planes", w.planes, bias=bias)
     _check_channel_vector("bias", bias, w.out_features)
-    backend = resolve_backend(backend, "bitconv2d", spikes_packed.device)
+    backend = resolve_backend(backend, "bitconv2d", spikes_packed.device, __package__)
     return run(spikes_packed.contiguous(), w, bias, stride, padding, dilation, groups, backend)
 
 
@@ -232,7 +232,7 @@ def packed_conv2d_lif(
     decay = 1.0 if neuron == "if" else float(torch.tensor(1.0 / tau, dtype=torch.float32))
     p = NeuronParams(v_threshold, v_reset, NEURONS[neuron], bool(decay_input))
     requested = backend
-    backend = resolve_backend(backend, "bitconv2d_lif", dev)
+    backend = resolve_backend(backend, "bitconv2d_lif", dev, __package__)
     if backend not in _FUSED_BACKENDS:
         if requested != "auto":
             raise RuntimeError(f"packed_conv2d_lif runs on the backends {_FUSED_BACKENDS}, not {backend!r}")
