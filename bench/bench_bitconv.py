@@ -52,6 +52,8 @@ LAYERS = [
     ("sew18.layer4.0.downsample", 256, 512, 14, 1, 2),
     ("dvs7b.conv32", 32, 32, 128, 3, 1),
 ]
+# How often each LAYERS shape occurs in SEW-ResNet-18 (for the whole-network total).
+LAYER_COUNT = {"sew18.layer1.conv": 4, "sew18.layer2.conv": 3, "sew18.layer3.conv": 3, "sew18.layer4.conv": 3}
 PROVIDERS = ["packed-binary", "packed-binary+pack", "packed-binary+lif", "packed-ternary", "f32", "bf16", "bf16-cl"]
 SCALE = 0.0371
 
@@ -175,6 +177,14 @@ def summary(path: str) -> str:
         lif = f"{t['f32'] / t['packed-binary+lif']:.2f}x" if t.get("packed-binary+lif") else "-"
         lines.append(f"{layer} | {b * 1e3:.3f} | {macs / b / 1e9:.0f} | {ratio('f32')} | {ratio('bf16')} | "
                      f"{ratio('bf16-cl')} | {pack} | {lif} | {tern}")
+    sew = [layer for layer in dict.fromkeys(l for l, _ in times) if layer.startswith("sew18.layer")]
+    total = {p: sum(LAYER_COUNT.get(l, 1) * times.get((l, p), float("nan")) for l in sew) for p in PROVIDERS}
+    lines.append(
+        f"SEW-ResNet-18 spiking convs (all {sum(LAYER_COUNT.get(l, 1) for l in sew)}): packed-binary "
+        f"{total['packed-binary'] * 1e3:.2f} ms, {total['f32'] / total['packed-binary']:.2f}x f32, "
+        f"{total['bf16'] / total['packed-binary']:.2f}x bf16, {total['bf16-cl'] / total['packed-binary']:.2f}x bf16-cl; "
+        f"fused LIF {total['f32'] / total['packed-binary+lif']:.2f}x f32; ternary {total['f32'] / total['packed-ternary']:.2f}x f32"
+    )
     if info:
         lines.append(f"SEW-ResNet-18 weights: {info['params']} params, float32 {info['float32_bytes']} B, "
                      f"binary packed {info['binary_packed_bytes']} B, ternary packed {info['ternary_packed_bytes']} B")
