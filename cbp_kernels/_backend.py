@@ -58,8 +58,16 @@ def _cupy_usable() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _has_module(package: str | None, backend: str) -> bool:
+    """Whether the op's package has a ``<backend>.py`` (None: do not check)."""
+    return package is None or importlib.util.find_spec(f"{package}.{backend}") is not None
+
+
 @torch.compiler.assume_constant_result
-def _available(op: str, backend: str, device: str) -> bool:
+def _available(op: str, backend: str, device: str, package: str | None = None) -> bool:
+    if backend in ("cupy", "triton") and not _has_module(package, backend):
+        return False
     if backend == "reference":
         return True
     if backend == "cpu":
@@ -73,17 +81,19 @@ def _available(op: str, backend: str, device: str) -> bool:
     return False
 
 
-def backends(op: str = "neuron_forward") -> dict[str, dict[str, bool]]:
-    """What runs on this machine: ``{device: {backend: available}}`` for the op's kernels.
+def backends(op: str = "neuron_forward", package: str | None = "cbp_kernels.ops.neuron") -> dict[str, dict[str, bool]]:
+    """What runs on this machine: ``{device: {backend: available}}`` for one op: ``op`` names
+    its compiled kernel (``cbp_kernels_ext::<op>``), ``package`` the Python package holding its
+    ``triton.py`` / ``cupy.py``. The default is the neuron op.
 
     >>> cbp_kernels.backends()["cpu"]["cpu"]   # the compiled C++ kernel is there
     True
     """
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {dev: {b: _available(op, b, dev) for b in BACKENDS} for dev in devices}
+    return {dev: {b: _available(op, b, dev, package) for b in BACKENDS} for dev in devices}
 
 
-def resolve_backend(requested: str, op: str, device: torch.device) -> str:
+def resolve_backend(requested: str, op: str, device: torch.device, package: str | None = None) -> str:
     """The backend to run ``op`` on a tensor of ``device``: ``requested`` checked, or the
     fastest available one for ``"auto"`` (says once when it falls back)."""
     dev = device.type
@@ -91,16 +101,16 @@ def resolve_backend(requested: str, op: str, device: torch.device) -> str:
         raise ValueError(f"cbp_kernels runs on CPU and CUDA tensors, got a tensor on {device}")
     if requested == "auto":
         for name in _AUTO_ORDER[dev]:
-            if _available(op, name, dev):
+            if _available(op, name, dev, package):
                 if name != _AUTO_ORDER[dev][0]:
                     why = _load_extension() or f"the extension was built without {_AUTO_ORDER[dev][0]} kernels"
                     _warn_once(f"cbp_kernels: no compiled {dev} kernels ({why}); using the {name} backend")
                 return name
     if requested not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}")
-    if not _available(op, requested, dev):
+    if not _available(op, requested, dev, package):
         raise RuntimeError(
             f"backend {requested!r} is not available for {dev} tensors on this machine "
-            f"(available: {[b for b, ok in backends(op).get(dev, {}).items() if ok]})"
+            f"(available: {[b for b, ok in backends(op, package).get(dev, {}).items() if ok]})"
         )
     return requested

@@ -12,9 +12,10 @@ import cbp_kernels
 GRAD_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
 
 
-def kernel_backends(device: str = "cpu") -> list[str]:
-    """The non-reference backends that run on ``device`` here (Triton on CPU needs TRITON_INTERPRET=1)."""
-    avail = cbp_kernels.backends().get(device, {})
+def kernel_backends(device: str = "cpu", op: str = "neuron_forward", package: str = "cbp_kernels.ops.neuron") -> list[str]:
+    """The non-reference backends of an op that run on ``device`` here (Triton on CPU needs
+    TRITON_INTERPRET=1); ``op``/``package`` as in ``cbp_kernels.backends``."""
+    avail = cbp_kernels.backends(op, package).get(device, {})
     return [b for b, ok in avail.items() if ok and b != "reference"]
 
 

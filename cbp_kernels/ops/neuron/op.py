@@ -165,7 +165,7 @@ def multistep_neuron(
             raise ValueError(f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), got {tuple(v_init.shape)}")
         v_init = v_init.to(state_dtype)
     decay = _checked_tau(neuron, tau, x_seq)
-    backend = resolve_backend(backend, "neuron_forward", x_seq.device)
+    backend = resolve_backend(backend, "neuron_forward", x_seq.device, __package__)
     check_kernel_dtype(backend, x_seq.dtype)
     p = NeuronParams(v_threshold, v_reset, NEURONS[neuron], bool(decay_input), bool(detach_reset), SURROGATES[surrogate], alpha)
     return run(x_seq, v_init, decay, p, backend)
