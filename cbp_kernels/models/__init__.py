@@ -5,3 +5,4 @@ from .sew_resnet import (SEWResNet, sew_resnet18, sew_resnet34, sew_resnet50, se
 
 __all__ = ["SEWResNet", "sew_resnet18", "sew_resnet34", "sew_resnet50", "sew_resnet101", "sew_resnet152",
            "spiking_resnet18", "spiking_resnet34", "spiking_resnet50", "spiking_resnet101", "spiking_resnet152"]
+from .digits_net import DigitsNet  # noqa: E402  (the digits demo's net, cbp_kernels.cli)
