@@ -1,6 +1,8 @@
 """cbp_kernels: fused kernels and the CBP quantizer for quantized spiking neural networks."""
-from . import nn, ops
+from . import models, nn, ops
+from .memory import memory_report
+from .nn import LIFConv2d, convert
 from ._backend import BACKENDS, backends
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "backends", "BACKENDS", "__version__"]
+__all__ = ["ops", "nn", "backends", "BACKENDS", "__version__", "models", "LIFConv2d", "convert", "memory_report"]

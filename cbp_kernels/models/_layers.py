@@ -46,8 +46,3 @@ def sew_connect(identity: torch.Tensor, out: torch.Tensor, cnf: str) -> torch.Te
         return identity + out
     with compact_saved_tensors():
         return identity * out if cnf == "AND" else identity * (1.0 - out)
-
-
-def flatten_steps(x: torch.Tensor) -> torch.Tensor:
-    """[T, N, C, H, W] -> [T, N, C*H*W]."""
-    return x.flatten(2)

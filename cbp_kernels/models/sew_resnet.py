@@ -22,7 +22,7 @@ from torch import nn
 
 from ..nn.lifconv import LIFConv2d
 from ..nn.neuron import IF, LIF, PLIF
-from ._layers import SeqFrames, SpikingModel, check_connect, flatten_steps, sew_connect
+from ._layers import SeqFrames, SpikingModel, check_connect, sew_connect
 
 __all__ = ["SEWResNet", "sew_resnet18", "sew_resnet34", "sew_resnet50", "sew_resnet101", "sew_resnet152",
            "spiking_resnet18", "spiking_resnet34", "spiking_resnet50", "spiking_resnet101", "spiking_resnet152"]
@@ -155,7 +155,7 @@ class SEWResNet(SpikingModel):
             raise ValueError(f"expected input [T, N, 3, H, W] or [N, 3, H, W], got shape {tuple(x.shape)}")
         x = self.maxpool(self.conv1(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(flatten_steps(self.avgpool(x)))
+        return self.fc(self.avgpool(x).flatten(2))
 
 
 

@@ -1,4 +1,6 @@
 """Modules built on the ops: spiking neurons (and, as they land, layers)."""
+from .convert import convert
+from .lifconv import LIFConv2d
 from .neuron import IF, LIF, PLIF
 
-__all__ = ["IF", "LIF", "PLIF"]
+__all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "convert"]

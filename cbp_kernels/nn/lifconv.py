@@ -122,7 +122,8 @@ class LIFConv2d(nn.Conv2d):
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
         padding_mode: as ``torch.nn.Conv2d`` (``padding_mode="zeros"`` only).
         bn: add a ``BatchNorm2d(out_channels)`` (attribute ``bn``) after the convolution.
-        neuron: ``"if"``, ``"lif"``, ``"plif"``, or ``None`` (conv + BN only, no neuron).
+        neuron: ``"if"``, ``"lif"``, ``"plif"``, ``None`` (conv + BN only, no neuron), or a
+            multi-step ``cbp_kernels.nn.IF / LIF / PLIF`` module (its settings win).
         tau: LIF time constant; for PLIF the initial one (``init_tau``).
         v_threshold, v_reset (``None``: soft reset), surrogate (name or SpikingJelly
         surrogate object), alpha, detach_reset, decay_input: as ``multistep_neuron``.
@@ -145,17 +146,23 @@ class LIFConv2d(nn.Conv2d):
                  weight_scale=None, compact_spikes=True, backend="auto", device=None, dtype=None):
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode must be 'zeros', got {padding_mode!r}")
-        if neuron is not None and neuron not in _NEURONS:
-            raise ValueError(f"neuron must be one of {sorted(_NEURONS)} or None, got {neuron!r}")
+        if isinstance(neuron, nn.Module):
+            if not isinstance(neuron, tuple(_NEURONS.values())) or neuron.step_mode != "m":
+                raise ValueError(f"a neuron module must be a multi-step cbp_kernels.nn IF / LIF / PLIF, got {neuron!r}")
+        elif neuron is not None and neuron not in _NEURONS:
+            raise ValueError(f"neuron must be one of {sorted(_NEURONS)}, None or a neuron module, got {neuron!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         if isinstance(self.padding, str):
             raise ValueError("padding must be numbers (string padding is not supported)")
         self.bn = nn.BatchNorm2d(out_channels, device=device, dtype=dtype) if bn else None
-        self.neuron_type = neuron
-        if neuron is None:
-            self.neuron = None
+        if isinstance(neuron, nn.Module):
+            self.neuron_type = {cls: name for name, cls in _NEURONS.items()}[type(neuron)]
+            self.neuron = neuron
+        elif neuron is None:
+            self.neuron_type = self.neuron = None
         else:
+            self.neuron_type = neuron
             kw = dict(v_threshold=v_threshold, v_reset=v_reset, surrogate_function=surrogate, alpha=alpha,
                       detach_reset=detach_reset, step_mode="m", backend=backend)
             if neuron == "lif":
