@@ -6,3 +6,6 @@ from ._backend import BACKENDS, backends
 
 __version__ = "0.1.0"
 __all__ = ["ops", "nn", "backends", "BACKENDS", "__version__", "models", "LIFConv2d", "convert", "memory_report"]
+from .export import load_packed, save_packed  # noqa: E402  (cbp-quantize's export format)
+
+__all__ += ["load_packed", "save_packed"]

@@ -170,18 +170,10 @@ def _setup_dist(device: str | None) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def _atomic_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file + fsync + rename (never torn)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: str, obj) -> None:
-    _atomic_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    from .export import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -239,21 +231,31 @@ def _build_model(cfg: dict, train) -> nn.Module:
     except (ValueError, TypeError, KeyError) as exc:
         raise CLIError(f"--model {cfg['model']}: {exc}") from None
     if cfg["checkpoint"]:
-        from .models import load_spikingjelly_checkpoint
+        from .models.interop import load_checkpoint
 
         try:
-            load_spikingjelly_checkpoint(model, cfg["checkpoint"])
+            load_checkpoint(model, cfg["checkpoint"])
         except (ValueError, KeyError, RuntimeError, FileNotFoundError, OSError) as exc:
             raise CLIError(f"--checkpoint {cfg['checkpoint']}: {exc}") from None
     return model
 
 
 def _arch_for(cfg: dict, train) -> dict:
-    """The architecture record (name + constructor kwargs) that export and load_packed use."""
-    c, h, w = _sample_shape(train)
-    if cfg["model"] == "digits-net":
-        return {"name": "digits-net", "kwargs": {"num_classes": train.num_classes, "in_channels": c, "image_size": h}}
-    return {"name": cfg["model"], "kwargs": {"num_classes": train.num_classes}}
+    """The architecture record ``{"name", "kwargs"}`` of the run's model (what the export
+    stores and ``load_packed`` rebuilds): the data set's class count, and its channels and
+    image size where the model's constructor takes them."""
+    import inspect
+
+    from .export import architectures
+
+    builders = architectures()
+    if cfg["model"] not in builders:
+        raise CLIError(f"--model {cfg['model']!r}: not a library model ({', '.join(sorted(builders))}) nor a file")
+    c, h, _ = _sample_shape(train)
+    offered = {"num_classes": train.num_classes, "in_channels": c, "image_size": h, "input_size": h}
+    params = inspect.signature(builders[cfg["model"]]).parameters
+    accepted = set(params) | ({"num_classes"} if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set())
+    return {"name": cfg["model"], "kwargs": {k: v for k, v in offered.items() if k in accepted}}
 
 
 # ----------------------------------------------------------------------------- training and evaluation
@@ -437,7 +439,7 @@ def _fp32_stage(cfg, train, test, dist, run_dir, say) -> dict:
 
 def _cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) -> dict:
     """CBP to one level set, finalize, pack, check the packed predictions, export, plot."""
-    from .export import save_packed
+    from .export import PACKABLE, pack_model, save_packed
     from .quant import CBPConfig, CBPQuantizer, load_checkpoint, plot_history, plot_weight_histograms
 
     stage_dir = os.path.join(run_dir, label)
@@ -467,32 +469,44 @@ def _cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) -> dict:
         if dist.main:
             _write_metrics(run_dir, label, quantizer.history)
     cfs_trained = quantizer.cfs()
-    _, codes = quantizer.finalize()
-    cfs = quantizer.cfs()
+    quantizer.finalize()
+    names = list(quantizer.layers)
+    levels_list = quantizer.levels.tolist()
     float_preds = _predict(model, test, T, dist)
-    packed = _pack(model, list(quantizer.layers))
-    packed_preds = _predict(packed, test, T, dist)
-    mismatches = int(_all_sum(float((packed_preds != float_preds).sum()), dist))
     result = {
-        "precision": label, "levels": quantizer.levels.tolist(), "accuracy": _accuracy(float_preds, labels, dist),
-        "packed_accuracy": _accuracy(packed_preds, labels, dist), "same_predictions": mismatches == 0,
-        "mismatches": mismatches, "cfs_trained": cfs_trained, "cfs": cfs, "g": quantizer.g, "epochs": quantizer.epoch,
-        "weight_bits": _weight_bits(model, quantizer.levels.tolist()), "quantized_layers": list(quantizer.layers),
-        "export": os.path.join(stage_dir, "model.safetensors"),
+        "precision": label, "levels": levels_list, "accuracy": _accuracy(float_preds, labels, dist),
+        "cfs_trained": cfs_trained, "cfs": quantizer.cfs(), "g": quantizer.g, "epochs": quantizer.epoch,
+        "weight_bits": _weight_bits(model, levels_list, names), "quantized_layers": names,
     }
+    if tuple(levels_list) in PACKABLE:
+        packed_preds = _predict(pack_model(copy.deepcopy(model), names), test, T, dist)
+        mismatches = int(_all_sum(float((packed_preds != float_preds).sum()), dist))
+        result.update(packed_accuracy=_accuracy(packed_preds, labels, dist), same_predictions=mismatches == 0,
+                      mismatches=mismatches, export=os.path.join(stage_dir, "model.safetensors"))
     if dist.main:
-        save_packed(packed, result["export"], arch=cfg["arch"],
-                    metadata={"levels": label, "data": cfg["data"], "data_path": cfg["data_path"], "timesteps": T,
-                              "image_size": cfg["image_size"], "accuracy": result["accuracy"]})
+        if "export" in result:
+            save_packed(model, result["export"], layers=names, arch=cfg["arch"],
+                        metadata={"levels": label, "data": cfg["data"], "data_path": cfg["data_path"], "timesteps": T,
+                                  "image_size": cfg["image_size"], "accuracy": result["accuracy"]})
         if quantizer.history:
             plot_history(quantizer.history, os.path.join(stage_dir, "accuracy_cfs_g.png"))
             epochs = sorted({0, len(quantizer.history) // 2, len(quantizer.history) - 1})
             plot_weight_histograms(quantizer.history, epochs, os.path.join(stage_dir, "weight_histograms.png"),
-                                   levels=quantizer.levels.tolist())
+                                   levels=levels_list)
         _write_json(result_path, result)
-    say(f"CBP {label}: accuracy {result['accuracy']:.2f}% (packed {result['packed_accuracy']:.2f}%, "
-        f"{'same' if mismatches == 0 else f'{mismatches} different'} predictions), CFS {cfs_trained:.3g} -> {cfs:.3g}")
+    packed_note = (f"packed {result['packed_accuracy']:.2f}%, "
+                   f"{'same' if result['same_predictions'] else str(result['mismatches']) + ' different'} predictions"
+                   if "export" in result else "levels not packable: no popcount model / export")
+    say(f"CBP {label}: accuracy {result['accuracy']:.2f}% ({packed_note}), CFS {cfs_trained:.3g} -> {result['cfs']:.3g}")
     return result
+
+
+def _weight_bits(model: nn.Module, levels: list[float] | None = None, quantized: list[str] = ()) -> int:
+    """The paper's weight memory: quantized layers at ceil(log2 |Q|) bits, the rest FP32."""
+    from .memory import memory_report
+
+    fp32 = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and n not in quantized]
+    return memory_report(model, levels, fp32_layers=fp32, print_table=False).total_bits
 
 
 def _write_metrics(run_dir: str, stage: str, history: list[dict]) -> None:
@@ -505,7 +519,9 @@ def _write_metrics(run_dir: str, stage: str, history: list[dict]) -> None:
             records = [r for r in map(json.loads, filter(str.strip, f)) if r.get("stage") != stage]
     records += [{"stage": stage, **{k: v for k, v in r.items() if k not in ("weight_hist", "hist_range")}}
                 for r in history]
-    _atomic_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    from .export import atomic_write
+
+    atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------- table, eval, report
