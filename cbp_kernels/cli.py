@@ -42,7 +42,7 @@ __all__ = ["main", "build_parser", "parse_levels"]
 
 DEFAULT_LEVELS = "binary,ternary"
 RUN_DEFAULTS = dict(model="digits-net", data="digits", data_path=None, checkpoint=None, levels=DEFAULT_LEVELS,
-                    preset=None, epochs=None, pretrain_epochs=5, pretrain_lr=1e-2, batch_size=None, timesteps=None,
+                    preset=None, epochs=None, pretrain_epochs=4, pretrain_lr=1e-2, batch_size=None, timesteps=None,
                     device=None, out=None, seed=0, image_size=None, workers=0)
 
 
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="CBP hyper-parameters of a Table 4 row, e.g. sew-resnet/imagenet "
                                       "(default: the demo's settings)")
     run.add_argument("--epochs", type=int, help="CBP epochs per level set (default: the preset's)")
-    run.add_argument("--pretrain-epochs", type=int, help="FP32 pre-training epochs when no checkpoint is given (default 5)")
+    run.add_argument("--pretrain-epochs", type=int, help="FP32 pre-training epochs when no checkpoint is given (default 4)")
     run.add_argument("--pretrain-lr", type=float, help="Adam learning rate of the FP32 pre-training (default 1e-2)")
     run.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
     run.add_argument("--timesteps", type=int, help="T, timesteps per sample (default: the preset's / the data's)")
@@ -313,11 +313,11 @@ def _accuracy(preds: torch.Tensor, labels: torch.Tensor, dist: _Dist) -> float:
 
 def _demo_cbp_config():
     """CBP settings of the digits demo (no Table 4 row fits an 8x8 toy): Adam on the
-    weights, a quick window schedule (p_max 2), ternary/binary in ~10 epochs."""
+    weights, a quick window schedule (p_max 2), on levels within 8 epochs."""
     from .quant import CBPConfig
 
     return CBPConfig(optimizer="adam", lr=1e-3, multiplier_optimizer="adam", lr_multiplier=1e-2, batch_size=64,
-                     epochs=10, timesteps=4, p_max=2, lr_drop_g=None)
+                     epochs=8, timesteps=4, p_max=2, lr_drop_g=None)
 
 
 def _resolve_config(args) -> dict:
@@ -457,17 +457,15 @@ def _cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) -> dict:
     labels, T = _labels(test, dist), cfg["timesteps"]
 
     def evaluate(_):
+        if dist.main:  # the records of the epochs before this one (fit appends this one after)
+            _write_metrics(run_dir, label, quantizer.history)
         return _accuracy(_predict(model, test, T, dist), labels, dist)
 
     say(f"CBP {label}: {cfg['epochs']} epochs, {len(quantizer.layers)} quantized layers {list(quantizer.layers)}")
-    first = True
-    while quantizer.epoch < cfg["epochs"] or first:
-        quantizer.fit(loader, F.cross_entropy, epochs=min(quantizer.epoch + 1, cfg["epochs"]),
-                      forward_fn=lambda m, x: _logits(m, x, T), eval_fn=evaluate, checkpoint_dir=stage_dir,
-                      resume=first)
-        first = False
-        if dist.main:
-            _write_metrics(run_dir, label, quantizer.history)
+    quantizer.fit(loader, F.cross_entropy, epochs=cfg["epochs"], forward_fn=lambda m, x: _logits(m, x, T),
+                  eval_fn=evaluate, checkpoint_dir=stage_dir, resume=True)
+    if dist.main:
+        _write_metrics(run_dir, label, quantizer.history)
     cfs_trained = quantizer.cfs()
     quantizer.finalize()
     names = list(quantizer.layers)

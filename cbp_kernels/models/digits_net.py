@@ -33,6 +33,10 @@ class DigitsNet(nn.Module):
         self.fc1 = nn.Linear(c2 * side * side, hidden, bias=False)
         self.lif3 = LIF(tau=tau, step_mode="m")
         self.fc2 = nn.Linear(hidden, num_classes)
+        for m in (self.conv1, self.conv2, self.fc1, self.fc2):
+            # He init: with PyTorch's default (3x smaller) the LIF layers hardly fire at first
+            # and training stalls for an epoch.
+            nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """``x_seq``: ``[T, N, C, H, W]`` -> logits ``[N, num_classes]``."""
