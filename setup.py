@@ -22,10 +22,11 @@ class BuildPyWithCudaSources(build_py):
 
     def run(self):
         super().run()
-        target = os.path.join(self.build_lib, "cbp_kernels", "_csrc", "cuda")
-        os.makedirs(target, exist_ok=True)
-        for path in glob.glob("csrc/cuda/*.cuh"):
-            shutil.copy(path, target)
+        for pattern in ("csrc/cuda/*.cuh", "csrc/common/*.h"):  # the .cuh files include common/
+            for path in glob.glob(pattern):
+                target = os.path.join(self.build_lib, "cbp_kernels", "_csrc", os.path.basename(os.path.dirname(path)))
+                os.makedirs(target, exist_ok=True)
+                shutil.copy(path, target)
 
 
 def _extensions():

@@ -264,3 +264,37 @@ def test_mixed_devices_rejected():
     meta = torch.zeros(4, device="meta")
     with pytest.raises(ValueError, match="v_init is on meta"):
         multistep_neuron(torch.randn(3, 4), meta)
+
+
+def test_cuda_source_for_cupy_is_self_contained():
+    """The text the cupy backend hands to NVRTC: found, with the project's headers inlined."""
+    from cbp_kernels.ops._cuda_source import csrc_root, cuda_source
+
+    src = cuda_source("neuron")
+    assert (csrc_root() / "cuda" / "neuron.cuh").is_file()
+    assert '#include "' not in src, "a local include was left for NVRTC to resolve"
+    assert "CBP_HD float neuron_charge(" in src and src.count("struct NeuronParams {") == 1
+    with pytest.raises(FileNotFoundError, match="no_such_op"):
+        cuda_source("no_such_op")
+
+
+def test_cupy_kernels_compile_standalone(tmp_path):
+    """Every kernel the cupy backend launches is defined by that self-contained source (nvcc
+    stands in for NVRTC here: both compile it with no include path but the CUDA headers)."""
+    import shutil
+    import subprocess
+
+    from cbp_kernels.ops._cuda_source import cuda_source
+    from cbp_kernels.ops.neuron import cupy as cupy_backend
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH (install the CUDA toolkit to run this check)")
+    src = tmp_path / "neuron_rtc.cu"
+    src.write_text(cuda_source("neuron"))
+    ptx = tmp_path / "neuron_rtc.ptx"
+    subprocess.run([nvcc, *cupy_backend.NVRTC_OPTIONS, "-arch=sm_80", "-ptx", str(src), "-o", str(ptx)], check=True)
+    text = ptx.read_text()
+    for direction in ("forward", "backward"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert f".entry {cupy_backend.kernel_name(direction, dtype)}(" in text

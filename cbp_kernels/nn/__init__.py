@@ -4,3 +4,6 @@ from .lifconv import LIFConv2d
 from .neuron import IF, LIF, PLIF
 
 __all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "convert"]
+from .quantized import QuantConv2d, QuantLinear
+
+__all__ += ["QuantConv2d", "QuantLinear"]

@@ -1,0 +1,116 @@
+// Host launchers of the CUDA neuron kernels (csrc/cuda/neuron.cuh) for the extension's
+// CUDA dispatch key: the schemas "neuron_forward" / "neuron_backward" are defined once in
+// csrc/cpu/neuron.cpp. One launch each, on the current stream; the decay k stays on the
+// device (no host sync).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/neuron.cuh"
+#include "cuda/torch_cuda.h"
+
+namespace cbp {
+namespace {
+
+// The extern "C" kernels of one storage type, and that type as the kernels see it.
+template <typename scalar_t>
+struct NeuronKernels;
+template <>
+struct NeuronKernels<float> {
+  using device_t = float;
+  static constexpr auto forward = neuron_forward_f32;
+  static constexpr auto backward = neuron_backward_f32;
+};
+template <>
+struct NeuronKernels<at::Half> {
+  using device_t = __half;
+  static constexpr auto forward = neuron_forward_f16;
+  static constexpr auto backward = neuron_backward_f16;
+};
+template <>
+struct NeuronKernels<at::BFloat16> {
+  using device_t = __nv_bfloat16;
+  static constexpr auto forward = neuron_forward_bf16;
+  static constexpr auto backward = neuron_backward_bf16;
+};
+
+template <typename scalar_t>
+auto* device_ptr(const at::Tensor& t) {
+  using device_t = typename NeuronKernels<scalar_t>::device_t;
+  return reinterpret_cast<device_t*>(t.data_ptr<scalar_t>());
+}
+
+// The storage types the kernels exist for (the op sends float64 to the reference backend).
+#define CBP_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                              \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                      \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                   \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+unsigned int num_blocks(int64_t N) { return static_cast<unsigned int>((N + kNeuronThreads - 1) / kNeuronThreads); }
+
+std::vector<at::Tensor> neuron_forward_cuda(const at::Tensor& x_seq, const at::Tensor& v_init,
+                                            const at::Tensor& decay, double v_threshold, double v_reset,
+                                            bool soft_reset, int64_t kind, bool decay_input) {
+  const c10::cuda::CUDAGuard guard(x_seq.device());
+  const int64_t T = x_seq.size(0);
+  const int64_t N = x_seq.numel() / T;
+  auto x = x_seq.contiguous();
+  auto v0 = v_init.contiguous();
+  auto k = decay.to(at::kFloat).contiguous();
+  auto spike = at::empty_like(x);
+  auto h_seq = at::empty_like(x);
+  auto v_last = at::empty_like(v0);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const float vr = soft_reset ? 0.0f : static_cast<float>(v_reset);
+  CBP_DISPATCH_KERNEL_TYPES(x.scalar_type(), "neuron_forward_cuda", [&] {
+    NeuronKernels<scalar_t>::forward<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
+        device_ptr<scalar_t>(x), v0.data_ptr<float>(), k.data_ptr<float>(), device_ptr<scalar_t>(spike),
+        v_last.data_ptr<float>(), device_ptr<scalar_t>(h_seq), T, N, static_cast<float>(v_threshold), vr,
+        static_cast<int>(kind), soft_reset, decay_input);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {spike, v_last, h_seq};
+}
+
+std::vector<at::Tensor> neuron_backward_cuda(const at::Tensor& grad_spike, const at::Tensor& grad_v_last,
+                                             const at::Tensor& h_seq, const at::Tensor& spike_seq,
+                                             const at::Tensor& x_seq, const at::Tensor& v_init,
+                                             const at::Tensor& decay, double v_threshold, double v_reset,
+                                             bool soft_reset, int64_t kind, bool decay_input, bool detach_reset,
+                                             int64_t surrogate, double alpha, bool need_grad_decay) {
+  const c10::cuda::CUDAGuard guard(h_seq.device());
+  const int64_t T = h_seq.size(0);
+  const int64_t N = h_seq.numel() / T;
+  auto gs = grad_spike.contiguous();
+  auto gvl = grad_v_last.contiguous();
+  auto h = h_seq.contiguous();
+  auto s = spike_seq.contiguous();
+  auto x = x_seq.contiguous();  // empty unless need_grad_decay
+  auto v0 = v_init.contiguous();
+  auto k = decay.to(at::kFloat).contiguous();
+  auto grad_x = at::empty_like(h);
+  auto grad_v_init = at::empty_like(v0);
+  auto grad_decay = at::zeros({}, k.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const float vr = soft_reset ? 0.0f : static_cast<float>(v_reset);
+  CBP_DISPATCH_KERNEL_TYPES(h.scalar_type(), "neuron_backward_cuda", [&] {
+    NeuronKernels<scalar_t>::backward<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
+        device_ptr<scalar_t>(gs), gvl.data_ptr<float>(), device_ptr<scalar_t>(h), device_ptr<scalar_t>(s),
+        need_grad_decay ? device_ptr<scalar_t>(x) : nullptr, v0.data_ptr<float>(), k.data_ptr<float>(),
+        device_ptr<scalar_t>(grad_x), grad_v_init.data_ptr<float>(), grad_decay.data_ptr<float>(), T, N,
+        static_cast<float>(v_threshold), vr, static_cast<int>(kind), soft_reset, decay_input, detach_reset,
+        static_cast<int>(surrogate), static_cast<float>(alpha), need_grad_decay);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_x, grad_v_init, grad_decay.to(decay.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbp_kernels_ext, CUDA, m) {
+  m.impl("neuron_forward", &neuron_forward_cuda);
+  m.impl("neuron_backward", &neuron_backward_cuda);
+}
+
+}  // namespace cbp
