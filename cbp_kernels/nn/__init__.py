@@ -7,3 +7,6 @@ __all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "convert"]
 from .quantized import QuantConv2d, QuantLinear
 
 __all__ += ["QuantConv2d", "QuantLinear"]
+from .packed import PackedConv2d, PackedLinear  # noqa: E402
+
+__all__ += ["PackedConv2d", "PackedLinear"]

@@ -16,7 +16,14 @@
 // reference F.conv2d on the integer levels followed by the scale (ops/bitconv/reference.py).
 #pragma once
 
+#if defined(__CUDACC_RTC__)  // NVRTC has no C library headers
+typedef unsigned char uint8_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+#else
 #include <stdint.h>
+#endif
 
 #ifndef CBP_HD
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)

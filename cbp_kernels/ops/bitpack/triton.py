@@ -43,7 +43,7 @@ def _unpack_kernel(w_ptr, out_ptr, R, Wc, size, BLOCK_R: tl.constexpr, BLOCK_C: 
     mask = (rows[:, None] < R) & (cols[None, :] < size)
     words = tl.load(w_ptr + rows[:, None].to(tl.int64) * Wc + cols[None, :] // 32, mask=mask, other=0)
     bit = (words.to(tl.uint32, bitcast=True) >> (cols[None, :] % 32).to(tl.uint32)) & 1
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * size + cols[None, :], bit.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * size + cols[None, :], bit.to(tl.uint8), mask=mask)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,9 @@ def pack(x: torch.Tensor) -> torch.Tensor:
 
 def unpack(words: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
     rows = words.shape[0]
-    out = torch.empty(rows, size, dtype=torch.uint8 if dtype == torch.bool else dtype, device=words.device)
+    # Bits are written as uint8 and cast after (the interpreter stores bfloat16 wrongly).
+    out = torch.empty(rows, size, dtype=torch.uint8, device=words.device)
     if out.numel():
         grid = (triton.cdiv(rows, _BLOCK_R), triton.cdiv(size, _BLOCK_W * WORD_BITS))
         _unpack_kernel[grid](words, out, rows, words.shape[1], size, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_W * WORD_BITS)
-    return out.view(torch.bool) if dtype == torch.bool else out
+    return out.to(dtype)
