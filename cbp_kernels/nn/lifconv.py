@@ -23,8 +23,13 @@ from .neuron import IF, LIF, PLIF
 __all__ = ["LIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "pack_bits", "unpack_bits"]
 
 _NEURONS = {"if": IF, "lif": LIF, "plif": PLIF}
-# Bit i of a packed byte holds element 8*k + i.
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+# Packing 8 bytes b_0..b_7 (each 0 or 1) of a little-endian int64 word w into one byte:
+# w * _GATHER puts b_i at bit 56 + i with no carries (every product term lands on its own bit),
+# so (w * _GATHER) >> 56 is sum_i b_i << i.
+_GATHER = 0x0102040810204080
+# Unpacking: p * _SPREAD copies byte p into all 8 bytes; & _SELECT keeps bit i in byte i.
+_SPREAD = 0x0101010101010101
+_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -35,14 +40,13 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(1, dtype=torch.uint8)
+    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``pack_bits``: the 0/1 tensor of ``shape`` in ``dtype``."""
-    numel = shape.numel()
-    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.view(-1)[:numel].view(shape).to(dtype)
+    words = (packed.to(torch.int64) * _SPREAD) & _SELECT
+    return words.view(torch.uint8)[: shape.numel()].ne(0).view(shape).to(dtype)
 
 
 class _Compact:
@@ -182,7 +186,8 @@ class LIFConv2d(nn.Conv2d):
         from ..ops import quantize  # noqa: PLC0415  (the quantizer op lives below nn/)
 
         scale = self.weight_scale if self.weight_scale is not None else self.weight.detach().abs().mean()
-        return quantize(self.weight, self.weight_levels, scale)
+        levels = torch.tensor(sorted(self.weight_levels), dtype=torch.float32, device=self.weight.device)
+        return quantize(self.weight, levels, scale)
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) with the BatchNorm's running statistics folded in (the eval forward)."""
