@@ -477,7 +477,7 @@ def _cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) -> dict:
         "weight_bits": _weight_bits(model, levels_list, names), "quantized_layers": names,
     }
     if tuple(levels_list) in PACKABLE:
-        packed_preds = _predict(pack_model(copy.deepcopy(model), names), test, T, dist)
+        packed_preds = _predict(pack_model(copy.deepcopy(model), dict.fromkeys(names)), test, T, dist)
         mismatches = int(_all_sum(float((packed_preds != float_preds).sum()), dist))
         result.update(packed_accuracy=_accuracy(packed_preds, labels, dist), same_predictions=mismatches == 0,
                       mismatches=mismatches, export=os.path.join(stage_dir, "model.safetensors"))

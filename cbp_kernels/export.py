@@ -67,16 +67,17 @@ def _levels_name(layer: nn.Module, name: str) -> str:
     return PACKABLE[values]
 
 
-def pack_model(model: nn.Module, layers: list[str]) -> nn.Module:
-    """Replaces, in place, each named quantized layer (weights on its levels, e.g. after
-    ``CBPQuantizer.finalize()``) by ``PackedConv2d`` / ``PackedLinear.from_float``; returns
-    ``model``."""
+def pack_model(model: nn.Module, layers: dict[str, str | None]) -> nn.Module:
+    """Replaces, in place, each layer named in ``layers`` (a quantized layer or a float one,
+    its weights on the levels, e.g. after ``CBPQuantizer.finalize()``) by
+    ``PackedConv2d`` / ``PackedLinear.from_float(layer, levels)``; ``layers`` maps each name
+    to ``"binary"`` / ``"ternary"`` (None: taken from the layer). Returns ``model``."""
     from .nn import PackedConv2d, PackedLinear
 
-    for name in layers:
+    for name, levels in layers.items():
         layer = model.get_submodule(name)
         cls = PackedConv2d if isinstance(layer, nn.Conv2d) else PackedLinear
-        model.set_submodule(name, cls.from_float(layer))
+        model.set_submodule(name, cls.from_float(layer, levels))
     return model
 
 
@@ -154,4 +155,4 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     with torch.no_grad():
         for name, w in weights.items():
             model.get_submodule(name).weight.copy_(w)
-    return pack_model(model, list(packed)).to(device).eval()
+    return pack_model(model, {name: info["levels"] for name, info in packed.items()}).to(device).eval()
