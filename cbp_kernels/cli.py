@@ -222,7 +222,7 @@ def _sample_shape(dataset) -> tuple[int, ...]:
     return tuple(dataset[0][0].shape[-3:])
 
 
-def _build_model(cfg: dict, train) -> nn.Module:
+def _build_model(cfg: dict) -> nn.Module:
     """The FP32 model named by ``cfg['model']``, with ``cfg['checkpoint']`` loaded if given."""
     from .export import build_architecture
 
@@ -290,7 +290,8 @@ def _predict(model: nn.Module, dataset, timesteps: int, dist: _Dist, batch_size:
 
 
 def _labels(dataset, dist: _Dist) -> torch.Tensor:
-    return torch.tensor([y for _, y in DataLoader(_shard(dataset, dist), batch_size=1024) for y in y.tolist()])
+    """The labels of this rank's shard of ``dataset`` (the order of ``_predict``)."""
+    return torch.cat([y for _, y in DataLoader(_shard(dataset, dist), batch_size=1024)])
 
 
 def _all_sum(value: float, dist: _Dist) -> float:
@@ -420,7 +421,7 @@ def _fp32_stage(cfg, train, test, dist, run_dir, say) -> dict:
     from .quant import load_checkpoint, save_checkpoint
 
     path = os.path.join(run_dir, "pretrained.pt")
-    model = _build_model(cfg, train)
+    model = _build_model(cfg)
     if os.path.exists(path):
         model.load_state_dict(load_checkpoint(path))
         model.to(dist.device)
@@ -447,7 +448,7 @@ def _cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) -> dict:
     if os.path.exists(result_path):
         with open(result_path) as f:
             return json.load(f)
-    model = _build_model(cfg, train)
+    model = _build_model(cfg)
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "pretrained.pt")))
     model.to(dist.device)
     net = nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
