@@ -150,6 +150,29 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_run_on_npz_frames_with_a_custom_level_set(tmp_path, capsys):
+    """Event frames [N, T, C, H, W] (another shape than the digits) through the whole job;
+    a level set that does not pack gets its CBP row without a popcount model / export."""
+    rng = np.random.RandomState(0)
+    for split, n in (("train", 48), ("test", 16)):
+        labels = np.arange(n) % 3
+        frames = (rng.rand(n, 3, 2, 6, 6) < 0.2 + 0.3 * labels[:, None, None, None, None] / 2).astype(np.float32)
+        np.savez(tmp_path / f"{split}.npz", frames=frames, labels=labels)
+    out = tmp_path / "run"
+    assert main(["run", "--data", "npz", "--data-path", str(tmp_path), "--levels=binary,-2,-1,0,1",
+                 "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "16", "--out", str(out)]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["precision"] for r in rows] == ["FP32", "binary", "levels-2_-1_0_1"]
+    assert rows[1]["same_predictions"] and (out / "binary" / "model.safetensors").exists()
+    assert "packed_accuracy" not in rows[2] and not (out / "levels-2_-1_0_1" / "model.safetensors").exists()
+    # conv2 (4608) + fc1 (36864) weights at 1 / 2 bits (4 levels), conv1 (288) + fc2 (384) at FP32
+    assert rows[1]["weight_bits"] == 41472 + 32 * 672 and rows[2]["weight_bits"] == 2 * 41472 + 32 * 672
+    assert rows[2]["cfs"] == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["timesteps"] == 3 and config["arch"]["kwargs"] == {"num_classes": 3, "in_channels": 2, "image_size": 6}
+    assert "levels-2_-1_0_1" in capsys.readouterr().out
+
+
 def test_parse_levels():
     assert parse_levels("binary,ternary") == [("binary", "binary"), ("ternary", "ternary")]
     assert parse_levels("-2,-1,0,1") == [("levels-2_-1_0_1", [-2.0, -1.0, 0.0, 1.0])]
