@@ -234,7 +234,7 @@ def _build_model(cfg: dict) -> nn.Module:
         from .models.interop import load_checkpoint
 
         try:
-            load_checkpoint(model, cfg["checkpoint"])
+            load_checkpoint(model, _read_checkpoint(cfg["checkpoint"]))
         except (ValueError, KeyError, RuntimeError, FileNotFoundError, OSError) as exc:
             raise CLIError(f"--checkpoint {cfg['checkpoint']}: {exc}") from None
     return model
@@ -356,13 +356,24 @@ def _resolve_config(args) -> dict:
     return cfg
 
 
+def _read_checkpoint(path: str):
+    """A checkpoint file, read as tensors only when it allows (a SpikingJelly training
+    checkpoint also pickles its ``args`` Namespace: then fully, as the user's own file)."""
+    import pickle
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # any unreadable file: name it
+        raise CLIError(f"cannot read the checkpoint {path}: {exc}") from None
+
+
 def _checkpoint_arch(path: str) -> str:
     """The model name a SpikingJelly-style training checkpoint records (``args.model`` or
     ``arch``), for ``--model PATH``."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # any unreadable file: name it
-        raise CLIError(f"--model {path}: cannot read the checkpoint: {exc}") from None
+    ckpt = _read_checkpoint(path)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
     name = getattr(args, "model", None) or (args.get("model") if isinstance(args, dict) else None)
     name = name or (ckpt.get("arch") if isinstance(ckpt, dict) else None)
@@ -392,6 +403,7 @@ def _run(args) -> int:
     train, test = _datasets(cfg)
     cfg["timesteps"] = train.timesteps
     cfg["arch"] = _arch_for(cfg, train)
+    model = _build_model(cfg)  # a bad --model / --checkpoint fails here, before any file is written
     run_dir = cfg["out"]
     if dist.main:
         os.makedirs(run_dir, exist_ok=True)
@@ -401,7 +413,7 @@ def _run(args) -> int:
     say(f"cbp-quantize: {cfg['model']} on {cfg['data']} (T={cfg['timesteps']}, {dist.world} process(es) on "
         f"{dist.device}), output in {run_dir}")
 
-    fp32 = _fp32_stage(cfg, train, test, dist, run_dir, say)
+    fp32 = _fp32_stage(model, cfg, train, test, dist, run_dir, say)
     rows = [fp32] + [_cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) for label, levels in cfg["level_sets"]]
     table = format_table(cfg["model"], cfg["data"], rows)
     say("\n" + table)
@@ -416,12 +428,11 @@ def _run(args) -> int:
     return 0
 
 
-def _fp32_stage(cfg, train, test, dist, run_dir, say) -> dict:
-    """Pre-trains (or loads) the FP32 model; its weights go to ``pretrained.pt``."""
+def _fp32_stage(model, cfg, train, test, dist, run_dir, say) -> dict:
+    """Pre-trains ``model`` (or loads it) in FP32; its weights go to ``pretrained.pt``."""
     from .quant import load_checkpoint, save_checkpoint
 
     path = os.path.join(run_dir, "pretrained.pt")
-    model = _build_model(cfg)
     if os.path.exists(path):
         model.load_state_dict(load_checkpoint(path))
         model.to(dist.device)
@@ -483,6 +494,7 @@ def _cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) -> dict:
         result.update(packed_accuracy=_accuracy(packed_preds, labels, dist), same_predictions=mismatches == 0,
                       mismatches=mismatches, export=os.path.join(stage_dir, "model.safetensors"))
     if dist.main:
+        os.makedirs(stage_dir, exist_ok=True)  # fit made it unless it ran no epoch
         if "export" in result:
             save_packed(model, result["export"], layers=names, arch=cfg["arch"],
                         metadata={"levels": label, "data": cfg["data"], "data_path": cfg["data_path"], "timesteps": T,

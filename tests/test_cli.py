@@ -173,6 +173,27 @@ def test_run_on_npz_frames_with_a_custom_level_set(tmp_path, capsys):
     assert "levels-2_-1_0_1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_model_given_as_checkpoint_path(default_run, tmp_path, capsys):
+    """--model PATH (a training checkpoint naming its architecture): no pre-training, the
+    FP32 row is the checkpoint's accuracy; --epochs 0 rounds the weights onto the levels."""
+    state = torch.load(default_run / "pretrained.pt", weights_only=True)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"arch": "digits-net", "model": state, "epoch": 3}, path)
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(path), "--levels", "ternary", "--epochs", "0", "--out", str(out)]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    ref = json.loads((default_run / "summary.json").read_text())["rows"]
+    assert rows[0]["accuracy"] == ref[0]["accuracy"] and rows[1]["cfs"] == 0 and rows[1]["same_predictions"]
+    assert "FP32 pre-train" not in capsys.readouterr().err
+    torch.save({"model": state}, path)
+    _fails(capsys, "run", "--model", str(path), match="does not name its architecture")
+    _fails(capsys, "run", "--checkpoint", str(path / "nope.pth"), "--out", str(tmp_path / "o"), match="nope.pth")
+    state.pop("fc2.bias")
+    torch.save(state, path)
+    _fails(capsys, "run", "--checkpoint", str(path), "--out", str(tmp_path / "o"), match="fc2.bias")
+
+
 def test_parse_levels():
     assert parse_levels("binary,ternary") == [("binary", "binary"), ("ternary", "ternary")]
     assert parse_levels("-2,-1,0,1") == [("levels-2_-1_0_1", [-2.0, -1.0, 0.0, 1.0])]
