@@ -38,6 +38,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from .export import atomic_write
+
 __all__ = ["main", "build_parser", "parse_levels"]
 
 DEFAULT_LEVELS = "binary,ternary"
@@ -90,24 +92,28 @@ def parse_levels(text: str) -> list[tuple[str, str | list[float]]]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
+    from .quant import PRESETS
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="cbp-quantize", description=__doc__, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", metavar="{run,eval,report}")
 
     run = sub.add_parser("run", formatter_class=fmt, help="quantize a model with CBP (default)",
-                         description="Pre-train (if needed), quantize with CBP to each level set, finalize, "
-                                     "pack, export and print the result table.")
+                         description="Pre-train (if no checkpoint is given), quantize with CBP to each level "
+                                     "set, finalize, pack, export and print the result table. The output "
+                                     "directory gets config.json, metrics.jsonl, pretrained.pt and, per level "
+                                     "set, last.pt (checkpoint), model.safetensors (export) and PNG plots.")
     run.add_argument("--model", help="library model name (digits-net, sew_resnet18, ...) or a SpikingJelly-format "
                                      "checkpoint path (default: digits-net)")
     run.add_argument("--checkpoint", help="pre-trained weights for a library --model (SpikingJelly format); "
                                           "without one the model is pre-trained here in FP32")
     run.add_argument("--data", choices=sorted(DATASETS), help="data set (default: digits, embedded)")
     run.add_argument("--data-path", help="root of the data set (not for digits)")
-    run.add_argument("--levels", help="level sets: binary, ternary, or numbers such as =-2,-1,0,1; "
-                                      f"comma-separated, ';' between custom sets (default: {DEFAULT_LEVELS})")
-    run.add_argument("--preset", help="CBP hyper-parameters of a Table 4 row, e.g. sew-resnet/imagenet "
-                                      "(default: the demo's settings)")
+    run.add_argument("--levels", help="comma-separated level sets: binary, ternary, or a custom set of numbers, "
+                                      "written --levels=-2,-1,0,1 (';' between two custom sets); only binary and "
+                                      f"ternary pack into popcount layers (default: {DEFAULT_LEVELS})")
+    run.add_argument("--preset", help="CBP hyper-parameters of a row of the paper's Table 4: "
+                                      f"{', '.join(sorted(PRESETS))} (default: the digits demo's settings)")
     run.add_argument("--epochs", type=int, help="CBP epochs per level set (default: the preset's)")
     run.add_argument("--pretrain-epochs", type=int, help="FP32 pre-training epochs when no checkpoint is given (default 4)")
     run.add_argument("--pretrain-lr", type=float, help="Adam learning rate of the FP32 pre-training (default 1e-2)")
@@ -170,9 +176,12 @@ def _setup_dist(device: str | None) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def _write_json(path: str, obj) -> None:
-    from .export import atomic_write
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
+
+def _write_json(path: str, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
@@ -391,8 +400,7 @@ def _run(args) -> int:
         path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(path):
             raise CLIError(f"--resume {args.resume}: no config.json there (not a run directory)")
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = _read_json(path)
         cfg["level_sets"] = [tuple(s) for s in cfg["level_sets"]]
     else:
         cfg = _resolve_config(args)
@@ -419,8 +427,7 @@ def _run(args) -> int:
     say("\n" + table)
     if dist.main:
         _write_json(os.path.join(run_dir, "summary.json"), {"model": cfg["model"], "data": cfg["data"], "rows": rows})
-        with open(os.path.join(run_dir, "table.txt"), "w") as f:
-            f.write(table + "\n")
+        atomic_write(os.path.join(run_dir, "table.txt"), table + "\n")
     bad = [r["precision"] for r in rows if r.get("same_predictions") is False]
     if bad:
         say(f"cbp-quantize: the packed model's predictions differ from the float model's for {bad}")
@@ -457,8 +464,7 @@ def _cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) -> dict:
     stage_dir = os.path.join(run_dir, label)
     result_path = os.path.join(stage_dir, "result.json")
     if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
+        return _read_json(result_path)
     model = _build_model(cfg)
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "pretrained.pt")))
     model.to(dist.device)
@@ -530,8 +536,6 @@ def _write_metrics(run_dir: str, stage: str, history: list[dict]) -> None:
             records = [r for r in map(json.loads, filter(str.strip, f)) if r.get("stage") != stage]
     records += [{"stage": stage, **{k: v for k, v in r.items() if k not in ("weight_hist", "hist_range")}}
                 for r in history]
-    from .export import atomic_write
-
     atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
@@ -598,15 +602,13 @@ def _report(args) -> int:
     config = os.path.join(args.run_dir, "config.json")
     if not os.path.isfile(config):
         raise CLIError(f"report: {args.run_dir} is not a run directory (no config.json)")
-    with open(config) as f:
-        cfg = json.load(f)
+    cfg = _read_json(config)
     if os.path.isfile(summary):
-        with open(summary) as f:
-            rows = json.load(f)["rows"]
+        rows = _read_json(summary)["rows"]
         status = "finished"
     else:  # a run still going or killed: the stages done so far
-        rows = [json.load(open(os.path.join(args.run_dir, label, "result.json")))
-                for label, _ in cfg["level_sets"] if os.path.isfile(os.path.join(args.run_dir, label, "result.json"))]
+        results = [os.path.join(args.run_dir, label, "result.json") for label, _ in cfg["level_sets"]]
+        rows = [_read_json(path) for path in results if os.path.isfile(path)]
         status = f"unfinished ({len(rows)} of {len(cfg['level_sets'])} level sets done; continue with --resume)"
     print(f"run {args.run_dir}: {status}")
     if rows:
