@@ -28,8 +28,12 @@ from cbp_kernels.quant import (
 )
 from cbp_kernels.quant.checkpoint import rng_state, set_rng_state
 
+from conftest import kernel_backends
+
 ROOT = Path(__file__).resolve().parents[1]
-BACKEND = "reference"  # the constraint kernels themselves are tested against it in test_constraint.py
+BACKEND = "auto"  # the compiled CPU kernel when built (test_constraint.py checks it against the reference)
+# every backend of the constraint pass that runs here (Triton on CPU under TRITON_INTERPRET=1)
+PASS_BACKENDS = ["reference"] + kernel_backends("cpu", "constraint_pass", "cbp_kernels.ops.constraint")
 
 
 def _mlp(widths=(8, 16, 16, 16, 4), dropout=0.0):
@@ -208,6 +212,18 @@ def test_quantized_layers_share_parameters_and_quantize():
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0  # straight-through
 
 
+def test_quantized_layers_constructed_directly():
+    levels = resolve_levels([-2, -1, 0, 1])
+    for q, x in ((QuantLinear(4, 3, levels=levels), torch.randn(2, 4)),
+                 (QuantConv2d(2, 3, 3, bias=False, levels=levels), torch.randn(1, 2, 5, 5))):
+        q.quant_backend = BACKEND
+        assert float(q.weight_scale) == pytest.approx(float(q.weight.detach().abs().mean()))
+        assert not q.weight_scale.requires_grad and "weight_scale" not in dict(q.named_parameters())
+        wq = q.quantized_weight().detach()
+        assert set(wq.unique().tolist()) <= {float(v) for v in levels * q.weight_scale}
+        assert q(x).shape[:2] == (x.shape[0], 3)
+
+
 def test_spikingjelly_subclass_keeps_step_mode():
     sj_layer = pytest.importorskip("spikingjelly.activation_based.layer")  # lifted by installing spikingjelly
     conv = sj_layer.Conv2d(2, 3, 3, step_mode="m")
@@ -328,10 +344,11 @@ def test_nan_loss_and_weights_stop_cleanly(tmp_path):
 
 # --- end to end ------------------------------------------------------------------------------------
 
-def test_toy_model_end_to_end(tmp_path):
+@pytest.mark.parametrize("backend", PASS_BACKENDS)
+def test_toy_model_end_to_end(tmp_path, backend):
     torch.manual_seed(0)
     model = _mlp()
-    q = CBPQuantizer(model, "ternary", config=_cfg(lr_drop_g=6), backend=BACKEND)
+    q = CBPQuantizer(model, "ternary", config=_cfg(lr_drop_g=6), backend=backend)
     cfs0 = q.cfs()
     history = q.fit(_data(), nn.functional.cross_entropy, epochs=15, progress=False)
     assert [r["epoch"] for r in history] == list(range(15))
