@@ -68,6 +68,24 @@ def test_bitpack_bit_order_lsb_first_zero_padded(backend):
     assert words.tolist() == [[1, 2, 32], [-(2**31), 0, 0]]
 
 
+@pytest.mark.parametrize("no_avx512", ["0", "1"])
+@pytest.mark.parametrize("dim", [1, -1], ids=["nchw", "nhwc"])
+def test_bitpack_cpu_paths_and_fused_value_check(no_avx512, dim, monkeypatch):
+    """The CPU pack reads NCHW (pixels contiguous) and NHWC (channels contiguous) float32
+    without a copy, and counts non-binary values in the same pass: each path must refuse them."""
+    if "cpu" not in backends_of("bitpack"):
+        pytest.skip("no compiled CPU kernel here (build the extension: make build)")
+    monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx512)
+    x = _spikes((2, 37, 5, 7))  # 35 pixels: not a multiple of 16
+    x = x if dim == 1 else x.permute(0, 2, 3, 1).contiguous()
+    assert torch.equal(bitpack(x, dim, backend="cpu"), bitpack(x, dim, backend="reference"))
+    for value in [0.5, float("nan"), -1.0]:
+        bad = x.clone()
+        bad[1, 3, 4, 2] = value
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            bitpack(bad, dim, backend="cpu")
+
+
 def test_bitpack_threshold_and_non_contiguous():
     h = torch.randn(5, 40, 3)
     spikes = (h >= 0.3).float()
@@ -225,7 +243,7 @@ def test_conv_time_folded_and_opcheck():
         from cbp_kernels.ops.bitpack.op import _bitpack
 
         torch.library.opcheck(_bitconv2d, (xp, packed.planes, 0.5, torch.randn(8), [1, 1], [1, 1], [1, 1], 1, "cpu"))
-        torch.library.opcheck(_bitpack, (x.flatten(0, 3), "cpu"))
+        torch.library.opcheck(_bitpack, (x.flatten(0, 2).transpose(1, 2), "cpu"))  # [B, R, C], strided
 
 
 def test_linear_bit_exact():
@@ -334,3 +352,14 @@ def test_packed_linear_module():
     assert torch.equal(m.forward_packed(bitpack(x, -1)), m(x))
     assert m.nbytes == 10 * 3 * 4 + 4 + 10 * 4
     assert isinstance(m.weight, PackedWeight)
+
+
+def test_torch_compile_traces_the_ops():
+    packed = pack_weight(_levels((8, 40, 3, 3), "ternary") * 0.5, "ternary", 0.5)
+    x = _spikes((2, 5, 6, 40))
+
+    def layer(spikes):
+        return packed_conv2d(pack_spikes(spikes), packed, None, 1, 1)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))

@@ -16,7 +16,6 @@ from torch import nn
 
 from ..ops.bitconv import PackedWeight, infer_levels, pack_spikes, pack_weight, packed_conv2d, packed_linear
 from ..ops.bitpack import bitpack
-from ..ops.bitpack.op import check_binary
 
 __all__ = ["PackedConv2d", "PackedLinear"]
 
@@ -102,7 +101,6 @@ class PackedConv2d(_Packed):
     def forward(self, spikes: torch.Tensor) -> torch.Tensor:
         if spikes.dim() not in (4, 5):
             raise ValueError(f"spikes must be [N, C, H, W] or [T, N, C, H, W], got shape {tuple(spikes.shape)}")
-        check_binary("spikes", spikes)
         out = self.forward_packed(pack_spikes(spikes.movedim(-3, -1), self.groups, backend=self.backend))
         return out.movedim(-1, -3)
 
@@ -128,7 +126,6 @@ class PackedLinear(_Packed):
         return packed_linear(x_packed, self.weight, self.bias, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_binary("x", x)
         return self.forward_packed(bitpack(x, -1, backend=self.backend))
 
     def extra_repr(self) -> str:

@@ -48,12 +48,41 @@ CBP_HD int64_t bitconv_out_size(int64_t in, int64_t k, int64_t stride, int64_t p
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
 }
 
-// Portable population count of a 32-bit word (SWAR), for compilers without a builtin.
-CBP_HD int popcount32_swar(uint32_t v) {
-  v = v - ((v >> 1) & 0x55555555u);
-  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
-  v = (v + (v >> 4)) & 0x0F0F0F0Fu;
-  return static_cast<int>((v * 0x01010101u) >> 24);
+CBP_HD int popcount32(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return __popc(v);
+#else
+  return __builtin_popcount(v);
+#endif
+}
+
+// The integer count c of output (n, oh, ow, o) (the equation at the top of this file), one
+// output at a time: the portable CPU path and the CUDA-core kernel. planes: [P, O, K] words.
+CBP_HD int32_t bitconv_count(const uint32_t* x, const uint32_t* planes, const BitConvGeometry& g, int64_t n,
+                             int64_t oh, int64_t ow, int64_t o) {
+  const int64_t O = g.groups * g.out_per_group, Wg = g.words_per_group, K = g.KH * g.KW * Wg;
+  const int64_t grp = o / g.out_per_group;
+  const uint32_t* wp = planes + o * K;
+  const uint32_t* wn = planes + (O + o) * K;  // ternary only
+  int32_t c = 0;
+  for (int64_t kh = 0; kh < g.KH; ++kh) {
+    const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
+      if (iw < 0 || iw >= g.W) continue;
+      const uint32_t* xp = x + ((n * g.H + ih) * g.W + iw) * (g.groups * Wg) + grp * Wg;
+      const int64_t k0 = (kh * g.KW + kw) * Wg;
+      for (int64_t w = 0; w < Wg; ++w) {
+        if (g.planes == 2) {
+          c += popcount32(xp[w] & wp[k0 + w]) - popcount32(xp[w] & wn[k0 + w]);
+        } else {
+          c += 2 * popcount32(xp[w] & wp[k0 + w]) - popcount32(xp[w]);
+        }
+      }
+    }
+  }
+  return c;
 }
 
 // float(c) * scale + bias: the epilogue every backend applies (no FMA: two roundings).

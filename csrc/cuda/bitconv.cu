@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/bitconv_host.h"
 #include "cuda/bitconv.cuh"
 #include "cuda/torch_cuda.h"
 
@@ -57,45 +58,23 @@ bool use_tensor_cores(const at::Tensor& x) {
 at::Tensor bitconv2d_cuda(const at::Tensor& x, const at::Tensor& planes, double scale,
                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kInt && x.is_contiguous(), "bitconv2d: x must be contiguous int32 [N, H, W, Cw]");
-  TORCH_CHECK(planes.dim() == 5 && planes.scalar_type() == at::kInt && planes.is_contiguous(),
-              "bitconv2d: planes must be contiguous int32 [P, O, KH, KW, Wg]");
   const c10::cuda::CUDAGuard guard(x.device());
-  BitConvGeometry g{};
-  g.N = x.size(0); g.H = x.size(1); g.W = x.size(2);
-  g.planes = planes.size(0); g.KH = planes.size(2); g.KW = planes.size(3);
-  g.stride_h = stride[0]; g.stride_w = stride[1]; g.pad_h = padding[0]; g.pad_w = padding[1];
-  g.dil_h = dilation[0]; g.dil_w = dilation[1];
-  g.groups = groups; g.words_per_group = planes.size(4); g.out_per_group = planes.size(1) / groups;
-  TORCH_CHECK(x.size(3) == groups * g.words_per_group, "bitconv2d: x words per pixel do not match the planes");
-  g.OH = bitconv_out_size(g.H, g.KH, g.stride_h, g.pad_h, g.dil_h);
-  g.OW = bitconv_out_size(g.W, g.KW, g.stride_w, g.pad_w, g.dil_w);
-  const int64_t O = planes.size(1);
-  auto out = at::empty({g.N, g.OH, g.OW, O}, x.options().dtype(at::kFloat));
-  at::Tensor bias_c;
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.scalar_type() == at::kFloat && bias_c.numel() == O, "bitconv2d: bias must be float32 [O]");
-    b = bias_c.data_ptr<float>();
-  }
-  if (out.numel() == 0) return out;
-  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
-  const auto* wp = reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>());
+  const BitConvCall c = bitconv_call(x, planes, bias, stride, padding, dilation, groups);
+  if (c.out.numel() == 0) return c.out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (use_tensor_cores(x)) {
-    const int64_t pixels = g.N * g.OH * g.OW;
-    const int64_t tiles = (g.out_per_group + 8 * CBP_MMA_NTILES - 1) / (8 * CBP_MMA_NTILES);
+    const int64_t pixels = c.g.N * c.g.OH * c.g.OW;
+    const int64_t tiles = (c.g.out_per_group + 8 * CBP_MMA_NTILES - 1) / (8 * CBP_MMA_NTILES);
     const dim3 grid(static_cast<unsigned>((pixels + 16 * kMmaWarps - 1) / (16 * kMmaWarps)),
                     static_cast<unsigned>(groups * tiles));
-    bitconv_mma_kernel<<<grid, 32 * kMmaWarps, 0, stream>>>(xp, wp, b, static_cast<float>(scale),
-                                                            out.data_ptr<float>(), g);
+    bitconv_mma_kernel<<<grid, 32 * kMmaWarps, 0, stream>>>(c.x, c.planes, c.bias_ptr, static_cast<float>(scale),
+                                                            c.out_ptr, c.g);
   } else {
-    bitconv_popc_kernel<<<blocks_for(out.numel()), kThreads, 0, stream>>>(xp, wp, b, static_cast<float>(scale),
-                                                                         out.data_ptr<float>(), g);
+    bitconv_popc_kernel<<<blocks_for(c.out.numel()), kThreads, 0, stream>>>(c.x, c.planes, c.bias_ptr,
+                                                                           static_cast<float>(scale), c.out_ptr, c.g);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return c.out;
 }
 
 }  // namespace

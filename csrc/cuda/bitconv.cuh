@@ -55,28 +55,7 @@ extern "C" __global__ void bitconv_popc_kernel(const uint32_t* __restrict__ x, c
   if (i >= g.N * g.OH * g.OW * O) return;
   const int64_t o = i % O, pix = i / O;
   const int64_t ow = pix % g.OW, oh = (pix / g.OW) % g.OH, n = pix / (g.OW * g.OH);
-  const int64_t grp = o / g.out_per_group, Wg = g.words_per_group, K = g.KH * g.KW * Wg;
-  const uint32_t* wp = planes + o * K;
-  const uint32_t* wn = planes + (O + o) * K;
-  int32_t c = 0;
-  for (int64_t kh = 0; kh < g.KH; ++kh) {
-    const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
-    if (ih < 0 || ih >= g.H) continue;
-    for (int64_t kw = 0; kw < g.KW; ++kw) {
-      const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
-      if (iw < 0 || iw >= g.W) continue;
-      const uint32_t* xp = x + ((n * g.H + ih) * g.W + iw) * (g.groups * Wg) + grp * Wg;
-      const int64_t k0 = (kh * g.KW + kw) * Wg;
-      for (int64_t w = 0; w < Wg; ++w) {
-        const uint32_t xv = xp[w];
-        if (g.planes == 2) {
-          c += __popc(xv & wp[k0 + w]) - __popc(xv & wn[k0 + w]);
-        } else {
-          c += 2 * __popc(xv & wp[k0 + w]) - __popc(xv);
-        }
-      }
-    }
-  }
+  const int32_t c = cbp::bitconv_count(x, planes, g, n, oh, ow, o);
   out[i] = cbp::bitconv_epilogue(c, scale, bias ? bias[o] : 0.0f);
 }
 

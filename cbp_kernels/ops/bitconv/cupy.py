@@ -8,24 +8,18 @@ import numpy as np
 import torch
 
 from ..bitpack.cupy import as_cupy, launch
-from .reference import output_size
+from .reference import Geometry
 
 # cbp::BitConvGeometry (csrc/common/bitconv_math.h): 17 int64 fields, in order.
-_GEOMETRY = np.dtype([(name, np.int64) for name in (
-    "N", "H", "W", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
-    "groups", "words_per_group", "out_per_group", "planes")])
+_GEOMETRY = np.dtype([(name, np.int64) for name in Geometry._fields])
 
 
 def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
-    N, H, W, _ = x.shape
-    P, O, KH, KW, Wg = planes.shape
-    OH, OW = output_size(H, W, KH, KW, stride, padding, dilation)
-    out = torch.empty(N, OH, OW, O, dtype=torch.float32, device=x.device)
+    geom = Geometry.of(x, planes, stride, padding, dilation, groups)
+    out = geom.empty_output(x)
     if out.numel() == 0:
         return out
-    geometry = np.array(
-        (N, H, W, OH, OW, KH, KW, *stride, *padding, *dilation, groups, Wg, O // groups, P), dtype=_GEOMETRY
-    )[()]
+    geometry = np.array(tuple(geom), dtype=_GEOMETRY)[()]
     bias_arg = as_cupy(bias.contiguous()) if bias is not None else cupy.uint64(0)  # a null pointer
     launch("bitconv_popc_kernel", out.numel(), as_cupy(x), as_cupy(planes), bias_arg, cupy.float32(scale),
            as_cupy(out), geometry)

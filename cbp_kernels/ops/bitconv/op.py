@@ -15,7 +15,8 @@ import importlib
 import torch
 
 from ..._backend import resolve_backend
-from ..bitpack import WORD_BITS, bitpack, packed_size
+from ..bitpack import WORD_BITS, packed_size
+from ..bitpack.op import pack_along
 from ..utils import check_same_device
 from . import reference
 from .weight import PackedWeight
@@ -39,8 +40,7 @@ def _bitconv2d(
 
 @_bitconv2d.register_fake
 def _(x, planes, scale, bias, stride, padding, dilation, groups, backend):
-    OH, OW = reference.output_size(x.shape[1], x.shape[2], planes.shape[2], planes.shape[3], stride, padding, dilation)
-    return x.new_empty(x.shape[0], OH, OW, planes.shape[1], dtype=torch.float32)
+    return reference.Geometry.of(x, planes, stride, padding, dilation, groups).empty_output(x)
 
 
 def _pair(name: str, value, minimum: int) -> list[int]:
@@ -56,7 +56,7 @@ def pack_spikes(spikes: torch.Tensor, groups: int = 1, *, backend: str = "auto")
     C = spikes.shape[-1]
     if C % groups:
         raise ValueError(f"the channel count {C} is not divisible by groups={groups}")
-    return bitpack(spikes.unflatten(-1, (groups, C // groups)), -1, backend=backend).flatten(-2)
+    return pack_along(spikes.unflatten(-1, (groups, C // groups)), -1, backend=backend, name="spikes").flatten(-2)
 
 
 def _check_weight(weight_packed) -> PackedWeight:
@@ -142,10 +142,12 @@ def packed_conv2d(
 
 
 def run(x, w: PackedWeight, bias, stride, padding, dilation, groups: int, backend: str) -> torch.Tensor:
-    """The op on validated input (for layers that validated once)."""
-    if backend == "reference":
-        return reference.conv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups)
-    return _bitconv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups, backend)
+    """The op on validated input (for layers that validated once). Eager calls go straight
+    to the backend (the custom op's Python dispatch costs ~0.1 ms, 10% of a SEW-ResNet-18
+    layer); torch.compile traces the custom op."""
+    if torch.compiler.is_compiling():
+        return _bitconv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups, backend)
+    return _impl(backend).conv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups)
 
 
 def packed_linear(

@@ -15,6 +15,8 @@ Shapes: x int32 [N, H, W, G*Wg], planes int32 [P, O, KH, KW, Wg] -> float32 [N, 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,39 @@ def output_size(H: int, W: int, KH: int, KW: int, stride, padding, dilation) -> 
     OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
     OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
     return OH, OW
+
+
+class Geometry(NamedTuple):
+    """The sizes of one packed convolution: cbp::BitConvGeometry's fields, in its order."""
+
+    N: int
+    H: int
+    W: int
+    OH: int
+    OW: int
+    KH: int
+    KW: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dil_h: int
+    dil_w: int
+    groups: int
+    words_per_group: int
+    out_per_group: int
+    planes: int
+
+    @classmethod
+    def of(cls, x, planes, stride, padding, dilation, groups: int) -> "Geometry":
+        N, H, W, _ = x.shape
+        P, O, KH, KW, Wg = planes.shape
+        OH, OW = output_size(H, W, KH, KW, stride, padding, dilation)
+        return cls(N, H, W, OH, OW, KH, KW, *stride, *padding, *dilation, groups, Wg, O // groups, P)
+
+    def empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The uninitialised float32 NHWC output [N, OH, OW, O] on x's device."""
+        return torch.empty(self.N, self.OH, self.OW, self.groups * self.out_per_group, dtype=torch.float32, device=x.device)
 
 
 def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int) -> torch.Tensor:

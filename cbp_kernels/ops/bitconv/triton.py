@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import output_size
+from .reference import Geometry
 
 
 # Tile: 32 pixels x 32 channels keeps the int32 accumulator at 1024 values (8 per thread
@@ -83,23 +83,20 @@ def _bitconv_kernel(
 
 
 def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
-    N, H, W, Cw = x.shape
-    P, O, KH, KW, Wg = planes.shape
-    OH, OW = output_size(H, W, KH, KW, stride, padding, dilation)
-    out = torch.empty(N, OH, OW, O, dtype=torch.float32, device=x.device)
+    g = Geometry.of(x, planes, stride, padding, dilation, groups)
+    out = g.empty_output(x)
     if out.numel() == 0:
         return out
-    Og = O // groups
-    o_blocks = triton.cdiv(Og, _BLOCK_O)
-    grid = (triton.cdiv(N * OH * OW, _BLOCK_P), groups * o_blocks)
+    o_blocks = triton.cdiv(g.out_per_group, _BLOCK_O)
+    grid = (triton.cdiv(g.N * g.OH * g.OW, _BLOCK_P), groups * o_blocks)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     # enable_fp_fusion=False: c * scale + bias stays two roundings (no FMA), as the spec.
     extra = {} if interpreted else {"enable_fp_fusion": False}
     _bitconv_kernel[grid](
         x, planes, out if bias is None else bias, out, float(scale),
-        N, H, W, OH, OW, O, Og, Cw, Wg, KH, KW,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], o_blocks,
-        HAS_BIAS=bias is not None, TERNARY=P == 2, USE_LIBDEVICE=x.is_cuda and not interpreted,
+        g.N, g.H, g.W, g.OH, g.OW, out.shape[-1], g.out_per_group, x.shape[-1], g.words_per_group, g.KH, g.KW,
+        *stride, *padding, *dilation, o_blocks,
+        HAS_BIAS=bias is not None, TERNARY=g.planes == 2, USE_LIBDEVICE=x.is_cuda and not interpreted,
         BLOCK_P=_BLOCK_P, BLOCK_O=_BLOCK_O, **extra,
     )
     return out

@@ -93,7 +93,7 @@ def pack_weight(w_q: torch.Tensor, levels: str, scale: float) -> PackedWeight:
 
 def _pack_last(mask: torch.Tensor) -> torch.Tensor:
     rows = mask.reshape(-1, mask.shape[-1])
-    return bits.pack(rows).reshape(*mask.shape[:-1], -1)
+    return bits.pack_rows(rows).reshape(*mask.shape[:-1], -1)
 
 
 def weight_levels(planes: torch.Tensor, in_per_group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

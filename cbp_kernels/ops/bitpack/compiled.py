@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 
-def pack(x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.cbp_kernels_ext.bitpack(x)
+def pack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    words, bad = torch.ops.cbp_kernels_ext.bitpack(x)
+    return words, bad
 
 
 def unpack(words: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import cupy
 import torch
 
-from .reference import WORD_BITS
+from .reference import WORD_BITS, count_non_binary
 
 _THREADS = 256
 
@@ -38,7 +38,11 @@ def as_cupy(t: torch.Tensor) -> cupy.ndarray:
     return cupy.from_dlpack(t.detach())
 
 
-def pack(x: torch.Tensor) -> torch.Tensor:
+def pack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pack_rows(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1), count_non_binary(x)
+
+
+def _pack_rows(x: torch.Tensor) -> torch.Tensor:
     rows, size = x.shape
     words = -(-size // WORD_BITS)
     out = torch.empty(rows, words, dtype=torch.int32, device=x.device)

@@ -34,13 +34,14 @@ def packed_size(size: int) -> int:
 
 
 @torch.library.custom_op("cbp_kernels::bitpack", mutates_args=())
-def _bitpack(x: torch.Tensor, backend: str) -> torch.Tensor:
+def _bitpack(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl(backend).pack(x)
 
 
 @_bitpack.register_fake
 def _(x, backend):
-    return x.new_empty(x.shape[0], packed_size(x.shape[1]), dtype=torch.int32)
+    words = x.new_empty(x.shape[0], x.shape[1], packed_size(x.shape[2]), dtype=torch.int32)
+    return words, x.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("cbp_kernels::bitunpack", mutates_args=())
@@ -53,17 +54,13 @@ def _(words, size, dtype, backend):
     return words.new_empty(words.shape[0], size, dtype=dtype)
 
 
-def check_binary(name: str, x: torch.Tensor) -> None:
-    """Raises when ``x`` holds a value other than 0 and 1 (skipped while torch.compile traces)."""
-    if torch.compiler.is_compiling() or x.dtype == torch.bool:
-        return
+def _raise_non_binary(name: str, x: torch.Tensor) -> None:
     bad = (x != 0) & (x != 1)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name} must hold only 0 and 1 (spikes), found {x[idx].item()} at index {idx}; "
-            "pass threshold= to binarize (bit = x >= threshold)"
-        )
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"{name} must hold only 0 and 1 (spikes), found {x[idx].item()} at index {idx}; "
+        "pass threshold= to binarize (bit = x >= threshold)"
+    )
 
 
 def _check_spikes(name: str, x) -> torch.Tensor:
@@ -95,16 +92,24 @@ def bitpack(x: torch.Tensor, dim: int = -1, *, threshold: float | None = None, b
     Returns:
         int32 words, ``x``'s shape with ``dim`` replaced by ``ceil(C / 32)``.
     """
-    _check_spikes("x", x)
+    return pack_along(x, dim, threshold=threshold, backend=backend, name="x")
+
+
+def pack_along(x, dim, *, threshold=None, backend: str = "auto", name: str) -> torch.Tensor:
+    """``bitpack`` whose errors name the caller's argument ``name``."""
+    _check_spikes(name, x)
     dim = _check_dim(dim, x.dim())
-    if threshold is None:
-        check_binary("x", x)
-    else:
+    if threshold is not None:
         x = x >= check_finite("threshold", threshold)
     backend = resolve_backend(backend, "bitpack", x.device)
     moved = x.movedim(dim, -1)
-    rows = moved.reshape(-1, moved.shape[-1]).contiguous()
-    words = _impl(backend).pack(rows) if backend == "reference" else _bitpack(rows, backend)
+    # [B, R, C]: a view whenever the leading dims merge (e.g. NCHW packed along C), so the
+    # kernel reads the strided values without a copy.
+    x3 = moved.reshape(1, 1, -1) if moved.dim() == 1 else moved.flatten(1, -2) if moved.dim() > 2 else moved.unsqueeze(0)
+    # Eager calls skip the custom op's Python dispatch (as packed_conv2d does); compile traces it.
+    words, bad = _bitpack(x3, backend) if torch.compiler.is_compiling() else _impl(backend).pack(x3)
+    if not torch.compiler.is_compiling() and bool(bad):
+        _raise_non_binary(name, x)
     return words.reshape(*moved.shape[:-1], words.shape[-1]).movedim(-1, dim)
 
 
@@ -135,8 +140,8 @@ def bitunpack(
     backend = resolve_backend(backend, "bitunpack", words.device)
     moved = words.movedim(dim, -1)
     rows = moved.reshape(-1, moved.shape[-1]).contiguous()
-    if backend == "reference":
-        out = _impl(backend).unpack(rows, size, dtype)
-    else:
+    if torch.compiler.is_compiling():
         out = _bitunpack(rows, size, dtype, backend)
+    else:
+        out = _impl(backend).unpack(rows, size, dtype)
     return out.reshape(*moved.shape[:-1], size).movedim(-1, dim)

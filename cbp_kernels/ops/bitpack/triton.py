@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import WORD_BITS
+from .reference import WORD_BITS, count_non_binary
 
 # Tile of words per program (rows x words): small enough for the interpreter's CPU tests,
 # large enough to fill a GPU SM with 4 warps.
@@ -46,7 +46,11 @@ def _unpack_kernel(w_ptr, out_ptr, R, Wc, size, BLOCK_R: tl.constexpr, BLOCK_C: 
     tl.store(out_ptr + rows[:, None].to(tl.int64) * size + cols[None, :], bit.to(tl.uint8), mask=mask)
 
 
-def pack(x: torch.Tensor) -> torch.Tensor:
+def pack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pack_rows(x.reshape(-1, x.shape[-1]).contiguous()).reshape(*x.shape[:-1], -1), count_non_binary(x)
+
+
+def _pack_rows(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.bool:
         x = x.view(torch.uint8)
     rows, size = x.shape
