@@ -15,6 +15,8 @@ weight); ``pct_of_copy_bw`` compares its bandwidth with a large tensor copy time
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -107,7 +109,10 @@ def bandwidth():
 
 
 def _extra(bandwidth):
-    return dict(n_weights=N_WEIGHTS, n_tensors=len(SHAPES), bytes_moved=16 * N_WEIGHTS, copy_bw_gbs=bandwidth)
+    # The load average is recorded because this CPU is shared: timings taken under load are
+    # comparable only within one run.
+    return dict(n_weights=N_WEIGHTS, n_tensors=len(SHAPES), bytes_moved=16 * N_WEIGHTS, copy_bw_gbs=bandwidth,
+                load_avg_1min=os.getloadavg()[0], threads=torch.get_num_threads())
 
 
 def test_results_agree(model):

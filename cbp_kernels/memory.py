@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .nn.packed import PackedConv2d, PackedLinear
+
+_PACKED = (PackedConv2d, PackedLinear)
+
 __all__ = ["LayerMemory", "MemoryReport", "memory_report", "bits_per_weight"]
 
 FP32_BITS = 32
@@ -84,10 +88,19 @@ class MemoryReport:
     __str__ = table
 
 
+_PACKED_BITS = {"binary": 1, "ternary": 2}
+
+
 def _weight_layers(model: nn.Module):
     for name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear) + _PACKED):
             yield name, m
+
+
+def _layer_memory(name, m, bits, biases) -> LayerMemory:
+    n_bias = m.bias.numel() if (biases and m.bias is not None) else 0
+    n_weight = math.prod(m.weight_shape) if isinstance(m, _PACKED) else m.weight.numel()
+    return LayerMemory(name, type(m).__name__, n_weight, n_bias, bits)
 
 
 def memory_report(model: nn.Module, levels: Sequence[float] | int | None = None, *,
@@ -97,7 +110,8 @@ def memory_report(model: nn.Module, levels: Sequence[float] | int | None = None,
 
     Args:
         model: any module; its ``nn.ConvNd`` / ``nn.Linear`` layers (``LIFConv2d`` included)
-            hold the weights.
+            hold the weights; packed layers (``PackedConv2d`` / ``PackedLinear``, e.g. from
+            ``LIFConv2d.pack()``) count at their own 1 or 2 bits per weight.
         levels: the level set Q the quantized layers use (e.g. ``(-1, 1)``, ``(-1, 0, 1)``) or
             its size; ``None``: a layer is quantized only if it has ``weight_levels`` set
             (``LIFConv2d(weight_levels=...)``), at that set's precision.
@@ -123,12 +137,13 @@ def memory_report(model: nn.Module, levels: Sequence[float] | int | None = None,
     rows = []
     for name, m in layers:
         own = getattr(m, "weight_levels", None)
-        if levels is None:
+        if isinstance(m, _PACKED):  # packed layers store their own precision
+            b = _PACKED_BITS[m.levels]
+        elif levels is None:
             b = FP32_BITS if own is None else bits_per_weight(own)
         else:
             b = FP32_BITS if name in keep else bits
-        n_bias = m.bias.numel() if (biases and m.bias is not None) else 0
-        rows.append(LayerMemory(name, type(m).__name__, m.weight.numel(), n_bias, b))
+        rows.append(_layer_memory(name, m, b, biases))
     report = MemoryReport(rows)
     if print_table:
         print(report.table())

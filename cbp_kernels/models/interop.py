@@ -22,6 +22,7 @@ prefix on every key; both are handled. Neuron parameters (PLIF's ``w``) map betw
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "from_original", "from_spikingjelly", "to_spikingjelly", "load_checkpoint",
-           "save_spikingjelly", "LAYOUTS"]
+           "save_spikingjelly", "spikingjelly_model_zoo", "LAYOUTS"]
 
 LAYOUTS = ("auto", "cbp", "spikingjelly", "original")
 
@@ -80,7 +81,14 @@ def _unwrap(checkpoint) -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint (a path, ``{"model": ...}``, ``{"state_dict": ...}``
     or a state dict), with DDP's ``module.`` prefix removed."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{os.fspath(checkpoint)} holds Python objects besides tensors (the original repository "
+                "saves its argparse args), which torch.load(weights_only=True) refuses. If you trust the "
+                "file, load it yourself with torch.load(path, weights_only=False) and pass the result."
+            ) from e
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"a checkpoint must be a mapping of names to tensors, got {type(checkpoint).__name__}")
     for wrapper in ("model", "state_dict"):
@@ -153,3 +161,31 @@ def load_checkpoint(model: nn.Module, checkpoint, layout: str = "auto") -> nn.Mo
 def save_spikingjelly(model: nn.Module, path) -> None:
     """Saves ``model``'s weights in SpikingJelly's layout (``torch.save`` of the state dict)."""
     torch.save(to_spikingjelly(model), path)
+
+
+def spikingjelly_model_zoo():
+    """SpikingJelly 2.0's ``activation_based.model`` package with ``sew_resnet`` and
+    ``spiking_resnet`` imported, to build its models for comparison. Those modules import
+    ``load_state_dict_from_url`` from torchvision (for pretrained downloads only); when
+    torchvision is not installed, stub modules providing ``torch.hub.load_state_dict_from_url``
+    stand in during the import and are removed afterwards."""
+    import importlib  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    names = ("torchvision", "torchvision.models", "torchvision.models.utils")
+    added = []
+    if importlib.util.find_spec("torchvision") is None:
+        for name in names:
+            if name not in sys.modules:
+                sys.modules[name] = types.ModuleType(name)
+                added.append(name)
+        sys.modules["torchvision.models.utils"].load_state_dict_from_url = torch.hub.load_state_dict_from_url
+    try:
+        zoo = importlib.import_module("spikingjelly.activation_based.model")
+        importlib.import_module("spikingjelly.activation_based.model.sew_resnet")
+        importlib.import_module("spikingjelly.activation_based.model.spiking_resnet")
+    finally:
+        for name in added:
+            del sys.modules[name]
+    return zoo

@@ -8,49 +8,32 @@ What it does differently from that composition (same numbers, less memory and ti
   (W' = W * gamma / sqrt(var + eps), b' = beta + (b - mean) * gamma / sqrt(var + eps));
 - the neuron is the fused op ``cbp_kernels.ops.multistep_neuron`` (IF / LIF / PLIF);
 - tensors saved for the backward that hold spikes are stored compactly: {0, 1} tensors at
-  1 bit per element (8 spikes per uint8), small non-negative integers (SEW ADD sums) at
-  8 bits; the convolution's own saved input goes through ``SpikeConv2dFunction``, the
-  neuron's saved spikes through ``compact_saved_tensors()``.
+  1 bit per element (``cbp_kernels.ops.bitpack``: 32 spikes per int32 word), small
+  non-negative integers (SEW ADD sums) at 8 bits; the convolution's own saved input goes through ``SpikeConv2dFunction``, the
+  neuron's saved copy of its spikes through ``run_neuron_saving_packed_spikes``. Output
+  spikes are marked (``mark_spikes``) so the next layer packs them without a value check.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.bitpack import bitpack, bitunpack
 from .neuron import IF, LIF, PLIF
+from .packed import PackedConv2d
 
-__all__ = ["LIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "pack_bits", "unpack_bits"]
+__all__ = ["LIFConv2d", "PackedLIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "mark_spikes", "packed_if_spikes",
+           "run_neuron_saving_packed_spikes"]
 
 _NEURONS = {"if": IF, "lif": LIF, "plif": PLIF}
-# Packing 8 bytes b_0..b_7 (each 0 or 1) of a little-endian int64 word w into one byte:
-# w * _GATHER puts b_i at bit 56 + i with no carries (every product term lands on its own bit),
-# so (w * _GATHER) >> 56 is sum_i b_i << i.
-_GATHER = 0x0102040810204080
-# Unpacking: p * _SPREAD copies byte p into all 8 bytes; & _SELECT keeps bit i in byte i.
-_SPREAD = 0x0101010101010101
-_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """uint8 tensor of 0/1 (any shape) -> flat uint8 of ceil(numel / 8) bytes, bit i of byte k
-    holding element 8*k + i. (A private packer: cbp_kernels.ops.bitpack, the kernel version,
-    was not on main when this layer was written.)"""
-    flat = bits.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``pack_bits``: the 0/1 tensor of ``shape`` in ``dtype``."""
-    words = (packed.to(torch.int64) * _SPREAD) & _SELECT
-    return words.view(torch.uint8)[: shape.numel()].ne(0).view(shape).to(dtype)
 
 
 class _Compact:
-    """A tensor stored in fewer bits: 1 bit for {0, 1}, 8 bits for integers in [0, 255]."""
+    """A tensor stored in fewer bits: 1 bit for {0, 1} (``cbp_kernels.ops.bitpack`` words of
+    the flattened tensor), 8 bits for integers in [0, 255] (uint8)."""
 
     __slots__ = ("data", "shape", "dtype", "bits")
 
@@ -59,27 +42,68 @@ class _Compact:
 
     def restore(self) -> torch.Tensor:
         if self.bits == 1:
-            return unpack_bits(self.data, self.shape, self.dtype)
-        return self.data.to(self.dtype)
+            return bitunpack(self.data, 0, self.shape.numel(), self.dtype).view(self.shape)
+        return self.data.view(self.shape).to(self.dtype)
+
+
+def _pack_spikes(t: torch.Tensor) -> _Compact:
+    """``t`` known to hold only 0 and 1, at 1 bit per element."""
+    return _Compact(bitpack(t.detach().reshape(-1), 0), t.shape, t.dtype, 1)
+
+
+def mark_spikes(t: torch.Tensor, packed: _Compact | None = None) -> torch.Tensor:
+    """Records that ``t`` holds only 0 and 1 (a neuron's output), optionally with its packed
+    copy, so layers that save it for the backward reuse that copy (or pack it without a value
+    check). The mark is void once ``t`` is modified in place."""
+    t._cbp_spikes = (t._version, packed)
+    return t
+
+
+def packed_if_spikes(t: torch.Tensor) -> _Compact | None:
+    """The 1-bit copy of ``t`` when ``t`` is marked spikes (made once, shared), else None."""
+    mark = getattr(t, "_cbp_spikes", None)
+    if mark is None or mark[0] != t._version:
+        return None
+    if mark[1] is None:
+        mark_spikes(t, _pack_spikes(t))
+    return t._cbp_spikes[1]
 
 
 def _compact(t: torch.Tensor):
-    """``_Compact`` of ``t`` when its values allow it (checked exactly), else ``t`` itself."""
+    """``_Compact`` of ``t`` when its values allow it (checked exactly unless ``t`` is marked
+    spikes), else ``t`` itself. A strided sample of 1024 values rejects analogue tensors
+    (membrane potentials, BN outputs) before any full pass."""
+    packed = packed_if_spikes(t)
+    if packed is not None:
+        return packed
     if not t.is_floating_point() or t.numel() < 64:
         return t
-    lo, hi = torch.aminmax(t.detach())
-    if bool(lo < 0) or bool(hi > 255):
+    flat = t.detach().reshape(-1)
+    probe = flat[:: max(1, flat.numel() // 1024)]
+    if not bool(((probe == probe.trunc()) & (probe >= 0) & (probe <= 255)).all()):
         return t
-    as_u8 = t.detach().to(torch.uint8)
-    if not torch.equal(as_u8.to(t.dtype), t.detach()):
+    as_u8 = flat.to(torch.uint8)
+    if not bool((flat == as_u8).all()):  # exact: also catches values out of [0, 255]
         return t
-    if bool(hi <= 1):
-        return _Compact(pack_bits(as_u8), t.shape, t.dtype, 1)
+    if int(as_u8.max()) <= 1:
+        return _Compact(bitpack(as_u8, 0), t.shape, t.dtype, 1)
     return _Compact(as_u8, t.shape, t.dtype, 8)
 
 
+class _Deferred:
+    """A saved tensor held as is until its producer knows whether it is its spike output."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, t):
+        self.value = t
+
+    def restore(self) -> torch.Tensor:
+        return _restore(self.value)
+
+
 def _restore(saved):
-    return saved.restore() if isinstance(saved, _Compact) else saved
+    return saved.restore() if isinstance(saved, (_Compact, _Deferred)) else saved
 
 
 def compact_saved_tensors():
@@ -89,16 +113,42 @@ def compact_saved_tensors():
     return torch.autograd.graph.saved_tensors_hooks(_compact, _restore)
 
 
+def run_neuron_saving_packed_spikes(neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``neuron(x)`` whose saved copy of its output spikes is kept at 1 bit per spike (the
+    other tensors it saves, e.g. the membrane potential, are kept as they are, unchecked).
+    The output is marked as spikes for the layers that save it next."""
+    held = []
+
+    def hold(t):
+        held.append(_Deferred(t))
+        return held[-1]
+
+    with torch.autograd.graph.saved_tensors_hooks(hold, _restore):
+        spikes = neuron(x)
+    packed = _pack_spikes(spikes)
+    for d in held:
+        t = d.value
+        if t.shape == spikes.shape and t.data_ptr() == spikes.data_ptr():
+            d.value = packed
+    return mark_spikes(spikes, packed)
+
+
 class SpikeConv2dFunction(torch.autograd.Function):
     """y = conv2d(x, w, b) whose saved input x is stored compactly (1 bit per spike, see
-    ``_compact``); x is kept only when the weight needs a gradient.
+    ``_compact``; ``packed``: x's compact copy, already made, with x's element order); x is
+    kept only when the weight needs a gradient.
 
     Backward (one ``aten.convolution_backward`` call): dx = conv_transpose2d(dy, w),
     dw = correlate(x, dy), db = sum of dy over (N, H, W)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        saved = _compact(x) if ctx.needs_input_grad[1] else x.new_empty(0)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, packed=None):
+        if not ctx.needs_input_grad[1]:
+            saved = x.new_empty(0)
+        elif packed is not None:
+            saved = _Compact(packed.data, x.shape, x.dtype, packed.bits)
+        else:
+            saved = _compact(x)
         ctx.compact = None if isinstance(saved, torch.Tensor) else (saved.shape, saved.dtype, saved.bits)
         ctx.save_for_backward(saved if isinstance(saved, torch.Tensor) else saved.data, weight)
         ctx.conf = (x.shape, stride, padding, dilation, groups, None if bias is None else list(bias.shape))
@@ -116,7 +166,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
             grad_y, x, weight, bias_shape, stride, padding, dilation, False, [0, 0], groups,
             list(ctx.needs_input_grad[:3]),
         )
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 class LIFConv2d(nn.Conv2d):
@@ -201,9 +251,10 @@ class LIFConv2d(nn.Conv2d):
         bias0 = torch.zeros_like(bn.running_mean) if bias is None else bias
         return weight * gamma.view(-1, 1, 1, 1), beta + (bias0 - bn.running_mean) * gamma
 
-    def _conv(self, x, weight, bias):
+    def _conv(self, x, weight, bias, packed):
         if self.compact_spikes and torch.is_grad_enabled():
-            return SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                                             packed)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,28 +264,83 @@ class LIFConv2d(nn.Conv2d):
             raise ValueError(f"input has {x.shape[2]} channels, expected in_channels={self.in_channels}")
         t, n = x.shape[:2]
         frames = x.flatten(0, 1)
+        # the previous layer's packed copy of its spikes (same element order when contiguous)
+        packed = packed_if_spikes(x) if x.is_contiguous() and self.compact_spikes and torch.is_grad_enabled() else None
         fold = self.bn is not None and not self.training and self.bn.track_running_stats
         if fold:
-            y = self._conv(frames, *self.folded_weight_bias())
+            y = self._conv(frames, *self.folded_weight_bias(), packed)
         else:
-            y = self._conv(frames, self.quantized_weight(), self.bias)
+            y = self._conv(frames, self.quantized_weight(), self.bias, packed)
             if self.bn is not None:
                 y = self.bn(y)
         y = y.view(t, n, *y.shape[1:])
         if self.neuron is None:
             return y
         if self.compact_spikes and torch.is_grad_enabled():
-            with compact_saved_tensors():
-                return self.neuron(y)
-        return self.neuron(y)
+            return run_neuron_saving_packed_spikes(self.neuron, y)
+        return mark_spikes(self.neuron(y))
 
     def reset(self) -> None:
         """Forgets the membrane state (as SpikingJelly's ``functional.reset_net``)."""
         if self.neuron is not None:
             self.neuron.reset()
 
+    @torch.no_grad()
+    def pack(self, backend: str = "auto") -> "PackedLIFConv2d":
+        """The popcount inference form of this layer (binary or ternary ``weight_levels``):
+        a ``PackedConv2d`` of the quantized weight (1 or 2 bits per weight), the BatchNorm's
+        running statistics as a per-channel affine after it, and a copy of the neuron.
+        Its input must be {0, 1} spikes."""
+        levels = {(-1.0, 1.0): "binary", (-1.0, 0.0, 1.0): "ternary"}.get(
+            None if self.weight_levels is None else tuple(sorted(self.weight_levels)))
+        if levels is None:
+            raise ValueError(f"pack() needs weight_levels (-1, 1) or (-1, 0, 1), got {self.weight_levels}")
+        plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.groups, bias=False, device=self.weight.device)
+        plain.weight.copy_(self.quantized_weight())
+        gain, shift = None, self.bias
+        if self.bn is not None:
+            bn = self.bn
+            gain = torch.rsqrt(bn.running_var + bn.eps)
+            gain = gain if bn.weight is None else bn.weight * gain
+            bias = torch.zeros_like(bn.running_mean) if self.bias is None else self.bias
+            shift = (bias - bn.running_mean) * gain + (0 if bn.bias is None else bn.bias)
+        conv = PackedConv2d.from_float(plain, levels, backend=backend)
+        neuron = None if self.neuron is None else copy.deepcopy(self.neuron)
+        if neuron is not None:
+            neuron.reset()
+        return PackedLIFConv2d(conv, gain, shift, neuron).eval()
+
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", bn={self.bn is not None}, neuron={self.neuron_type}"
         if self.weight_levels is not None:
             s += f", weight_levels={self.weight_levels}"
         return s
+
+
+class PackedLIFConv2d(nn.Module):
+    """``LIFConv2d.pack()``: popcount convolution of {0, 1} spikes with the packed quantized
+    weight, y = gain * conv(x, Q) + shift per output channel (BatchNorm and bias), then the
+    neuron. Input ``[T, N, C, H, W]`` spikes; output as ``LIFConv2d``'s (float32). Inference
+    only: no gradient reaches the packed weight."""
+
+    def __init__(self, conv: PackedConv2d, gain: torch.Tensor | None, shift: torch.Tensor | None,
+                 neuron: nn.Module | None):
+        super().__init__()
+        self.conv, self.neuron = conv, neuron
+        self.register_buffer("gain", None if gain is None else gain.detach().float().clone())
+        self.register_buffer("shift", None if shift is None else shift.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"expected spikes [T, N, C, H, W], got shape {tuple(x.shape)}")
+        y = self.conv(x)
+        if self.gain is not None:
+            y = y * self.gain.view(-1, 1, 1)
+        if self.shift is not None:
+            y = y + self.shift.view(-1, 1, 1)
+        return y if self.neuron is None else mark_spikes(self.neuron(y))
+
+    def reset(self) -> None:
+        if self.neuron is not None:
+            self.neuron.reset()

@@ -7,8 +7,8 @@
 //   sum lam * cs(w; g),  sum cs(w),  grad += lam * dcs/dw,  lambda_grad = cs(w; g).
 // Per-chunk partial sums (float64) are added in chunk order, so the result does not depend
 // on the thread count. The loop is specialised for K = 2 and 3 levels (constant trip count:
-// fully unrolled, branch-free selects) with a generic fallback, and compiled twice: for
-// AVX-512 (chosen at run time when the CPU has it) and for the baseline x86-64 ISA.
+// fully unrolled, branch-free selects) with a generic fallback, and compiled three times: for
+// AVX-512, for AVX2 and for the baseline x86-64 ISA, the best the CPU has chosen at run time.
 //
 // constraint_quantize: Q(w) elementwise, the same selection.
 #include <ATen/ATen.h>
@@ -16,6 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "common/constraint_math.h"
@@ -31,22 +33,41 @@ struct Chunk {
   int64_t layer, start, len;
 };
 
+// The instruction sets the chunk loop is compiled for, picked once at run time.
+enum class Isa { kBase, kAvx2, kAvx512 };
+
 #if defined(__GNUC__) && defined(__x86_64__)
-#define CBP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define CBP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define CBP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define CBP_INLINE __attribute__((always_inline)) inline
 #else
-#define CBP_AVX512
+#define CBP_TARGET_AVX512
+#define CBP_TARGET_AVX2
 #define CBP_INLINE inline
 #endif
 
-bool cpu_has_avx512() {
+Isa hardware_isa() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
+  static const Isa isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl"))
+                             ? Isa::kAvx512
+                             : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kAvx2
+                                                                                                 : Isa::kBase;
+  return isa;
 #else
-  return false;
+  return Isa::kBase;
 #endif
+}
+
+// The best instruction set the CPU has, capped by CBP_KERNELS_CPU_ISA ("avx2" or "base"; read
+// per call, so the tests run every path on one machine).
+Isa cpu_isa() {
+  const Isa hw = hardware_isa();
+  const char* cap = std::getenv("CBP_KERNELS_CPU_ISA");
+  if (cap == nullptr) return hw;
+  const std::string name(cap);
+  const Isa wanted = name == "base" ? Isa::kBase : name == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+  return std::min(hw, wanted);
 }
 
 // One chunk of the fused pass. KC > 0: the level count as a compile-time constant; KC == 0:
@@ -80,22 +101,23 @@ CBP_INLINE void pass_chunk_body(const scalar_t* __restrict w, const scalar_t* __
   out[1] = sum_f;
 }
 
-template <typename scalar_t, int KC, bool GRAD, bool LGRAD>
-CBP_AVX512 void pass_chunk_avx512(const scalar_t* w, const scalar_t* lam, scalar_t* grad, scalar_t* lgrad,
-                                  const float* row, int k, int64_t n, double* out) {
-  pass_chunk_body<scalar_t, KC, GRAD, LGRAD>(w, lam, grad, lgrad, row, k, n, out);
-}
-
-template <typename scalar_t, int KC, bool GRAD, bool LGRAD>
-void pass_chunk_base(const scalar_t* w, const scalar_t* lam, scalar_t* grad, scalar_t* lgrad, const float* row,
-                     int k, int64_t n, double* out) {
-  pass_chunk_body<scalar_t, KC, GRAD, LGRAD>(w, lam, grad, lgrad, row, k, n, out);
-}
+// The chunk loop compiled per instruction set (measured on a Xeon with AVX-512, one thread,
+// 21.3M float32 weights: 23 ms with AVX-512 vs 102 ms with the x86-64 baseline's SSE2).
+#define CBP_PASS_CHUNK(NAME, TARGET)                                                                         \
+  template <typename scalar_t, int KC, bool GRAD, bool LGRAD>                                                \
+  TARGET void NAME(const scalar_t* w, const scalar_t* lam, scalar_t* grad, scalar_t* lgrad, const float* row, \
+                   int k, int64_t n, double* out) {                                                          \
+    pass_chunk_body<scalar_t, KC, GRAD, LGRAD>(w, lam, grad, lgrad, row, k, n, out);                         \
+  }
+CBP_PASS_CHUNK(pass_chunk_avx512, CBP_TARGET_AVX512)
+CBP_PASS_CHUNK(pass_chunk_avx2, CBP_TARGET_AVX2)
+CBP_PASS_CHUNK(pass_chunk_base, )
+#undef CBP_PASS_CHUNK
 
 template <typename scalar_t, int KC, bool GRAD, bool LGRAD>
 void pass_all(const std::vector<Chunk>& chunks, at::TensorList weights, at::TensorList lambdas,
               at::TensorList grads, at::TensorList lambda_grads, const float* table, int k, double* partial) {
-  const bool avx512 = cpu_has_avx512();
+  const Isa isa = cpu_isa();
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < n_chunks; ++c) {
@@ -105,8 +127,10 @@ void pass_all(const std::vector<Chunk>& chunks, at::TensorList weights, at::Tens
     scalar_t* grad = GRAD ? grads[ch.layer].mutable_data_ptr<scalar_t>() + ch.start : nullptr;
     scalar_t* lgrad = LGRAD ? lambda_grads[ch.layer].mutable_data_ptr<scalar_t>() + ch.start : nullptr;
     const float* row = table + ch.layer * kConstraintRows * k;
-    if (avx512) {
+    if (isa == Isa::kAvx512) {
       pass_chunk_avx512<scalar_t, KC, GRAD, LGRAD>(w, lam, grad, lgrad, row, k, ch.len, partial + 2 * c);
+    } else if (isa == Isa::kAvx2) {
+      pass_chunk_avx2<scalar_t, KC, GRAD, LGRAD>(w, lam, grad, lgrad, row, k, ch.len, partial + 2 * c);
     } else {
       pass_chunk_base<scalar_t, KC, GRAD, LGRAD>(w, lam, grad, lgrad, row, k, ch.len, partial + 2 * c);
     }

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._chunks import addresses, chunk_table
+
 # Weights per program: 1024 float32 = 4 KiB per stream; a common memory-bound block size
 # (enough bytes in flight per SM with 4 warps); not tuned on a GPU here.
 BLOCK = 1024
@@ -73,24 +75,14 @@ def _quantize_kernel(w, out, table, n, K: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(out + offs, q.to(x.dtype), mask=mask)
 
 
-def _pointers(tensors, device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
-
-
 def constraint_pass(weights, lambdas, table, grads, lambda_grads):
     device = weights[0].device
-    numels = torch.tensor([w.numel() for w in weights], dtype=torch.int64, device=device)
-    per_layer = (numels + BLOCK - 1) // BLOCK
-    chunk_layer = torch.repeat_interleave(torch.arange(len(weights), device=device, dtype=torch.int32), per_layer)
-    first = torch.cumsum(per_layer, 0) - per_layer                       # first chunk of each layer
-    chunk_start = (torch.arange(chunk_layer.numel(), device=device) - first[chunk_layer]) * BLOCK
+    numels, chunk_layer, chunk_start = chunk_table(weights, BLOCK, device)
     partial = torch.zeros(max(chunk_layer.numel(), 1), 2, dtype=torch.float32, device=device)
     if chunk_layer.numel():
-        empty = torch.zeros(1, dtype=torch.int64, device=device)
         _constraint_pass_kernel[(chunk_layer.numel(),)](
-            _pointers(weights, device), _pointers(lambdas, device),
-            _pointers(grads, device) if grads else empty, _pointers(lambda_grads, device) if lambda_grads else empty,
-            numels, chunk_layer, chunk_start, table.contiguous(), partial,
+            addresses(weights, device), addresses(lambdas, device), addresses(grads, device),
+            addresses(lambda_grads, device), numels, chunk_layer, chunk_start, table.contiguous(), partial,
             DTYPE=_TL_DTYPES[weights[0].dtype], K=table.shape[2], GRAD=bool(grads), LGRAD=bool(lambda_grads),
             BLOCK=BLOCK,
         )
