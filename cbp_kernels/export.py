@@ -76,6 +76,9 @@ def pack_model(model: nn.Module, layers: dict[str, str | None]) -> nn.Module:
 
     for name, levels in layers.items():
         layer = model.get_submodule(name)
+        if any(True for _ in layer.children()):  # e.g. LIFConv2d's BN + neuron: a bare packed conv would drop them
+            raise NotImplementedError(f"layer {name!r} ({type(layer).__name__}) holds submodules "
+                                      f"{[n for n, _ in layer.named_children()]}: only plain Conv2d / Linear layers pack")
         cls = PackedConv2d if isinstance(layer, nn.Conv2d) else PackedLinear
         model.set_submodule(name, cls.from_float(layer, levels))
     return model

@@ -275,3 +275,12 @@ def test_save_packed_refuses_weights_off_levels(tmp_path):
     with pytest.raises(ValueError, match="only binary"):
         save_packed(net, tmp_path / "m.safetensors", layers=["conv2"], arch={"name": "digits-net", "kwargs": {}})
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_pack_model_refuses_layers_with_submodules():
+    from cbp_kernels import LIFConv2d
+    from cbp_kernels.export import pack_model
+
+    net = torch.nn.Sequential(LIFConv2d(4, 8, 3, weight_levels=(-1, 1)))
+    with pytest.raises(NotImplementedError, match="bn"):
+        pack_model(net, {"0": "binary"})
