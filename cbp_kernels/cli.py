@@ -421,8 +421,9 @@ def _run(args) -> int:
     say(f"cbp-quantize: {cfg['model']} on {cfg['data']} (T={cfg['timesteps']}, {dist.world} process(es) on "
         f"{dist.device}), output in {run_dir}")
 
-    fp32 = _fp32_stage(model, cfg, train, test, dist, run_dir, say)
-    rows = [fp32] + [_cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) for label, levels in cfg["level_sets"]]
+    rows = [_fp32_stage(model, cfg, train, test, dist, run_dir, say)]
+    rows += [_cbp_stage(label, levels, model, cfg, train, test, dist, run_dir, say)
+             for label, levels in cfg["level_sets"]]
     table = format_table(cfg["model"], cfg["data"], rows)
     say("\n" + table)
     if dist.main:
@@ -456,18 +457,17 @@ def _fp32_stage(model, cfg, train, test, dist, run_dir, say) -> dict:
     return {"precision": "FP32", "accuracy": acc, "weight_bits": _weight_bits(model, None)}
 
 
-def _cbp_stage(label, levels, cfg, train, test, dist, run_dir, say) -> dict:
-    """CBP to one level set, finalize, pack, check the packed predictions, export, plot."""
+def _cbp_stage(label, levels, fp32_model, cfg, train, test, dist, run_dir, say) -> dict:
+    """CBP to one level set on a copy of ``fp32_model``, finalize, pack, check the packed
+    predictions, export, plot."""
     from .export import PACKABLE, pack_model, save_packed
-    from .quant import CBPConfig, CBPQuantizer, load_checkpoint, plot_history, plot_weight_histograms
+    from .quant import CBPConfig, CBPQuantizer, plot_history, plot_weight_histograms
 
     stage_dir = os.path.join(run_dir, label)
     result_path = os.path.join(stage_dir, "result.json")
     if os.path.exists(result_path):
         return _read_json(result_path)
-    model = _build_model(cfg)
-    model.load_state_dict(load_checkpoint(os.path.join(run_dir, "pretrained.pt")))
-    model.to(dist.device)
+    model = copy.deepcopy(fp32_model)
     net = nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     torch.manual_seed(cfg["seed"])
     quantizer = CBPQuantizer(net, levels=levels, config=CBPConfig(**cfg["cbp"]))
