@@ -105,7 +105,7 @@ def test_export_round_trip(default_run, capsys, levels):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact(default_run, tmp_path):
+def test_resume_after_sigkill_is_exact(default_run, tmp_path, capsys):
     """A run killed during its second CBP epoch, resumed, ends bit-identical to the
     uninterrupted run (its binary stage is independent of the ternary one)."""
     out = tmp_path / "killed"
@@ -118,6 +118,8 @@ def test_resume_after_sigkill_is_exact(default_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "binary" / "result.json").exists()  # it was killed mid-stage
+    assert main(["report", str(out)]) == 0
+    assert "unfinished (0 of 1 level sets done; continue with --resume)" in capsys.readouterr().out
     resumed = _cli("run", "--resume", str(out))
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
