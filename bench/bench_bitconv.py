@@ -9,6 +9,7 @@ counts on a shared machine. On a GPU: batch 8 (N*T = 32).
 Providers (same spikes and weights):
 - ``packed-binary`` / ``packed-ternary``: ``packed_conv2d`` on spikes already packed (NHWC),
   as in a chain of packed layers; ``packed-binary+pack`` also packs the float NCHW spikes;
+  ``packed-binary+lif`` is the fused epilogue (affine + LIF over T + packed output spikes);
 - ``f32`` / ``bf16``: ``F.conv2d`` on NCHW tensors (the default layout);
 - ``bf16-cl``: ``F.conv2d`` on channels-last bfloat16 (oneDNN's fastest CPU path, AMX).
 ``extra_info`` holds the layer, the provider and the MACs, so the ratios follow from the
@@ -26,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cbp_kernels.ops import pack_spikes, pack_weight, packed_conv2d, packed_linear
+from cbp_kernels.ops import pack_spikes, pack_weight, packed_conv2d, packed_conv2d_lif, packed_linear
 from cbp_kernels.ops.bitpack import bitpack, packed_size
 
 from harness import run
@@ -51,7 +52,9 @@ LAYERS = [
     ("sew18.layer4.0.downsample", 256, 512, 14, 1, 2),
     ("dvs7b.conv32", 32, 32, 128, 3, 1),
 ]
-PROVIDERS = ["packed-binary", "packed-binary+pack", "packed-ternary", "f32", "bf16", "bf16-cl"]
+# How often each LAYERS shape occurs in SEW-ResNet-18 (for the whole-network total).
+LAYER_COUNT = {"sew18.layer1.conv": 4, "sew18.layer2.conv": 3, "sew18.layer3.conv": 3, "sew18.layer4.conv": 3}
+PROVIDERS = ["packed-binary", "packed-binary+pack", "packed-binary+lif", "packed-ternary", "f32", "bf16", "bf16-cl"]
 SCALE = 0.0371
 
 
@@ -77,6 +80,9 @@ def _setup(C, O, H, k, stride, provider):
     macs = T * BATCH * C * O * k * k * OH * OH
     if provider.startswith("packed"):
         packed = pack_weight(w, levels, SCALE)
+        if provider == "packed-binary+lif":
+            xp = pack_spikes(x.permute(0, 2, 3, 1))
+            return (lambda: packed_conv2d_lif(xp, packed, T, None, None, stride, pad)), macs
         if provider == "packed-binary+pack":
             return (lambda: packed_conv2d(pack_spikes(x.permute(0, 2, 3, 1)), packed, None, stride, pad)), macs
         xp = pack_spikes(x.permute(0, 2, 3, 1))
@@ -160,7 +166,7 @@ def summary(path: str) -> str:
         elif extra.get("provider") == "weight-bytes":
             info = extra
     lines = [f"device: {data['machine_info'].get('cbp_device')}",
-             "layer | packed-binary ms | GMAC/s | vs f32 | vs bf16 | vs bf16-cl | +pack vs f32 | ternary vs f32"]
+             "layer | packed-binary ms | GMAC/s | vs f32 | vs bf16 | vs bf16-cl | +pack vs f32 | fused LIF vs f32 | ternary vs f32"]
     for layer in dict.fromkeys(l for l, _ in times):
         t = {p: times.get((layer, p)) for p in PROVIDERS}
         b = t["packed-binary"]
@@ -168,8 +174,17 @@ def summary(path: str) -> str:
         ratio = lambda p, ref=b: f"{t[p] / ref:.2f}x" if t.get(p) and ref else "-"  # noqa: E731
         pack = f"{t['f32'] / t['packed-binary+pack']:.2f}x" if t.get("packed-binary+pack") else "-"
         tern = f"{t['f32'] / t['packed-ternary']:.2f}x" if t.get("packed-ternary") else "-"
+        lif = f"{t['f32'] / t['packed-binary+lif']:.2f}x" if t.get("packed-binary+lif") else "-"
         lines.append(f"{layer} | {b * 1e3:.3f} | {macs / b / 1e9:.0f} | {ratio('f32')} | {ratio('bf16')} | "
-                     f"{ratio('bf16-cl')} | {pack} | {tern}")
+                     f"{ratio('bf16-cl')} | {pack} | {lif} | {tern}")
+    sew = [layer for layer in dict.fromkeys(l for l, _ in times) if layer.startswith("sew18.layer")]
+    total = {p: sum(LAYER_COUNT.get(l, 1) * times.get((l, p), float("nan")) for l in sew) for p in PROVIDERS}
+    lines.append(
+        f"SEW-ResNet-18 spiking convs (all {sum(LAYER_COUNT.get(l, 1) for l in sew)}): packed-binary "
+        f"{total['packed-binary'] * 1e3:.2f} ms, {total['f32'] / total['packed-binary']:.2f}x f32, "
+        f"{total['bf16'] / total['packed-binary']:.2f}x bf16, {total['bf16-cl'] / total['packed-binary']:.2f}x bf16-cl; "
+        f"fused LIF {total['f32'] / total['packed-binary+lif']:.2f}x f32; ternary {total['f32'] / total['packed-ternary']:.2f}x f32"
+    )
     if info:
         lines.append(f"SEW-ResNet-18 weights: {info['params']} params, float32 {info['float32_bytes']} B, "
                      f"binary packed {info['binary_packed_bytes']} B, ternary packed {info['ternary_packed_bytes']} B")

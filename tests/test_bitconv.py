@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cbp_kernels
 from cbp_kernels.nn import PackedConv2d, PackedLinear
 from cbp_kernels.ops import bitpack, bitunpack, pack_spikes, pack_weight, packed_conv2d, packed_linear, unpack_weight
 from cbp_kernels.ops.bitconv import PackedWeight, infer_levels
 
-from conftest import devices
+from conftest import devices, kernel_backends
 
 
 def backends_of(op: str, device: str = "cpu") -> list[str]:
     """Every backend of ``op`` that runs on ``device`` here, the reference included."""
-    return [b for b, ok in cbp_kernels.backends(op).get(device, {}).items() if ok]
+    package = "cbp_kernels.ops.bitpack" if op.startswith("bit") and "conv" not in op else "cbp_kernels.ops.bitconv"
+    return ["reference"] + kernel_backends(device, op, package)
 
 
 def _spikes(shape, p=0.4, device="cpu"):
@@ -363,3 +363,49 @@ def test_torch_compile_traces_the_ops():
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), layer(x))
+
+
+# --------------------------------------------------------------------- fused epilogue
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("neuron,v_reset", [("lif", 0.0), ("lif", None), ("if", -0.5)])
+def test_fused_lif_matches_the_composition_of_the_ops(levels, neuron, v_reset, monkeypatch):
+    """conv -> affine -> multistep_neuron -> bitpack, bit for bit, on every fused backend."""
+    from cbp_kernels.ops import multistep_neuron
+    from cbp_kernels.ops.bitconv import packed_conv2d_lif
+
+    T, N, C, O, groups = 3, 2, 40, 70, 1
+    for k, stride, pad in [(3, 1, 1), (1, 2, 0), (3, 2, 2)]:
+        x = _spikes((T * N, C, 7, 6))
+        q = _levels((O, C, k, k), levels)
+        mul, add = torch.rand(O) * 0.4 + 0.05, torch.randn(O) * 0.3
+        packed = pack_weight(q * 0.25, levels, 0.25)
+        xp = pack_spikes(x.permute(0, 2, 3, 1), groups)
+        y = F.conv2d(x.double(), q.double(), None, stride, pad).float().permute(0, 2, 3, 1) * mul + add
+        spikes, v_last = multistep_neuron(y.unflatten(0, (T, N)), neuron=neuron, tau=2.0, v_reset=v_reset, backend="reference")
+        want = (bitpack(spikes.flatten(0, 1), -1), v_last)
+        kw = dict(neuron=neuron, tau=2.0, v_reset=v_reset)
+        for b in [b for b in backends_of("bitconv2d_lif") if b in ("reference", "cpu")]:
+            for no_avx in (["0", "1"] if b == "cpu" else ["0"]):
+                monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx)
+                got = packed_conv2d_lif(xp, packed, T, mul, add, stride, pad, backend=b, **kw)
+                assert torch.equal(got[0], want[0]), f"{b} (no_avx512={no_avx}) spikes, k={k} stride={stride}"
+                assert torch.equal(got[1], want[1]), f"{b} (no_avx512={no_avx}) v_last, k={k} stride={stride}"
+        assert 0.01 < float(spikes.mean()) < 0.99  # the case exercises both spike values
+
+
+def test_fused_lif_bad_input():
+    from cbp_kernels.ops.bitconv import packed_conv2d_lif
+
+    packed = pack_weight(_levels((40, 32, 3, 3), "binary"), "binary", 1.0)
+    xp = pack_spikes(_spikes((6, 5, 5, 64)), 2)
+    with pytest.raises(ValueError, match="T must"):
+        packed_conv2d_lif(xp, packed, 4, groups=2)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        packed_conv2d_lif(xp, packed, 3, groups=2)  # 20 output channels per group
+    xp1 = pack_spikes(_spikes((6, 5, 5, 32)))
+    with pytest.raises(ValueError, match="channel_scale"):
+        packed_conv2d_lif(xp1, packed, 3, torch.ones(3))
+    with pytest.raises(ValueError, match="tau"):
+        packed_conv2d_lif(xp1, packed, 3, tau=0.5)
+    with pytest.raises(RuntimeError, match="backends"):
+        packed_conv2d_lif(xp1, packed, 3, backend="triton" if "triton" in backends_of("bitconv2d_lif") else "cuda")

@@ -145,7 +145,7 @@ def test_quantize_kernels_match_reference(dtype):
 
 # --- the fused pass -------------------------------------------------------------------------
 
-SIZES = [(1,), (31,), (1000,), (4097,), (3, 5, 7), (64, 3, 3, 3), (2, 1, 1)]
+SIZES = [(1,), (31,), (0,), (1000,), (4097,), (3, 5, 7), (64, 3, 3, 3), (2, 1, 1)]
 
 
 def _layers(dtype, device="cpu", sizes=SIZES, levels=TERNARY, g=3):
@@ -207,7 +207,7 @@ def test_pass_kernels_match_reference(device, dtype, levels, g):
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
-def test_cpu_kernel_every_instruction_set(monkeypatch, isa):
+def test_cpu_kernels_every_instruction_set(monkeypatch, isa):
     if "cpu" not in _backends():
         pytest.skip("the compiled CPU kernels are not built (make build)")
     monkeypatch.setenv("CBP_KERNELS_CPU_ISA", isa)  # caps the run-time choice (per call)
@@ -219,6 +219,8 @@ def test_cpu_kernel_every_instruction_set(monkeypatch, isa):
         assert_close(kf, rf, 1e-6, 1e-6, f"{isa} sum cs")
         assert all(torch.equal(a, b) for a, b in zip(kg, rg)), f"{isa}: grads differ"
         assert all(torch.equal(a, b) for a, b in zip(klg, rlg)), f"{isa}: lambda_grads differ"
+        for w, s in zip(weights, scales):
+            assert torch.equal(quantize(w, _t(levels), s, backend="cpu"), quantize(w, _t(levels), s, backend="reference"))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + _backends())

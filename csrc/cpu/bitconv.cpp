@@ -29,6 +29,7 @@
 #endif
 
 #include "common/bitconv_host.h"
+#include "common/neuron_math.h"
 
 namespace cbp {
 namespace {
@@ -208,15 +209,16 @@ struct AvxConv {
       for (int64_t kw = 0; kw < g.KW; ++kw) tapoff[kh * g.KW + kw] = (kh * g.dil_h * g.W + kw * g.dil_w) * Cw;
   }
 
-  // Input addressing of blocks block0 .. block0 + nb - 1 of group grp: interior blocks by
-  // offsets, the others through their part of xtap (kSuper * P * taps pointers).
-  void setup(const uint32_t* x, int64_t grp, int64_t block0, int64_t nb, BlockInput* in, bool* interior,
+  // Input addressing of the nb blocks of P pixels from flattened pixel `first` (pixels from
+  // `end` on are padding) of group grp: interior blocks by offsets, the others through their
+  // part of xtap (kSuper * P * taps pointers).
+  void setup(const uint32_t* x, int64_t grp, int64_t first, int64_t end, int64_t nb, BlockInput* in, bool* interior,
              const uint32_t** xtap) const {
     for (int64_t i = 0; i < nb; ++i) {
-      const int64_t pix0 = (block0 + i) * P;
+      const int64_t pix0 = first + i * P;
       const int64_t ow0 = pix0 % g.OW, oh = (pix0 / g.OW) % g.OH, n = pix0 / (g.OW * g.OH);
       const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow0 * g.stride_w - g.pad_w;
-      interior[i] = ow0 + P <= g.OW && ih0 >= 0 && ih0 + (g.KH - 1) * g.dil_h < g.H && iw0 >= 0 &&
+      interior[i] = pix0 + P <= end && ow0 + P <= g.OW && ih0 >= 0 && ih0 + (g.KH - 1) * g.dil_h < g.H && iw0 >= 0 &&
                     iw0 + (P - 1) * g.stride_w + (g.KW - 1) * g.dil_w < g.W;
       const uint32_t** table = xtap + i * P * taps;
       in[i] = BlockInput{table, x + ((n * g.H + ih0) * g.W + iw0) * Cw + grp * Wg, tapoff.data(), g.stride_w * Cw};
@@ -228,7 +230,7 @@ struct AvxConv {
           const int64_t ih = ph * g.stride_h - g.pad_h + kh * g.dil_h;
           for (int64_t kw = 0; kw < g.KW; ++kw) {
             const int64_t iw = pw * g.stride_w - g.pad_w + kw * g.dil_w;
-            const bool inside = pix < pixels && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+            const bool inside = pix < end && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
             table[p * taps + kh * g.KW + kw] = inside ? x + ((pn * g.H + ih) * g.W + iw) * Cw + grp * Wg : zeros.data();
           }
         }
@@ -274,7 +276,7 @@ void bitconv_avx512(const uint32_t* x, const uint32_t* planes, const float* bias
     for (int64_t sb = 0; sb < supers; ++sb) {
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         const int64_t nb = std::min<int64_t>(kSuper, conv.blocks - sb * kSuper);
-        conv.setup(x, grp, sb * kSuper, nb, in, interior, xtap.data());
+        conv.setup(x, grp, sb * kSuper * conv.P, conv.pixels, nb, in, interior, xtap.data());
         for (int64_t c = 0; c < conv.chunks; ++c) {
           const AvxConv::Chunk ch = conv.chunk(grp, c);
           for (int64_t i = 0; i < nb; ++i) {
@@ -288,7 +290,158 @@ void bitconv_avx512(const uint32_t* x, const uint32_t* planes, const float* bias
     }
   }
 }
+
+// One pixel's step of the fused epilogue on `width` (<= 64) channels, 16 lanes at a time,
+// with the arithmetic of csrc/common/neuron_math.h in the same order (bit for bit):
+//   y = c * mul + add;  H = charge(V, y);  S = (H - V_th >= 0);  V = reset(H, S);
+// the spike bits go to dst[0 .. ceil(width/32)).
+CBP_AVX512 void lif_tile(const float* c, const float* mul, const float* add, float* v, int64_t width, float k,
+                         const NeuronParams& np, uint32_t* dst) {
+  const __m512 kk = _mm512_set1_ps(k), vr = _mm512_set1_ps(np.v_reset), vth = _mm512_set1_ps(np.v_threshold);
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  uint32_t words[kMaxJ * kLanes / 32] = {};
+  for (int64_t l0 = 0; l0 < width; l0 += kLanes) {
+    const __mmask16 m = static_cast<__mmask16>(width - l0 >= kLanes ? 0xFFFFu : (1u << (width - l0)) - 1u);
+    const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, c + l0), _mm512_maskz_loadu_ps(m, mul + l0)),
+                                   _mm512_maskz_loadu_ps(m, add + l0));
+    const __m512 vo = _mm512_maskz_loadu_ps(m, v + l0);
+    __m512 h;
+    if (np.kind == kIF) {
+      h = _mm512_add_ps(vo, y);
+    } else if (np.decay_input) {
+      h = _mm512_add_ps(vo, _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(vr, vo), y), kk));
+    } else {
+      h = _mm512_add_ps(_mm512_add_ps(vo, _mm512_mul_ps(_mm512_sub_ps(vr, vo), kk)), y);
+    }
+    const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(h, vth), zero, _CMP_GE_OQ);
+    const __m512 s = _mm512_maskz_mov_ps(fire, one);
+    const __m512 vn = np.soft_reset ? _mm512_sub_ps(h, _mm512_mul_ps(vth, s))
+                                    : _mm512_add_ps(_mm512_mul_ps(h, _mm512_sub_ps(one, s)), _mm512_mul_ps(vr, s));
+    _mm512_mask_storeu_ps(v + l0, m, vn);
+    words[l0 / 32] |= static_cast<uint32_t>(fire) << (l0 % 32);
+  }
+  for (int64_t w = 0; w < (width + 31) / 32; ++w) dst[w] = words[w];
+}
+
+// Fused epilogue: y = float(c) * mul[o] + add[o], then the neuron over T timesteps
+// (csrc/common/neuron_math.h: charge, fire S = (H - V_th >= 0), reset), the spikes packed
+// along the output channels. x holds T images per sample ([T * Nb, H, W, Cw], t major); a
+// work item keeps the membrane of its kSuper blocks x 64 channels in a local buffer and
+// walks time inside, so no float activation is written. Output words o0/32 onwards of a
+// chunk: the op requires o0 % 32 == 0 (groups == 1 or Og % 32 == 0).
+void bitconv_lif_avx512(const uint32_t* x, const uint32_t* planes, const float* mul, const float* add,
+                        const BitConvGeometry& g, int64_t T, float k, const NeuronParams& np, uint32_t* spikes,
+                        float* v_last) {
+  const AvxConv conv(planes, nullptr, g);
+  const int64_t Q = g.N / T * g.OH * g.OW;  // output pixels per timestep
+  const int64_t blocks = (Q + conv.P - 1) / conv.P, supers = (blocks + kSuper - 1) / kSuper;
+  const int64_t Wo = (conv.O + 31) / 32, tile_w = kMaxJ * kLanes;
+  const float v0 = np.soft_reset ? 0.0f : np.v_reset;
+#pragma omp parallel
+  {
+    std::vector<const uint32_t*> xtap(static_cast<size_t>(T * kSuper * conv.P * conv.taps));
+    std::vector<BlockInput> in(static_cast<size_t>(T * kSuper));
+    std::vector<char> interior(static_cast<size_t>(T * kSuper));
+    std::vector<float> tile(static_cast<size_t>(conv.P * tile_w)), v(static_cast<size_t>(kSuper * conv.P * tile_w));
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t sb = 0; sb < supers; ++sb) {
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const int64_t nb = std::min<int64_t>(kSuper, blocks - sb * kSuper);
+        for (int64_t t = 0; t < T; ++t) {
+          bool flags[kSuper];
+          conv.setup(x, grp, t * Q + sb * kSuper * conv.P, (t + 1) * Q, nb, in.data() + t * kSuper, flags,
+                     xtap.data() + t * kSuper * conv.P * conv.taps);
+          std::copy(flags, flags + nb, interior.begin() + t * kSuper);
+        }
+        for (int64_t c = 0; c < conv.chunks; ++c) {
+          const AvxConv::Chunk ch = conv.chunk(grp, c);
+          const int64_t o0 = grp * conv.Og + c * tile_w, width = std::min<int64_t>(tile_w, conv.Og - c * tile_w);
+          std::fill(v.begin(), v.end(), v0);
+          for (int64_t t = 0; t < T; ++t) {
+            for (int64_t i = 0; i < nb; ++i) {
+              const int64_t q0 = (sb * kSuper + i) * conv.P;
+              const int valid = static_cast<int>(std::min<int64_t>(conv.P, Q - q0));
+              conv.run(ch, in[t * kSuper + i], interior[t * kSuper + i], valid, 1.0f, tile.data(), tile_w);
+              for (int p = 0; p < valid; ++p) {
+                uint32_t* dst = spikes + (t * Q + q0 + p) * Wo + o0 / 32;
+                lif_tile(tile.data() + p * tile_w, mul + o0, add + o0, v.data() + (i * conv.P + p) * tile_w, width, k, np,
+                         dst);
+              }
+            }
+          }
+          for (int64_t i = 0; i < nb; ++i) {
+            const int64_t q0 = (sb * kSuper + i) * conv.P;
+            for (int64_t p = 0; p < std::min<int64_t>(conv.P, Q - q0); ++p)
+              std::copy(v.data() + (i * conv.P + p) * tile_w, v.data() + (i * conv.P + p) * tile_w + width,
+                        v_last + (q0 + p) * conv.O + o0);
+          }
+        }
+      }
+    }
+  }
+}
 #endif  // CBP_HAVE_X86
+
+// The fused epilogue one output at a time (the portable path of bitconv2d_lif).
+void bitconv_lif_portable(const uint32_t* x, const uint32_t* planes, const float* mul, const float* add,
+                          const BitConvGeometry& g, int64_t T, float k, const NeuronParams& np, uint32_t* spikes,
+                          float* v_last) {
+  const int64_t O = g.groups * g.out_per_group, Nb = g.N / T, Wo = (O + 31) / 32;
+#pragma omp parallel for collapse(3) schedule(static)
+  for (int64_t n = 0; n < Nb; ++n) {
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const int64_t q = (n * g.OH + oh) * g.OW + ow, Q = Nb * g.OH * g.OW;
+        for (int64_t t = 0; t < T; ++t) std::fill_n(spikes + (t * Q + q) * Wo, Wo, 0u);
+        for (int64_t o = 0; o < O; ++o) {
+          float v = np.soft_reset ? 0.0f : np.v_reset;
+          for (int64_t t = 0; t < T; ++t) {
+            const int32_t c = bitconv_count(x, planes, g, t * Nb + n, oh, ow, o);
+            const float h = neuron_charge(v, bitconv_epilogue(c, mul[o], add[o]), k, np);
+            const float s = (h - np.v_threshold >= 0.0f) ? 1.0f : 0.0f;
+            v = neuron_reset(h, s, np);
+            spikes[(t * Q + q) * Wo + o / 32] |= static_cast<uint32_t>(s != 0.0f) << (o % 32);
+          }
+          v_last[q * O + o] = v;
+        }
+      }
+    }
+  }
+}
+
+// x: int32 [T*Nb, H, W, G*Wg] (t major), planes [P, O, KH, KW, Wg], mul / add float32 [O]
+// -> (spikes int32 [T*Nb, OH, OW, ceil(O/32)], v_last float32 [Nb, OH, OW, O]).
+std::tuple<at::Tensor, at::Tensor> bitconv2d_lif(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& mul,
+                                                 const at::Tensor& add, at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups, int64_t T, double decay,
+                                                 double v_threshold, double v_reset, bool soft_reset, int64_t kind,
+                                                 bool decay_input) {
+  const BitConvGeometry g = bitconv_geometry(x, planes, stride, padding, dilation, groups);
+  const int64_t O = planes.size(1);
+  TORCH_CHECK(T >= 1 && g.N % T == 0, "bitconv2d_lif: the batch of x must be T * N");
+  TORCH_CHECK(groups == 1 || g.out_per_group % 32 == 0, "bitconv2d_lif: groups > 1 needs O / groups % 32 == 0");
+  TORCH_CHECK(mul.scalar_type() == at::kFloat && add.scalar_type() == at::kFloat && mul.numel() == O &&
+                  add.numel() == O, "bitconv2d_lif: mul and add must be float32 [O]");
+  const auto m = mul.contiguous(), a = add.contiguous();
+  auto spikes = at::zeros({g.N, g.OH, g.OW, (O + 31) / 32}, x.options());
+  auto v_last = at::empty({g.N / T, g.OH, g.OW, O}, x.options().dtype(at::kFloat));
+  if (v_last.numel() == 0) return {spikes, v_last};
+  const NeuronParams np{static_cast<float>(v_threshold), soft_reset ? 0.0f : static_cast<float>(v_reset),
+                        static_cast<int>(kind), soft_reset, decay_input, false, 0, 0.0f};
+  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
+  const auto* wp = reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>());
+  auto* sp = reinterpret_cast<uint32_t*>(spikes.data_ptr<int32_t>());
+#ifdef CBP_HAVE_X86
+  if (use_avx512()) {
+    bitconv_lif_avx512(xp, wp, m.data_ptr<float>(), a.data_ptr<float>(), g, T, static_cast<float>(decay), np, sp,
+                       v_last.data_ptr<float>());
+    return {spikes, v_last};
+  }
+#endif
+  bitconv_lif_portable(xp, wp, m.data_ptr<float>(), a.data_ptr<float>(), g, T, static_cast<float>(decay), np, sp,
+                       v_last.data_ptr<float>());
+  return {spikes, v_last};
+}
 
 // x: int32 [N, H, W, G*Wg]; planes: int32 [P, O, KH, KW, Wg] (P = 1 binary, 2 ternary);
 // bias: float32 [O] or None -> float32 [N, OH, OW, O].
@@ -312,8 +465,15 @@ TORCH_LIBRARY_FRAGMENT(cbp_kernels_ext, m) {
   m.def(
       "bitconv2d(Tensor x, Tensor planes, float scale, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "bitconv2d_lif(Tensor x, Tensor planes, Tensor mul, Tensor add, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int T, float decay, float v_threshold, float v_reset, bool soft_reset, "
+      "int kind, bool decay_input) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) { m.impl("bitconv2d", &bitconv2d); }
+TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
+  m.impl("bitconv2d", &bitconv2d);
+  m.impl("bitconv2d_lif", &bitconv2d_lif);
+}
 
 }  // namespace cbp

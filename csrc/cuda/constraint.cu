@@ -1,11 +1,12 @@
 // Host launchers of the CUDA constraint kernels (csrc/cuda/constraint.cuh) for the
 // extension's CUDA dispatch key; the schemas are defined once in csrc/cpu/constraint.cpp.
-// constraint_pass: the chunk table (layer, start) and the layers' base addresses are built on
-// the host, copied to the device, and ONE kernel launch covers every layer; the float64
-// block partials are summed on the device (no host sync).
+// constraint_pass: the launch table (the layers' sizes and base addresses, one (layer, start)
+// per chunk) is built on the host and sent in one asynchronous copy, and ONE kernel launch
+// covers every layer; the float64 block partials are summed on the device (no host sync).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cuda/constraint.cuh"
@@ -40,11 +41,34 @@ struct ConstraintKernels<at::BFloat16> {
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)               \
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-at::Tensor addresses(at::TensorList tensors, const at::Tensor& like) {
-  std::vector<int64_t> ptrs;
-  for (const auto& t : tensors) ptrs.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
-  if (ptrs.empty()) ptrs.push_back(0);
-  return at::tensor(ptrs, at::kLong).to(like.device(), /*non_blocking=*/false);
+// The launch table of csrc/cuda/constraint.cuh, built in pinned memory and sent in one
+// asynchronous copy: [numel | w | lambda | grad | lambda_grad] per layer, then (layer, start) per chunk.
+at::Tensor launch_table(at::TensorList weights, at::TensorList lambdas, at::TensorList grads,
+                        at::TensorList lambda_grads, int64_t* n_chunks) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  std::vector<int64_t> layers, starts;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t s = 0; s < weights[l].numel(); s += kConstraintChunk) {
+      layers.push_back(l);
+      starts.push_back(s);
+    }
+  }
+  *n_chunks = static_cast<int64_t>(layers.size());
+  auto host = at::empty({5 * L + 2 * *n_chunks}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* m = host.data_ptr<int64_t>();
+  auto address = [](at::TensorList list, int64_t l) {
+    return list.empty() ? int64_t{0} : reinterpret_cast<int64_t>(list[l].data_ptr());
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    m[l] = weights[l].numel();
+    m[L + l] = address(weights, l);
+    m[2 * L + l] = address(lambdas, l);
+    m[3 * L + l] = address(grads, l);
+    m[4 * L + l] = address(lambda_grads, l);
+  }
+  std::copy(layers.begin(), layers.end(), m + 5 * L);
+  std::copy(starts.begin(), starts.end(), m + 5 * L + *n_chunks);
+  return host.to(weights[0].device(), /*non_blocking=*/true);
 }
 
 at::Tensor constraint_pass_cuda(at::TensorList weights, at::TensorList lambdas, const at::Tensor& table,
@@ -53,37 +77,17 @@ at::Tensor constraint_pass_cuda(at::TensorList weights, at::TensorList lambdas, 
                   table.size(0) == static_cast<int64_t>(weights.size()),
               "constraint_pass: table must be float32 [L, 4, K]");
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  const auto& ref = weights[0];
-  std::vector<int64_t> numels, starts;
-  std::vector<int32_t> layers;
-  for (int64_t l = 0; l < static_cast<int64_t>(weights.size()); ++l) {
-    numels.push_back(weights[l].numel());
-    for (int64_t s = 0; s < weights[l].numel(); s += kConstraintChunk) {
-      layers.push_back(static_cast<int32_t>(l));
-      starts.push_back(s);
-    }
-  }
-  const int64_t n_chunks = static_cast<int64_t>(layers.size());
-  auto partial = at::zeros({std::max<int64_t>(n_chunks, 1), 2}, ref.options().dtype(at::kDouble));
+  int64_t n_chunks = 0;
+  const auto meta = launch_table(weights, lambdas, grads, lambda_grads, &n_chunks);
+  auto partial = at::zeros({std::max<int64_t>(n_chunks, 1), 2}, weights[0].options().dtype(at::kDouble));
   if (n_chunks > 0) {
-    const auto dev_numels = at::tensor(numels, at::kLong).to(ref.device());
-    const auto dev_layers = at::tensor(layers, at::kInt).to(ref.device());
-    const auto dev_starts = at::tensor(starts, at::kLong).to(ref.device());
-    const auto w_ptrs = addresses(weights, ref), lam_ptrs = addresses(lambdas, ref);
-    const auto grad_ptrs = addresses(grads, ref), lgrad_ptrs = addresses(lambda_grads, ref);
     const auto tab = table.contiguous();
     const int k = static_cast<int>(tab.size(2));
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    CBP_CONSTRAINT_DISPATCH(ref.scalar_type(), "constraint_pass_cuda", [&] {
+    CBP_CONSTRAINT_DISPATCH(weights[0].scalar_type(), "constraint_pass_cuda", [&] {
       ConstraintKernels<scalar_t>::pass<<<static_cast<unsigned int>(n_chunks), kConstraintThreads,
-                                          kConstraintRows * k * sizeof(float), stream>>>(
-          reinterpret_cast<const unsigned long long*>(w_ptrs.data_ptr<int64_t>()),
-          reinterpret_cast<const unsigned long long*>(lam_ptrs.data_ptr<int64_t>()),
-          reinterpret_cast<const unsigned long long*>(grad_ptrs.data_ptr<int64_t>()),
-          reinterpret_cast<const unsigned long long*>(lgrad_ptrs.data_ptr<int64_t>()),
-          reinterpret_cast<const long long*>(dev_numels.data_ptr<int64_t>()), dev_layers.data_ptr<int32_t>(),
-          reinterpret_cast<const long long*>(dev_starts.data_ptr<int64_t>()), tab.data_ptr<float>(), k,
-          partial.data_ptr<double>(), grads.empty() ? 0 : 1, lambda_grads.empty() ? 0 : 1);
+                                          kConstraintRows * k * sizeof(float), c10::cuda::getCurrentCUDAStream()>>>(
+          reinterpret_cast<const long long*>(meta.data_ptr<int64_t>()), static_cast<int>(weights.size()),
+          tab.data_ptr<float>(), k, partial.data_ptr<double>());
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -4,13 +4,16 @@
 // dtype); spec: cbp_kernels/ops/constraint/reference.py. Compile with --fmad=false so that
 // grad + lam * dcs/dw rounds exactly as the reference.
 //
-// constraint_pass_SUFFIX(w_ptrs, lam_ptrs, grad_ptrs, lgrad_ptrs, numels, chunk_layer,
-//                        chunk_start, table, k, partial, has_grad, has_lgrad)
-//   ONE launch for all layers: block b handles the kConstraintChunk weights of layer
-//   chunk_layer[b] from chunk_start[b]; *_ptrs hold each layer's base address (unsigned
-//   long long, storage type), numels its size, table the [L][4][k] float constants. Per weight
-//   w, multiplier lam:  sum lam*cs(w; g), sum cs(w) (block partials, float64, into
-//   partial[2b], partial[2b+1]);  grad += lam * dcs/dw;  lambda_grad = cs(w; g).
+// constraint_pass_SUFFIX(meta, n_layers, table, k, partial)
+//   ONE launch for all L = n_layers layers, one block per chunk (gridDim.x = C chunks). meta
+//   is one int64 launch table (built by csrc/cuda/constraint.cu and, for the cupy backend,
+//   cbp_kernels/ops/constraint/_chunks.py):
+//     [ numel[L] | w[L] | lambda[L] | grad[L] | lambda_grad[L] | chunk_layer[C] | chunk_start[C] ]
+//   (base addresses of storage-type arrays; grad / lambda_grad 0 when not wanted); block b
+//   handles the kConstraintChunk weights of layer chunk_layer[b] from chunk_start[b]; table
+//   holds the [L][4][k] float constants. Per weight w, multiplier lam:  sum lam*cs(w; g),
+//   sum cs(w) (block partials, float64, into partial[2b], partial[2b+1]);
+//   grad += lam * dcs/dw;  lambda_grad = cs(w; g).
 // constraint_quantize_SUFFIX(w, out, table, k, n): out = Q(w) for one layer's table row.
 // SUFFIX / storage type: f32 / float, f16 / __half, bf16 / __nv_bfloat16. Launch with
 // kConstraintThreads threads and 4*k floats of dynamic shared memory (the table row).
@@ -56,22 +59,20 @@ __device__ __forceinline__ float constraint_block_sum(float v, float* scratch) {
 }
 
 template <typename scalar_t>
-__device__ __forceinline__ void constraint_pass_impl(
-    const unsigned long long* __restrict__ w_ptrs, const unsigned long long* __restrict__ lam_ptrs,
-    const unsigned long long* __restrict__ grad_ptrs, const unsigned long long* __restrict__ lgrad_ptrs,
-    const long long* __restrict__ numels, const int* __restrict__ chunk_layer,
-    const long long* __restrict__ chunk_start, const float* __restrict__ table, int k,
-    double* __restrict__ partial, int has_grad, int has_lgrad) {
+__device__ __forceinline__ void constraint_pass_impl(const long long* __restrict__ meta, int n_layers,
+                                                     const float* __restrict__ table, int k,
+                                                     double* __restrict__ partial) {
   __shared__ float scratch[kConstraintThreads / 32];
-  const int layer = chunk_layer[blockIdx.x];
-  const long long start = chunk_start[blockIdx.x];
-  const long long n = numels[layer];
+  const long long L = n_layers;
+  const long long layer = meta[5 * L + blockIdx.x];
+  const long long start = meta[5 * L + gridDim.x + blockIdx.x];
+  const long long n = meta[layer];
   const long long end = start + kConstraintChunk < n ? start + kConstraintChunk : n;
-  const float* row = constraint_shared_row(table + static_cast<long long>(layer) * kConstraintRows * k, k);
-  const scalar_t* w = reinterpret_cast<const scalar_t*>(w_ptrs[layer]);
-  const scalar_t* lam = reinterpret_cast<const scalar_t*>(lam_ptrs[layer]);
-  scalar_t* grad = has_grad ? reinterpret_cast<scalar_t*>(grad_ptrs[layer]) : nullptr;
-  scalar_t* lgrad = has_lgrad ? reinterpret_cast<scalar_t*>(lgrad_ptrs[layer]) : nullptr;
+  const float* row = constraint_shared_row(table + layer * kConstraintRows * k, k);
+  const scalar_t* w = reinterpret_cast<const scalar_t*>(meta[L + layer]);
+  const scalar_t* lam = reinterpret_cast<const scalar_t*>(meta[2 * L + layer]);
+  scalar_t* grad = reinterpret_cast<scalar_t*>(meta[3 * L + layer]);     // null: not wanted
+  scalar_t* lgrad = reinterpret_cast<scalar_t*>(meta[4 * L + layer]);
   float sum_l = 0.0f, sum_f = 0.0f;
 #pragma unroll 4
   for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
@@ -109,11 +110,8 @@ __device__ __forceinline__ void constraint_quantize_impl(const scalar_t* __restr
 
 #define CBP_CONSTRAINT_KERNELS(SUFFIX, TYPE)                                                                   \
   extern "C" __global__ void __launch_bounds__(cbp::kConstraintThreads) constraint_pass_##SUFFIX(              \
-      const unsigned long long* w_ptrs, const unsigned long long* lam_ptrs, const unsigned long long* grad_ptrs, \
-      const unsigned long long* lgrad_ptrs, const long long* numels, const int* chunk_layer,                     \
-      const long long* chunk_start, const float* table, int k, double* partial, int has_grad, int has_lgrad) { \
-    cbp::constraint_pass_impl<TYPE>(w_ptrs, lam_ptrs, grad_ptrs, lgrad_ptrs, numels, chunk_layer, chunk_start,  \
-                                    table, k, partial, has_grad, has_lgrad);                                   \
+      const long long* meta, int n_layers, const float* table, int k, double* partial) {                       \
+    cbp::constraint_pass_impl<TYPE>(meta, n_layers, table, k, partial);                                        \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(cbp::kConstraintThreads) constraint_quantize_##SUFFIX(          \
       const TYPE* w, TYPE* out, const float* table, int k, long long n) {                                      \

@@ -17,11 +17,12 @@ import torch
 from ..._backend import resolve_backend
 from ..bitpack import WORD_BITS, packed_size
 from ..bitpack.op import pack_along
-from ..utils import check_same_device
+from ..neuron.params import NEURONS, NeuronParams
+from ..utils import check_choice, check_finite, check_same_device
 from . import reference
 from .weight import PackedWeight
 
-__all__ = ["packed_conv2d", "packed_linear", "pack_spikes"]
+__all__ = ["packed_conv2d", "packed_conv2d_lif", "packed_linear", "pack_spikes"]
 
 _BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
 
@@ -110,6 +111,21 @@ def packed_conv2d(
         float32 ``[N, OH, OW, O]`` (NHWC).
     """
     w = _check_weight(weight_packed)
+    stride, padding, dilation = _check_conv(spikes_packed, w, stride, padding, dilation, groups)
+    check_same_device("weight_packed.planes", w.planes, bias=bias)
+    _check_channel_vector("bias", bias, w.out_features)
+    backend = resolve_backend(backend, "bitconv2d", spikes_packed.device, __package__)
+    return run(spikes_packed.contiguous(), w, bias, stride, padding, dilation, groups, backend)
+
+
+def _check_channel_vector(name: str, t, O: int) -> None:
+    if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.shape != (O,)):
+        raise ValueError(f"{name} must be a float32 tensor of shape ({O},), got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+
+
+def _check_conv(spikes_packed, w: PackedWeight, stride, padding, dilation, groups):
+    """Checks the packed spikes against the weight and the conv arguments; returns
+    (stride, padding, dilation) as pairs."""
     if len(w.shape) != 4:
         raise ValueError(f"weight_packed must hold a conv weight [O, Cg, KH, KW], got shape {w.shape}")
     if not isinstance(spikes_packed, torch.Tensor) or spikes_packed.dtype != torch.int32:
@@ -128,17 +144,13 @@ def packed_conv2d(
             f"spikes_packed has {spikes_packed.shape[-1]} words per pixel but the weight needs {words} "
             f"({groups} group(s) of {cin} input channels, ceil({cin}/32) words each)"
         )
-    check_same_device("weight_packed.planes", w.planes, spikes_packed=spikes_packed, bias=bias)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32 or bias.shape != (O,):
-            raise ValueError(f"bias must be a float32 tensor of shape ({O},), got {getattr(bias, 'dtype', type(bias))} {tuple(getattr(bias, 'shape', ()))}")
+    check_same_device("weight_packed.planes", w.planes, spikes_packed=spikes_packed)
     N, H, W, _ = spikes_packed.shape
     OH, OW = reference.output_size(H, W, KH, KW, stride, padding, dilation)
     if OH < 1 or OW < 1:
         raise ValueError(f"the output would be empty: input {H}x{W}, kernel {KH}x{KW}, stride {stride}, padding {padding}, dilation {dilation}")
     _check_tail_bits_zero(spikes_packed, cin, groups)
-    backend = resolve_backend(backend, "bitconv2d", spikes_packed.device)
-    return run(spikes_packed.contiguous(), w, bias, stride, padding, dilation, groups, backend)
+    return stride, padding, dilation
 
 
 def run(x, w: PackedWeight, bias, stride, padding, dilation, groups: int, backend: str) -> torch.Tensor:
@@ -148,6 +160,86 @@ def run(x, w: PackedWeight, bias, stride, padding, dilation, groups: int, backen
     if torch.compiler.is_compiling():
         return _bitconv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups, backend)
     return _impl(backend).conv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups)
+
+
+_FUSED_BACKENDS = ("reference", "cpu")
+
+
+def packed_conv2d_lif(
+    spikes_packed: torch.Tensor,
+    weight_packed: PackedWeight,
+    T: int,
+    channel_scale: torch.Tensor | None = None,
+    channel_shift: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    neuron: str = "lif",
+    tau: float = 2.0,
+    v_threshold: float = 1.0,
+    v_reset: float | None = 0.0,
+    decay_input: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed convolution with the fused epilogue: per-channel affine, the IF / LIF neuron
+    over T timesteps and packing of the output spikes, so a chain of packed layers never
+    writes float activations.
+
+    ``y[t] = float32(c[t]) * channel_scale + channel_shift`` (c the exact integer count of
+    ``packed_conv2d``), then SpikingJelly's multi-step neuron on y from ``v_reset`` (0 for
+    the soft reset), bit for bit ``multistep_neuron(y, ...)`` (see ``reference.conv2d_lif``).
+    A BatchNorm after the conv folds into the affine: ``channel_scale = s * g / sqrt(var + eps)``,
+    ``channel_shift = (bias - mean) * g / sqrt(var + eps) + beta``.
+
+    Args:
+        spikes_packed: int32 ``[T*N, H, W, groups * Wg]`` (t major), as ``packed_conv2d``.
+        weight_packed: a packed ``[O, C/groups, KH, KW]`` weight.
+        T: the timesteps folded into the batch.
+        channel_scale: float32 ``[O]``; default the weight's scale.
+        channel_shift: float32 ``[O]``; default 0.
+        stride, padding, dilation, groups: as ``packed_conv2d`` (groups > 1 needs
+            ``O / groups`` to be a multiple of 32).
+        neuron: ``"lif"`` or ``"if"``; tau (> 1), v_threshold, v_reset (None: soft reset),
+            decay_input: as ``multistep_neuron``.
+        backend: ``"auto"``, ``"cpu"`` or ``"reference"`` (no GPU kernel yet: CUDA tensors
+            run the reference).
+
+    Returns:
+        ``(spikes int32 [T*N, OH, OW, ceil(O/32)] packed like the input of the next layer,
+        v_last float32 [N, OH, OW, O])``.
+    """
+    w = _check_weight(weight_packed)
+    stride, padding, dilation = _check_conv(spikes_packed, w, stride, padding, dilation, groups)
+    O = w.out_features
+    if not isinstance(T, int) or T < 1 or spikes_packed.shape[0] % T:
+        raise ValueError(f"T must be an int >= 1 dividing the batch {spikes_packed.shape[0]} (T*N), got {T!r}")
+    if groups > 1 and (O // groups) % WORD_BITS:
+        raise ValueError(f"groups > 1 needs O / groups to be a multiple of 32 (packed output words), got {O // groups}")
+    dev = spikes_packed.device
+    mul = torch.full((O,), w.scale, dtype=torch.float32, device=dev) if channel_scale is None else channel_scale
+    add = torch.zeros(O, dtype=torch.float32, device=dev) if channel_shift is None else channel_shift
+    _check_channel_vector("channel_scale", mul, O)
+    _check_channel_vector("channel_shift", add, O)
+    check_same_device("spikes_packed", spikes_packed, channel_scale=mul, channel_shift=add)
+    check_choice("neuron", neuron, ("if", "lif"))
+    v_threshold = check_finite("v_threshold", v_threshold)
+    if v_reset is not None and not v_threshold > check_finite("v_reset", v_reset):
+        raise ValueError(f"v_threshold ({v_threshold}) must be greater than v_reset ({v_reset})")
+    if neuron == "lif" and not check_finite("tau", tau) > 1:
+        raise ValueError(f"tau must be > 1 for LIF neurons, got {tau}")
+    decay = 1.0 if neuron == "if" else float(torch.tensor(1.0 / tau, dtype=torch.float32))
+    p = NeuronParams(v_threshold, v_reset, NEURONS[neuron], bool(decay_input))
+    requested = backend
+    backend = resolve_backend(backend, "bitconv2d_lif", dev, __package__)
+    if backend not in _FUSED_BACKENDS:
+        if requested != "auto":
+            raise RuntimeError(f"packed_conv2d_lif runs on the backends {_FUSED_BACKENDS}, not {backend!r}")
+        backend = "reference"
+    impl = reference if backend == "reference" else _impl(backend)
+    return impl.conv2d_lif(spikes_packed.contiguous(), w.planes, mul.contiguous(), add.contiguous(), stride, padding,
+                           dilation, groups, T, decay, p)
 
 
 def packed_linear(

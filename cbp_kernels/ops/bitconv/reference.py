@@ -12,6 +12,7 @@ every ``scale * partial sum`` is exact in float32, e.g. a power-of-two scale wit
 |c| * 2^(mantissa bits of the scale) < 2^24 (the tests check both).
 
 Shapes: x int32 [N, H, W, G*Wg], planes int32 [P, O, KH, KW, Wg] -> float32 [N, OH, OW, O].
+``conv2d_lif`` is the fused epilogue (affine + neuron + packing of the output spikes).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..bitpack import reference as bits
+from ..neuron import reference as neuron
+from ..neuron.params import NeuronParams
 from .weight import weight_levels
 
 
@@ -64,14 +67,30 @@ class Geometry(NamedTuple):
         return torch.empty(self.N, self.OH, self.OW, self.groups * self.out_per_group, dtype=torch.float32, device=x.device)
 
 
-def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
+def count(x, planes, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """The exact integer count c as float32 NHWC [N, OH, OW, O]."""
     N, H, W, Cw = x.shape
     Wg = planes.shape[-1]
     cin = Wg * bits.WORD_BITS  # every bit of the words: the zero tail bits add nothing
     spikes = bits.unpack(x.reshape(-1, Wg), cin, torch.float64).reshape(N, H, W, groups * cin).permute(0, 3, 1, 2)
     q = weight_levels(planes, cin, torch.float64)
-    count = F.conv2d(spikes, q, None, stride, padding, dilation, groups)
-    out = count.to(torch.float32) * torch.tensor(scale, dtype=torch.float32, device=x.device)
+    return F.conv2d(spikes, q, None, stride, padding, dilation, groups).to(torch.float32).permute(0, 2, 3, 1)
+
+
+def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
+    out = count(x, planes, stride, padding, dilation, groups) * torch.tensor(scale, dtype=torch.float32, device=x.device)
     if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out.permute(0, 2, 3, 1).contiguous()
+        out = out + bias
+    return out.contiguous()
+
+
+def conv2d_lif(x, planes, mul, add, stride, padding, dilation, groups: int, T: int, decay: float, p: NeuronParams):
+    """The fused epilogue: y = float32(c) * mul + add, the neuron over T (x's batch is T*N,
+    t major; the neuron's reference), the spikes packed along the channels.
+    Returns (int32 [T*N, OH, OW, ceil(O/32)], v_last float32 [N, OH, OW, O])."""
+    y = count(x, planes, stride, padding, dilation, groups) * mul + add
+    y_seq = y.unflatten(0, (T, -1))
+    v_init = torch.full(y_seq.shape[1:], p.reset_value, dtype=torch.float32, device=x.device)
+    spikes, v_last, _ = neuron.forward(y_seq, v_init, torch.tensor(decay, dtype=torch.float32, device=x.device), p)
+    words = bits.pack_rows(spikes.reshape(-1, y.shape[-1])).reshape(*y.shape[:-1], -1)
+    return words, v_last

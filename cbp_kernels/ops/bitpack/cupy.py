@@ -1,37 +1,33 @@
 """The `cupy` backend of bit packing: the kernels of csrc/cuda/bitconv.cuh (the same source
 the `cuda` backend compiles), JIT-compiled by CuPy's NVRTC. Same signature as ``reference``.
-``module()`` also serves the bit-packed convolution (ops/bitconv/cupy.py)."""
+``launch`` also serves the bit-packed convolution (ops/bitconv/cupy.py)."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import cupy
 import torch
 
+from .._cuda_source import cuda_source
 from .reference import WORD_BITS, count_non_binary
 
 _THREADS = 256
-
-
-def _csrc_dir() -> Path:
-    """csrc/ of the checkout, else the copy setup.py ships in the package (cbp_kernels/_csrc)."""
-    package = Path(__file__).resolve().parents[2]
-    for root in (package.parent / "csrc", package / "_csrc"):
-        if (root / "cuda" / "bitconv.cuh").is_file():
-            return root
-    raise FileNotFoundError("csrc/cuda/bitconv.cuh not found in the checkout or the package")
+# --fmad=false: float(c) * scale + bias stays two roundings (no FMA), as the reference.
+NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
 
 
 @functools.lru_cache(maxsize=None)
-def module() -> cupy.RawModule:
-    return cupy.RawModule(code='#include "cuda/bitconv.cuh"\n', options=("-std=c++17", f"-I{_csrc_dir()}"))
+def _module(device_index: int) -> cupy.RawModule:
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(code=cuda_source("bitconv"), options=NVRTC_OPTIONS)
 
 
 def launch(name: str, n: int, *args) -> None:
-    """Runs kernel ``name`` with one thread per item over ``n`` items on torch's current stream."""
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        module().get_function(name)(((n + _THREADS - 1) // _THREADS,), (_THREADS,), args)
+    """Runs kernel ``name`` of csrc/cuda/bitconv.cuh with one thread per item over ``n``
+    items on torch's current stream."""
+    device = torch.cuda.current_device()
+    with cupy.cuda.Device(device), cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        _module(device).get_function(name)(((n + _THREADS - 1) // _THREADS,), (_THREADS,), args)
 
 
 def as_cupy(t: torch.Tensor) -> cupy.ndarray:

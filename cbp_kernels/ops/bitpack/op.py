@@ -101,7 +101,7 @@ def pack_along(x, dim, *, threshold=None, backend: str = "auto", name: str) -> t
     dim = _check_dim(dim, x.dim())
     if threshold is not None:
         x = x >= check_finite("threshold", threshold)
-    backend = resolve_backend(backend, "bitpack", x.device)
+    backend = resolve_backend(backend, "bitpack", x.device, __package__)
     moved = x.movedim(dim, -1)
     # [B, R, C]: a view whenever the leading dims merge (e.g. NCHW packed along C), so the
     # kernel reads the strided values without a copy.
@@ -137,7 +137,7 @@ def bitunpack(
     dim = _check_dim(dim, words.dim())
     if not isinstance(size, int) or packed_size(size) != words.shape[dim] or size < 0:
         raise ValueError(f"size must be an int with ceil(size/32) == words.shape[{dim}] = {words.shape[dim]}, got {size!r}")
-    backend = resolve_backend(backend, "bitunpack", words.device)
+    backend = resolve_backend(backend, "bitunpack", words.device, __package__)
     moved = words.movedim(dim, -1)
     rows = moved.reshape(-1, moved.shape[-1]).contiguous()
     if torch.compiler.is_compiling():

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .._cuda_source import cuda_source
-from ._chunks import addresses, chunk_table
+from ._chunks import launch_table
 
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")  # no mul+add contraction: grads round as the reference's
 THREADS = 256  # kConstraintThreads in csrc/cuda/constraint.cuh
@@ -45,16 +45,12 @@ def _launch(name: str, device: torch.device, grid: int, shared: int, args: tuple
 
 
 def constraint_pass(weights, lambdas, table, grads, lambda_grads):
-    device = weights[0].device
-    numels, chunk_layer, chunk_start = chunk_table(weights, CHUNK, device)
-    partial = torch.zeros(max(chunk_layer.numel(), 1), 2, dtype=torch.float64, device=device)
+    meta, n_chunks = launch_table(weights, lambdas, grads, lambda_grads, CHUNK)
+    partial = torch.zeros(max(n_chunks, 1), 2, dtype=torch.float64, device=weights[0].device)
     k = table.shape[2]
-    if chunk_layer.numel():
-        _launch(f"constraint_pass_{_SUFFIX[weights[0].dtype]}", device, chunk_layer.numel(), 16 * k, (
-            addresses(weights, device), addresses(lambdas, device), addresses(grads, device),
-            addresses(lambda_grads, device), numels, chunk_layer, chunk_start, table.contiguous(), np.int32(k),
-            partial, np.int32(bool(grads)), np.int32(bool(lambda_grads)),
-        ))
+    if n_chunks:
+        _launch(f"constraint_pass_{_SUFFIX[weights[0].dtype]}", weights[0].device, n_chunks, 16 * k,
+                (meta, np.int32(len(weights)), table.contiguous(), np.int32(k), partial))
     return partial.sum(0)
 
 
