@@ -15,7 +15,7 @@ from cbp_kernels import LIFConv2d, convert
 from cbp_kernels.nn import IF, LIF, PLIF
 from cbp_kernels.nn.lifconv import SpikeConv2dFunction, compact_saved_tensors
 
-from conftest import assert_close
+from conftest import GRAD_TOL, assert_close
 
 SJ_NEURONS = {"if": neuron.IFNode, "lif": neuron.LIFNode, "plif": neuron.ParametricLIFNode}
 
@@ -176,6 +176,26 @@ def test_compact_spikes_lower_training_peak_memory():
     assert saved >= (LAYERS - 2 - 0.5) * spike_bytes, f"peak {peaks[True]} vs {peaks[False]} bytes"
     for a, b in zip(grads[True], grads[False]):
         assert_close(a, b, 1e-5, 1e-5, "weight grad with compact saving")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_input_and_low_precision(dtype):
+    torch.manual_seed(0)
+    m = LIFConv2d(4, 6, 3, padding=1, neuron="plif").to(dtype)
+    x = (torch.rand(3, 2, 9, 7, 4) > 0.5).to(dtype).permute(0, 1, 4, 2, 3)  # [T, N, C, H, W] strided
+    outs = []
+    for inp in (x, x.contiguous()):
+        inp = inp.clone().requires_grad_() if inp.is_contiguous() else inp.requires_grad_()
+        y = m(inp)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)).sum().backward()
+        outs.append((y, m.weight.grad.clone(), m.neuron.w.grad.clone()))
+        m.weight.grad = m.neuron.w.grad = None
+        m.reset()
+    assert outs[0][0].dtype == dtype
+    assert torch.equal(outs[0][0], outs[1][0])
+    atol, rtol = GRAD_TOL[dtype]
+    assert_close(outs[0][1], outs[1][1], 10 * atol, rtol, "grad weight")  # sums of up to 162 terms
+    assert_close(outs[0][2], outs[1][2], 10 * atol, rtol, "grad plif w")
 
 
 def test_stateful_between_calls_and_reset():

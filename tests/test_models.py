@@ -5,6 +5,7 @@ paper's tables, and bad checkpoints."""
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import types
 
@@ -85,6 +86,24 @@ def test_spiking_resnet18_matches_spikingjelly(sj):
     theirs = _randomize(_sj_model(sj, "spiking_resnet18", num_classes=10))
     ours = load_checkpoint(models.spiking_resnet18(num_classes=10), theirs.state_dict())
     _compare(ours, theirs, sj, torch.rand(2, 1, 3, 32, 32) * 2)
+
+
+def test_convert_spikingjelly_sew_resnet(sj):
+    """convert() on SpikingJelly's own SEW-ResNet-18: every conv-BN-IF chain fused (the
+    downsample's conv-BN with its downsample_sn), same outputs and gradients."""
+    torch.manual_seed(4)
+    theirs = _randomize(_sj_model(sj, "sew_resnet18", cnf="IAND", num_classes=10))
+    ours = cbp_kernels.convert(copy.deepcopy(theirs))
+    fused = [m for m in ours.modules() if isinstance(m, cbp_kernels.LIFConv2d)]
+    assert len(fused) == 1 + 8 * 2 + 3 and all(m.neuron is not None for m in fused)
+    x = torch.rand(2, 1, 3, 32, 32) * 2
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    ya.sum().backward()
+    yb.sum().backward()
+    assert_close(ya, yb, 1e-4, 1e-4, "output")
+    assert_close(xa.grad, xb.grad, 1e-4, 1e-3, "grad input")
+    assert_close(ours.layer2[0].conv1.weight.grad, theirs.layer2[0].conv1.weight.grad, 1e-4, 1e-3, "grad conv")
 
 
 @pytest.mark.parametrize("name", ["sew_resnet18", "sew_resnet34", "sew_resnet50", "sew_resnet101", "sew_resnet152",

@@ -90,7 +90,8 @@ def _chains_from_graph(model, is_conv, is_bn, is_neuron):
         if not is_conv(model.get_submodule(name)) or len(node.users) != 1:
             continue
         bn_node = next(iter(node.users))
-        if bn_node.op != "call_module" or bn_node.target not in single or not is_bn(model.get_submodule(bn_node.target)):
+        if (bn_node.op != "call_module" or bn_node.target not in single
+                or not is_bn(model.get_submodule(bn_node.target))):
             continue
         sn_name = None
         if len(bn_node.users) == 1:

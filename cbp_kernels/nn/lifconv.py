@@ -9,9 +9,10 @@ What it does differently from that composition (same numbers, less memory and ti
 - the neuron is the fused op ``cbp_kernels.ops.multistep_neuron`` (IF / LIF / PLIF);
 - tensors saved for the backward that hold spikes are stored compactly: {0, 1} tensors at
   1 bit per element (``cbp_kernels.ops.bitpack``: 32 spikes per int32 word), small
-  non-negative integers (SEW ADD sums) at 8 bits; the convolution's own saved input goes through ``SpikeConv2dFunction``, the
-  neuron's saved copy of its spikes through ``run_neuron_saving_packed_spikes``. Output
-  spikes are marked (``mark_spikes``) so the next layer packs them without a value check.
+  non-negative integers (SEW ADD sums) at 8 bits. The convolution's own saved input goes
+  through ``SpikeConv2dFunction``, the neuron's saved copy of its spikes through
+  ``run_neuron_saving_packed_spikes``; output spikes are marked (``mark_spikes``) with their
+  packed copy, which the next layer saves instead of packing again.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from ..ops.bitpack import bitpack, bitunpack
 from .neuron import IF, LIF, PLIF
 from .packed import PackedConv2d
 
-__all__ = ["LIFConv2d", "PackedLIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "mark_spikes", "packed_if_spikes",
-           "run_neuron_saving_packed_spikes"]
+__all__ = ["LIFConv2d", "PackedLIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "mark_spikes",
+           "packed_if_spikes", "run_neuron_saving_packed_spikes"]
 
 _NEURONS = {"if": IF, "lif": LIF, "plif": PLIF}
 
