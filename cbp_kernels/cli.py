@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="CBP hyper-parameters of a row of the paper's Table 4: "
                                       f"{', '.join(sorted(PRESETS))} (default: the digits demo's settings)")
     run.add_argument("--epochs", type=int, help="CBP epochs per level set (default: the preset's)")
-    run.add_argument("--pretrain-epochs", type=int, help="FP32 pre-training epochs when no checkpoint is given (default 4)")
+    run.add_argument("--pretrain-epochs", type=int,
+                     help="FP32 pre-training epochs when no checkpoint is given (default 4)")
     run.add_argument("--pretrain-lr", type=float, help="Adam learning rate of the FP32 pre-training (default 1e-2)")
     run.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
     run.add_argument("--timesteps", type=int, help="T, timesteps per sample (default: the preset's / the data's)")
@@ -396,7 +397,8 @@ def _run(args) -> int:
     if args.resume:
         explicit = [k for k, v in vars(args).items() if k in RUN_DEFAULTS and v is not None]
         if explicit:
-            raise CLIError(f"--resume continues with the run's saved config; drop {['--' + k.replace('_', '-') for k in explicit]}")
+            flags = ["--" + k.replace("_", "-") for k in explicit]
+            raise CLIError(f"--resume continues with the run's saved config; drop {flags}")
         path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(path):
             raise CLIError(f"--resume {args.resume}: no config.json there (not a run directory)")
@@ -514,7 +516,8 @@ def _cbp_stage(label, levels, fp32_model, cfg, train, test, dist, run_dir, say) 
     packed_note = (f"packed {result['packed_accuracy']:.2f}%, "
                    f"{'same' if result['same_predictions'] else str(result['mismatches']) + ' different'} predictions"
                    if "export" in result else "levels not packable: no popcount model / export")
-    say(f"CBP {label}: accuracy {result['accuracy']:.2f}% ({packed_note}), CFS {cfs_trained:.3g} -> {result['cfs']:.3g}")
+    say(f"CBP {label}: accuracy {result['accuracy']:.2f}% ({packed_note}), "
+        f"CFS {cfs_trained:.3g} -> {result['cfs']:.3g}")
     return result
 
 
@@ -522,7 +525,8 @@ def _weight_bits(model: nn.Module, levels: list[float] | None = None, quantized:
     """The paper's weight memory: quantized layers at ceil(log2 |Q|) bits, the rest FP32."""
     from .memory import memory_report
 
-    fp32 = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and n not in quantized]
+    weight_layers = (nn.modules.conv._ConvNd, nn.Linear)
+    fp32 = [n for n, m in model.named_modules() if isinstance(m, weight_layers) and n not in quantized]
     return memory_report(model, levels, fp32_layers=fp32, print_table=False).total_bits
 
 

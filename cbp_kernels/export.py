@@ -77,8 +77,9 @@ def pack_model(model: nn.Module, layers: dict[str, str | None]) -> nn.Module:
     for name, levels in layers.items():
         layer = model.get_submodule(name)
         if any(True for _ in layer.children()):  # e.g. LIFConv2d's BN + neuron: a bare packed conv would drop them
-            raise NotImplementedError(f"layer {name!r} ({type(layer).__name__}) holds submodules "
-                                      f"{[n for n, _ in layer.named_children()]}: only plain Conv2d / Linear layers pack")
+            children = [n for n, _ in layer.named_children()]
+            raise NotImplementedError(f"layer {name!r} ({type(layer).__name__}) holds submodules {children}: "
+                                      f"only plain Conv2d / Linear layers pack")
         cls = PackedConv2d if isinstance(layer, nn.Conv2d) else PackedLinear
         model.set_submodule(name, cls.from_float(layer, levels))
     return model
@@ -134,7 +135,8 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
 def read_metadata(path: str | os.PathLike) -> dict:
     """The user metadata given to ``save_packed`` (plus ``arch`` and ``packed``: the layers)."""
     _, header = _read(path)
-    return {**json.loads(header["metadata"]), "arch": json.loads(header["arch"]), "packed": json.loads(header["packed"])}
+    return {**json.loads(header["metadata"]), "arch": json.loads(header["arch"]),
+            "packed": json.loads(header["packed"])}
 
 
 def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:

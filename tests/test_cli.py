@@ -123,12 +123,14 @@ def test_resume_after_sigkill_is_exact(default_run, tmp_path, capsys):
     resumed = _cli("run", "--resume", str(out))
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    mine, ref = torch.load(checkpoint, weights_only=True), torch.load(default_run / "binary" / "last.pt", weights_only=True)
+    mine = torch.load(checkpoint, weights_only=True)
+    ref = torch.load(default_run / "binary" / "last.pt", weights_only=True)
     for key, value in ref["model"].items():
         assert torch.equal(mine["model"][key], value), key
     assert all(torch.equal(a, b) for a, b in zip(mine["lambdas"], ref["lambdas"]))
     assert mine["schedule"] == ref["schedule"] and mine["epoch"] == ref["epoch"] == 2
-    a, b = load_file(str(out / "binary" / "model.safetensors")), load_file(str(default_run / "binary" / "model.safetensors"))
+    a = load_file(str(out / "binary" / "model.safetensors"))
+    b = load_file(str(default_run / "binary" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1]  # no epoch recorded twice
@@ -171,7 +173,8 @@ def test_run_on_npz_frames_with_a_custom_level_set(tmp_path, capsys):
     assert rows[1]["weight_bits"] == 41472 + 32 * 672 and rows[2]["weight_bits"] == 2 * 41472 + 32 * 672
     assert rows[2]["cfs"] == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["timesteps"] == 3 and config["arch"]["kwargs"] == {"num_classes": 3, "in_channels": 2, "image_size": 6}
+    assert config["timesteps"] == 3
+    assert config["arch"]["kwargs"] == {"num_classes": 3, "in_channels": 2, "image_size": 6}
     assert "levels-2_-1_0_1" in capsys.readouterr().out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -75,7 +76,8 @@ def test_imagefolder_png_tree(tmp_path, monkeypatch, torchvision):
     # centre crop + normalisation of the test split, recomputed by hand from the file
     from PIL import Image
 
-    img = Image.open(root / "val" / "dog" / "1.png").convert("RGB").resize((10, 9), Image.BILINEAR)  # shorter side 10 -> round(8 * 256 / 224) = 9
+    # 12x10 image: the shorter side 10 -> round(8 * 256 / 224) = 9, so 10x9, then the centre 8x8
+    img = Image.open(root / "val" / "dog" / "1.png").convert("RGB").resize((10, 9), Image.BILINEAR)
     ref = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()[:, 0:8, 1:9] / 255
     mean, std = torch.tensor(imagefolder_mod.IMAGENET_MEAN), torch.tensor(imagefolder_mod.IMAGENET_STD)
     torch.testing.assert_close(x, (ref - mean.view(3, 1, 1)) / std.view(3, 1, 1))
@@ -123,7 +125,8 @@ def test_cifar100_pickles(tmp_path):
     base.mkdir()
     for name, n in (("train", 6), ("test", 3)):
         with open(base / name, "wb") as f:
-            pickle.dump({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": [99] * n, b"coarse_labels": [0] * n}, f)
+            batch = {b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": [99] * n, b"coarse_labels": [0] * n}
+            pickle.dump(batch, f)
     test = get_dataset("cifar100", str(tmp_path), "test")
     assert (len(test), test.num_classes, test[0][1]) == (3, 100, 99)
 
@@ -195,14 +198,52 @@ def test_npz_errors(tmp_path):
         get_dataset("npz", str(tmp_path), num_classes=1)
 
 
-def test_dvs_through_spikingjelly_errors(tmp_path):
+class _FakeSJFrames:
+    """Stands in for SpikingJelly's frame data sets (which need torchvision): records the
+    arguments, yields ([T, 2, 4, 4] uint8 frames, label) like them."""
+
+    calls: list = []
+
+    def __init__(self, root, train=None, data_type="event", frames_number=None, split_by=None):
+        type(self).calls.append(dict(root=root, train=train, data_type=data_type, frames_number=frames_number,
+                                     split_by=split_by))
+        self.targets = [i % 2 for i in range(20)]
+        self.T = frames_number
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return np.full((self.T, 2, 4, 4), i, dtype=np.uint8), self.targets[i]
+
+
+def test_dvs_through_spikingjelly_classes(tmp_path, monkeypatch):
+    import types
+
+    fake = types.ModuleType("spikingjelly.datasets")
+    fake.dvs128_gesture = types.SimpleNamespace(DVS128Gesture=_FakeSJFrames)
+    fake.cifar10_dvs = types.SimpleNamespace(CIFAR10DVS=_FakeSJFrames)
+    monkeypatch.setitem(sys.modules, "spikingjelly.datasets", fake)
+    _FakeSJFrames.calls = []
+    gesture = get_dataset("dvs-gesture", str(tmp_path), "test")
+    assert _FakeSJFrames.calls[-1] == dict(root=str(tmp_path), train=False, data_type="frame", frames_number=16,
+                                           split_by="number")
+    x, y = gesture[3]
+    assert x.shape == (16, 2, 4, 4) and x.dtype == torch.float32 and float(x[0, 0, 0, 0]) == 3 and y == 1
+    assert (gesture.num_classes, gesture.timesteps, gesture.static) == (11, 16, False)
+    train = get_dataset("cifar10-dvs", str(tmp_path), "train", timesteps=8)
+    test = get_dataset("cifar10-dvs", str(tmp_path), "test", timesteps=8)
+    assert _FakeSJFrames.calls[-1]["frames_number"] == 8 and train.num_classes == 10
+    # 10 samples per class: the first 9 of each class train, the last one tests
+    assert (len(train), len(test)) == (18, 2) and [int(test[i][0][0, 0, 0, 0]) for i in range(2)] == [18, 19]
     with pytest.raises(FileNotFoundError, match="missing_root"):
         get_dataset("dvs-gesture", str(tmp_path / "missing_root"))
-    try:
-        import spikingjelly.datasets  # noqa: F401  (needs torchvision)
-    except ImportError:
-        with pytest.raises(ImportError, match="npz"):
-            get_dataset("cifar10-dvs", str(tmp_path))
+
+
+def test_dvs_without_spikingjelly_datasets(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spikingjelly.datasets", None)  # as when torchvision is missing
+    with pytest.raises(ImportError, match="--data npz"):
+        get_dataset("cifar10-dvs", str(tmp_path))
 
 
 def test_registry_arguments():

@@ -54,7 +54,8 @@ def _needs_root(name: str, build: Callable) -> Callable:
 # name -> build(root, split, timesteps, **options) -> Dataset
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": _digits,
-    "imagefolder": _needs_root("imagefolder", lambda r, s, t, **o: ImageFolderDataset(r, s, t if t is not None else 4, **o)),
+    "imagefolder": _needs_root("imagefolder",
+                               lambda r, s, t, **o: ImageFolderDataset(r, s, t if t is not None else 4, **o)),
     "cifar10": _needs_root("cifar10", lambda r, s, t, **o: cifar_dataset(r, s, t, num_classes=10, **o)),
     "cifar100": _needs_root("cifar100", lambda r, s, t, **o: cifar_dataset(r, s, t, num_classes=100, **o)),
     "dvs-gesture": _needs_root("dvs-gesture", lambda r, s, t, **o: dvs_dataset("dvs-gesture", r, s, t, **o)),

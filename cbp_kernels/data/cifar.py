@@ -62,7 +62,8 @@ class CIFARDataset(Dataset):
         self.labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         bad = (self.labels < 0) | (self.labels >= num_classes)
         if bad.any():
-            raise ValueError(f"CIFAR-{num_classes} {base!r}: label {int(self.labels[bad][0])} is outside 0..{num_classes - 1}")
+            raise ValueError(f"CIFAR-{num_classes} {base!r}: label {int(self.labels[bad][0])} "
+                             f"is outside 0..{num_classes - 1}")
         self.num_classes, self.timesteps = num_classes, timesteps
         self.augment = split == "train" if augment is None else augment
         self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)

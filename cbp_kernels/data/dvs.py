@@ -12,7 +12,8 @@ from torch.utils.data import Dataset, Subset
 __all__ = ["FramesDataset", "dvs_dataset", "npz_dataset", "DVS_TIMESTEPS"]
 
 DVS_TIMESTEPS = 16  # the frame count of the paper's DVS runs (Table 4: Steps 16)
-_CIFAR10_DVS_TRAIN_RATIO = 0.9  # CIFAR10-DVS ships no split: the first 90 % of each class train, as SpikingJelly's split
+# CIFAR10-DVS ships no split: the first 90 % of each class train, as SpikingJelly's split.
+_CIFAR10_DVS_TRAIN_RATIO = 0.9
 
 
 class FramesDataset(Dataset):
@@ -68,11 +69,13 @@ def _read_npz(path: str, timesteps: int | None) -> tuple[np.ndarray, np.ndarray]
     if len(labels) and labels.min() < 0:
         raise ValueError(f"frame file {path!r}: negative label {int(labels.min())}")
     if timesteps is not None and frames.shape[1] != timesteps:
-        raise ValueError(f"frame file {path!r} holds T={frames.shape[1]} frames per sample, timesteps={timesteps} asked")
+        raise ValueError(f"frame file {path!r} holds T={frames.shape[1]} frames per sample, "
+                         f"timesteps={timesteps} asked")
     return frames, labels.astype(np.int64)
 
 
-def npz_dataset(root: str, split: str = "train", timesteps: int | None = None, num_classes: int | None = None) -> FramesDataset:
+def npz_dataset(root: str, split: str = "train", timesteps: int | None = None,
+                num_classes: int | None = None) -> FramesDataset:
     """Frames from ``root/{split}.npz`` (``root`` a directory holding ``train.npz`` and
     ``test.npz``) or from ``root`` itself when it is one ``.npz`` file (then every split
     reads it). ``num_classes`` defaults to the largest label + 1 (of both splits' files)."""
@@ -82,7 +85,8 @@ def npz_dataset(root: str, split: str = "train", timesteps: int | None = None, n
     elif os.path.isfile(root):
         path, others = root, [root]
     else:
-        raise FileNotFoundError(f"npz data path {root!r} is neither a .npz file nor a directory holding train.npz/test.npz")
+        raise FileNotFoundError(f"npz data path {root!r} is neither a .npz file nor a directory holding "
+                                f"train.npz / test.npz")
     frames, labels = _read_npz(path, timesteps)
     if num_classes is None:
         with_labels = [labels] + [_read_npz(p, None)[1] for p in others if p != path and os.path.isfile(p)]

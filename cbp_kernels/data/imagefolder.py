@@ -41,7 +41,8 @@ def _scan(split_root: str) -> tuple[list[str], list[tuple[str, int]]]:
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_root, name)
         for dirpath, _, files in sorted(os.walk(class_dir, followlinks=True)):
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            images = [f for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            samples += [(os.path.join(dirpath, f), label) for f in images]
     if not samples:
         raise FileNotFoundError(f"ImageFolder {split_root!r} has no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                                 f"in its class directories {classes}")
@@ -70,7 +71,10 @@ class _PILTransform:
 
         w, h = img.size
         short, size = min(w, h), self.image_size
-        new_w, new_h = (self.resize, int(self.resize * h / w)) if w == short else (int(self.resize * w / h), self.resize)
+        if w == short:
+            new_w, new_h = self.resize, int(self.resize * h / w)
+        else:
+            new_w, new_h = int(self.resize * w / h), self.resize
         img = img.resize((new_w, new_h), Image.BILINEAR)
         if new_w < size or new_h < size:
             raise ValueError(f"image_size {size} exceeds the resized image {new_w}x{new_h}")
@@ -105,7 +109,8 @@ class ImageFolderDataset(Dataset):
         self.num_classes, self.timesteps = len(self.classes), timesteps
         augment = split == "train" if augment is None else augment
         resize = int(round(image_size * 256 / 224))
-        self.transform = _torchvision_transform(image_size, resize, augment) or _PILTransform(image_size, resize, augment)
+        self.transform = (_torchvision_transform(image_size, resize, augment)
+                          or _PILTransform(image_size, resize, augment))
 
     def __len__(self) -> int:
         return len(self.samples)
