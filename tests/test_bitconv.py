@@ -316,19 +316,16 @@ def test_packed_conv2d_module(levels):
 
 
 def test_packed_from_quantized_layer_and_levels_argument():
-    class QuantStub(nn.Conv2d):  # the interface of cbp_kernels.nn.QuantConv2d
-        def __init__(self):
-            super().__init__(33, 12, 3, padding=1, bias=False)
-            self.register_buffer("levels", torch.tensor([-1.0, 0.0, 1.0]))
-            self.register_buffer("weight_scale", torch.tensor(0.3))
+    from cbp_kernels.nn import QuantConv2d, QuantLinear
 
-        def quantized_weight(self):
-            return torch.round(torch.clamp(self.weight / self.weight_scale, -1, 1)) * self.weight_scale
-
-    layer = QuantStub()
+    layer = QuantConv2d.from_float(nn.Conv2d(33, 12, 3, padding=1, bias=False), torch.tensor([-1.0, 0.0, 1.0]))
     m = PackedConv2d.from_float(layer)
     x = _spikes((2, 33, 6, 6))
-    torch.testing.assert_close(m(x), F.conv2d(x, layer.quantized_weight(), None, 1, 1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m(x), layer(x), atol=1e-6, rtol=1e-6)
+    lin = QuantLinear.from_float(nn.Linear(70, 9), torch.tensor([-1.0, 1.0]))
+    ml = PackedLinear.from_float(lin)
+    assert ml.levels == "binary"
+    torch.testing.assert_close(ml(x.flatten(1)[:, :70]), lin(x.flatten(1)[:, :70]), atol=1e-6, rtol=1e-6)
     assert m.levels == "ternary"
     binary = _float_conv("binary", padding=1)
     assert PackedConv2d.from_float(binary, levels="ternary").levels == "ternary"
