@@ -10,3 +10,4 @@ __all__ = ["SEWResNet", "sew_resnet18", "sew_resnet34", "sew_resnet50", "sew_res
            "spiking_resnet18", "spiking_resnet34", "spiking_resnet50", "spiking_resnet101", "spiking_resnet152",
            "PlanNet", "PLANS", "SEWBlock", "seven_b_net", "wide_seven_b_net", "alexnet", "conv7_fc3", "vgg16",
            "interop"]
+from .digits_net import DigitsNet  # noqa: E402  (the digits demo's net, cbp_kernels.cli)

@@ -4,5 +4,7 @@ from .lifconv import LIFConv2d
 from .neuron import IF, LIF, PLIF
 from .packed import PackedConv2d, PackedLinear
 from .quantized import QuantConv2d, QuantLinear
+from .sigmoid_quant import SigmoidQuantConv2d, SigmoidQuantLinear
 
-__all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "convert", "QuantConv2d", "QuantLinear", "PackedConv2d", "PackedLinear"]
+__all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "convert", "QuantConv2d", "QuantLinear", "PackedConv2d", "PackedLinear",
+           "SigmoidQuantConv2d", "SigmoidQuantLinear"]
