@@ -72,14 +72,17 @@ def pack_model(model: nn.Module, layers: dict[str, str | None]) -> nn.Module:
     its weights on the levels, e.g. after ``CBPQuantizer.finalize()``) by
     ``PackedConv2d`` / ``PackedLinear.from_float(layer, levels)``; ``layers`` maps each name
     to ``"binary"`` / ``"ternary"`` (None: taken from the layer). Returns ``model``."""
-    from .nn import PackedConv2d, PackedLinear
+    from .nn import LIFConv2d, PackedConv2d, PackedLinear
 
     for name, levels in layers.items():
         layer = model.get_submodule(name)
-        if any(True for _ in layer.children()):  # e.g. LIFConv2d's BN + neuron: a bare packed conv would drop them
+        if isinstance(layer, LIFConv2d):  # its BN and neuron go along: LIFConv2d.pack()
+            model.set_submodule(name, layer.pack(levels or _levels_name(layer, name)))
+            continue
+        if any(True for _ in layer.children()):  # a bare packed conv would drop them
             children = [n for n, _ in layer.named_children()]
             raise NotImplementedError(f"layer {name!r} ({type(layer).__name__}) holds submodules {children}: "
-                                      f"only plain Conv2d / Linear layers pack")
+                                      f"only Conv2d / Linear / LIFConv2d layers pack")
         cls = PackedConv2d if isinstance(layer, nn.Conv2d) else PackedLinear
         model.set_submodule(name, cls.from_float(layer, levels))
     return model

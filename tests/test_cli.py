@@ -282,10 +282,50 @@ def test_save_packed_refuses_weights_off_levels(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_pack_model_refuses_layers_with_submodules():
+def test_cbp_quantized_lifconv_layers_pack_with_their_bn_and_neuron():
+    """CBPQuantizer on LIFConv2d layers (the library models' layer), then pack_model: the
+    packed layers (popcount conv + BN affine + neuron) spike as the float quantized ones."""
     from cbp_kernels import LIFConv2d
     from cbp_kernels.export import pack_model
+    from cbp_kernels.nn.lifconv import PackedLIFConv2d
+    from cbp_kernels.quant import CBPQuantizer
 
-    net = torch.nn.Sequential(LIFConv2d(4, 8, 3, weight_levels=(-1, 1)))
-    with pytest.raises(NotImplementedError, match="bn"):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(LIFConv2d(3, 16, 3, padding=1), LIFConv2d(16, 16, 3, padding=1),
+                              LIFConv2d(16, 8, 3, padding=1))
+    with torch.no_grad():
+        for layer in net:
+            layer.bn.running_mean.uniform_(-0.2, 0.2)
+            layer.bn.weight.uniform_(2.0, 6.0)
+            layer.bn.bias.uniform_(0.0, 1.0)
+    q = CBPQuantizer(net, "ternary", exclude=[])
+    model, export = q.finalize()
+    model.eval()
+    x = (torch.rand(4, 2, 3, 8, 8) < 0.3).float()
+    with torch.no_grad():
+        expected = model(x)
+        for layer in model:
+            layer.reset()
+        pack_model(model, {name: None for name in export})
+        assert all(isinstance(layer, PackedLIFConv2d) for layer in model)
+        got = model(x)
+    assert expected.sum() > 0, "no spike at all: the test would prove nothing"
+    mismatch = (got != expected).float().mean().item()
+    # BN is folded into the float conv but applied after the exact popcount count in the packed
+    # layer: rounding differs in the last bit, so a spike exactly at threshold may flip.
+    assert mismatch <= 0.005, f"{mismatch:.2%} of the spikes differ"
+
+
+def test_pack_model_refuses_layers_with_unknown_submodules():
+    from cbp_kernels.export import pack_model
+
+    class ConvWithChild(torch.nn.Conv2d):
+        def __init__(self):
+            super().__init__(4, 8, 3, bias=False)
+            self.post = torch.nn.ReLU()
+
+    with torch.no_grad():
+        net = torch.nn.Sequential(ConvWithChild())
+        net[0].weight.copy_(torch.sign(torch.randn_like(net[0].weight)) * 0.5)
+    with pytest.raises(NotImplementedError, match="post"):
         pack_model(net, {"0": "binary"})

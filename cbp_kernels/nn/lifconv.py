@@ -287,15 +287,23 @@ class LIFConv2d(nn.Conv2d):
             self.neuron.reset()
 
     @torch.no_grad()
-    def pack(self, backend: str = "auto") -> "PackedLIFConv2d":
-        """The popcount inference form of this layer (binary or ternary ``weight_levels``):
-        a ``PackedConv2d`` of the quantized weight (1 or 2 bits per weight), the BatchNorm's
+    def pack(self, levels: str | None = None, backend: str = "auto") -> "PackedLIFConv2d":
+        """The popcount inference form of this layer (binary or ternary weights): a
+        ``PackedConv2d`` of the quantized weight (1 or 2 bits per weight), the BatchNorm's
         running statistics as a per-channel affine after it, and a copy of the neuron.
-        Its input must be {0, 1} spikes."""
-        levels = {(-1.0, 1.0): "binary", (-1.0, 0.0, 1.0): "ternary"}.get(
-            None if self.weight_levels is None else tuple(sorted(self.weight_levels)))
+        Its input must be {0, 1} spikes. ``levels`` (``"binary"`` / ``"ternary"``) defaults
+        to ``weight_levels``, or to the level set of CBP's quantization (``CBPQuantizer``
+        turns this layer into a ``QuantizedLayer`` with a ``levels`` buffer); give it for a
+        float layer whose weights already sit on scale * levels."""
         if levels is None:
-            raise ValueError(f"pack() needs weight_levels (-1, 1) or (-1, 0, 1), got {self.weight_levels}")
+            values = self.weight_levels
+            if values is None and isinstance(getattr(self, "levels", None), torch.Tensor):
+                values = self.levels.tolist()
+            levels = {(-1.0, 1.0): "binary", (-1.0, 0.0, 1.0): "ternary"}.get(
+                None if values is None else tuple(sorted(float(v) for v in values)))
+        if levels not in ("binary", "ternary"):
+            raise ValueError(f"pack() needs binary (-1, 1) or ternary (-1, 0, 1) weights, got {levels!r} "
+                             f"(weight_levels={self.weight_levels})")
         plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                           self.dilation, self.groups, bias=False, device=self.weight.device)
         plain.weight.copy_(self.quantized_weight())

@@ -29,6 +29,8 @@ class QuantizedLayer:
 
     def _init_quant(self, levels: torch.Tensor, scale: torch.Tensor) -> None:
         device = self.weight.device
+        for name in ("levels", "weight_scale"):  # a float layer's plain attribute (LIFConv2d.weight_scale = None)
+            self.__dict__.pop(name, None)
         self.register_buffer("levels", levels.detach().to(device=device, dtype=torch.float32).clone())
         self.register_buffer("weight_scale", scale.detach().to(device=device, dtype=torch.float32).reshape(()).clone())
         self.quant_backend = "auto"
