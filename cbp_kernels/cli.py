@@ -8,13 +8,17 @@ popcount model predicts exactly what the float quantized model predicts, and pri
 table like the paper's Table 1 (accuracy, weight memory, constraint-failure score CFS).
 
 Subcommands:
-  run     quantize a model (the default subcommand)
-  eval    evaluate an exported packed model (.safetensors) on a data set
-  report  print the result table of a finished (or partial) run directory
+  run      quantize a model (the default subcommand); --method cbp|sigmoid|cq picks CBP or a
+           peer method of the seed papers (sigmoid-sum quantization, CQ training + conversion)
+  compare  run cbp, sigmoid and cq on the same pre-trained model and data: one table, one plot
+  eval     evaluate an exported packed model (.safetensors) on a data set
+  report   print the result table of a finished (or partial) run directory
 
 Examples:
   cbp-quantize                                          # the digits demo
   cbp-quantize run --levels ternary --epochs 20 --out runs/t
+  cbp-quantize run --method sigmoid --levels binary     # the sigmoid-sum peer
+  cbp-quantize compare --levels binary                  # cbp vs sigmoid vs cq on digits
   cbp-quantize run --model sew_resnet18 --checkpoint sew18.pth --data imagefolder \\
       --data-path /data/imagenet --preset sew-resnet/imagenet --device cuda
   torchrun --nproc-per-node=4 -m cbp_kernels run ...    # DistributedDataParallel
@@ -30,6 +34,7 @@ import datetime
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +45,18 @@ from tqdm import tqdm
 
 from .export import atomic_write
 
-__all__ = ["main", "build_parser", "parse_levels"]
+__all__ = ["main", "build_parser", "parse_levels", "format_table", "format_compare", "format_memory"]
 
 DEFAULT_LEVELS = "binary,ternary"
+COMPARE_LEVELS = "binary"
 RUN_DEFAULTS = dict(model="digits-net", data="digits", data_path=None, checkpoint=None, levels=DEFAULT_LEVELS,
                     preset=None, epochs=None, pretrain_epochs=4, pretrain_lr=1e-2, batch_size=None, timesteps=None,
-                    device=None, out=None, seed=0, image_size=None, workers=0)
+                    device=None, out=None, seed=0, image_size=None, workers=0, method="cbp")
+# --method -> (name in tables, file name of the per-epoch plot); "compare" runs all three.
+METHODS = {"cbp": ("CBP", "accuracy_cfs_g.png"), "sigmoid": ("Sigmoid-sum", "accuracy_temperature.png"),
+           "cq": ("CQ", "accuracy.png")}
+# CQ's converted SNN stores every weight in this fixed point (seed paper 003's 8-bit setting).
+CQ_WEIGHT_BITS = 8
 
 
 class CLIError(Exception):
@@ -90,42 +101,61 @@ def parse_levels(text: str) -> list[tuple[str, str | list[float]]]:
     return sets
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_run_arguments(cmd: argparse.ArgumentParser, levels_default: str) -> None:
+    """The options ``run`` and ``compare`` share."""
     from .data import DATASETS
     from .quant import PRESETS
 
+    cmd.add_argument("--model", help="library model name (digits-net, sew_resnet18, ...) or a SpikingJelly-format "
+                                     "checkpoint path (default: digits-net)")
+    cmd.add_argument("--checkpoint", help="pre-trained weights for a library --model (SpikingJelly format); "
+                                          "without one the model is pre-trained here in FP32")
+    cmd.add_argument("--data", choices=sorted(DATASETS), help="data set (default: digits, embedded)")
+    cmd.add_argument("--data-path", help="root of the data set (not for digits)")
+    cmd.add_argument("--levels", help="comma-separated level sets: binary, ternary, or a custom set of numbers, "
+                                      "written --levels=-2,-1,0,1 (';' between two custom sets); only binary and "
+                                      "ternary pack into popcount layers; sigmoid needs sets symmetric about 0 "
+                                      f"(default: {levels_default})")
+    cmd.add_argument("--preset", help="CBP hyper-parameters of a row of the paper's Table 4: "
+                                      f"{', '.join(sorted(PRESETS))} (default: the digits demo's settings)")
+    cmd.add_argument("--epochs", type=int, help="quantization epochs per level set (default: the preset's); CQ "
+                                                "trains its ANN for --pretrain-epochs + --epochs")
+    cmd.add_argument("--pretrain-epochs", type=int,
+                     help="FP32 pre-training epochs when no checkpoint is given (default 4)")
+    cmd.add_argument("--pretrain-lr", type=float, help="Adam learning rate of the FP32 pre-training (default 1e-2)")
+    cmd.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
+    cmd.add_argument("--timesteps", type=int, help="T, timesteps per sample (default: the preset's / the data's)")
+    cmd.add_argument("--image-size", type=int, help="crop size of imagefolder images (default 224)")
+    cmd.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    cmd.add_argument("--workers", type=int, help="data loader worker processes (default 0)")
+    cmd.add_argument("--out", help="output directory (default: runs/<timestamp>)")
+    cmd.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
+    cmd.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="cbp-quantize", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{run,eval,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,compare,eval,report}")
 
-    run = sub.add_parser("run", formatter_class=fmt, help="quantize a model with CBP (default)",
-                         description="Pre-train (if no checkpoint is given), quantize with CBP to each level "
-                                     "set, finalize, pack, export and print the result table. The output "
+    run = sub.add_parser("run", formatter_class=fmt, help="quantize a model with CBP or a peer method (default)",
+                         description="Pre-train (if no checkpoint is given), quantize to each level set with "
+                                     "--method, finalize, pack, export and print the result table. The output "
                                      "directory gets config.json, metrics.jsonl, pretrained.pt and, per level "
                                      "set, last.pt (checkpoint), model.safetensors (export) and PNG plots.")
-    run.add_argument("--model", help="library model name (digits-net, sew_resnet18, ...) or a SpikingJelly-format "
-                                     "checkpoint path (default: digits-net)")
-    run.add_argument("--checkpoint", help="pre-trained weights for a library --model (SpikingJelly format); "
-                                          "without one the model is pre-trained here in FP32")
-    run.add_argument("--data", choices=sorted(DATASETS), help="data set (default: digits, embedded)")
-    run.add_argument("--data-path", help="root of the data set (not for digits)")
-    run.add_argument("--levels", help="comma-separated level sets: binary, ternary, or a custom set of numbers, "
-                                      "written --levels=-2,-1,0,1 (';' between two custom sets); only binary and "
-                                      f"ternary pack into popcount layers (default: {DEFAULT_LEVELS})")
-    run.add_argument("--preset", help="CBP hyper-parameters of a row of the paper's Table 4: "
-                                      f"{', '.join(sorted(PRESETS))} (default: the digits demo's settings)")
-    run.add_argument("--epochs", type=int, help="CBP epochs per level set (default: the preset's)")
-    run.add_argument("--pretrain-epochs", type=int,
-                     help="FP32 pre-training epochs when no checkpoint is given (default 4)")
-    run.add_argument("--pretrain-lr", type=float, help="Adam learning rate of the FP32 pre-training (default 1e-2)")
-    run.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
-    run.add_argument("--timesteps", type=int, help="T, timesteps per sample (default: the preset's / the data's)")
-    run.add_argument("--image-size", type=int, help="crop size of imagefolder images (default 224)")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    run.add_argument("--workers", type=int, help="data loader worker processes (default 0)")
-    run.add_argument("--out", help="output directory (default: runs/<timestamp>)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
-    run.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
+    run.add_argument("--method", choices=sorted(METHODS),
+                     help="cbp: constrained backpropagation; sigmoid: sigmoid-sum quantization (seed paper 001); "
+                          "cq: clamp-and-quantize ANN training + conversion to an IF SNN with "
+                          f"{CQ_WEIGHT_BITS}-bit weights (seed paper 003; digits only) (default: cbp)")
+    _add_run_arguments(run, DEFAULT_LEVELS)
+    cmp = sub.add_parser("compare", formatter_class=fmt, help="compare cbp, sigmoid and cq on the same model and data",
+                         description="Runs the stages of `run` for cbp, sigmoid and cq on one pre-trained FP32 "
+                                     "model and data set (digits) and writes compare.md (one table: accuracy, "
+                                     "weight memory, seconds per epoch, CFS, packed = float predictions) and "
+                                     "compare.png (accuracy and weight memory per method) in the run directory.")
+    _add_run_arguments(cmp, COMPARE_LEVELS)
 
     ev = sub.add_parser("eval", formatter_class=fmt, help="evaluate an exported packed model",
                         description="Load a packed model (cbp_kernels.load_packed) and report its accuracy.")
@@ -228,6 +258,12 @@ def _logits(model: nn.Module, x: torch.Tensor, timesteps: int) -> torch.Tensor:
     return out.mean(0) if out.dim() == 3 else out
 
 
+def _ann_logits(model: nn.Module, x: torch.Tensor, timesteps: int) -> torch.Tensor:
+    """The class scores of a model fed the static batch itself (CQ's ANN and its converted
+    SNN, which repeats its input over T on its own)."""
+    return model(x)
+
+
 def _sample_shape(dataset) -> tuple[int, ...]:
     return tuple(dataset[0][0].shape[-3:])
 
@@ -271,29 +307,45 @@ def _arch_for(cfg: dict, train) -> dict:
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def _pretrain(model: nn.Module, train, cfg: dict, dist: _Dist) -> None:
-    """FP32 training with Adam and cross-entropy on the rate readout (only without --checkpoint)."""
+def _pretrain(model: nn.Module, train, cfg: dict, dist: _Dist, epochs: int, logits=_logits,
+              desc: str = "FP32 pre-train", eval_fn=None) -> tuple[list[dict], float | None]:
+    """FP32 training with Adam (``--pretrain-lr``) and cross-entropy on ``logits(model, x, T)``
+    (default the rate readout) for ``epochs`` epochs. Returns one record per epoch
+    (``epoch``, mean ``loss``, ``eval_fn()`` as ``accuracy`` when given) and the training
+    seconds per epoch (evaluation excluded; None for 0 epochs)."""
     net = nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg["pretrain_lr"])
     loader = _loader(train, cfg["batch_size"], dist, cfg["seed"], True, cfg["workers"])
-    for epoch in range(cfg["pretrain_epochs"]):
+    history, seconds = [], 0.0
+    for epoch in range(epochs):
+        start = time.perf_counter()
         loader.sampler.set_epoch(epoch)
-        bar = tqdm(loader, desc=f"FP32 pre-train {epoch + 1}/{cfg['pretrain_epochs']}", disable=not dist.main,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not dist.main, leave=False,
+                   dynamic_ncols=True)
+        total = 0.0
         for x, y in bar:
             x, y = x.to(dist.device), y.to(dist.device)
-            loss = F.cross_entropy(_logits(net, x, train.timesteps), y)
+            loss = F.cross_entropy(logits(net, x, train.timesteps), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        seconds += time.perf_counter() - start
+        record = {"epoch": epoch, "loss": total / max(len(loader), 1)}
+        if eval_fn is not None:
+            record["accuracy"] = eval_fn()
+        history.append(record)
+    return history, seconds / epochs if epochs else None
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, dataset, timesteps: int, dist: _Dist, batch_size: int = 256) -> torch.Tensor:
-    """Predicted classes of this rank's shard of ``dataset``, ``[n]`` int64 on the CPU."""
+def _predict(model: nn.Module, dataset, timesteps: int, dist: _Dist, batch_size: int = 256,
+             logits=_logits) -> torch.Tensor:
+    """Predicted classes (argmax of ``logits(model, x, T)``) of this rank's shard of
+    ``dataset``, ``[n]`` int64 on the CPU."""
     model.eval()
-    preds = [_logits(model, x.to(dist.device), timesteps).argmax(1).cpu()
+    preds = [logits(model, x.to(dist.device), timesteps).argmax(1).cpu()
              for x, _ in DataLoader(_shard(dataset, dist), batch_size=batch_size)]
     model.train()
     return torch.cat(preds)
@@ -331,6 +383,14 @@ def _demo_cbp_config():
                      epochs=8, timesteps=4, p_max=2, lr_drop_g=None)
 
 
+def _demo_sigmoid_config():
+    """Sigmoid-sum settings of the digits demo: Adam, T = 10, 20, ... per epoch (capped at 200),
+    so the sigmoids are near-hard steps within the CBP demo's 8 epochs."""
+    from .quant import SigmoidConfig
+
+    return SigmoidConfig(optimizer="adam", lr=1e-3, temperature0=10.0, temperature_max=200.0, batch_size=64, epochs=8)
+
+
 def _resolve_config(args) -> dict:
     """The run's full configuration: defaults < preset < command line."""
     import dataclasses
@@ -339,6 +399,9 @@ def _resolve_config(args) -> dict:
 
     given = {k: v for k, v in vars(args).items() if k in RUN_DEFAULTS and v is not None}
     cfg = {**RUN_DEFAULTS, **given}
+    cfg["method"] = "compare" if args.command == "compare" else args.method or "cbp"
+    if args.command == "compare" and args.levels is None:
+        cfg["levels"] = COMPARE_LEVELS
     if os.path.exists(cfg["model"]) and cfg["checkpoint"] is None:
         cfg["checkpoint"], cfg["model"] = cfg["model"], _checkpoint_arch(cfg["model"])
     try:
@@ -359,8 +422,22 @@ def _resolve_config(args) -> dict:
     if cfg["data"] != "digits" and not cfg["data_path"]:
         raise CLIError(f"--data {cfg['data']} needs --data-path")
     cfg["level_sets"] = parse_levels(cfg["levels"])
-    cfg["cbp"] = dataclasses.asdict(dataclasses.replace(cbp, epochs=max(cfg["epochs"], 1), batch_size=cfg["batch_size"],
-                                                        seed=cfg["seed"]))
+    methods = _methods(cfg)
+    if "cq" in methods and (cfg["data"], cfg["model"]) != ("digits", "digits-net"):
+        raise CLIError(f"--method cq: CQ's ANN is built for digits-net on digits only, got --model {cfg['model']} "
+                       f"--data {cfg['data']}")
+    if "sigmoid" in methods:
+        from .ops.sigmoid_quant import level_table
+        from .quant import resolve_levels
+
+        for label, levels in cfg["level_sets"]:
+            try:
+                level_table(resolve_levels(levels))
+            except ValueError as exc:
+                raise CLIError(f"--levels {label} for --method sigmoid: {exc}") from None
+    recipe = dict(epochs=max(cfg["epochs"], 1), batch_size=cfg["batch_size"], seed=cfg["seed"])
+    cfg["cbp"] = dataclasses.asdict(dataclasses.replace(cbp, **recipe))
+    cfg["sigmoid"] = dataclasses.asdict(dataclasses.replace(_demo_sigmoid_config(), **recipe))
     if cfg["out"] is None:
         cfg["out"] = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     return cfg
@@ -393,9 +470,26 @@ def _checkpoint_arch(path: str) -> str:
     return name
 
 
+def _methods(cfg: dict) -> list[str]:
+    """The methods a run's config asks for (``compare``: all of them)."""
+    return list(METHODS) if cfg.get("method", "cbp") == "compare" else [cfg.get("method", "cbp")]
+
+
+def _stages(cfg: dict) -> list[tuple[str, str | None, object]]:
+    """``(method, level-set label, level set)`` of each quantization stage, in order: per
+    method one per level set; cq one (its weights are fixed point, no level set)."""
+    return [(m, label, levels) for m in _methods(cfg)
+            for label, levels in ([(None, None)] if m == "cq" else cfg["level_sets"])]
+
+
+def _stage_dir(method: str, label: str | None) -> str:
+    """A stage's directory in the run: the level set's label for cbp, ``sigmoid-<label>``, ``cq``."""
+    return {"cbp": label, "cq": "cq"}.get(method, f"{method}-{label}")
+
+
 def _run(args) -> int:
     if args.resume:
-        explicit = [k for k, v in vars(args).items() if k in RUN_DEFAULTS and v is not None]
+        explicit = [k for k, v in vars(args).items() if k in (*RUN_DEFAULTS, "method") and v is not None]
         if explicit:
             flags = ["--" + k.replace("_", "-") for k in explicit]
             raise CLIError(f"--resume continues with the run's saved config; drop {flags}")
@@ -424,13 +518,22 @@ def _run(args) -> int:
         f"{dist.device}), output in {run_dir}")
 
     rows = [_fp32_stage(model, cfg, train, test, dist, run_dir, say)]
-    rows += [_cbp_stage(label, levels, model, cfg, train, test, dist, run_dir, say)
-             for label, levels in cfg["level_sets"]]
-    table = format_table(cfg["model"], cfg["data"], rows)
+    for method, label, levels in _stages(cfg):
+        if method == "cq":
+            rows.append(_cq_stage(cfg, train, test, dist, run_dir, say))
+        else:
+            rows.append(_quant_stage(method, label, levels, model, cfg, train, test, dist, run_dir, say))
+    table = _result_table(cfg, rows)
     say("\n" + table)
     if dist.main:
         _write_json(os.path.join(run_dir, "summary.json"), {"model": cfg["model"], "data": cfg["data"], "rows": rows})
         atomic_write(os.path.join(run_dir, "table.txt"), table + "\n")
+        if cfg["method"] == "compare":
+            from .quant.plots import plot_comparison
+
+            atomic_write(os.path.join(run_dir, "compare.md"), table + "\n")
+            plot_comparison([_row_name(r) for r in rows], [r["accuracy"] for r in rows],
+                            [r["weight_bits"] for r in rows], os.path.join(run_dir, "compare.png"))
     bad = [r["precision"] for r in rows if r.get("same_predictions") is False]
     if bad:
         say(f"cbp-quantize: the packed model's predictions differ from the float model's for {bad}")
@@ -443,6 +546,7 @@ def _fp32_stage(model, cfg, train, test, dist, run_dir, say) -> dict:
     from .quant import load_checkpoint, save_checkpoint
 
     path = os.path.join(run_dir, "pretrained.pt")
+    seconds = None
     if os.path.exists(path):
         model.load_state_dict(load_checkpoint(path))
         model.to(dist.device)
@@ -450,52 +554,69 @@ def _fp32_stage(model, cfg, train, test, dist, run_dir, say) -> dict:
         model.to(dist.device)
         if not cfg["checkpoint"]:
             torch.manual_seed(cfg["seed"])
-            _pretrain(model, train, cfg, dist)
+            seconds = _pretrain(model, train, cfg, dist, cfg["pretrain_epochs"])[1]
         if dist.main:
             save_checkpoint(path, model.state_dict())
     labels = _labels(test, dist)
     acc = _accuracy(_predict(model, test, cfg["timesteps"], dist), labels, dist)
     say(f"FP32: test accuracy {acc:.2f}%")
-    return {"precision": "FP32", "accuracy": acc, "weight_bits": _weight_bits(model, None)}
+    return {"precision": "FP32", "method": "fp32", "accuracy": acc, "weight_bits": _weight_bits(model, None),
+            "seconds_per_epoch": seconds}
 
 
-def _cbp_stage(label, levels, fp32_model, cfg, train, test, dist, run_dir, say) -> dict:
-    """CBP to one level set on a copy of ``fp32_model``, finalize, pack, check the packed
-    predictions, export, plot."""
+def _quant_stage(method, label, levels, fp32_model, cfg, train, test, dist, run_dir, say) -> dict:
+    """Quantizes a copy of ``fp32_model`` to one level set with ``method`` (``cbp``:
+    CBPQuantizer, ``sigmoid``: SigmoidQuantizer), finalizes, packs, checks the packed
+    predictions, exports, plots. CFS and g only for cbp."""
     from .export import PACKABLE, pack_model, save_packed
-    from .quant import CBPConfig, CBPQuantizer, plot_history, plot_weight_histograms
+    from .quant import CBPConfig, CBPQuantizer, SigmoidConfig, SigmoidQuantizer, plot_history, plot_weight_histograms
 
-    stage_dir = os.path.join(run_dir, label)
+    name, plot_file = METHODS[method]
+    stage = _stage_dir(method, label)
+    stage_dir = os.path.join(run_dir, stage)
     result_path = os.path.join(stage_dir, "result.json")
     if os.path.exists(result_path):
         return _read_json(result_path)
     model = copy.deepcopy(fp32_model)
     net = nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     torch.manual_seed(cfg["seed"])
-    quantizer = CBPQuantizer(net, levels=levels, config=CBPConfig(**cfg["cbp"]))
+    if method == "cbp":
+        quantizer = CBPQuantizer(net, levels=levels, config=CBPConfig(**cfg["cbp"]))
+    else:
+        quantizer = SigmoidQuantizer(net, levels, config=SigmoidConfig(**cfg["sigmoid"]))
     loader = _loader(train, cfg["batch_size"], dist, cfg["seed"], True, cfg["workers"])
     labels, T = _labels(test, dist), cfg["timesteps"]
+    eval_times: list[float] = []
 
     def evaluate(_):
+        start = time.perf_counter()
         if dist.main:  # the records of the epochs before this one (fit appends this one after)
-            _write_metrics(run_dir, label, quantizer.history)
-        return _accuracy(_predict(model, test, T, dist), labels, dist)
+            _write_metrics(run_dir, stage, quantizer.history)
+        accuracy = _accuracy(_predict(model, test, T, dist), labels, dist)
+        eval_times.append(time.perf_counter() - start)
+        return accuracy
 
-    say(f"CBP {label}: {cfg['epochs']} epochs, {len(quantizer.layers)} quantized layers {list(quantizer.layers)}")
+    say(f"{name} {label}: {cfg['epochs']} epochs, {len(quantizer.layers)} quantized layers {list(quantizer.layers)}")
+    start = time.perf_counter()
     quantizer.fit(loader, F.cross_entropy, epochs=cfg["epochs"], forward_fn=lambda m, x: _logits(m, x, T),
                   eval_fn=evaluate, checkpoint_dir=stage_dir, resume=True)
+    fit_seconds = time.perf_counter() - start - sum(eval_times)
     if dist.main:
-        _write_metrics(run_dir, label, quantizer.history)
-    cfs_trained = quantizer.cfs()
+        _write_metrics(run_dir, stage, quantizer.history)
+    cfs_trained = quantizer.cfs() if method == "cbp" else None
     quantizer.finalize()
     names = list(quantizer.layers)
     levels_list = quantizer.levels.tolist()
     float_preds = _predict(model, test, T, dist)
     result = {
-        "precision": label, "levels": levels_list, "accuracy": _accuracy(float_preds, labels, dist),
-        "cfs_trained": cfs_trained, "cfs": quantizer.cfs(), "g": quantizer.g, "epochs": quantizer.epoch,
+        "precision": label, "method": method, "levels": levels_list,
+        "accuracy": _accuracy(float_preds, labels, dist), "epochs": quantizer.epoch,
         "weight_bits": _weight_bits(model, levels_list, names), "quantized_layers": names,
+        # the epochs trained in this process (a resumed run times only its own)
+        "seconds_per_epoch": fit_seconds / len(eval_times) if eval_times else None,
     }
+    if method == "cbp":
+        result.update(cfs_trained=cfs_trained, cfs=quantizer.cfs(), g=quantizer.g)
     if tuple(levels_list) in PACKABLE:
         packed_preds = _predict(pack_model(copy.deepcopy(model), dict.fromkeys(names)), test, T, dist)
         mismatches = int(_all_sum(float((packed_preds != float_preds).sum()), dist))
@@ -505,10 +626,11 @@ def _cbp_stage(label, levels, fp32_model, cfg, train, test, dist, run_dir, say) 
         os.makedirs(stage_dir, exist_ok=True)  # fit made it unless it ran no epoch
         if "export" in result:
             save_packed(model, result["export"], layers=names, arch=cfg["arch"],
-                        metadata={"levels": label, "data": cfg["data"], "data_path": cfg["data_path"], "timesteps": T,
-                                  "image_size": cfg["image_size"], "accuracy": result["accuracy"]})
+                        metadata={"levels": label, "method": method, "data": cfg["data"],
+                                  "data_path": cfg["data_path"], "timesteps": T, "image_size": cfg["image_size"],
+                                  "accuracy": result["accuracy"]})
         if quantizer.history:
-            plot_history(quantizer.history, os.path.join(stage_dir, "accuracy_cfs_g.png"))
+            plot_history(quantizer.history, os.path.join(stage_dir, plot_file))
             epochs = sorted({0, len(quantizer.history) // 2, len(quantizer.history) - 1})
             plot_weight_histograms(quantizer.history, epochs, os.path.join(stage_dir, "weight_histograms.png"),
                                    levels=levels_list)
@@ -516,13 +638,60 @@ def _cbp_stage(label, levels, fp32_model, cfg, train, test, dist, run_dir, say) 
     packed_note = (f"packed {result['packed_accuracy']:.2f}%, "
                    f"{'same' if result['same_predictions'] else str(result['mismatches']) + ' different'} predictions"
                    if "export" in result else "levels not packable: no popcount model / export")
-    say(f"CBP {label}: accuracy {result['accuracy']:.2f}% ({packed_note}), "
-        f"CFS {cfs_trained:.3g} -> {result['cfs']:.3g}")
+    cfs_note = f", CFS {cfs_trained:.3g} -> {result['cfs']:.3g}" if method == "cbp" else ""
+    say(f"{name} {label}: accuracy {result['accuracy']:.2f}% ({packed_note}){cfs_note}")
     return result
 
 
-def _weight_bits(model: nn.Module, levels: list[float] | None = None, quantized: list[str] = ()) -> int:
-    """The paper's weight memory: quantized layers at ceil(log2 |Q|) bits, the rest FP32."""
+def _cq_stage(cfg, train, test, dist, run_dir, say) -> dict:
+    """CQ (seed paper 003): trains the clamp-and-quantize ANN twin of DigitsNet
+    (``digits_cq_ann``) on the static images for ``pretrain_epochs + epochs`` epochs (the
+    training budget of the other methods), converts it to an IF SNN for T = the run's
+    timesteps with ``CQ_WEIGHT_BITS``-bit fixed-point weights (``cq.to_snn``), and reports
+    the SNN's accuracy, its weight memory (every layer at ``CQ_WEIGHT_BITS`` bits) and its
+    agreement with the ANN's predictions. No packed model: the weights are not binary /
+    ternary. A resumed run retrains the ANN unless the stage finished."""
+    from .models.digits_net import digits_cq_ann
+    from .quant import plot_history, save_checkpoint
+    from .quant.cq import to_snn
+
+    stage_dir = os.path.join(run_dir, "cq")
+    result_path = os.path.join(stage_dir, "result.json")
+    if os.path.exists(result_path):
+        return _read_json(result_path)
+    T, epochs = cfg["timesteps"], cfg["pretrain_epochs"] + cfg["epochs"]
+    labels = _labels(test, dist)
+    torch.manual_seed(cfg["seed"])
+    ann = digits_cq_ann(T, num_classes=train.num_classes).to(dist.device)
+    say(f"CQ: training the clamp-and-quantize ANN for {epochs} epochs, then converting it to an IF SNN with "
+        f"T={T}, {CQ_WEIGHT_BITS}-bit weights")
+    history, seconds = _pretrain(ann, train, cfg, dist, epochs, logits=_ann_logits, desc="CQ ANN", eval_fn=lambda: (
+        _accuracy(_predict(ann, test, T, dist, logits=_ann_logits), labels, dist)))
+    ann_preds = _predict(ann, test, T, dist, logits=_ann_logits)
+    snn = to_snn(ann, T, weight_bits=CQ_WEIGHT_BITS)
+    snn_preds = _predict(snn, test, T, dist, logits=_ann_logits)
+    weight_layers = [n for n, m in snn.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    result = {
+        "precision": f"{CQ_WEIGHT_BITS}-bit", "method": "cq", "accuracy": _accuracy(snn_preds, labels, dist),
+        "ann_accuracy": _accuracy(ann_preds, labels, dist),
+        "agreement": _all_sum(float((snn_preds == ann_preds).sum()), dist) / _all_sum(float(len(labels)), dist),
+        "weight_bits": _weight_bits(snn, 2 ** CQ_WEIGHT_BITS, weight_layers), "bits_per_weight": CQ_WEIGHT_BITS,
+        "epochs": epochs, "timesteps": T, "seconds_per_epoch": seconds,
+    }
+    if dist.main:
+        _write_metrics(run_dir, "cq", history)
+        save_checkpoint(os.path.join(stage_dir, "ann.pt"), ann.state_dict())
+        if history:
+            plot_history(history, os.path.join(stage_dir, METHODS["cq"][1]))
+        _write_json(result_path, result)
+    say(f"CQ: SNN accuracy {result['accuracy']:.2f}% (ANN {result['ann_accuracy']:.2f}%, same prediction on "
+        f"{100 * result['agreement']:.1f}% of the test set)")
+    return result
+
+
+def _weight_bits(model: nn.Module, levels: list[float] | int | None = None, quantized: list[str] = ()) -> int:
+    """The paper's weight memory: quantized layers at ceil(log2 |Q|) bits (``levels``: Q or
+    its size), the rest FP32."""
     from .memory import memory_report
 
     weight_layers = (nn.modules.conv._ConvNd, nn.Linear)
@@ -551,8 +720,9 @@ def format_memory(bits: float) -> str:
     return f"{bits / 1e6:.3g}Mb" if bits >= 1e6 else f"{bits / 1e3:.3g}Kb"
 
 
-def format_table(model: str, data: str, rows: list[dict]) -> str:
-    """The result table in the layout of the paper's Table 1 (one row per precision)."""
+def format_table(model: str, data: str, rows: list[dict], method: str = "cbp") -> str:
+    """The result table of a ``run`` in the layout of the paper's Table 1 (one row per
+    precision); CFS only for CBP rows."""
     head = ("Precision", "Accuracy (%)", "Packed model (%)", "Same predictions", "Weight memory", "CFS")
     body = []
     for r in rows:
@@ -563,12 +733,53 @@ def format_table(model: str, data: str, rows: list[dict]) -> str:
             f"{r['packed_accuracy']:.2f}" if packed else "-",
             ("yes" if r["same_predictions"] else f"NO ({r['mismatches']})") if packed else "-",
             format_memory(r["weight_bits"]),
-            f"{r['cfs']:.3g}" if packed else "-",
+            f"{r['cfs']:.3g}" if r.get("cfs") is not None else "-",
         ))
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    title = f"{model} on {data}: CBP-quantized weights (cf. the paper's Table 1)"
+    title = f"{model} on {data}: {METHODS[method][0]}-quantized weights"
+    title += " (cf. the paper's Table 1)" if method == "cbp" else ""
     return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _row_name(row: dict) -> str:
+    """A result row's name in the comparison: ``FP32``, ``CBP binary``, ``Sigmoid-sum ternary``, ``CQ 8-bit``."""
+    method = row.get("method", "cbp")
+    return "FP32" if method == "fp32" else f"{METHODS[method][0]} {row['precision']}"
+
+
+def format_compare(model: str, data: str, timesteps: int, rows: list[dict]) -> str:
+    """The markdown table of ``cbp-quantize compare``: one row per method (and level set),
+    the FP32 model first; CFS for CBP rows, packed = float predictions for packable rows."""
+    lines = [f"**{model} on {data}, T={timesteps}: weight quantization methods compared** (test accuracy; weight "
+             "memory as the paper's Table 1: quantized layers at ceil(log2 |Q|) bits, first and last layers FP32; "
+             f"CQ: every layer at {CQ_WEIGHT_BITS} bits)", "",
+             "| Method | Accuracy (%) | Weight memory | Seconds / epoch | CFS | Packed = float predictions |",
+             "|---|---:|---:|---:|---:|---|"]
+    notes = []
+    for r in rows:
+        seconds = r.get("seconds_per_epoch")
+        same = ("yes" if r["same_predictions"] else f"NO ({r['mismatches']} differ)") if "same_predictions" in r else "-"
+        cfs = f"{r['cfs']:.3g}" if r.get("cfs") is not None else "-"
+        lines.append(f"| {_row_name(r)} | {r['accuracy']:.2f} | {format_memory(r['weight_bits'])} | "
+                     f"{'-' if seconds is None else f'{seconds:.2f}'} | {cfs} | {same} |")
+        if r.get("method") == "fp32":
+            notes.append("FP32: the pre-trained spiking DigitsNet every method but CQ starts from (its seconds are "
+                         "of the FP32 pre-training).")
+        if r.get("method") == "cq":
+            notes.append(f"CQ: a clamp-and-quantize ANN trained {r['epochs']} epochs, converted to an IF SNN "
+                         f"(T={r['timesteps']}) with {r['bits_per_weight']}-bit fixed-point weights; ANN accuracy "
+                         f"{r['ann_accuracy']:.2f}%, the SNN predicts as the ANN on {100 * r['agreement']:.1f}% of "
+                         "the test set.")
+    return "\n".join(lines + [""] + notes)
+
+
+def _result_table(cfg: dict, rows: list[dict]) -> str:
+    """The table of a run: ``format_compare`` for ``compare``, else ``format_table``."""
+    method = cfg.get("method", "cbp")
+    if method == "compare":
+        return format_compare(cfg["model"], cfg["data"], cfg["timesteps"], rows)
+    return format_table(cfg["model"], cfg["data"], rows, method)
 
 
 def _eval(args) -> int:
@@ -611,15 +822,16 @@ def _report(args) -> int:
         rows = _read_json(summary)["rows"]
         status = "finished"
     else:  # a run still going or killed: the stages done so far
-        results = [os.path.join(args.run_dir, label, "result.json") for label, _ in cfg["level_sets"]]
+        cfg["level_sets"] = [tuple(s) for s in cfg["level_sets"]]
+        results = [os.path.join(args.run_dir, _stage_dir(m, label), "result.json") for m, label, _ in _stages(cfg)]
         rows = [_read_json(path) for path in results if os.path.isfile(path)]
-        status = f"unfinished ({len(rows)} of {len(cfg['level_sets'])} level sets done; continue with --resume)"
+        status = f"unfinished ({len(rows)} of {len(results)} stages done; continue with --resume)"
     print(f"run {args.run_dir}: {status}")
     if rows:
-        print(format_table(cfg["model"], cfg["data"], rows))
+        print(_result_table(cfg, rows))
     for dirpath, _, files in sorted(os.walk(args.run_dir)):
         for name in sorted(files):
-            if name.endswith((".png", ".safetensors", ".jsonl")):
+            if name.endswith((".png", ".safetensors", ".jsonl", ".md")):
                 print("  " + os.path.join(dirpath, name))
     return 0
 
@@ -632,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "eval": _eval, "report": _report}[args.command](args)
+        return {"run": _run, "compare": _run, "eval": _eval, "report": _report}[args.command](args)
     except CLIError as exc:
         parser.exit(2, f"cbp-quantize: error: {exc}\n")
     except FloatingPointError as exc:

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..nn import LIF
 
-__all__ = ["DigitsNet"]
+__all__ = ["DigitsNet", "digits_cq_ann"]
 
 
 class DigitsNet(nn.Module):
@@ -47,3 +47,23 @@ class DigitsNet(nn.Module):
         h = self.lif2(self.conv2(h.flatten(0, 1)).unflatten(0, (T, N)))
         h = self.lif3(self.fc1(h.flatten(2)))
         return self.fc2(h).mean(0)
+
+
+def digits_cq_ann(timesteps: int, num_classes: int = 10, channels: tuple[int, int] = (16, 32), hidden: int = 128,
+                  in_channels: int = 1, image_size: int = 8) -> nn.Sequential:
+    """The CQ (seed paper 003) ANN twin of ``DigitsNet``, for ``cbp_kernels.quant.cq.to_snn``:
+    conv in->c1 3x3 p1 - BN - ClampQuantize(T) - conv c1->c2 3x3 s2 p1 - BN - ClampQuantize(T)
+    - Flatten - linear 16*c2->hidden - BN1d - ClampQuantize(T) - linear hidden->classes.
+
+    Input ``[N, in_channels, image_size, image_size]`` float (the static image, no time axis);
+    returns logits ``[N, num_classes]``. Each ClampQuantize's T levels are the spike counts
+    of the converted SNN's IF neurons over ``timesteps`` steps."""
+    from ..quant.cq import ClampQuantize
+
+    c1, c2 = channels
+    side = (image_size + 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), ClampQuantize(timesteps),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c2), ClampQuantize(timesteps),
+        nn.Flatten(), nn.Linear(c2 * side * side, hidden, bias=False), nn.BatchNorm1d(hidden),
+        ClampQuantize(timesteps), nn.Linear(hidden, num_classes))
