@@ -1,5 +1,6 @@
 """cbp-quantize end to end on the embedded digits default (few epochs), its export, resume
-after SIGKILL, torchrun with 2 CPU processes, and every bad argument / bad data path."""
+after SIGKILL, torchrun with 2 CPU processes, the peer methods (--method sigmoid / cq) and
+`compare`, and every bad argument / bad data path."""
 from __future__ import annotations
 
 import json
@@ -119,7 +120,7 @@ def test_resume_after_sigkill_is_exact(default_run, tmp_path, capsys):
     proc.wait()
     assert not (out / "binary" / "result.json").exists()  # it was killed mid-stage
     assert main(["report", str(out)]) == 0
-    assert "unfinished (0 of 1 level sets done; continue with --resume)" in capsys.readouterr().out
+    assert "unfinished (0 of 1 stages done; continue with --resume)" in capsys.readouterr().out
     resumed = _cli("run", "--resume", str(out))
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
@@ -197,6 +198,79 @@ def test_model_given_as_checkpoint_path(default_run, tmp_path, capsys):
     state.pop("fc2.bias")
     torch.save(state, path)
     _fails(capsys, "run", "--checkpoint", str(path), "--out", str(tmp_path / "o"), match="fc2.bias")
+
+
+def _table_row(table: str, name: str) -> list[str]:
+    """The cells of the row of ``name`` in a whitespace-aligned table."""
+    return next(line.split() for line in table.splitlines() if line.startswith(name))
+
+
+def test_run_method_sigmoid(tmp_path):
+    """The sigmoid-sum peer through the same stage as CBP: trained, finalized onto the levels,
+    packed with predictions equal to the float model's, exported; no CFS / g anywhere."""
+    out = tmp_path / "sigmoid"
+    assert main(["run", "--method", "sigmoid", "--levels", "binary", *QUICK, "--out", str(out)]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    r = rows[1]
+    assert (r["method"], r["precision"]) == ("sigmoid", "binary")
+    assert r["accuracy"] > 30 and r["same_predictions"] and r["packed_accuracy"] == r["accuracy"]
+    assert "cfs" not in r and "g" not in r and r["seconds_per_epoch"] > 0
+    assert r["weight_bits"] == 70144 + 32 * 1424  # as CBP binary: conv2 + fc1 at 1 bit, conv1 + fc2 FP32
+    assert _table_row((out / "table.txt").read_text(), "Binary")[-1] == "-"  # the CFS cell
+    stage = out / "sigmoid-binary"
+    for f in ("last.pt", "model.safetensors", "accuracy_temperature.png", "weight_histograms.png"):
+        assert (stage / f).stat().st_size > 0, f
+    assert read_metadata(stage / "model.safetensors")["method"] == "sigmoid"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["sigmoid-binary"] * 2
+    assert records[1]["temperature"] > records[0]["temperature"]
+
+
+def test_run_method_cq(tmp_path, capsys):
+    """CQ: the clamp-and-quantize ANN converted to an IF SNN with 8-bit weights predicts as
+    the ANN; every layer counts at 8 bits; no packed model."""
+    out = tmp_path / "cq"
+    assert main(["run", "--method", "cq", "--pretrain-epochs", "1", "--epochs", "1", "--out", str(out)]) == 0
+    r = json.loads((out / "summary.json").read_text())["rows"][1]
+    assert r["method"] == "cq" and r["epochs"] == 2 and r["timesteps"] == 4
+    assert r["accuracy"] > 30 and r["ann_accuracy"] > 30 and r["agreement"] >= 0.9
+    assert r["weight_bits"] == 8 * (144 + 4608 + 65536 + 1280)  # conv1, conv2, fc1, fc2
+    assert "same_predictions" not in r and not (out / "cq" / "model.safetensors").exists()
+    assert (out / "cq" / "accuracy.png").stat().st_size > 0 and (out / "cq" / "ann.pt").exists()
+    assert _table_row(capsys.readouterr().out, "8-bit")[1] == f"{r['accuracy']:.2f}"
+
+
+def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert main(["compare", "--pretrain-epochs", "1", "--epochs", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp32", "cbp", "sigmoid", "cq"]
+    table = (out / "compare.md").read_text()
+    assert table.strip() in capsys.readouterr().out
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in table.splitlines() if line.startswith("| ") and "Method" not in line}
+    assert list(cells) == ["FP32", "CBP binary", "Sigmoid-sum binary", "CQ 8-bit"]
+    for name, r in zip(cells, rows):
+        accuracy, memory, seconds, cfs, same = cells[name]
+        assert accuracy == f"{r['accuracy']:.2f}" and memory == format_memory(r["weight_bits"])
+        assert float(seconds) > 0
+        assert cfs == ("0" if name.startswith("CBP") else "-")
+        assert same == ("yes" if name in ("CBP binary", "Sigmoid-sum binary") else "-")
+    assert rows[1]["weight_bits"] == rows[2]["weight_bits"] < rows[3]["weight_bits"] < rows[0]["weight_bits"]
+    assert (out / "compare.png").stat().st_size > 0
+    assert main(["report", str(out)]) == 0
+    assert "| CQ 8-bit |" in capsys.readouterr().out
+
+
+def test_bad_method_arguments(capsys, tmp_path):
+    out = ["--out", str(tmp_path / "never")]
+    _fails(capsys, "run", "--method", "foo", *out, match="invalid choice")
+    _fails(capsys, "run", "--method", "cq", "--data", "cifar10", "--data-path", str(tmp_path), *out,
+           match="digits-net on digits only")
+    _fails(capsys, "compare", "--model", "sew_resnet18", *out, match="digits-net on digits only")
+    _fails(capsys, "run", "--method", "sigmoid", "--levels=-2,-1,0,1", *out, match="symmetric")
+    _fails(capsys, "compare", "--method", "cbp", *out, match="unrecognized arguments")
+    assert not (tmp_path / "never").exists()
 
 
 def test_parse_levels():
@@ -329,3 +403,12 @@ def test_pack_model_refuses_layers_with_unknown_submodules():
         net[0].weight.copy_(torch.sign(torch.randn_like(net[0].weight)) * 0.5)
     with pytest.raises(NotImplementedError, match="post"):
         pack_model(net, {"0": "binary"})
+
+def test_plots_of_histories_without_cfs_or_g(tmp_path):
+    from cbp_kernels.quant.plots import plot_comparison, plot_history
+
+    assert plot_history([{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.5}], tmp_path / "loss.png").stat().st_size
+    with pytest.raises(KeyError):  # neither the metric, CFS nor the loss: nothing to draw
+        plot_history([{"epoch": 0, "temperature": 5.0}], tmp_path / "t.png")
+    with pytest.raises(ValueError, match="one entry per method"):
+        plot_comparison(["CBP", "CQ"], [90.0], [1e5, 2e5], tmp_path / "c.png")

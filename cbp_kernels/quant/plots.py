@@ -58,7 +58,7 @@ def plot_comparison(names: Sequence[str], accuracy: Sequence[float], weight_bits
     for ax, values, label in ((left, accuracy, "test accuracy (%)"),
                               (right, [b / 1e3 for b in weight_bits], "weight memory (Kb)")):
         bars = ax.bar(range(len(names)), values, color=colors)
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label)
     right.set_yscale("log")
