@@ -298,3 +298,38 @@ def test_cupy_kernels_compile_standalone(tmp_path):
     for direction in ("forward", "backward"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             assert f".entry {cupy_backend.kernel_name(direction, dtype)}(" in text
+
+
+def test_cpu_portable_path_matches_reference():
+    """The C++ kernels' portable (non-AVX-512) build, forced by CBP_KERNELS_NO_AVX512=1 in a
+    fresh process (the choice is made once per process), on every surrogate and PLIF."""
+    import os
+    import subprocess
+    import sys
+
+    if "cpu" not in kernel_backends("cpu"):
+        pytest.skip("no compiled CPU kernel here (build the extension: make build)")
+    script = """
+import torch
+from cbp_kernels.ops import multistep_neuron
+torch.manual_seed(0)
+x = torch.randn(6, 3, 41) * 1.5 + 0.4
+for surrogate in ("atan", "sigmoid", "rectangle", "triangle", "piecewise_quadratic"):
+    for v_reset in (0.0, None):
+        outs = []
+        for backend in ("reference", "cpu"):
+            xi = x.clone().requires_grad_()
+            tau = torch.tensor(2.5, requires_grad=True)
+            s, v = multistep_neuron(xi, neuron="plif", tau=tau, v_reset=v_reset, surrogate=surrogate, backend=backend)
+            ((s * torch.linspace(-1, 1, s.numel()).view_as(s)).sum() + v.sum()).backward()
+            outs.append((s, v, xi.grad, tau.grad))
+        (s0, v0, gx0, gk0), (s1, v1, gx1, gk1) = outs
+        assert torch.equal(s0, s1), (surrogate, v_reset, "spikes")
+        torch.testing.assert_close(v1, v0, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gk1, gk0, atol=1e-4, rtol=1e-4)
+"""
+    env = dict(os.environ, CBP_KERNELS_NO_AVX512="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
