@@ -43,7 +43,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when the extension holds ``cbp_kernels_ext::<op>`` for ``dispatch_key`` (CPU/CUDA)."""
     if _load_extension() is not None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"cbp_kernels_ext::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"cbp_kernels_ext::{op}", dispatch_key)
+    except RuntimeError:  # an extension built before this op existed (rebuild: make build)
+        return False
 
 
 def _triton_usable(device: str) -> bool:

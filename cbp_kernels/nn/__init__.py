@@ -2,3 +2,6 @@
 from .neuron import IF, LIF, PLIF
 
 __all__ = ["IF", "LIF", "PLIF"]
+from .quantized import QuantConv2d, QuantLinear
+
+__all__ += ["QuantConv2d", "QuantLinear"]

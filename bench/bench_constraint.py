@@ -1,0 +1,145 @@
+"""The fused CBP constraint pass on the 35 quantized weight tensors of SEW-ResNet-34 (21.3M
+weights; the first conv and the classifier stay unquantized), one training step's worth:
+sum(lambda*cs(w; g)) and lambda*dcs/dw added into w.grad.
+
+Providers (same inputs, same results, checked before timing):
+- ``fused``: ``constraint_pass`` (one multi-tensor kernel; also returns sum cs for CFS);
+- ``eager``: the CBP authors' way: per layer a custom autograd Function (masks per interval,
+  as their ``constraint``), ``(lambda * cs).sum()`` summed over layers, then ``backward()``;
+- ``compiled``: ``torch.compile`` of that per-layer loss (dynamic shapes: one graph for every layer).
+
+The pass is memory-bound: it reads w, lambda, grad and writes grad (16 bytes per float32
+weight); ``pct_of_copy_bw`` compares its bandwidth with a large tensor copy timed in the same run.
+
+    python -m pytest bench/bench_constraint.py --benchmark-json=bench/results/<device>/bench_constraint.json
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbp_kernels.ops import constraint_pass
+from harness import copy_bandwidth, run
+
+TERNARY = torch.tensor([-1.0, 0.0, 1.0])
+G = 3.0
+
+
+def sew_resnet34_quantized_shapes() -> list[tuple[int, ...]]:
+    """Conv weights of ResNet-34's four stages (3, 4, 6, 3 basic blocks; 1x1 downsample in the
+    first block of stages 2-4), i.e. every conv/linear weight but conv1 and fc: 35 tensors."""
+    shapes, c_in = [], 64
+    for c_out, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(c_out, c_in if b == 0 else c_out, 3, 3), (c_out, c_out, 3, 3)]
+            if b == 0 and c_in != c_out:
+                shapes.append((c_out, c_in, 1, 1))
+        c_in = c_out
+    return shapes
+
+
+SHAPES = sew_resnet34_quantized_shapes()
+N_WEIGHTS = sum(torch.Size(s).numel() for s in SHAPES)
+assert len(SHAPES) == 35 and N_WEIGHTS == 21_258_240
+
+
+class _AuthorsConstraint(torch.autograd.Function):
+    """cs(w; g) the authors' way (dooseokjeong/CBP module.py): a triangle per interval from
+    min/max, the window masked out, and a backward of per-interval masks (same conventions as
+    reference.py: window [m - d/(2g), m + d/(2g)), right derivative)."""
+
+    @staticmethod
+    def forward(ctx, w, lv, g):
+        ctx.save_for_backward(w, lv)
+        ctx.g = g
+        out = torch.clamp((lv[0] - w) * 2, min=0) + torch.clamp((w - lv[-1]) * 2, min=0)
+        for j in range(lv.numel() - 1):
+            lo, hi = lv[j], lv[j + 1]
+            d, m = hi - lo, (lo + hi) * 0.5
+            tri = torch.clamp(torch.minimum(w - lo, hi - w) * 2, min=0)
+            h = d / (2 * g)
+            out = out + torch.where((w >= m - h) & (w < m + h), 0.0, tri)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, lv = ctx.saved_tensors
+        slope = torch.where(w < lv[0], -2.0, 0.0) + torch.where(w >= lv[-1], 2.0, 0.0)
+        for j in range(lv.numel() - 1):
+            lo, hi = lv[j], lv[j + 1]
+            d, m = hi - lo, (lo + hi) * 0.5
+            h = d / (2 * ctx.g)
+            slope = slope + torch.where((w >= lo) & (w < m - h), 2.0, 0.0) + torch.where((w >= m + h) & (w < hi), -2.0, 0.0)
+        return grad * slope, None, None
+
+
+def _layer_term(w, lam, lv, g):
+    return (lam * _AuthorsConstraint.apply(w, lv, g)).sum()
+
+
+_compiled_layer_term = torch.compile(_layer_term, dynamic=True)
+
+
+def _step(term):
+    def step(weights, lambdas, levels_per_layer):
+        loss = sum(term(w, lam, lv, G) for w, lam, lv in zip(weights, lambdas, levels_per_layer))
+        loss.backward()
+        return loss
+
+    return step
+
+
+@pytest.fixture(scope="module")
+def model():
+    gen = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(s, generator=gen) * 0.05).requires_grad_() for s in SHAPES]
+    for w in weights:
+        w.grad = torch.zeros_like(w)
+    lambdas = [torch.rand(s, generator=gen) for s in SHAPES]
+    scales = torch.stack([w.detach().abs().mean() for w in weights])
+    levels_per_layer = [s * TERNARY for s in scales]
+    return weights, lambdas, scales, levels_per_layer
+
+
+@pytest.fixture(scope="module")
+def bandwidth():
+    return copy_bandwidth()
+
+
+def _extra(bandwidth):
+    return dict(n_weights=N_WEIGHTS, n_tensors=len(SHAPES), bytes_moved=16 * N_WEIGHTS, copy_bw_gbs=bandwidth)
+
+
+def test_results_agree(model):
+    weights, lambdas, scales, levels_per_layer = model
+    ws = [w.detach() for w in weights[:4]]
+    fused_grads = [torch.zeros_like(w) for w in ws]
+    lag, _ = constraint_pass(ws, lambdas[:4], TERNARY, scales[:4], G, grads=fused_grads)
+    for w in weights[:4]:
+        w.grad = None
+    eager = _step(_layer_term)(weights[:4], lambdas[:4], levels_per_layer[:4])
+    torch.testing.assert_close(lag, eager.detach().double(), rtol=1e-5, atol=1e-3)
+    for w, fg in zip(weights[:4], fused_grads):
+        torch.testing.assert_close(w.grad, fg)
+        w.grad = torch.zeros_like(w)
+
+
+@pytest.mark.parametrize("provider", ["fused", "eager", "compiled"])
+def test_constraint_pass(benchmark, model, bandwidth, provider):
+    weights, lambdas, scales, levels_per_layer = model
+    if provider == "fused":
+        ws, grads = [w.detach() for w in weights], [w.grad for w in weights]
+
+        def fn():
+            return constraint_pass(ws, lambdas, TERNARY, scales, G, grads=grads)
+
+        run(benchmark, fn, rounds=10, provider=provider, **_extra(bandwidth))
+    else:
+        step = _step(_layer_term if provider == "eager" else _compiled_layer_term)
+        # eager takes seconds per call here: 2 rounds keep the suite under a minute.
+        run(benchmark, step, weights, lambdas, levels_per_layer, rounds=2 if provider == "eager" else 3,
+            warmup=2 if provider == "compiled" else 1,
+            provider=provider, **_extra(bandwidth))
+    best = benchmark.stats.stats.min
+    benchmark.extra_info["achieved_gbs"] = 16 * N_WEIGHTS / best / 1e9
+    benchmark.extra_info["pct_of_copy_bw"] = 100 * benchmark.extra_info["achieved_gbs"] / bandwidth

@@ -1,0 +1,14 @@
+"""The `cpu` and `cuda` backends: the extension's kernels (csrc/cpu/constraint.cpp,
+csrc/cuda/constraint.cu), chosen by the dispatcher from the tensors' device. Same signature
+as ``reference``."""
+from __future__ import annotations
+
+import torch
+
+
+def quantize(w, table):
+    return torch.ops.cbp_kernels_ext.constraint_quantize(w, table)
+
+
+def constraint_pass(weights, lambdas, table, grads, lambda_grads):
+    return torch.ops.cbp_kernels_ext.constraint_pass(weights, lambdas, table, grads, lambda_grads)

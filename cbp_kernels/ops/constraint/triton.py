@@ -1,0 +1,106 @@
+"""The `triton` backend of the constraint ops (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+
+``constraint_pass`` is ONE launch over a chunk table concatenated from all layers: program p
+handles BLOCK weights of layer ``chunk_layer[p]`` from ``chunk_start[p]``; the layers' base
+addresses come from int64 pointer tables. Math: csrc/common/constraint_math.h (the same
+selects), spec: reference.py. Per-program partial sums (float32 over BLOCK elements) are added
+in float64 on the host side of the launch, in program order (deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Weights per program: 1024 float32 = 4 KiB per stream; a common memory-bound block size
+# (enough bytes in flight per SM with 4 warps); not tuned on a GPU here.
+BLOCK = 1024
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _select(x, table_row, K: tl.constexpr):
+    """(Q(x), keep): keep = 0 inside an unconstrained window, 1 elsewhere (constraint_math.h)."""
+    q = tl.zeros_like(x) + tl.load(table_row)
+    keep = tl.full(x.shape, 1.0, tl.float32)
+    for j in tl.static_range(K - 1):
+        mid = tl.load(table_row + K + j)
+        nxt = tl.load(table_row + j + 1)
+        lo = tl.load(table_row + 2 * K + j)
+        hi = tl.load(table_row + 3 * K + j)
+        q = tl.where(x >= mid, nxt, q)
+        keep = tl.where((x >= lo) & (x < hi), 0.0, keep)
+    return q, keep
+
+
+@triton.jit
+def _constraint_pass_kernel(
+    w_ptrs, lam_ptrs, grad_ptrs, lgrad_ptrs, numels, chunk_layer, chunk_start, table, partial,
+    DTYPE: tl.constexpr, K: tl.constexpr, GRAD: tl.constexpr, LGRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # sum lam*cs(w; g), sum cs(w); grad += lam * dcs/dw; lambda_grad = cs(w; g)
+    pid = tl.program_id(0)
+    layer = tl.load(chunk_layer + pid)
+    offs = tl.load(chunk_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + layer)
+    w_ptr = tl.load(w_ptrs + layer).to(tl.pointer_type(DTYPE))
+    lam_ptr = tl.load(lam_ptrs + layer).to(tl.pointer_type(DTYPE))
+    x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    lam = tl.load(lam_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q, keep = _select(x, table + layer * 4 * K, K)
+    free = 2.0 * tl.abs(x - q)
+    c = free * keep
+    tl.store(partial + 2 * pid, tl.sum(tl.where(mask, lam * c, 0.0), 0))
+    tl.store(partial + 2 * pid + 1, tl.sum(tl.where(mask, free, 0.0), 0))
+    if GRAD:
+        g_ptr = tl.load(grad_ptrs + layer).to(tl.pointer_type(DTYPE))
+        slope = tl.where(x >= q, 2.0, -2.0) * keep
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(g_ptr + offs, (g + lam * slope).to(DTYPE), mask=mask)
+    if LGRAD:
+        lg_ptr = tl.load(lgrad_ptrs + layer).to(tl.pointer_type(DTYPE))
+        tl.store(lg_ptr + offs, c.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _quantize_kernel(w, out, table, n, K: tl.constexpr, BLOCK: tl.constexpr):
+    # out = l_k, k = #{j : w >= m_j}
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(w + offs, mask=mask, other=0.0)
+    q, _ = _select(x.to(tl.float32), table, K)
+    tl.store(out + offs, q.to(x.dtype), mask=mask)
+
+
+def _pointers(tensors, device) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def constraint_pass(weights, lambdas, table, grads, lambda_grads):
+    device = weights[0].device
+    numels = torch.tensor([w.numel() for w in weights], dtype=torch.int64, device=device)
+    per_layer = (numels + BLOCK - 1) // BLOCK
+    chunk_layer = torch.repeat_interleave(torch.arange(len(weights), device=device, dtype=torch.int32), per_layer)
+    first = torch.cumsum(per_layer, 0) - per_layer                       # first chunk of each layer
+    chunk_start = (torch.arange(chunk_layer.numel(), device=device) - first[chunk_layer]) * BLOCK
+    partial = torch.zeros(max(chunk_layer.numel(), 1), 2, dtype=torch.float32, device=device)
+    if chunk_layer.numel():
+        empty = torch.zeros(1, dtype=torch.int64, device=device)
+        _constraint_pass_kernel[(chunk_layer.numel(),)](
+            _pointers(weights, device), _pointers(lambdas, device),
+            _pointers(grads, device) if grads else empty, _pointers(lambda_grads, device) if lambda_grads else empty,
+            numels, chunk_layer, chunk_start, table.contiguous(), partial,
+            DTYPE=_TL_DTYPES[weights[0].dtype], K=table.shape[2], GRAD=bool(grads), LGRAD=bool(lambda_grads),
+            BLOCK=BLOCK,
+        )
+    return partial.double().sum(0)
+
+
+def quantize(w, table):
+    x = w.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _quantize_kernel[(triton.cdiv(n, BLOCK),)](x, out, table.contiguous(), n, K=table.shape[2], BLOCK=BLOCK)
+    return out

@@ -1,0 +1,24 @@
+"""The CBP quantizer (paper section 3.1, Algorithms 1 and 2): ``CBPQuantizer`` swaps a
+model's layers for quantized ones and trains them onto a level set; ``CBPConfig`` and the
+Table 4 ``PRESETS`` hold the hyper-parameters; level-set helpers, atomic checkpoints,
+Algorithm 2's threshold rescaling and the plots come with it."""
+from .calibration import rescale_thresholds, threshold_pairs
+from .cbp import CBPQuantizer, WindowSchedule, next_g
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import PRESETS, CBPConfig, get_preset
+from .levels import LEVEL_SETS, resolve_levels
+
+__all__ = [
+    "CBPQuantizer", "CBPConfig", "PRESETS", "get_preset", "WindowSchedule", "next_g",
+    "LEVEL_SETS", "resolve_levels", "rescale_thresholds", "threshold_pairs",
+    "save_checkpoint", "load_checkpoint", "plot_history", "plot_weight_histograms",
+]
+
+
+def __getattr__(name: str):
+    # The plots import matplotlib (~0.4 s): loaded on first use, not with cbp_kernels.
+    if name in ("plot_history", "plot_weight_histograms"):
+        from . import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

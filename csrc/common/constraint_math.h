@@ -1,0 +1,51 @@
+// Scalar math of the CBP constraint, shared by the CPU (C++) and CUDA kernels. Plain C++ with
+// no torch or CUDA runtime includes, so NVRTC (the CuPy backend) compiles it too. float32
+// arithmetic whatever the storage dtype. The specification is
+// cbp_kernels/ops/constraint/reference.py; per layer a table row holds, for K levels,
+//   lv[K]   the scaled levels l_j = s*q_j
+//   mid[K]  midpoints m_j = (l_j + l_{j+1})/2            (K-1 used)
+//   wlo[K]  window left edges  m_j - d_j/(2g)             (K-1 used)
+//   whi[K]  window right edges m_j + d_j/(2g)             (K-1 used)
+// and, for a weight w:
+//   Q(w)        = l_k, k = #{j : w >= m_j}                (a tie goes to the upper level)
+//   in window   = exists j: wlo_j <= w < whi_j            (paper's eps -> 0+: [left, right))
+//   cs(w)       = 2 |w - Q(w)|                            (windowless: 2 * distance to the nearest level)
+//   cs(w; g)    = in window ? 0 : cs(w)
+//   dcs/dw      = in window ? 0 : (w >= Q(w) ? +2 : -2)   (the right derivative)
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define CBP_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define CBP_HD inline
+#endif
+
+namespace cbp {
+
+// Rows of one layer's table: [4][K] floats.
+enum ConstraintRow : int { kLevels = 0, kMid = 1, kWindowLo = 2, kWindowHi = 3, kConstraintRows = 4 };
+
+// Q(w) (returned) and keep = 0 inside an unconstrained window, 1 elsewhere (into *keep).
+// Branch-free (selects on unconditionally loaded table values), so the CPU loop vectorises.
+CBP_HD float constraint_select(float w, const float* row, int k, float* keep) {
+  float q = row[kLevels * k];
+  float kp = 1.0f;
+  for (int j = 0; j + 1 < k; ++j) {
+    const float mid = row[kMid * k + j], next = row[kLevels * k + j + 1];
+    const float lo = row[kWindowLo * k + j], hi = row[kWindowHi * k + j];
+    q = (w >= mid) ? next : q;
+    kp = ((w >= lo) & (w < hi)) ? 0.0f : kp;
+  }
+  *keep = kp;
+  return q;
+}
+
+// Windowless cs(w) = 2 |w - Q(w)| (NaN for NaN w, Inf for +-Inf w). The windowed cs(w; g) is
+// free * keep (keep = 0 only for finite w, so no Inf * 0).
+CBP_HD float constraint_free(float w, float q) { return 2.0f * fabsf(w - q); }
+
+// dcs/dw(w; g): the right derivative.
+CBP_HD float constraint_slope(float w, float q, float keep) { return ((w >= q) ? 2.0f : -2.0f) * keep; }
+
+}  // namespace cbp
