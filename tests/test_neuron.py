@@ -97,6 +97,23 @@ def test_non_contiguous_and_odd_shapes(device):
         assert_close(out[2][0], ref[2][0], 1e-5, 1e-4, f"{b} grad x")
 
 
+@pytest.mark.parametrize("device", devices())
+def test_kernels_many_column_blocks(device):
+    """More columns than one work item of the C++ kernel (16384) or one Triton program (1024):
+    the blocks' partial sums of PLIF's dL/dk and the last, partial block."""
+    backends = kernel_backends(device)
+    if not backends:
+        pytest.skip(f"no kernel backend runs on {device} here (build the extension: make build)")
+    x, v0 = _inputs((3, 2 * 16384 + 5), torch.float32, device)
+    cfg = dict(neuron="plif", v_reset=None)
+    ref = _run(x, v0, "reference", cfg)
+    for b in backends:
+        out = _run(x, v0, b, cfg)
+        assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
+        for name, ga, gr in zip(["x", "v_init", "tau"], out[2], ref[2]):
+            assert_close(ga, gr, 1e-5, 1e-4, f"{b} grad {name}")
+
+
 @pytest.mark.parametrize("neuron", ["if", "lif", "plif"])
 @pytest.mark.parametrize("v_reset", [0.0, None])
 @pytest.mark.parametrize("decay_input", [True, False])
