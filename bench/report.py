@@ -97,6 +97,11 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _natural(text: str) -> list:
+    """Sort key that orders "T=4" before "T=16"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -143,7 +148,7 @@ def write_report(results: Path) -> Path:
                       + (f", {info['threads']} torch thread(s)" if "threads" in info else "")
                       + (f", 1-min load average {info['load_avg_1min']:.1f} at the start" if "load_avg_1min" in info else "")
                       + f"; raw data: `{device_dir.name}/{path.name}`.", ""]
-            for group, benches in sorted(groups.items()):
+            for group, benches in sorted(groups.items(), key=lambda item: _natural(item[0])):
                 rows = _rows(benches)
                 png = device_dir / f"{path.stem}-{_slug(group)}.png"
                 _plot(rows, group, png)
