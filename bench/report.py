@@ -119,8 +119,10 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
     ax.barh(names, means, color=[colors.get(r["role"], "tab:blue") for r in rows][::-1])
     if max(means) / min(means) > 30:
         ax.set_xscale("log")
+    else:
+        ax.set_xlim(0, max(means) * 1.2)  # room for the labels
     for y, m in enumerate(means):
-        ax.text(m, y, f" {m:.3g} ms", va="center", fontsize=8)
+        ax.text(m, y, f" {m:.0f} ms" if m >= 100 else f" {m:.3g} ms", va="center", fontsize=8)
     ax.set_xlabel("mean time per call (ms, lower is better)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

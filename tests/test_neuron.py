@@ -350,3 +350,55 @@ for surrogate in ("atan", "sigmoid", "rectangle", "triangle", "piecewise_quadrat
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_triton_kernels_compile_for_gpu():
+    """The Triton kernels compile for sm_80 without a GPU (the interpreter tests skip the
+    compiler), and the forward's PTX has no FMA: its spikes stay bitwise the reference's.
+    Under TRITON_INTERPRET=1 (no compiler then) it runs in a fresh process without it."""
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton", reason="the triton backend needs triton")
+    from triton.backends import backends as triton_backends
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("this triton has no NVIDIA backend (install triton's CUDA build)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        _compile_triton_kernels_for_gpu()
+        return
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here])
+    proc = subprocess.run([sys.executable, "-c", "import test_neuron; test_neuron._compile_triton_kernels_for_gpu()"],
+                          env=env, cwd=here, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _compile_triton_kernels_for_gpu():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cbp_kernels.ops.neuron import triton as tk
+
+    storage = {"x_ptr", "spike_ptr", "h_ptr", "grad_spike_ptr", "grad_x_ptr"}
+    scalar = {"T": "i32", "N": "i32", "v_threshold": "fp32", "v_reset": "fp32", "alpha": "fp32"}
+
+    def compile_(kernel, dtype, **constexprs):
+        sig = {p.name: "constexpr" if p.is_constexpr else scalar.get(p.name, dtype if p.name in storage else "*fp32")
+               for p in kernel.params}
+        src = ASTSource(kernel, sig, constexprs=dict(constexprs, BLOCK=tk.BLOCK))
+        return triton.compile(src, target=GPUTarget("cuda", 80, 32),
+                              options={"num_warps": tk.NUM_WARPS, "enable_fp_fusion": False})
+
+    for dtype in ("*fp32", "*fp16", "*bf16"):
+        for kind, soft, di in ((0, True, True), (1, False, True), (1, True, False)):
+            ptx = compile_(tk._neuron_forward_kernel, dtype, KIND=kind, SOFT_RESET=soft, DECAY_INPUT=di).asm["ptx"]
+            assert "fma." not in ptx, f"forward {dtype} kind={kind}: FMA contraction changes the spikes"
+    for surrogate in SURROGATES.values():
+        compile_(tk._neuron_backward_kernel, "*fp32", KIND=1, SOFT_RESET=False, DECAY_INPUT=True, DETACH_RESET=False,
+                 SURROGATE=surrogate, NEED_GRAD_K=True)
+    compile_(tk._neuron_backward_kernel, "*bf16", KIND=0, SOFT_RESET=True, DECAY_INPUT=False, DETACH_RESET=True,
+             SURROGATE=0, NEED_GRAD_K=False)
