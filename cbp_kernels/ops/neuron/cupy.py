@@ -24,13 +24,31 @@ def kernel_name(direction: str, dtype: torch.dtype) -> str:
     return f"neuron_{direction}_{_SUFFIX[dtype]}"
 
 
+def _nvrtc_options() -> tuple[str, ...]:
+    """NVRTC_OPTIONS plus the CUDA toolkit's include directory when there is one, for
+    cuda_fp16.h / cuda_bf16.h where this NVRTC does not carry them built in."""
+    import os
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    include = os.path.join(CUDA_HOME, "include") if CUDA_HOME else None
+    return NVRTC_OPTIONS + ((f"-I{include}",) if include and os.path.isdir(include) else ())
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_index: int):
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(code=cuda_source("neuron"), options=_nvrtc_options())
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(direction: str, dtype: torch.dtype, device_index: int):
     import cupy
 
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=cuda_source("neuron"), options=NVRTC_OPTIONS)
-        return module.get_function(kernel_name(direction, dtype))
+        return _module(device_index).get_function(kernel_name(direction, dtype))
 
 
 def _arg(t: torch.Tensor):
