@@ -15,6 +15,8 @@ weight); ``pct_of_copy_bw`` compares its bandwidth with a large tensor copy time
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -107,7 +109,10 @@ def bandwidth():
 
 
 def _extra(bandwidth):
-    return dict(n_weights=N_WEIGHTS, n_tensors=len(SHAPES), bytes_moved=16 * N_WEIGHTS, copy_bw_gbs=bandwidth)
+    # The load average is recorded because this CPU is shared: timings taken under load are
+    # comparable only within one run.
+    return dict(n_weights=N_WEIGHTS, n_tensors=len(SHAPES), bytes_moved=16 * N_WEIGHTS, copy_bw_gbs=bandwidth,
+                load_avg_1min=os.getloadavg()[0], threads=torch.get_num_threads())
 
 
 def test_results_agree(model):
@@ -136,9 +141,9 @@ def test_constraint_pass(benchmark, model, bandwidth, provider):
         run(benchmark, fn, rounds=10, provider=provider, **_extra(bandwidth))
     else:
         step = _step(_layer_term if provider == "eager" else _compiled_layer_term)
-        # eager takes seconds per call here: 2 rounds keep the suite under a minute.
-        run(benchmark, step, weights, lambdas, levels_per_layer, rounds=2 if provider == "eager" else 3,
-            warmup=2 if provider == "compiled" else 1,
+        # eager takes seconds per call on this shared CPU: one warm-up (the compiled one
+        # compiles in it) and few rounds keep the suite near a minute.
+        run(benchmark, step, weights, lambdas, levels_per_layer, rounds=1 if provider == "eager" else 2, warmup=1,
             provider=provider, **_extra(bandwidth))
     best = benchmark.stats.stats.min
     benchmark.extra_info["achieved_gbs"] = 16 * N_WEIGHTS / best / 1e9

@@ -81,6 +81,6 @@ def peak_memory(fn, device: str = "cpu") -> int:
     events = prof.events()
     current = peak = 0
     for ev in sorted(events, key=lambda e: e.time_range.start):
-        current += ev.cpu_memory_usage
+        current += ev.self_cpu_memory_usage  # self: an event's total includes its children's
         peak = max(peak, current)
     return peak

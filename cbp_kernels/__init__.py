@@ -1,6 +1,9 @@
 """cbp_kernels: fused kernels and the CBP quantizer for quantized spiking neural networks."""
-from . import nn, ops, quant
+from . import models, nn, ops, quant
 from ._backend import BACKENDS, backends
+from .memory import memory_report
+from .nn import LIFConv2d, convert
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "quant", "backends", "BACKENDS", "__version__"]
+__all__ = ["ops", "nn", "quant", "models", "backends", "BACKENDS", "LIFConv2d", "convert", "memory_report",
+           "__version__"]

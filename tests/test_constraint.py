@@ -145,7 +145,7 @@ def test_quantize_kernels_match_reference(dtype):
 
 # --- the fused pass -------------------------------------------------------------------------
 
-SIZES = [(1,), (31,), (1000,), (4097,), (3, 5, 7), (64, 3, 3, 3), (2, 1, 1)]
+SIZES = [(1,), (31,), (0,), (1000,), (4097,), (3, 5, 7), (64, 3, 3, 3), (2, 1, 1)]
 
 
 def _layers(dtype, device="cpu", sizes=SIZES, levels=TERNARY, g=3):
@@ -204,6 +204,23 @@ def test_pass_kernels_match_reference(device, dtype, levels, g):
         for i in range(len(weights)):
             assert_close(kg[i], rg[i], 1e-30, ulp, f"{b} grads[{i}]")
             assert_close(klg[i], rlg[i], 1e-30, ulp, f"{b} lambda_grads[{i}]")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_cpu_kernels_every_instruction_set(monkeypatch, isa):
+    if "cpu" not in _backends():
+        pytest.skip("the compiled CPU kernels are not built (make build)")
+    monkeypatch.setenv("CBP_KERNELS_CPU_ISA", isa)  # caps the run-time choice (per call)
+    weights, lambdas, scales = _layers(torch.float32, sizes=[(1,), (4097,), (40000,)])
+    for levels, g in [(TERNARY, 3), (FOUR, 2)]:
+        (rl, rf), rg, rlg = _pass("reference", weights, lambdas, levels, scales, g, torch.float32)
+        (kl, kf), kg, klg = _pass("cpu", weights, lambdas, levels, scales, g, torch.float32)
+        assert_close(kl, rl, 1e-6, 1e-6, f"{isa} sum lambda*cs")
+        assert_close(kf, rf, 1e-6, 1e-6, f"{isa} sum cs")
+        assert all(torch.equal(a, b) for a, b in zip(kg, rg)), f"{isa}: grads differ"
+        assert all(torch.equal(a, b) for a, b in zip(klg, rlg)), f"{isa}: lambda_grads differ"
+        for w, s in zip(weights, scales):
+            assert torch.equal(quantize(w, _t(levels), s, backend="cpu"), quantize(w, _t(levels), s, backend="reference"))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + _backends())
@@ -304,3 +321,26 @@ def test_quantize_bad_input(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         quantize(args["w"], args["levels"], args["scale"])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + _backends())
+def test_torch_compile_traces_both_ops(backend):
+    weights, lambdas, scales = _layers(torch.float32, sizes=[(5,), (33,)])
+    lv = _t(TERNARY)
+
+    def step(w, grads):
+        q = quantize(w[0], lv, scales[0], backend=backend)
+        return q, constraint_pass([x.detach() for x in w], lambdas, lv, scales, 2.0, grads=grads, backend=backend)
+
+    ws = [w.clone().requires_grad_() for w in weights]
+    eager_grads = [torch.zeros_like(w) for w in weights]
+    compiled_grads = [torch.zeros_like(w) for w in weights]
+    want_q, want = step(ws, eager_grads)
+    got_q, got = torch.compile(step, fullgraph=True, backend="aot_eager")(ws, compiled_grads)
+    assert torch.equal(got_q, want_q)
+    assert_close(got[0], want[0], 1e-9, 1e-9, "compiled sum lambda*cs")
+    for a, b in zip(compiled_grads, eager_grads):
+        assert torch.equal(a, b)
+    g = torch.randn(got_q.shape)
+    got_q.backward(g)
+    assert torch.equal(ws[0].grad, g)  # straight-through through the compiled graph

@@ -1,7 +1,8 @@
-"""Modules built on the ops: spiking neurons (and, as they land, layers)."""
+"""Modules built on the ops: spiking neurons, LIFConv2d, quantized and bit-packed layers."""
+from .convert import convert
+from .lifconv import LIFConv2d
 from .neuron import IF, LIF, PLIF
-
-__all__ = ["IF", "LIF", "PLIF"]
+from .packed import PackedConv2d, PackedLinear
 from .quantized import QuantConv2d, QuantLinear
 
-__all__ += ["QuantConv2d", "QuantLinear"]
+__all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "convert", "QuantConv2d", "QuantLinear", "PackedConv2d", "PackedLinear"]

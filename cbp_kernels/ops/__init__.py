@@ -3,3 +3,7 @@ from .constraint import constraint_pass, quantize
 from .neuron import multistep_neuron
 
 __all__ = ["multistep_neuron", "constraint_pass", "quantize"]
+from .bitconv import PackedWeight, pack_spikes, pack_weight, packed_conv2d, packed_linear, unpack_weight  # noqa: E402
+from .bitpack import bitpack, bitunpack  # noqa: E402
+
+__all__ += ["bitpack", "bitunpack", "packed_conv2d", "packed_linear", "pack_spikes", "pack_weight", "unpack_weight", "PackedWeight"]

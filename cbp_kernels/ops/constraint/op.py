@@ -72,7 +72,7 @@ def _checked_levels(levels) -> torch.Tensor:
 
 def _checked_scales(name: str, scales, count: int, device: torch.device) -> torch.Tensor:
     if not isinstance(scales, torch.Tensor):
-        scales = torch.tensor(check_finite(name, scales), dtype=torch.float32)
+        scales = torch.tensor(check_finite(name, scales), dtype=torch.float32, device=device)
     check_tensor(name, scales, dtypes=(torch.float32, torch.float64))
     if scales.numel() != count or scales.dim() > 1:
         raise ValueError(f"{name} must hold {count} value(s) (0-dim or [{count}]), got shape {tuple(scales.shape)}")
@@ -118,9 +118,9 @@ def quantize(w: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor | float,
     return _quantize(w.contiguous(), _table(levels, scale, 1.0, w.dtype, w.device), backend)
 
 
-def _check_companions(name: str, tensors, weights, *, same_dtype: bool) -> list[torch.Tensor]:
-    """A list beside ``weights``: same length, and each tensor the same shape/device
-    (dtype when ``same_dtype``) as its weight, contiguous."""
+def _check_companions(name: str, tensors, weights) -> list[torch.Tensor]:
+    """A list beside ``weights``: same length, each tensor contiguous with its weight's shape,
+    dtype and device."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence) or len(tensors) != len(weights):
         raise ValueError(f"{name} must be a sequence of {len(weights)} tensors, one per weight")
     for i, (t, w) in enumerate(zip(tensors, weights)):
@@ -128,7 +128,7 @@ def _check_companions(name: str, tensors, weights, *, same_dtype: bool) -> list[
         check_same_device(f"weights[{i}]", w, **{f"{name}[{i}]": t})
         if t.shape != w.shape:
             raise ValueError(f"{name}[{i}] must have the shape of weights[{i}] {tuple(w.shape)}, got {tuple(t.shape)}")
-        if same_dtype and t.dtype != w.dtype:
+        if t.dtype != w.dtype:
             raise TypeError(f"{name}[{i}] must have the dtype of weights[{i}] ({w.dtype}), got {t.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"{name}[{i}] must be contiguous (the pass reads and writes it in place)")
@@ -177,9 +177,9 @@ def constraint_pass(
             raise TypeError(f"weights must share one dtype: weights[0] is {weights[0].dtype}, weights[{i}] is {w.dtype}")
         if not w.is_contiguous():
             raise ValueError(f"weights[{i}] must be contiguous")
-    lambdas = _check_companions("lambdas", lambdas, weights, same_dtype=True)
-    grads = [] if grads is None else _check_companions("grads", grads, weights, same_dtype=True)
-    lambda_grads = [] if lambda_grads is None else _check_companions("lambda_grads", lambda_grads, weights, same_dtype=True)
+    lambdas = _check_companions("lambdas", lambdas, weights)
+    grads = [] if grads is None else _check_companions("grads", grads, weights)
+    lambda_grads = [] if lambda_grads is None else _check_companions("lambda_grads", lambda_grads, weights)
     levels = _checked_levels(levels)
     device = weights[0].device
     scales = _checked_scales("scales", scales, len(weights), device)

@@ -1,8 +1,8 @@
 """The `triton` backend of the constraint ops (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
 ``constraint_pass`` is ONE launch over a chunk table concatenated from all layers: program p
-handles BLOCK weights of layer ``chunk_layer[p]`` from ``chunk_start[p]``; the layers' base
-addresses come from int64 pointer tables. Math: csrc/common/constraint_math.h (the same
+handles BLOCK weights of one layer, read with the layers' sizes and base addresses from one
+int64 launch table (``_chunks.launch_table``). Math: csrc/common/constraint_math.h (the same
 selects), spec: reference.py. Per-program partial sums (float32 over BLOCK elements) are added
 in float64 on the host side of the launch, in program order (deterministic).
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._chunks import launch_table
 
 # Weights per program: 1024 float32 = 4 KiB per stream; a common memory-bound block size
 # (enough bytes in flight per SM with 4 warps); not tuned on a GPU here.
@@ -36,16 +38,16 @@ def _select(x, table_row, K: tl.constexpr):
 
 @triton.jit
 def _constraint_pass_kernel(
-    w_ptrs, lam_ptrs, grad_ptrs, lgrad_ptrs, numels, chunk_layer, chunk_start, table, partial,
+    meta, table, partial, L, N_CHUNKS,
     DTYPE: tl.constexpr, K: tl.constexpr, GRAD: tl.constexpr, LGRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # sum lam*cs(w; g), sum cs(w); grad += lam * dcs/dw; lambda_grad = cs(w; g)
+    # sum lam*cs(w; g), sum cs(w); grad += lam * dcs/dw; lambda_grad = cs(w; g)   (meta: _chunks.py)
     pid = tl.program_id(0)
-    layer = tl.load(chunk_layer + pid)
-    offs = tl.load(chunk_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + layer)
-    w_ptr = tl.load(w_ptrs + layer).to(tl.pointer_type(DTYPE))
-    lam_ptr = tl.load(lam_ptrs + layer).to(tl.pointer_type(DTYPE))
+    layer = tl.load(meta + 5 * L + pid)
+    offs = tl.load(meta + 5 * L + N_CHUNKS + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(meta + layer)
+    w_ptr = tl.load(meta + L + layer).to(tl.pointer_type(DTYPE))
+    lam_ptr = tl.load(meta + 2 * L + layer).to(tl.pointer_type(DTYPE))
     x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lam = tl.load(lam_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q, keep = _select(x, table + layer * 4 * K, K)
@@ -54,12 +56,12 @@ def _constraint_pass_kernel(
     tl.store(partial + 2 * pid, tl.sum(tl.where(mask, lam * c, 0.0), 0))
     tl.store(partial + 2 * pid + 1, tl.sum(tl.where(mask, free, 0.0), 0))
     if GRAD:
-        g_ptr = tl.load(grad_ptrs + layer).to(tl.pointer_type(DTYPE))
+        g_ptr = tl.load(meta + 3 * L + layer).to(tl.pointer_type(DTYPE))
         slope = tl.where(x >= q, 2.0, -2.0) * keep
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(g_ptr + offs, (g + lam * slope).to(DTYPE), mask=mask)
     if LGRAD:
-        lg_ptr = tl.load(lgrad_ptrs + layer).to(tl.pointer_type(DTYPE))
+        lg_ptr = tl.load(meta + 4 * L + layer).to(tl.pointer_type(DTYPE))
         tl.store(lg_ptr + offs, c.to(DTYPE), mask=mask)
 
 
@@ -73,24 +75,12 @@ def _quantize_kernel(w, out, table, n, K: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(out + offs, q.to(x.dtype), mask=mask)
 
 
-def _pointers(tensors, device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
-
-
 def constraint_pass(weights, lambdas, table, grads, lambda_grads):
-    device = weights[0].device
-    numels = torch.tensor([w.numel() for w in weights], dtype=torch.int64, device=device)
-    per_layer = (numels + BLOCK - 1) // BLOCK
-    chunk_layer = torch.repeat_interleave(torch.arange(len(weights), device=device, dtype=torch.int32), per_layer)
-    first = torch.cumsum(per_layer, 0) - per_layer                       # first chunk of each layer
-    chunk_start = (torch.arange(chunk_layer.numel(), device=device) - first[chunk_layer]) * BLOCK
-    partial = torch.zeros(max(chunk_layer.numel(), 1), 2, dtype=torch.float32, device=device)
-    if chunk_layer.numel():
-        empty = torch.zeros(1, dtype=torch.int64, device=device)
-        _constraint_pass_kernel[(chunk_layer.numel(),)](
-            _pointers(weights, device), _pointers(lambdas, device),
-            _pointers(grads, device) if grads else empty, _pointers(lambda_grads, device) if lambda_grads else empty,
-            numels, chunk_layer, chunk_start, table.contiguous(), partial,
+    meta, n_chunks = launch_table(weights, lambdas, grads, lambda_grads, BLOCK)
+    partial = torch.zeros(max(n_chunks, 1), 2, dtype=torch.float32, device=weights[0].device)
+    if n_chunks:
+        _constraint_pass_kernel[(n_chunks,)](
+            meta, table.contiguous(), partial, len(weights), n_chunks,
             DTYPE=_TL_DTYPES[weights[0].dtype], K=table.shape[2], GRAD=bool(grads), LGRAD=bool(lambda_grads),
             BLOCK=BLOCK,
         )

@@ -1,0 +1,159 @@
+// CUDA kernels of bit packing and the bit-packed popcount convolution. extern "C" kernels
+// with no torch includes: csrc/cuda/bitconv.cu launches them from the extension, and the
+// CuPy backend (cbp_kernels/ops/bitconv/cupy.py) JIT-compiles this same file with NVRTC.
+// Formats and equations: csrc/common/bitconv_math.h.
+#pragma once
+
+#include "common/bitconv_math.h"
+
+namespace cbp {
+
+// Word of channel-bit k of output pixel `pix` (NHWC, taps flattened as k = tap * Wg + w):
+// 0 when k is past K or the tap reads padding.
+__device__ __forceinline__ uint32_t bitconv_x_word(const uint32_t* x, const BitConvGeometry& g, int64_t n,
+                                                   int64_t oh, int64_t ow, int64_t grp, int64_t k) {
+  const int64_t Wg = g.words_per_group;
+  if (k >= g.KH * g.KW * Wg) return 0u;
+  const int64_t tap = k / Wg, w = k - tap * Wg;
+  const int64_t ih = oh * g.stride_h - g.pad_h + (tap / g.KW) * g.dil_h;
+  const int64_t iw = ow * g.stride_w - g.pad_w + (tap % g.KW) * g.dil_w;
+  if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return 0u;
+  return x[((n * g.H + ih) * g.W + iw) * (g.groups * Wg) + grp * Wg + w];
+}
+
+}  // namespace cbp
+
+// bitpack: out[r, w] = OR_b (x[r, 32w + b] != 0) << b; one thread per word.
+extern "C" __global__ void bitpack_u8_kernel(const uint8_t* __restrict__ x, uint32_t* __restrict__ out, int64_t rows,
+                                             int64_t C, int64_t words) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * words) return;
+  const int64_t r = i / words, c0 = (i - r * words) * 32;
+  uint32_t bits = 0u;
+  for (int b = 0; b < 32 && c0 + b < C; ++b) bits |= static_cast<uint32_t>(x[r * C + c0 + b] != 0) << b;
+  out[i] = bits;
+}
+
+// bitunpack: y[r, c] = (words[r, c / 32] >> (c % 32)) & 1; one thread per value.
+extern "C" __global__ void bitunpack_u8_kernel(const uint32_t* __restrict__ words, uint8_t* __restrict__ y,
+                                               int64_t rows, int64_t nwords, int64_t size) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * size) return;
+  const int64_t r = i / size, c = i - r * size;
+  y[i] = static_cast<uint8_t>((words[r * nwords + c / 32] >> (c % 32)) & 1u);
+}
+
+// CUDA-core path: one thread per output (pixel, o), o fastest (a warp shares the pixel's
+// input words); c = sum over taps/words of 2*popc(x & w) - popc(x) (binary) or
+// popc(x & p) - popc(x & n) (ternary), out = float(c) * scale + bias[o].
+// planes: [P, O, K] words (K = KH*KW*Wg); bias may be null.
+extern "C" __global__ void bitconv_popc_kernel(const uint32_t* __restrict__ x, const uint32_t* __restrict__ planes,
+                                               const float* __restrict__ bias, float scale, float* __restrict__ out,
+                                               cbp::BitConvGeometry g) {
+  const int64_t O = g.groups * g.out_per_group;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= g.N * g.OH * g.OW * O) return;
+  const int64_t o = i % O, pix = i / O;
+  const int64_t ow = pix % g.OW, oh = (pix / g.OW) % g.OH, n = pix / (g.OW * g.OH);
+  const int64_t grp = o / g.out_per_group, Wg = g.words_per_group, K = g.KH * g.KW * Wg;
+  const uint32_t* wp = planes + o * K;
+  const uint32_t* wn = planes + (O + o) * K;
+  int32_t c = 0;
+  for (int64_t kh = 0; kh < g.KH; ++kh) {
+    const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
+      if (iw < 0 || iw >= g.W) continue;
+      const uint32_t* xp = x + ((n * g.H + ih) * g.W + iw) * (g.groups * Wg) + grp * Wg;
+      const int64_t k0 = (kh * g.KW + kw) * Wg;
+      for (int64_t w = 0; w < Wg; ++w) {
+        const uint32_t xv = xp[w];
+        if (g.planes == 2) {
+          c += __popc(xv & wp[k0 + w]) - __popc(xv & wn[k0 + w]);
+        } else {
+          c += 2 * __popc(xv & wp[k0 + w]) - __popc(xv);
+        }
+      }
+    }
+  }
+  out[i] = cbp::bitconv_epilogue(c, scale, bias ? bias[o] : 0.0f);
+}
+
+// Tensor-core path (sm_80+): implicit GEMM with mma.sync.m16n8k256 .b1 AND+POPC, D += popc(A & B):
+// M = output pixels, N = output channels of a group, K = the flattened (tap, word) bits.
+// A warp computes 16 pixels x (8 * kMmaNTiles) channels; per K step of 8 words each lane
+// loads, following the PTX fragment layout of m16n8k256 .b1 (groupID g = lane / 4, t = lane % 4):
+//   a0 = X[pixel g][word t], a1 = X[pixel g+8][word t], a2 = X[g][t+4], a3 = X[g+8][t+4];
+//   b0 = Wt[channel g][word t], b1 = Wt[channel g][word t+4];
+//   d0, d1 = D[pixel g][channels 2t, 2t+1], d2, d3 = D[pixel g+8][channels 2t, 2t+1].
+// Binary also sums popc(x) of each pixel's words (over its 4 lanes, by shuffles).
+// Grid: x = pixel tiles of 16 * warps per block, y = groups * channel tiles; block = 32 * warps.
+#define CBP_MMA_NTILES 4
+extern "C" __global__ void bitconv_mma_kernel(const uint32_t* __restrict__ x, const uint32_t* __restrict__ planes,
+                                              const float* __restrict__ bias, float scale, float* __restrict__ out,
+                                              cbp::BitConvGeometry g) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int gid = lane / 4, tig = lane % 4;
+  const int64_t O = g.groups * g.out_per_group, Og = g.out_per_group;
+  const int64_t tiles_per_group = (Og + 8 * CBP_MMA_NTILES - 1) / (8 * CBP_MMA_NTILES);
+  const int64_t grp = blockIdx.y / tiles_per_group;
+  const int64_t o0 = (blockIdx.y % tiles_per_group) * 8 * CBP_MMA_NTILES;  // within the group
+  const int64_t P = g.N * g.OH * g.OW;
+  const int64_t pix0 = (static_cast<int64_t>(blockIdx.x) * warps + warp) * 16;
+  if (pix0 >= P) return;
+  const int64_t K = g.KH * g.KW * g.words_per_group;
+  // The two pixels this lane loads A words for.
+  int64_t pn[2], poh[2], pow_[2];
+  bool pvalid[2];
+  for (int h = 0; h < 2; ++h) {
+    const int64_t pix = pix0 + gid + 8 * h;
+    pvalid[h] = pix < P;
+    const int64_t pc = pvalid[h] ? pix : 0;
+    pow_[h] = pc % g.OW;
+    poh[h] = (pc / g.OW) % g.OH;
+    pn[h] = pc / (g.OW * g.OH);
+  }
+  int32_t dp[CBP_MMA_NTILES][4] = {}, dn[CBP_MMA_NTILES][4] = {};
+  int32_t xcount[2] = {0, 0};
+  for (int64_t k0 = 0; k0 < K; k0 += 8) {
+    uint32_t a[4];
+    for (int h = 0; h < 2; ++h) {
+      a[h] = pvalid[h] ? cbp::bitconv_x_word(x, g, pn[h], poh[h], pow_[h], grp, k0 + tig) : 0u;
+      a[h + 2] = pvalid[h] ? cbp::bitconv_x_word(x, g, pn[h], poh[h], pow_[h], grp, k0 + tig + 4) : 0u;
+      xcount[h] += __popc(a[h]) + __popc(a[h + 2]);
+    }
+    for (int nt = 0; nt < CBP_MMA_NTILES; ++nt) {
+      const int64_t ol = o0 + nt * 8 + gid;
+      const bool ovalid = ol < Og;
+      const int64_t row = (grp * Og + (ovalid ? ol : 0)) * K;
+      for (int pl = 0; pl < g.planes; ++pl) {
+        const uint32_t* wr = planes + pl * O * K + row;
+        const uint32_t b0 = (ovalid && k0 + tig < K) ? wr[k0 + tig] : 0u;
+        const uint32_t b1 = (ovalid && k0 + tig + 4 < K) ? wr[k0 + tig + 4] : 0u;
+        int32_t* d = pl == 0 ? dp[nt] : dn[nt];
+        asm volatile(
+            "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h) {  // popc(x) of the pixel: sum over the group's 4 lanes
+    xcount[h] += __shfl_xor_sync(0xffffffffu, xcount[h], 1);
+    xcount[h] += __shfl_xor_sync(0xffffffffu, xcount[h], 2);
+  }
+  for (int nt = 0; nt < CBP_MMA_NTILES; ++nt) {
+    for (int r = 0; r < 4; ++r) {
+      const int h = r / 2;
+      const int64_t pix = pix0 + gid + 8 * h, ol = o0 + nt * 8 + 2 * tig + (r % 2);
+      if (pix >= P || ol >= Og) continue;
+      const int32_t c = g.planes == 2 ? dp[nt][r] - dn[nt][r] : 2 * dp[nt][r] - xcount[h];
+      const int64_t o = grp * Og + ol;
+      out[pix * O + o] = cbp::bitconv_epilogue(c, scale, bias ? bias[o] : 0.0f);
+    }
+  }
+#endif
+}

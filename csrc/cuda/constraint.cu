@@ -1,0 +1,127 @@
+// Host launchers of the CUDA constraint kernels (csrc/cuda/constraint.cuh) for the
+// extension's CUDA dispatch key; the schemas are defined once in csrc/cpu/constraint.cpp.
+// constraint_pass: the launch table (the layers' sizes and base addresses, one (layer, start)
+// per chunk) is built on the host and sent in one asynchronous copy, and ONE kernel launch
+// covers every layer; the float64 block partials are summed on the device (no host sync).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cuda/constraint.cuh"
+#include "cuda/torch_cuda.h"
+
+namespace cbp {
+namespace {
+
+template <typename scalar_t>
+struct ConstraintKernels;
+template <>
+struct ConstraintKernels<float> {
+  using device_t = float;
+  static constexpr auto pass = constraint_pass_f32;
+  static constexpr auto quantize = constraint_quantize_f32;
+};
+template <>
+struct ConstraintKernels<at::Half> {
+  using device_t = __half;
+  static constexpr auto pass = constraint_pass_f16;
+  static constexpr auto quantize = constraint_quantize_f16;
+};
+template <>
+struct ConstraintKernels<at::BFloat16> {
+  using device_t = __nv_bfloat16;
+  static constexpr auto pass = constraint_pass_bf16;
+  static constexpr auto quantize = constraint_quantize_bf16;
+};
+
+#define CBP_CONSTRAINT_DISPATCH(TYPE, NAME, ...)                                            \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                  \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)               \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// The launch table of csrc/cuda/constraint.cuh, built in pinned memory and sent in one
+// asynchronous copy: [numel | w | lambda | grad | lambda_grad] per layer, then (layer, start) per chunk.
+at::Tensor launch_table(at::TensorList weights, at::TensorList lambdas, at::TensorList grads,
+                        at::TensorList lambda_grads, int64_t* n_chunks) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  std::vector<int64_t> layers, starts;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t s = 0; s < weights[l].numel(); s += kConstraintChunk) {
+      layers.push_back(l);
+      starts.push_back(s);
+    }
+  }
+  *n_chunks = static_cast<int64_t>(layers.size());
+  auto host = at::empty({5 * L + 2 * *n_chunks}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* m = host.data_ptr<int64_t>();
+  auto address = [](at::TensorList list, int64_t l) {
+    return list.empty() ? int64_t{0} : reinterpret_cast<int64_t>(list[l].data_ptr());
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    m[l] = weights[l].numel();
+    m[L + l] = address(weights, l);
+    m[2 * L + l] = address(lambdas, l);
+    m[3 * L + l] = address(grads, l);
+    m[4 * L + l] = address(lambda_grads, l);
+  }
+  std::copy(layers.begin(), layers.end(), m + 5 * L);
+  std::copy(starts.begin(), starts.end(), m + 5 * L + *n_chunks);
+  return host.to(weights[0].device(), /*non_blocking=*/true);
+}
+
+at::Tensor constraint_pass_cuda(at::TensorList weights, at::TensorList lambdas, const at::Tensor& table,
+                                at::TensorList grads, at::TensorList lambda_grads) {
+  TORCH_CHECK(table.dim() == 3 && table.size(1) == kConstraintRows && table.scalar_type() == at::kFloat &&
+                  table.size(0) == static_cast<int64_t>(weights.size()),
+              "constraint_pass: table must be float32 [L, 4, K]");
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  int64_t n_chunks = 0;
+  const auto meta = launch_table(weights, lambdas, grads, lambda_grads, &n_chunks);
+  auto partial = at::zeros({std::max<int64_t>(n_chunks, 1), 2}, weights[0].options().dtype(at::kDouble));
+  if (n_chunks > 0) {
+    const auto tab = table.contiguous();
+    const int k = static_cast<int>(tab.size(2));
+    CBP_CONSTRAINT_DISPATCH(weights[0].scalar_type(), "constraint_pass_cuda", [&] {
+      ConstraintKernels<scalar_t>::pass<<<static_cast<unsigned int>(n_chunks), kConstraintThreads,
+                                          kConstraintRows * k * sizeof(float), c10::cuda::getCurrentCUDAStream()>>>(
+          reinterpret_cast<const long long*>(meta.data_ptr<int64_t>()), static_cast<int>(weights.size()),
+          tab.data_ptr<float>(), k, partial.data_ptr<double>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return partial.sum(0);
+}
+
+at::Tensor constraint_quantize_cuda(const at::Tensor& w, const at::Tensor& table) {
+  TORCH_CHECK(table.dim() == 3 && table.size(0) == 1 && table.size(1) == kConstraintRows &&
+                  table.scalar_type() == at::kFloat,
+              "constraint_quantize: table must be float32 [1, 4, K]");
+  const c10::cuda::CUDAGuard guard(w.device());
+  const auto x = w.contiguous();
+  const auto tab = table.contiguous();
+  auto out = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  const int k = static_cast<int>(tab.size(2));
+  const auto blocks = static_cast<unsigned int>(std::min<int64_t>((n + kConstraintThreads - 1) / kConstraintThreads, 65535));
+  CBP_CONSTRAINT_DISPATCH(x.scalar_type(), "constraint_quantize_cuda", [&] {
+    using device_t = typename ConstraintKernels<scalar_t>::device_t;
+    ConstraintKernels<scalar_t>::quantize<<<blocks, kConstraintThreads, kConstraintRows * k * sizeof(float),
+                                            c10::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const device_t*>(x.data_ptr<scalar_t>()), reinterpret_cast<device_t*>(out.data_ptr<scalar_t>()),
+        tab.data_ptr<float>(), k, n);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbp_kernels_ext, CUDA, m) {
+  m.impl("constraint_pass", &constraint_pass_cuda);
+  m.impl("constraint_quantize", &constraint_quantize_cuda);
+}
+
+}  // namespace cbp

@@ -1,0 +1,365 @@
+"""bitpack / bitunpack, the packed weight format, packed_conv2d / packed_linear (every
+backend bit for bit against the reference and F.conv2d) and PackedConv2d / PackedLinear."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cbp_kernels
+from cbp_kernels.nn import PackedConv2d, PackedLinear
+from cbp_kernels.ops import bitpack, bitunpack, pack_spikes, pack_weight, packed_conv2d, packed_linear, unpack_weight
+from cbp_kernels.ops.bitconv import PackedWeight, infer_levels
+
+from conftest import devices
+
+
+def backends_of(op: str, device: str = "cpu") -> list[str]:
+    """Every backend of ``op`` that runs on ``device`` here, the reference included."""
+    return [b for b, ok in cbp_kernels.backends(op).get(device, {}).items() if ok]
+
+
+def _spikes(shape, p=0.4, device="cpu"):
+    return (torch.rand(shape, device=device) < p).float()
+
+
+def _levels(shape, levels, device="cpu"):
+    if levels == "binary":
+        return torch.randint(0, 2, shape, device=device).float() * 2 - 1
+    return torch.randint(-1, 2, shape, device=device).float()
+
+
+def _spec(x, q, scale, bias, stride, padding, dilation, groups):
+    """The specification in float64: float32(conv(x, q)) * scale + bias, NHWC."""
+    count = F.conv2d(x.double(), q.double(), None, stride, padding, dilation, groups).float()
+    out = count * torch.tensor(scale, dtype=torch.float32, device=x.device)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out.permute(0, 2, 3, 1)
+
+
+# ------------------------------------------------------------------------------- bitpack
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_bitpack_round_trip_every_backend(device, dtype):
+    for size, dim in [(1, 0), (31, 1), (32, -1), (33, 1), (65, -1), (257, 0)]:
+        shape = [3, 4, 2]
+        shape[dim] = size
+        x = _spikes(shape, device=device).to(dtype)
+        ref = bitpack(x, dim, backend="reference")
+        assert ref.dtype == torch.int32 and ref.shape[dim] == -(-size // 32)
+        for b in backends_of("bitpack", device):
+            words = bitpack(x, dim, backend=b)
+            assert torch.equal(words, ref), f"{b}: words differ from the reference (size {size}, dim {dim})"
+            back = bitunpack(words, dim, size, dtype, backend=b)
+            assert back.dtype == dtype and torch.equal(back, x), f"{b}: round trip failed (size {size}, dim {dim})"
+
+
+@pytest.mark.parametrize("backend", backends_of("bitpack"))
+def test_bitpack_bit_order_lsb_first_zero_padded(backend):
+    x = torch.zeros(2, 70)
+    x[0, 0] = x[0, 33] = x[0, 69] = 1  # word 0 bit 0, word 1 bit 1, word 2 bit 5
+    x[1, 31] = 1  # the sign bit of word 0
+    words = bitpack(x, -1, backend=backend)
+    assert words.tolist() == [[1, 2, 32], [-(2**31), 0, 0]]
+
+
+@pytest.mark.parametrize("no_avx512", ["0", "1"])
+@pytest.mark.parametrize("dim", [1, -1], ids=["nchw", "nhwc"])
+def test_bitpack_cpu_paths_and_fused_value_check(no_avx512, dim, monkeypatch):
+    """The CPU pack reads NCHW (pixels contiguous) and NHWC (channels contiguous) float32
+    without a copy, and counts non-binary values in the same pass: each path must refuse them."""
+    if "cpu" not in backends_of("bitpack"):
+        pytest.skip("no compiled CPU kernel here (build the extension: make build)")
+    monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx512)
+    x = _spikes((2, 37, 5, 7))  # 35 pixels: not a multiple of 16
+    x = x if dim == 1 else x.permute(0, 2, 3, 1).contiguous()
+    assert torch.equal(bitpack(x, dim, backend="cpu"), bitpack(x, dim, backend="reference"))
+    for value in [0.5, float("nan"), -1.0]:
+        bad = x.clone()
+        bad[1, 3, 4, 2] = value
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            bitpack(bad, dim, backend="cpu")
+
+
+def test_bitpack_threshold_and_non_contiguous():
+    h = torch.randn(5, 40, 3)
+    spikes = (h >= 0.3).float()
+    assert torch.equal(bitpack(h, 1, threshold=0.3), bitpack(spikes, 1))
+    x = _spikes((40, 5)).t()  # non-contiguous
+    assert torch.equal(bitpack(x, 1), bitpack(x.contiguous(), 1))
+
+
+def test_bitpack_bad_input():
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        bitpack(torch.tensor([0.0, 1.0, 0.5]))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        bitpack(torch.tensor([0, 2], dtype=torch.uint8))
+    with pytest.raises(TypeError, match="dtype"):
+        bitpack(torch.tensor([0, 1], dtype=torch.int64))
+    with pytest.raises(ValueError, match="dim"):
+        bitpack(torch.zeros(3, 4), dim=2)
+    with pytest.raises(ValueError, match="size"):
+        bitunpack(torch.zeros(3, 2, dtype=torch.int32), -1, 70)
+    with pytest.raises(TypeError, match="int32"):
+        bitunpack(torch.zeros(3, 2), -1, 40)
+    with pytest.raises(ValueError, match="finite"):
+        bitpack(torch.zeros(3), threshold=float("nan"))
+
+
+# ------------------------------------------------------------------------- weight format
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("shape", [(5, 33, 3, 3), (4, 1, 1, 1), (7, 65), (3, 257, 1, 2)])
+def test_pack_weight_round_trip(levels, shape):
+    scale = 0.0371
+    w_q = _levels(shape, levels) * scale
+    packed = pack_weight(w_q, levels, scale)
+    assert packed.planes.dtype == torch.int32 and packed.planes.shape[0] == (1 if levels == "binary" else 2)
+    assert packed.shape == shape and packed.levels == levels
+    assert torch.equal(unpack_weight(packed), w_q)
+    found = levels if (w_q == 0).any() or levels == "binary" else "binary"  # ternary without a zero
+    assert infer_levels(w_q) == (found, pytest.approx(scale))
+
+
+def test_pack_weight_refuses_off_level_weights():
+    w = _levels((4, 8, 3, 3), "ternary") * 0.5
+    with pytest.raises(ValueError, match="binary"):
+        pack_weight(w, "binary", 0.5)  # zeros are not binary
+    w_off = _levels((4, 8, 3, 3), "binary") * 0.5
+    w_off[1, 2, 0, 1] = 0.4999
+    with pytest.raises(ValueError, match=r"w_q\[1, 2, 0, 1\]"):
+        pack_weight(w_off, "binary", 0.5)
+    with pytest.raises(ValueError, match="w_q"):
+        pack_weight(w_off.abs() * 2, "binary", 0.5)  # +-1 levels of scale 1, not 0.5
+    with pytest.raises(ValueError, match="scale"):
+        pack_weight(w.abs(), "ternary", -0.5)
+    with pytest.raises(ValueError, match="levels"):
+        pack_weight(w, "quaternary", 0.5)
+    with pytest.raises(ValueError, match="not binary or ternary"):
+        infer_levels(torch.tensor([0.5, -0.25, 0.5]))
+
+
+# ------------------------------------------------------------------------ packed_conv2d
+def _conv_cases(n_cases: int, seed: int):
+    """A seeded sample of the grid: channels x kernel x stride x padding x dilation x groups x bias."""
+    rng = random.Random(seed)
+    grid = list(itertools.product([1, 31, 33, 65, 257], [1, 3, 7], [1, 2], [0, 1, 3], [1, 2], [1, 3], [False, True]))
+    cases = []
+    for C, k, stride, pad, dil, groups, bias in rng.sample(grid, n_cases):
+        groups = groups if C % groups == 0 else 1
+        smallest = max(1, dil * (k - 1) + 1 - 2 * pad)  # the output must not be empty
+        H, W = rng.randint(smallest, smallest + 5), rng.randint(smallest, smallest + 5)  # mostly non-square
+        O = groups * rng.choice([1, 5, 17, 40, 70])
+        N = rng.choice([1, 2])
+        cases.append((N, C, O, H, W, k, stride, pad, dil, groups, bias))
+    return cases
+
+
+def _run_case(case, levels, backends, seed=0):
+    torch.manual_seed(seed)
+    N, C, O, H, W, k, stride, pad, dil, groups, with_bias = case
+    x = _spikes((N, C, H, W))
+    q = _levels((O, C // groups, k, k), levels)
+    scale = 0.0371
+    bias = torch.randn(O) if with_bias else None
+    packed = pack_weight(q * scale, levels, scale)
+    xp = pack_spikes(x.permute(0, 2, 3, 1), groups)
+    want = _spec(x, q, scale, bias, stride, pad, dil, groups)
+    for b in backends:
+        out = packed_conv2d(xp, packed, bias, stride, pad, dil, groups, backend=b)
+        assert out.dtype == torch.float32 and out.shape == want.shape, f"{b}: {tuple(out.shape)} vs {tuple(want.shape)}"
+        diff = (out != want).sum().item()
+        assert diff == 0, f"{b} {levels} case {case}: {diff} of {out.numel()} outputs differ from the spec"
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("case", _conv_cases(36, seed=5), ids=str)
+def test_conv_bit_exact_cpu_and_reference(levels, case, monkeypatch):
+    backends = [b for b in backends_of("bitconv2d") if b != "triton"]  # triton: below, fewer cases
+    _run_case(case, levels, backends)
+    if "cpu" in backends:  # the portable path too (this machine may have AVX-512 VPOPCNTDQ)
+        monkeypatch.setenv("CBP_KERNELS_NO_AVX512", "1")
+        _run_case(case, levels, ["cpu"])
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("case", [(2, 33, 17, 6, 5, 3, 1, 1, 1, 1, True), (1, 66, 6, 7, 4, 3, 2, 2, 2, 3, False),
+                                  (1, 257, 40, 3, 3, 1, 1, 0, 1, 1, True)], ids=str)
+def test_conv_bit_exact_triton(levels, case):
+    if "triton" not in backends_of("bitconv2d"):
+        pytest.skip("triton runs on CPU tensors only under TRITON_INTERPRET=1 (or on a CUDA GPU)")
+    _run_case(case, levels, ["triton"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+def test_conv_bit_exact_cuda(levels, tensor_cores, monkeypatch):
+    monkeypatch.setenv("CBP_KERNELS_NO_TENSOR_CORES", "0" if tensor_cores == "1" else "1")
+    for case in _conv_cases(12, seed=11):
+        N, C, O, H, W, k, stride, pad, dil, groups, with_bias = case
+        torch.manual_seed(0)
+        x = _spikes((N, C, H, W), device="cuda")
+        q = _levels((O, C // groups, k, k), levels, device="cuda")
+        bias = torch.randn(O, device="cuda") if with_bias else None
+        packed = pack_weight(q * 0.0371, levels, 0.0371)
+        xp = pack_spikes(x.permute(0, 2, 3, 1), groups)
+        want = _spec(x, q, 0.0371, bias, stride, pad, dil, groups)
+        for b in [b for b in backends_of("bitconv2d", "cuda") if b != "reference"]:
+            out = packed_conv2d(xp, packed, bias, stride, pad, dil, groups, backend=b)
+            assert torch.equal(out, want), f"{b} {levels} case {case}"
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_of("bitconv2d") if b != "triton"])
+def test_conv_equals_float_conv_with_power_of_two_scale(backend):
+    """With a power-of-two scale every partial sum of F.conv2d(x, s*q) is exact: bit for bit equal."""
+    x = _spikes((2, 70, 9, 7))
+    for levels in ["binary", "ternary"]:
+        w_q = _levels((24, 70, 3, 3), levels) * 0.125
+        out = packed_conv2d(pack_spikes(x.permute(0, 2, 3, 1)), pack_weight(w_q, levels, 0.125), None, 1, 1, backend=backend)
+        assert torch.equal(out, F.conv2d(x, w_q, None, 1, 1).permute(0, 2, 3, 1))
+        # a general scale: equal up to the rounding order of F.conv2d's float sums
+        w_q = _levels((24, 70, 3, 3), levels) * 0.0371
+        bias = torch.randn(24)
+        out = packed_conv2d(pack_spikes(x.permute(0, 2, 3, 1)), pack_weight(w_q, levels, 0.0371), bias, 1, 1, backend=backend)
+        torch.testing.assert_close(out, F.conv2d(x, w_q, bias, 1, 1).permute(0, 2, 3, 1), atol=2e-6, rtol=2e-6)
+
+
+def test_conv_time_folded_and_opcheck():
+    T, N = 3, 2
+    x = _spikes((T, N, 40, 6, 6))
+    q = _levels((8, 40, 3, 3), "binary")
+    packed = pack_weight(q * 0.5, "binary", 0.5)
+    xp = pack_spikes(x.permute(0, 1, 3, 4, 2)).flatten(0, 1)  # [T*N, H, W, Cw]
+    out = packed_conv2d(xp, packed, None, 1, 1)
+    want = F.conv2d(x.flatten(0, 1), q * 0.5, None, 1, 1).permute(0, 2, 3, 1)
+    assert torch.equal(out, want)
+    if "cpu" in backends_of("bitconv2d"):
+        from cbp_kernels.ops.bitconv.op import _bitconv2d
+        from cbp_kernels.ops.bitpack.op import _bitpack
+
+        torch.library.opcheck(_bitconv2d, (xp, packed.planes, 0.5, torch.randn(8), [1, 1], [1, 1], [1, 1], 1, "cpu"))
+        torch.library.opcheck(_bitpack, (x.flatten(0, 2).transpose(1, 2), "cpu"))  # [B, R, C], strided
+
+
+def test_linear_bit_exact():
+    for levels, C, bias in [("binary", 1, False), ("ternary", 65, True), ("binary", 257, True)]:
+        x = _spikes((3, 5, C))
+        q = _levels((11, C), levels)
+        b = torch.randn(11) if bias else None
+        packed = pack_weight(q * 0.0371, levels, 0.0371)
+        want = F.linear(x.double(), q.double()).float() * torch.tensor(0.0371)
+        want = want + b if bias else want
+        for backend in [b_ for b_ in backends_of("bitconv2d")]:
+            out = packed_linear(bitpack(x, -1), packed, b, backend=backend)
+            assert out.shape == (3, 5, 11) and torch.equal(out, want), f"{backend} {levels} C={C}"
+
+
+def test_conv_bad_input():
+    packed = pack_weight(_levels((8, 40, 3, 3), "binary"), "binary", 1.0)
+    xp = pack_spikes(_spikes((1, 5, 5, 40)))
+    with pytest.raises(TypeError, match="int32"):
+        packed_conv2d(_spikes((1, 5, 5, 2)), packed)  # float spikes, not packed
+    with pytest.raises(ValueError, match="words per pixel"):
+        packed_conv2d(pack_spikes(_spikes((1, 5, 5, 70))), packed)  # 3 words, the weight needs 2
+    with pytest.raises(ValueError, match="past the 40 input channels"):
+        packed_conv2d(xp | (1 << 20), packed)  # bit 40 + 12 of a 40-channel input
+    with pytest.raises(TypeError, match="PackedWeight"):
+        packed_conv2d(xp, packed.planes)
+    with pytest.raises(ValueError, match="bias"):
+        packed_conv2d(xp, packed, torch.zeros(7))
+    with pytest.raises(ValueError, match="bias"):
+        packed_conv2d(xp, packed, torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bias is on meta"):
+        packed_conv2d(xp, packed, torch.zeros(8, device="meta"))
+    with pytest.raises(ValueError, match="stride"):
+        packed_conv2d(xp, packed, stride=0)
+    with pytest.raises(ValueError, match="groups"):
+        packed_conv2d(xp, packed, groups=3)
+    with pytest.raises(ValueError, match="empty"):
+        packed_conv2d(xp, pack_weight(_levels((8, 40, 7, 7), "binary"), "binary", 1.0))
+    with pytest.raises(ValueError, match="linear weight"):
+        packed_linear(xp, packed)
+    with pytest.raises(RuntimeError, match="not available"):
+        packed_conv2d(xp, packed, backend="cuda")
+
+
+# ------------------------------------------------------------------------------- nn layers
+def _float_conv(levels, scale=0.25, **kw):
+    conv = nn.Conv2d(33, 12, 3, **kw)
+    with torch.no_grad():
+        conv.weight.copy_(_levels(conv.weight.shape, levels) * scale)
+    return conv
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_packed_conv2d_module(levels):
+    conv = _float_conv(levels, stride=2, padding=1, bias=True)
+    m = PackedConv2d.from_float(conv)
+    assert m.levels == levels and not any(isinstance(t, nn.Parameter) for t in m.parameters())
+    x = _spikes((3, 2, 33, 9, 8))  # [T, N, C, H, W]
+    out = m(x)
+    want = conv(x.flatten(0, 1)).unflatten(0, (3, 2))
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(m(x[0]), out[0])
+    xp = pack_spikes(x.permute(0, 1, 3, 4, 2))
+    assert torch.equal(m.forward_packed(xp), out.movedim(-3, -1))
+    m2 = PackedConv2d(m.weight, m.bias, 2, 1)
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2(x), out)
+    bits = 1 if levels == "binary" else 2
+    assert m.weight.nbytes == 12 * 3 * 3 * 2 * 4 * bits + 4  # 33 channels -> 2 words per tap
+
+
+def test_packed_from_quantized_layer_and_levels_argument():
+    class QuantStub(nn.Conv2d):  # the interface of cbp_kernels.nn.QuantConv2d
+        def __init__(self):
+            super().__init__(33, 12, 3, padding=1, bias=False)
+            self.register_buffer("levels", torch.tensor([-1.0, 0.0, 1.0]))
+            self.register_buffer("weight_scale", torch.tensor(0.3))
+
+        def quantized_weight(self):
+            return torch.round(torch.clamp(self.weight / self.weight_scale, -1, 1)) * self.weight_scale
+
+    layer = QuantStub()
+    m = PackedConv2d.from_float(layer)
+    x = _spikes((2, 33, 6, 6))
+    torch.testing.assert_close(m(x), F.conv2d(x, layer.quantized_weight(), None, 1, 1), atol=1e-6, rtol=1e-6)
+    assert m.levels == "ternary"
+    binary = _float_conv("binary", padding=1)
+    assert PackedConv2d.from_float(binary, levels="ternary").levels == "ternary"
+    with pytest.raises(ValueError, match="not binary"):
+        PackedConv2d.from_float(_float_conv("ternary"), levels="binary")
+    with pytest.raises(ValueError, match="not binary or ternary"):
+        PackedConv2d.from_float(nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        m(x * 2)
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        PackedConv2d.from_float(nn.Linear(3, 3))
+
+
+def test_packed_linear_module():
+    lin = nn.Linear(70, 10)
+    with torch.no_grad():
+        lin.weight.copy_(_levels(lin.weight.shape, "binary") * 0.125)
+    m = PackedLinear.from_float(lin)
+    x = _spikes((4, 3, 70))
+    torch.testing.assert_close(m(x), lin(x), atol=1e-6, rtol=1e-6)
+    assert torch.equal(m.forward_packed(bitpack(x, -1)), m(x))
+    assert m.nbytes == 10 * 3 * 4 + 4 + 10 * 4
+    assert isinstance(m.weight, PackedWeight)
+
+
+def test_torch_compile_traces_the_ops():
+    packed = pack_weight(_levels((8, 40, 3, 3), "ternary") * 0.5, "ternary", 0.5)
+    x = _spikes((2, 5, 6, 40))
+
+    def layer(spikes):
+        return packed_conv2d(pack_spikes(spikes), packed, None, 1, 1)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))

@@ -1,0 +1,315 @@
+"""LIFConv2d against SpikingJelly's Conv2d -> BatchNorm2d -> neuron composition (outputs,
+every gradient, BN running statistics, the folded eval path), the compact (bit-packed)
+saving of spikes and the memory it saves, quantized weights, convert() and bad input."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+from bench.harness import peak_memory
+from cbp_kernels import LIFConv2d, convert
+from cbp_kernels.nn import IF, LIF, PLIF
+from cbp_kernels.nn.lifconv import SpikeConv2dFunction, compact_saved_tensors
+
+from conftest import GRAD_TOL, assert_close
+
+SJ_NEURONS = {"if": neuron.IFNode, "lif": neuron.LIFNode, "plif": neuron.ParametricLIFNode}
+
+
+def _sj_composition(ours: LIFConv2d, v_reset, detach_reset):
+    """The SpikingJelly modules LIFConv2d replaces, with ours' weights."""
+    conv = layer.Conv2d(ours.in_channels, ours.out_channels, ours.kernel_size, ours.stride, ours.padding,
+                        ours.dilation, ours.groups, bias=ours.bias is not None, step_mode="m")
+    conv.load_state_dict({k: v for k, v in ours.state_dict().items() if k in ("weight", "bias")})
+    bn = layer.BatchNorm2d(ours.out_channels, step_mode="m")
+    bn.load_state_dict(ours.bn.state_dict())
+    kw = dict(v_reset=v_reset, detach_reset=detach_reset, surrogate_function=surrogate.ATan(), step_mode="m")
+    if ours.neuron_type == "lif":
+        kw["tau"] = 2.0
+    sn = SJ_NEURONS[ours.neuron_type](**kw)
+    return torch.nn.Sequential(conv, bn, sn)
+
+
+def _randomize_bn(bn):
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.3, 0.5)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+
+
+CASES = [
+    dict(neuron="if", v_reset=0.0, detach_reset=True, stride=1, padding=1, groups=1, bias=False),
+    dict(neuron="lif", v_reset=None, detach_reset=False, stride=2, padding=0, groups=1, bias=True),
+    dict(neuron="plif", v_reset=-0.3, detach_reset=True, stride=1, padding=2, groups=2, bias=False),
+    dict(neuron="lif", v_reset=0.0, detach_reset=False, stride=(2, 1), padding=(1, 0), groups=1, bias=False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['neuron']}-vr{c['v_reset']}-s{c['stride']}-g{c['groups']}")
+@pytest.mark.parametrize("spiking_input", [True, False])
+def test_matches_spikingjelly_training_and_eval(case, spiking_input):
+    case = dict(case)
+    v_reset, detach_reset = case.pop("v_reset"), case.pop("detach_reset")
+    ours = LIFConv2d(4, 6, 3, v_reset=v_reset, detach_reset=detach_reset, **case)
+    _randomize_bn(ours.bn)
+    sj = _sj_composition(ours, v_reset, detach_reset)
+    x = torch.rand(3, 2, 4, 11, 9) * 2
+    x = (x > 1).float() if spiking_input else x  # spikes, or analogue input (the first layer)
+    for step in range(2):  # two training steps: state reset, running stats accumulate
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), sj(xb)
+        g = torch.randn_like(ya)
+        (ya * g).sum().backward()
+        (yb * g).sum().backward()
+        assert_close(ya, yb, 0, 0, f"spikes step {step}")
+        assert_close(xa.grad, xb.grad, 1e-5, 1e-4, "grad x")
+        ours.reset()
+        functional.reset_net(sj)
+    assert_close(ours.weight.grad, sj[0].weight.grad, 1e-4, 1e-4, "grad weight")
+    assert_close(ours.bn.weight.grad, sj[1].weight.grad, 1e-4, 1e-4, "grad bn.weight")
+    assert_close(ours.bn.bias.grad, sj[1].bias.grad, 1e-4, 1e-4, "grad bn.bias")
+    if case["bias"]:
+        assert_close(ours.bias.grad, sj[0].bias.grad, 1e-4, 1e-4, "grad bias")
+    if case["neuron"] == "plif":
+        assert_close(ours.neuron.w.grad, sj[2].w.grad, 1e-4, 1e-4, "grad plif w")
+    assert_close(ours.bn.running_mean, sj[1].running_mean, 1e-6, 1e-6, "running_mean")
+    assert_close(ours.bn.running_var, sj[1].running_var, 1e-6, 1e-6, "running_var")
+    assert int(ours.bn.num_batches_tracked) == int(sj[1].num_batches_tracked) == 2
+    ours.eval()
+    sj.eval()
+    with torch.no_grad():  # eval: BN folded into the conv; spikes agree up to threshold ties
+        ya, yb = ours(x), sj(x)
+    mismatch = (ya != yb).float().mean().item()
+    assert mismatch <= 1e-3, f"eval spikes differ at {mismatch:.2%} of positions"
+
+
+def test_folded_eval_matches_unfolded():
+    ours = LIFConv2d(5, 7, 3, padding=1, bias=True, neuron=None)
+    _randomize_bn(ours.bn)
+    ours.eval()
+    x = torch.randn(2, 3, 5, 8, 8)
+    w, b = ours.folded_weight_bias()
+    folded = F.conv2d(x.flatten(0, 1), w, b, padding=1)
+    unfolded = ours.bn(F.conv2d(x.flatten(0, 1), ours.weight, ours.bias, padding=1))
+    assert_close(folded, unfolded, 1e-5, 1e-5, "folded conv")
+    assert_close(ours(x).flatten(0, 1), unfolded, 1e-5, 1e-5, "eval forward")
+
+
+def _saved_bytes(fn):
+    """Bytes of every tensor autograd saves while ``fn`` runs (a deterministic count)."""
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(total), out
+
+
+@pytest.mark.parametrize("kind", ["spikes", "counts", "analogue"])
+def test_spike_conv_saves_compact_input_and_matches_conv2d(kind):
+    x = torch.rand(6, 5, 13, 11)
+    x = {"spikes": (x > 0.6).float(), "counts": (x * 4).floor(), "analogue": x - 0.5}[kind]
+    w = torch.randn(8, 5, 3, 3, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    nbytes, ya = _saved_bytes(lambda: SpikeConv2dFunction.apply(xa, w, b, (2, 1), (1, 1), (1, 1), 1))
+    expect_x = {"spikes": 4 * ((x.numel() + 31) // 32), "counts": x.numel(), "analogue": 4 * x.numel()}[kind]
+    assert nbytes == expect_x + w.numel() * 4, f"saved {nbytes} bytes"
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    gw, gb = w.grad.clone(), b.grad.clone()
+    w.grad = b.grad = None
+    yb = F.conv2d(xb, w, b, (2, 1), (1, 1))
+    (yb * g).sum().backward()
+    assert_close(ya, yb, 1e-5, 1e-5, "output")
+    assert_close(xa.grad, xb.grad, 1e-5, 1e-4, "grad x")
+    assert_close(gw, w.grad, 1e-4, 1e-4, "grad w")
+    assert_close(gb, b.grad, 1e-4, 1e-4, "grad b")
+
+
+def test_compact_saved_tensors_restores_exactly():
+    x = (torch.rand(4, 300) > 0.5).float().requires_grad_()
+    y = torch.rand(4, 300).round().requires_grad_()
+    with compact_saved_tensors():
+        z = x * y  # saves both operands, both {0, 1}
+    z.sum().backward()
+    assert torch.equal(x.grad, y.detach()) and torch.equal(y.grad, x.detach())
+
+
+LAYERS = 6
+
+
+def _stack(compact: bool):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[LIFConv2d(3 if i == 0 else 16, 16, 3, padding=1, neuron="if",
+                                           compact_spikes=compact) for i in range(LAYERS)])
+
+
+def test_compact_spikes_lower_training_peak_memory():
+    """Peak memory of a training step (forward + backward, CPU allocator events)."""
+    x = torch.rand(4, 2, 3, 24, 24)
+    peaks, grads = {}, {}
+    for compact in (False, True):
+        net = _stack(compact)
+
+        def step():
+            net(x).sum().backward()
+            for m in net:
+                m.reset()
+
+        peaks[compact] = peak_memory(step)
+        grads[compact] = [m.weight.grad.clone() for m in net]
+    spike_bytes = 4 * 2 * 16 * 24 * 24 * 4  # one layer's float32 spike tensor
+    # The peak is at the end of the forward. Without packing, the spikes of every layer but the
+    # last are held for the backward in float32; with it, in 1 bit, except the last layer's
+    # input, still referenced while that layer runs: LAYERS - 2 float tensors fewer, less the
+    # packing's 1-byte-per-spike temporary.
+    saved = peaks[False] - peaks[True]
+    assert saved >= (LAYERS - 2 - 0.5) * spike_bytes, f"peak {peaks[True]} vs {peaks[False]} bytes"
+    for a, b in zip(grads[True], grads[False]):
+        assert_close(a, b, 1e-5, 1e-5, "weight grad with compact saving")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_input_and_low_precision(dtype):
+    torch.manual_seed(0)
+    m = LIFConv2d(4, 6, 3, padding=1, neuron="plif").to(dtype)
+    x = (torch.rand(3, 2, 9, 7, 4) > 0.5).to(dtype).permute(0, 1, 4, 2, 3)  # [T, N, C, H, W] strided
+    outs = []
+    for inp in (x, x.contiguous()):
+        inp = inp.clone().requires_grad_() if inp.is_contiguous() else inp.requires_grad_()
+        y = m(inp)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)).sum().backward()
+        outs.append((y, m.weight.grad.clone(), m.neuron.w.grad.clone()))
+        m.weight.grad = m.neuron.w.grad = None
+        m.reset()
+    assert outs[0][0].dtype == dtype
+    assert torch.equal(outs[0][0], outs[1][0])
+    atol, rtol = GRAD_TOL[dtype]
+    assert_close(outs[0][1], outs[1][1], 10 * atol, rtol, "grad weight")  # sums of up to 162 terms
+    assert_close(outs[0][2], outs[1][2], 10 * atol, rtol, "grad plif w")
+
+
+def test_stateful_between_calls_and_reset():
+    torch.manual_seed(0)
+    m = LIFConv2d(2, 3, 1, bn=False, neuron="lif")
+    x = torch.rand(2, 1, 2, 4, 4) * 2
+    with torch.no_grad():
+        whole = m(torch.cat([x, x]))
+        m.reset()
+        first, second = m(x), m(x)
+    assert torch.equal(torch.cat([first, second]), whole), "v must carry over between calls"
+    m.reset()
+    assert m.neuron.v is None
+
+
+@pytest.mark.parametrize("levels", [(-1.0, 1.0), (-1.0, 0.0, 1.0)])
+def test_weight_levels_quantize_with_straight_through_gradient(levels):
+    from cbp_kernels.ops import quantize
+
+    torch.manual_seed(0)
+    m = LIFConv2d(3, 4, 3, padding=1, bn=False, neuron=None, weight_levels=levels)
+    x = torch.randn(2, 2, 3, 6, 6)
+    scale = m.weight.detach().abs().mean()
+    wq = quantize(m.weight.detach(), torch.tensor(levels), scale, backend="reference")
+    assert set((wq / scale).round().unique().tolist()) <= set(levels)
+    y = m(x)
+    assert_close(y.flatten(0, 1), F.conv2d(x.flatten(0, 1), wq, padding=1), 1e-5, 1e-5, "quantized conv")
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    w = m.weight.detach().clone().requires_grad_()
+    (F.conv2d(x.flatten(0, 1), w, padding=1) * g.flatten(0, 1)).sum().backward()
+    assert_close(m.weight.grad, w.grad, 1e-4, 1e-4, "straight-through grad")
+
+
+@pytest.mark.parametrize("levels", [(-1, 1), (-1, 0, 1)])
+@pytest.mark.parametrize("neuron", [None, "lif"])
+def test_pack_matches_eval_forward(levels, neuron):
+    torch.manual_seed(0)
+    m = LIFConv2d(16, 8, 3, stride=2, padding=1, bias=True, neuron=neuron, weight_levels=levels)
+    _randomize_bn(m.bn)
+    m.eval()
+    packed = m.pack()
+    assert packed.conv.levels == ("binary" if len(levels) == 2 else "ternary")
+    x = (torch.rand(3, 2, 16, 9, 11) > 0.6).float()
+    with torch.no_grad():
+        want, got = m(x), packed(x)
+    assert_close(got, want, 1e-5, 1e-5, "packed layer")
+    with pytest.raises(ValueError, match="weight_levels"):
+        LIFConv2d(2, 2, 3).pack()
+
+
+def test_convert_replaces_spikingjelly_layers():
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(
+                layer.Conv2d(3, 8, 3, padding=1, bias=False, step_mode="m"), layer.BatchNorm2d(8, step_mode="m"),
+                neuron.LIFNode(surrogate_function=surrogate.ATan(), step_mode="m"),
+                layer.Conv2d(8, 8, 3, padding=1, bias=False, step_mode="m"), layer.BatchNorm2d(8, step_mode="m"),
+                neuron.ParametricLIFNode(init_tau=3.0, surrogate_function=surrogate.ATan(), detach_reset=True,
+                                         step_mode="m"))
+            # conv -> bn whose output is added to the input before the neuron: not a chain
+            self.conv = layer.Conv2d(8, 8, 1, bias=False, step_mode="m")
+            self.bn = layer.BatchNorm2d(8, step_mode="m")
+            self.sn = neuron.IFNode(surrogate_function=surrogate.ATan(), v_reset=None, step_mode="m")
+            self.fc = layer.Linear(8 * 5 * 5, 4, step_mode="m")
+
+        def forward(self, x):
+            x = self.features(x)
+            x = self.sn(self.bn(self.conv(x)) + x)
+            return self.fc(x.flatten(2))
+
+    sj = Net()
+    for m in sj.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            _randomize_bn(m)
+    with torch.no_grad():
+        sj.features[5].w.fill_(-0.4)  # a learned PLIF time constant
+    ours = convert(copy.deepcopy(sj))
+    kinds = [type(m).__name__ for m in ours.features]
+    assert kinds == ["LIFConv2d", "Identity", "Identity", "LIFConv2d", "Identity", "Identity"]
+    assert isinstance(ours.conv, LIFConv2d) and ours.conv.neuron is None, "conv+bn fused without the neuron"
+    assert isinstance(ours.sn, IF) and ours.sn.v_reset is None
+    assert isinstance(ours.features[0].neuron, LIF) and isinstance(ours.features[3].neuron, PLIF)
+    assert ours.features[3].neuron.w.item() == pytest.approx(-0.4)
+    x = (torch.rand(2, 2, 3, 5, 5) * 2)
+    for mode in ("train", "eval"):
+        getattr(sj, mode)()
+        getattr(ours, mode)()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), sj(xb)
+        assert_close(ya, yb, 1e-5, 1e-5, f"{mode} output")
+        if mode == "train":
+            ya.sum().backward()
+            yb.sum().backward()
+            assert_close(xa.grad, xb.grad, 1e-5, 1e-4, "grad x")
+            assert_close(ours.features[3].neuron.w.grad, sj.features[5].w.grad, 1e-4, 1e-4, "grad plif w")
+        functional.reset_net(ours)
+        functional.reset_net(sj)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="neuron"):
+        LIFConv2d(2, 2, 3, neuron="relu")
+    with pytest.raises(ValueError, match="padding_mode"):
+        LIFConv2d(2, 2, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding"):
+        LIFConv2d(2, 2, 3, padding="same")
+    with pytest.raises(ValueError, match="multi-step"):
+        LIFConv2d(2, 2, 3, neuron=IF(step_mode="s"))
+    m = LIFConv2d(2, 3, 3)
+    with pytest.raises(ValueError, match=r"\[T, N, C, H, W\]"):
+        m(torch.rand(2, 2, 5, 5))
+    with pytest.raises(ValueError, match="in_channels=2"):
+        m(torch.rand(1, 2, 3, 5, 5))
