@@ -3,8 +3,8 @@ plot (PNG) per benchmark group. Generic over suites: it reads only pytest-benchm
 and these optional ``extra_info`` keys, which bench/harness.py's ``run`` stores:
 
 - ``provider`` (else the test's parameter id), ``role``: ``"ours"``, ``"baseline"`` (the
-  naive implementation speed-ups are measured against; without roles, a provider named
-  ``naive`` or ``eager``), ``"peer"`` (the library we compare with);
+  naive implementation speed-ups are measured against), ``"peer"`` (the library we compare
+  with); without roles, providers named ``naive`` / ``eager`` and ``spikingjelly`` take them;
 - ``bytes_moved`` (bytes one call must move) and ``copy_bw_gbs`` (a large copy's bandwidth,
   same run): they give GB/s and the % of the measured copy bandwidth;
 - ``device`` (else the run's ``machine_info["cbp_device"]``), ``threads``, ``load_avg_1min``.
@@ -24,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BASELINE_NAMES = ("naive", "eager")
+BASELINE_NAMES = ("naive", "eager")  # the baseline of a suite that gives no roles
+PEER_NAMES = ("spikingjelly",)  # and its peer
 
 
 def _device(bench: dict, machine_info: dict) -> str:
@@ -59,7 +60,7 @@ def _rows(benches: list[dict]) -> list[dict]:
     for b in benches:
         info = b.get("extra_info", {})
         provider = info.get("provider") or b.get("param") or b["name"]
-        role = info.get("role") or ("baseline" if provider in BASELINE_NAMES else "")
+        role = info.get("role") or ("baseline" if provider in BASELINE_NAMES else "peer" if provider in PEER_NAMES else "")
         rows.append(dict(provider=provider, role=role, mean=b["stats"]["mean"], min=b["stats"]["min"],
                          rounds=b["stats"]["rounds"], info=info))
     rows.sort(key=lambda r: r["mean"])
@@ -79,9 +80,11 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
+    has_base = any(r["vs_baseline"] for r in rows)
     has_peer = any(r["vs_peer"] for r in rows)
     has_bw = any(r["gbs"] for r in rows)
-    head = ["provider", "mean (ms)", "min (ms)", "rounds", "speed-up vs baseline"]
+    head = ["provider", "mean (ms)", "min (ms)", "rounds"]
+    head += ["speed-up vs baseline"] if has_base else []
     head += ["speed-up vs peer"] if has_peer else []
     head += ["GB/s", "% of copy BW"] if has_bw else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -89,8 +92,8 @@ def _table(rows: list[dict]) -> list[str]:
         name = f"**{r['provider']}**" if r["role"] == "ours" else r["provider"]
         if r["role"] and r["role"] != "ours":
             name += f" ({r['role']})"
-        cells = [name, f"{r['mean'] * 1e3:.3f}", f"{r['min'] * 1e3:.3f}", str(r["rounds"]),
-                 _fmt(r["vs_baseline"], ".2f", "x")]
+        cells = [name, f"{r['mean'] * 1e3:.3f}", f"{r['min'] * 1e3:.3f}", str(r["rounds"])]
+        cells += [_fmt(r["vs_baseline"], ".2f", "x")] if has_base else []
         cells += [_fmt(r["vs_peer"], ".2f", "x")] if has_peer else []
         cells += [_fmt(r["gbs"], ".1f"), _fmt(r["pct_bw"], ".0f", "%")] if has_bw else []
         lines.append("| " + " | ".join(cells) + " |")
