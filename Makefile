@@ -37,16 +37,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x -m "not slow" tests
 
-# Compile-only check of every CUDA source for sm_80 and sm_90 (no GPU needed). The CPU torch
-# wheel lacks one generated c10/cuda header: csrc/cuda_check supplies it, last on the path.
-# Host code includes c10/cuda (CUDAStream.h, CUDAException.h), not ATen/cuda/CUDAContext.h
-# (that one needs cuSPARSE/cuBLAS headers, absent here).
+# Compile-only check of every CUDA source for sm_80 and sm_90 (no GPU needed). Host code
+# includes csrc/cuda/torch_cuda.h (c10/cuda only), not ATen/cuda/CUDAContext.h, whose
+# cuSPARSE/cuBLAS headers a bare CUDA toolkit lacks.
 TORCH_INC = $(shell $(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
 PY_INC = $(shell $(BIN)/python -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])")
 cuda-check: $(STAMP)
 	@set -e; for f in $$(find csrc -name '*.cu'); do \
 		echo "nvcc $$f"; \
-		nvcc -std=c++20 -O3 -c $$f -o /dev/null -Icsrc $(TORCH_INC) $(PY_INC) -Icsrc/cuda_check \
+		nvcc -std=c++20 -O3 -c $$f -o /dev/null -Icsrc $(TORCH_INC) $(PY_INC) \
 			-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90; \
 	done
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops import quantize
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantizedLayer", "quantized_class"]
+__all__ = ["QuantConv2d", "QuantLinear", "QuantizedLayer", "quantized_class", "twin_of", "float_twin"]
 
 
 class QuantizedLayer:
@@ -33,6 +33,14 @@ class QuantizedLayer:
         self.register_buffer("weight_scale", scale.detach().to(device=device, dtype=torch.float32).reshape(()).clone())
         self.quant_backend = "auto"
 
+    @classmethod
+    def _family(cls) -> tuple[type, type]:
+        return QuantConv2d, QuantLinear
+
+    def _quant_state(self) -> tuple[str, ...]:
+        """Names of the parameters / buffers the quantizer added to the float layer."""
+        return ("levels", "weight_scale")
+
     def quantized_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Q(W) of ``weight`` (default ``self.weight``), same shape and dtype, with a
         straight-through gradient to it."""
@@ -46,38 +54,63 @@ class QuantizedLayer:
         (0-dim): default mean(|W|) of ``layer.weight`` now. A subclass of nn.Conv2d / nn.Linear
         (e.g. SpikingJelly's ``layer.Conv2d`` with ``step_mode``) keeps its class behaviour:
         the result's class derives from both."""
-        base = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or isinstance(layer, QuantizedLayer):
-            raise TypeError(f"from_float needs an unquantized nn.Conv2d or nn.Linear, got {type(layer).__name__}")
-        if not issubclass(base, cls):
-            raise TypeError(f"{cls.__name__}.from_float cannot convert a {type(layer).__name__}")
-        # A copy of the instance state (not a constructor call): keeps every attribute of
-        # subclasses whose constructor signature is unknown here (e.g. ``step_mode``); the
-        # containers are copied so that the two modules do not share their dicts.
-        qcls = quantized_class(type(layer))
-        q = qcls.__new__(qcls)
-        state = layer.__dict__.items()
-        q.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in state})
+        q = twin_of(layer, cls)
         with torch.no_grad():
             s = layer.weight.abs().mean() if scale is None else scale
         q._init_quant(levels, s)
         return q
 
 
-_CLASSES: dict[type, type] = {}
+def twin_of(layer: nn.Module, cls: type) -> nn.Module:
+    """An instance of ``layer``'s quantized class in the family of ``cls`` (its
+    ``_family()``: the (Conv2d, Linear) classes of one quantizer) holding ``layer``'s state
+    and Parameter objects; the caller then sets up the quantizer's own state."""
+    conv_cls, linear_cls = cls._family()
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)) or isinstance(layer, QuantizedLayer):
+        raise TypeError(f"from_float needs an unquantized nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+    if not issubclass(conv_cls if isinstance(layer, nn.Conv2d) else linear_cls, cls):
+        raise TypeError(f"{cls.__name__}.from_float cannot convert a {type(layer).__name__}")
+    # A copy of the instance state (not a constructor call): keeps every attribute of
+    # subclasses whose constructor signature is unknown here (e.g. ``step_mode``); the
+    # containers are copied so that the two modules do not share their dicts.
+    qcls = quantized_class(type(layer), conv_cls, linear_cls)
+    q = qcls.__new__(qcls)
+    q.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in layer.__dict__.items()})
+    return q
 
 
-def quantized_class(float_cls: type) -> type:
-    """The quantized class for ``float_cls`` (nn.Conv2d -> QuantConv2d, nn.Linear ->
-    QuantLinear, a subclass X of either -> a class deriving from the quantized one and X)."""
-    if float_cls is nn.Conv2d or float_cls is QuantConv2d:
-        return QuantConv2d
-    if float_cls is nn.Linear or float_cls is QuantLinear:
-        return QuantLinear
-    if float_cls not in _CLASSES:
-        base = QuantConv2d if issubclass(float_cls, nn.Conv2d) else QuantLinear
-        _CLASSES[float_cls] = type(f"Quant{float_cls.__name__}", (base, float_cls), {"__module__": __name__})
-    return _CLASSES[float_cls]
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def float_twin(layer: QuantizedLayer) -> nn.Module:
+    """The float layer (nn.Conv2d / nn.Linear or the subclass it was made from) holding the
+    quantized ``layer``'s Parameter objects and state, without the quantizer's own
+    parameters and buffers (levels, scale, ...)."""
+    conv_cls, linear_cls = type(layer)._family()
+    qcls = type(layer)
+    fcls = {conv_cls: nn.Conv2d, linear_cls: nn.Linear}.get(qcls) or qcls.__bases__[1]
+    f = fcls.__new__(fcls)
+    f.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in layer.__dict__.items()})
+    own = set(layer._quant_state())
+    for container in ("_parameters", "_buffers"):
+        setattr(f, container, {k: v for k, v in getattr(layer, container).items() if k not in own})
+    return f
+
+
+def quantized_class(float_cls: type, conv_cls: type | None = None, linear_cls: type | None = None) -> type:
+    """The quantized class for ``float_cls`` in a family (default CBP's: nn.Conv2d ->
+    QuantConv2d, nn.Linear -> QuantLinear; a subclass X of either -> a class deriving from
+    the quantized one and X)."""
+    conv_cls, linear_cls = conv_cls or QuantConv2d, linear_cls or QuantLinear
+    if float_cls is nn.Conv2d or float_cls is conv_cls:
+        return conv_cls
+    if float_cls is nn.Linear or float_cls is linear_cls:
+        return linear_cls
+    base = conv_cls if issubclass(float_cls, nn.Conv2d) else linear_cls
+    if (base, float_cls) not in _CLASSES:
+        name = f"{base.__name__.removesuffix('Conv2d').removesuffix('Linear')}{float_cls.__name__}"
+        _CLASSES[base, float_cls] = type(name, (base, float_cls), {"__module__": base.__module__})
+    return _CLASSES[base, float_cls]
 
 
 class QuantConv2d(QuantizedLayer, nn.Conv2d):

@@ -1,0 +1,163 @@
+"""SigmoidQuantizer: differentiable sigmoid-sum weight quantization (seed paper 001, in the
+style of Quantization Networks, CVPR 2019), the first peer of CBP, on the same kernels and
+with the same API shape as ``CBPQuantizer``.
+
+Each quantized layer computes with y = alpha * (sum_i s_i sigmoid(T (beta w - b_i)) - o)
+(``cbp_kernels.ops.sigmoid_quantize``: one fused kernel forward, one backward), alpha and
+beta learned per layer, the temperature T = min((epoch + 1) * T0, T_max) growing with the
+epoch; at inference the hard steps. ``finalize`` forces the weights onto alpha * levels and
+returns the model with CBP's quantized layers (scale = alpha), so the export, packing and
+evaluation paths are the same for every method.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..nn.quantized import QuantizedLayer, float_twin
+from ..nn.sigmoid_quant import SigmoidQuantized
+from ..ops.constraint.reference import level_table as cbp_level_table
+from ..ops.sigmoid_quant import level_table
+from .levels import resolve_levels
+from .trainer import QuantTrainer, _swap
+
+__all__ = ["SigmoidConfig", "SigmoidQuantizer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidConfig:
+    """Hyper-parameters of the sigmoid-sum quantizer.
+
+    Attributes:
+        lr, optimizer, momentum, weight_decay: the optimizer of every trainable parameter
+            (weights, alpha, beta, the rest of the model), as ``CBPConfig``'s.
+        temperature0: T0; epoch e trains at T = min((e + 1) * T0, temperature_max).
+        temperature_max: the cap of T.
+        grad_clip: gradients clipped by value before each step (None: no clipping).
+        batch_size, epochs, timesteps, seed: the recipe, as ``CBPConfig``'s.
+    """
+
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    temperature0: float = 5.0
+    temperature_max: float = 200.0
+    grad_clip: float | None = None
+    batch_size: int = 16
+    epochs: int = 30
+    timesteps: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("lr", "temperature0", "temperature_max"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"SigmoidConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.temperature_max < self.temperature0:
+            raise ValueError(f"SigmoidConfig.temperature_max ({self.temperature_max}) must be >= temperature0 "
+                             f"({self.temperature0})")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"SigmoidConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"SigmoidConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
+        for name in ("batch_size", "epochs", "timesteps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SigmoidConfig.{name} must be an integer >= 1, got {value!r}")
+
+    def temperature(self, epoch: int) -> float:
+        return min((epoch + 1) * self.temperature0, self.temperature_max)
+
+
+class SigmoidQuantizer(QuantTrainer):
+    """Quantizes a model's weights with the sigmoid-sum function (see the module doc).
+
+    Args:
+        model: the pre-trained model (layers swapped IN PLACE for
+            ``cbp_kernels.nn.SigmoidQuantConv2d`` / ``SigmoidQuantLinear``).
+        levels: ``"binary"``, ``"ternary"`` or a sorted list symmetric about 0.
+        exclude: as ``CBPQuantizer``'s (default: the first and the last quantizable layer).
+        config: a ``SigmoidConfig``.
+        backend: the backend of the fused sigmoid-sum op.
+
+    ``fit``, ``state_dict`` and the checkpoints are ``CBPQuantizer``'s (``QuantTrainer``).
+    """
+
+    def __init__(self, model: nn.Module, levels: str | Sequence[float] = "binary",
+                 exclude: Iterable[str] | None = None, config: SigmoidConfig | None = None, backend: str = "auto"):
+        if config is not None and not isinstance(config, SigmoidConfig):
+            raise TypeError(f"config must be a SigmoidConfig, got {type(config).__name__}")
+        levels = resolve_levels(levels)
+        level_table(levels)  # the sigmoid sum needs a symmetric level set: say so before any change
+        super().__init__(model, levels, exclude, config or SigmoidConfig(), SigmoidQuantized)
+        for layer in self.layers.values():
+            layer.quant_backend = backend
+        self._start_epoch()
+
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature(self.epoch)
+
+    def _start_epoch(self) -> None:
+        for layer in self.layers.values():
+            layer.temperature = self.temperature
+
+    def _progress(self, L: float) -> dict:
+        return {"T": f"{self.temperature:.3g}"}
+
+    def _level_units(self, layer) -> torch.Tensor:
+        return layer.weight * layer.beta  # the sigmoids' thresholds b_i are level midpoints in beta*w
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One minibatch: backpropagate ``loss``, clip, step the optimizer; returns the loss."""
+        c = float(loss.detach())
+        if not math.isfinite(c):
+            raise FloatingPointError(f"the loss is {c} at epoch {self.epoch}, batch {self._batch}; nothing was updated")
+        self.weight_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            params = [p for group in self.weight_optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_value_(params, self.config.grad_clip)
+        self.weight_optimizer.step()
+        self._L_sum += c
+        self._loss_sum += c
+        self._steps += 1
+        self._batch += 1
+        return c
+
+    def end_epoch(self, L_sum: float | None = None) -> dict:
+        """The epoch's record: ``epoch``, ``loss`` (mean), ``L_sum`` (= the loss sum),
+        ``temperature`` (of the epoch), ``lr``."""
+        record = {"epoch": self.epoch, "loss": self._loss_sum / max(self._steps, 1),
+                  "L_sum": self._L_sum if L_sum is None else float(L_sum), "temperature": self.temperature,
+                  "lr": self.weight_optimizer.param_groups[0]["lr"]}
+        self.epoch += 1
+        self._reset_epoch_sums()
+        self._start_epoch()
+        return record
+
+    @torch.no_grad()
+    def finalize(self) -> tuple[nn.Module, dict[str, dict]]:
+        """Forces every weight onto its hard level (W <- alpha * q) and swaps each layer for
+        CBP's quantized layer with scale alpha (its Q(W) = W then), so export, packing and
+        evaluation are the same as for ``CBPQuantizer``. Returns ``(model, export)`` with
+        ``export[name] = {"codes", "scale", "levels"}`` as ``CBPQuantizer.finalize``."""
+        export = {}
+        for name, layer in list(self.layers.items()):
+            training = layer.training
+            layer.eval()
+            layer.weight.copy_(layer.quantized_weight())  # alpha * q; with alpha < 0 still on |alpha| * levels
+            alpha = layer.alpha.detach().abs().reshape(())
+            qlayer = QuantizedLayer.from_float(float_twin(layer), self.levels, alpha)
+            qlayer.train(training)
+            _swap(self.net, name, qlayer)
+            self.layers[name] = qlayer
+            mids = cbp_level_table(qlayer.levels, qlayer.weight_scale.reshape(1), 1.0)[0, 1, :-1]
+            codes = torch.bucketize(qlayer.weight.float(), mids, right=True).to(torch.int8)
+            export[name] = {"codes": codes.cpu(), "scale": float(alpha), "levels": self.levels.tolist()}
+        return self.model, export

@@ -1,0 +1,77 @@
+// CUDA kernels of the sigmoid-sum quantizer (equations: csrc/common/sigmoid_quant_math.h).
+// extern "C" and free of torch includes, so CuPy (NVRTC) compiles this file as it is.
+// One thread per weight; the backward reduces alpha's and beta's gradients per block in
+// shared memory and adds them with one atomicAdd each.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common/sigmoid_quant_math.h"
+
+namespace cbp {
+
+// The level table lives in device memory: gaps s_i and midpoints b_i, [n] float32 each
+// (plain pointers, so CuPy passes them as it passes any array).
+template <typename scalar_t>
+__device__ void sigmoid_quant_forward_impl(const scalar_t* w, scalar_t* y, long long n, const float* alpha,
+                                           const float* beta, float temperature, const float* gaps,
+                                           const float* mids, int n_sig, float offset) {
+  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const SigmoidSum r = sigmoid_sum(static_cast<float>(w[i]), *beta, temperature, gaps, mids, n_sig, offset);
+  y[i] = static_cast<scalar_t>(*alpha * r.value);
+}
+
+template <typename scalar_t>
+__device__ void sigmoid_quant_backward_impl(const scalar_t* gy, const scalar_t* w, scalar_t* gw, float* grad_alpha,
+                                            float* grad_beta, long long n, const float* alpha, const float* beta,
+                                            float temperature, const float* gaps, const float* mids, int n_sig,
+                                            float offset) {
+  __shared__ float part_a[256], part_b[256];
+  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  float pa = 0.0f, pb = 0.0f;
+  if (i < n) {
+    const float a = *alpha, b = *beta;
+    const float wi = static_cast<float>(w[i]), gi = static_cast<float>(gy[i]);
+    const SigmoidSum r = sigmoid_sum(wi, b, temperature, gaps, mids, n_sig, offset);
+    gw[i] = static_cast<scalar_t>(gi * a * b * temperature * r.slope);
+    pa = gi * r.value;
+    pb = gi * a * wi * temperature * r.slope;
+  }
+  part_a[threadIdx.x] = pa;
+  part_b[threadIdx.x] = pb;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      part_a[threadIdx.x] += part_a[threadIdx.x + s];
+      part_b[threadIdx.x] += part_b[threadIdx.x + s];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    atomicAdd(grad_alpha, part_a[0]);
+    atomicAdd(grad_beta, part_b[0]);
+  }
+}
+
+}  // namespace cbp
+
+// Launch with 256 threads per block (the shared-memory reduction assumes it).
+#define CBP_SIGMOID_QUANT_KERNELS(suffix, scalar_t)                                                             \
+  extern "C" __global__ void sigmoid_quant_forward_##suffix(const scalar_t* w, scalar_t* y, long long n,         \
+                                                            const float* alpha, const float* beta,             \
+                                                            float temperature, const float* gaps,              \
+                                                            const float* mids, int n_sig, float offset) {      \
+    cbp::sigmoid_quant_forward_impl<scalar_t>(w, y, n, alpha, beta, temperature, gaps, mids, n_sig, offset);    \
+  }                                                                                                             \
+  extern "C" __global__ void sigmoid_quant_backward_##suffix(                                                   \
+      const scalar_t* gy, const scalar_t* w, scalar_t* gw, float* grad_alpha, float* grad_beta, long long n,    \
+      const float* alpha, const float* beta, float temperature, const float* gaps, const float* mids, int n_sig, \
+      float offset) {                                                                                           \
+    cbp::sigmoid_quant_backward_impl<scalar_t>(gy, w, gw, grad_alpha, grad_beta, n, alpha, beta, temperature,   \
+                                               gaps, mids, n_sig, offset);                                      \
+  }
+
+CBP_SIGMOID_QUANT_KERNELS(f32, float)
+CBP_SIGMOID_QUANT_KERNELS(f16, __half)
+CBP_SIGMOID_QUANT_KERNELS(bf16, __nv_bfloat16)
