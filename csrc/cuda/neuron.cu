@@ -3,14 +3,12 @@
 // csrc/cpu/neuron.cpp. One launch each, on the current stream; the decay k stays on the
 // device (no host sync).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "cuda/neuron.cuh"
+#include "cuda/torch_cuda.h"
 
 namespace cbp {
 namespace {
