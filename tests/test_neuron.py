@@ -303,6 +303,7 @@ def test_cupy_kernels_compile_standalone(tmp_path, monkeypatch):
     import subprocess
 
     from cbp_kernels.ops._cuda_source import cuda_source
+    from cbp_kernels.ops._cupy import NVRTC_OPTIONS
     from cbp_kernels.ops.neuron import cupy as cupy_backend
 
     nvcc = shutil.which("nvcc")
@@ -311,7 +312,7 @@ def test_cupy_kernels_compile_standalone(tmp_path, monkeypatch):
     src = tmp_path / "neuron_rtc.cu"
     src.write_text(cuda_source("neuron"))
     ptx = tmp_path / "neuron_rtc.ptx"
-    subprocess.run([nvcc, *cupy_backend.NVRTC_OPTIONS, "-arch=sm_80", "-ptx", str(src), "-o", str(ptx)], check=True)
+    subprocess.run([nvcc, *NVRTC_OPTIONS, "-arch=sm_80", "-ptx", str(src), "-o", str(ptx)], check=True)
     text = ptx.read_text()
     for direction in ("forward", "backward"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -330,6 +331,7 @@ def _cupy_launch_args(monkeypatch) -> dict:
     import sys
     import types
 
+    from cbp_kernels.ops import _cupy
     from cbp_kernels.ops.neuron import cupy as cupy_backend
     from cbp_kernels.ops.neuron.params import NeuronParams
 
@@ -340,7 +342,7 @@ def _cupy_launch_args(monkeypatch) -> dict:
             pass
 
         def get_function(self, name):
-            return lambda grid, block, args: launches.__setitem__((name, grid), args)
+            return lambda grid, block, args, shared_mem=0: launches.__setitem__((name, grid), args)
 
     fake = types.ModuleType("cupy")
     fake.RawModule = Module
@@ -350,8 +352,7 @@ def _cupy_launch_args(monkeypatch) -> dict:
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    cupy_backend._module.cache_clear()
-    cupy_backend._kernel.cache_clear()
+    _cupy._kernel.cache_clear()
     try:
         p = NeuronParams(v_reset=None, surrogate=3)
         for dtype in (torch.float32, torch.bfloat16):
@@ -360,8 +361,7 @@ def _cupy_launch_args(monkeypatch) -> dict:
             s, v, h = cupy_backend.forward(x, v0, k, p)
             cupy_backend.backward(s, v, h, s, x, v0, k, p, True)
     finally:
-        cupy_backend._module.cache_clear()
-        cupy_backend._kernel.cache_clear()
+        _cupy._kernel.cache_clear()
     return launches
 
 
