@@ -50,7 +50,7 @@ cuda-check: $(STAMP)
 	done
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q bench --benchmark-json=bench/results/last.json
+	$(BIN)/python -m pytest -q bench/bench_*.py --benchmark-json=bench/results/last.json
 	$(BIN)/python bench/report.py
 
 clean:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -95,6 +96,23 @@ def test_non_contiguous_and_odd_shapes(device):
         out = _run(x, None, b, dict(neuron="lif"))
         assert torch.equal(out[0], ref[0])
         assert_close(out[2][0], ref[2][0], 1e-5, 1e-4, f"{b} grad x")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_kernels_many_column_blocks(device):
+    """More columns than one work item of the C++ kernel (16384) or one Triton program (1024):
+    the blocks' partial sums of PLIF's dL/dk and the last, partial block."""
+    backends = kernel_backends(device)
+    if not backends:
+        pytest.skip(f"no kernel backend runs on {device} here (build the extension: make build)")
+    x, v0 = _inputs((3, 2 * 16384 + 5), torch.float32, device)
+    cfg = dict(neuron="plif", v_reset=None)
+    ref = _run(x, v0, "reference", cfg)
+    for b in backends:
+        out = _run(x, v0, b, cfg)
+        assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
+        for name, ga, gr in zip(["x", "v_init", "tau"], out[2], ref[2]):
+            assert_close(ga, gr, 1e-5, 1e-4, f"{b} grad {name}")
 
 
 @pytest.mark.parametrize("neuron", ["if", "lif", "plif"])
@@ -278,13 +296,14 @@ def test_cuda_source_for_cupy_is_self_contained():
         cuda_source("no_such_op")
 
 
-def test_cupy_kernels_compile_standalone(tmp_path):
+def test_cupy_kernels_compile_standalone(tmp_path, monkeypatch):
     """Every kernel the cupy backend launches is defined by that self-contained source (nvcc
     stands in for NVRTC here: both compile it with no include path but the CUDA headers)."""
     import shutil
     import subprocess
 
     from cbp_kernels.ops._cuda_source import cuda_source
+    from cbp_kernels.ops._cupy import NVRTC_OPTIONS
     from cbp_kernels.ops.neuron import cupy as cupy_backend
 
     nvcc = shutil.which("nvcc")
@@ -293,8 +312,141 @@ def test_cupy_kernels_compile_standalone(tmp_path):
     src = tmp_path / "neuron_rtc.cu"
     src.write_text(cuda_source("neuron"))
     ptx = tmp_path / "neuron_rtc.ptx"
-    subprocess.run([nvcc, *cupy_backend.NVRTC_OPTIONS, "-arch=sm_80", "-ptx", str(src), "-o", str(ptx)], check=True)
+    subprocess.run([nvcc, *NVRTC_OPTIONS, "-arch=sm_80", "-ptx", str(src), "-o", str(ptx)], check=True)
     text = ptx.read_text()
     for direction in ("forward", "backward"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             assert f".entry {cupy_backend.kernel_name(direction, dtype)}(" in text
+    # The arguments the backend passes match each kernel's parameters in number and type.
+    for (name, _), args in _cupy_launch_args(monkeypatch).items():
+        params = re.search(rf"\.entry {name}\((.*?)\)", text, re.S).group(1)
+        expected = re.findall(r"\.param \.(\w+)", params)
+        passed = [{"Tensor": "u64", "int64": "u64", "float32": "f32", "int32": "u32"}[type(a).__name__] for a in args]
+        assert passed == expected, f"{name}: the cupy backend passes {passed}, the kernel takes {expected}"
+
+
+def _cupy_launch_args(monkeypatch) -> dict:
+    """What cupy.py hands each kernel, recorded through a stand-in CuPy on CPU tensors."""
+    import contextlib
+    import sys
+    import types
+
+    from cbp_kernels.ops import _cupy
+    from cbp_kernels.ops.neuron import cupy as cupy_backend
+    from cbp_kernels.ops.neuron.params import NeuronParams
+
+    launches = {}
+
+    class Module:
+        def __init__(self, code, options):
+            pass
+
+        def get_function(self, name):
+            return lambda grid, block, args, shared_mem=0: launches.__setitem__((name, grid), args)
+
+    fake = types.ModuleType("cupy")
+    fake.RawModule = Module
+    fake.from_dlpack = lambda t: t
+    fake.cuda = types.SimpleNamespace(Device=lambda i: contextlib.nullcontext(),
+                                      ExternalStream=lambda ptr, i: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _cupy._kernel.cache_clear()
+    try:
+        p = NeuronParams(v_reset=None, surrogate=3)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, 5).to(dtype)
+            v0, k = torch.zeros(5), torch.tensor(0.5)
+            s, v, h = cupy_backend.forward(x, v0, k, p)
+            cupy_backend.backward(s, v, h, s, x, v0, k, p, True)
+    finally:
+        _cupy._kernel.cache_clear()
+    return launches
+
+
+def test_cpu_portable_path_matches_reference():
+    """The C++ kernels' portable (non-AVX-512) build, forced by CBP_KERNELS_NO_AVX512=1 in a
+    fresh process (the choice is made once per process), on every surrogate and PLIF."""
+    import os
+    import subprocess
+    import sys
+
+    if "cpu" not in kernel_backends("cpu"):
+        pytest.skip("no compiled CPU kernel here (build the extension: make build)")
+    script = """
+import torch
+from cbp_kernels.ops import multistep_neuron
+torch.manual_seed(0)
+x = torch.randn(6, 3, 41) * 1.5 + 0.4
+for surrogate in ("atan", "sigmoid", "rectangle", "triangle", "piecewise_quadratic"):
+    for v_reset in (0.0, None):
+        outs = []
+        for backend in ("reference", "cpu"):
+            xi = x.clone().requires_grad_()
+            tau = torch.tensor(2.5, requires_grad=True)
+            s, v = multistep_neuron(xi, neuron="plif", tau=tau, v_reset=v_reset, surrogate=surrogate, backend=backend)
+            ((s * torch.linspace(-1, 1, s.numel()).view_as(s)).sum() + v.sum()).backward()
+            outs.append((s, v, xi.grad, tau.grad))
+        (s0, v0, gx0, gk0), (s1, v1, gx1, gk1) = outs
+        assert torch.equal(s0, s1), (surrogate, v_reset, "spikes")
+        torch.testing.assert_close(v1, v0, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gk1, gk0, atol=1e-4, rtol=1e-4)
+"""
+    env = dict(os.environ, CBP_KERNELS_NO_AVX512="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_triton_kernels_compile_for_gpu():
+    """The Triton kernels compile for sm_80 without a GPU (the interpreter tests skip the
+    compiler), and the forward's PTX has no FMA: its spikes stay bitwise the reference's.
+    Under TRITON_INTERPRET=1 (no compiler then) it runs in a fresh process without it."""
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton", reason="the triton backend needs triton")
+    from triton.backends import backends as triton_backends
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("this triton has no NVIDIA backend (install triton's CUDA build)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        _compile_triton_kernels_for_gpu()
+        return
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here])
+    proc = subprocess.run([sys.executable, "-c", "import test_neuron; test_neuron._compile_triton_kernels_for_gpu()"],
+                          env=env, cwd=here, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _compile_triton_kernels_for_gpu():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cbp_kernels.ops.neuron import triton as tk
+
+    storage = {"x_ptr", "spike_ptr", "h_ptr", "grad_spike_ptr", "grad_x_ptr"}
+    scalar = {"T": "i32", "N": "i32", "v_threshold": "fp32", "v_reset": "fp32", "alpha": "fp32"}
+
+    def compile_(kernel, dtype, **constexprs):
+        sig = {p.name: "constexpr" if p.is_constexpr else scalar.get(p.name, dtype if p.name in storage else "*fp32")
+               for p in kernel.params}
+        src = ASTSource(kernel, sig, constexprs=dict(constexprs, BLOCK=tk.BLOCK))
+        return triton.compile(src, target=GPUTarget("cuda", 80, 32),
+                              options={"num_warps": tk.NUM_WARPS, "enable_fp_fusion": False})
+
+    for dtype in ("*fp32", "*fp16", "*bf16"):
+        for kind, soft, di in ((0, True, True), (1, False, True), (1, True, False)):
+            ptx = compile_(tk._neuron_forward_kernel, dtype, KIND=kind, SOFT_RESET=soft, DECAY_INPUT=di).asm["ptx"]
+            assert "fma." not in ptx, f"forward {dtype} kind={kind}: FMA contraction changes the spikes"
+    for surrogate in SURROGATES.values():
+        compile_(tk._neuron_backward_kernel, "*fp32", KIND=1, SOFT_RESET=False, DECAY_INPUT=True, DETACH_RESET=False,
+                 SURROGATE=surrogate, NEED_GRAD_K=True)
+    compile_(tk._neuron_backward_kernel, "*bf16", KIND=0, SOFT_RESET=True, DECAY_INPUT=False, DETACH_RESET=True,
+             SURROGATE=0, NEED_GRAD_K=False)

@@ -3,11 +3,10 @@ csrc/cuda/bitconv.cuh (``bitconv_popc_kernel``, the same source the `cuda` backe
 compiles) JIT-compiled by CuPy. Same signature as ``reference``."""
 from __future__ import annotations
 
-import cupy
 import numpy as np
 import torch
 
-from ..bitpack.cupy import as_cupy, launch
+from ..bitpack.cupy import launch_items
 from .reference import Geometry
 
 # cbp::BitConvGeometry (csrc/common/bitconv_math.h): 17 int64 fields, in order.
@@ -20,7 +19,7 @@ def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int
     if out.numel() == 0:
         return out
     geometry = np.array(tuple(geom), dtype=_GEOMETRY)[()]
-    bias_arg = as_cupy(bias.contiguous()) if bias is not None else cupy.uint64(0)  # a null pointer
-    launch("bitconv_popc_kernel", out.numel(), as_cupy(x), as_cupy(planes), bias_arg, cupy.float32(scale),
-           as_cupy(out), geometry)
+    bias_arg = bias.contiguous() if bias is not None else np.uint64(0)  # a null pointer
+    launch_items("bitconv_popc_kernel", x.device, out.numel(), x.contiguous(), planes.contiguous(), bias_arg,
+                 np.float32(scale), out, geometry)
     return out

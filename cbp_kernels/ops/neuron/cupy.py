@@ -5,53 +5,23 @@ Same signature as ``reference``; CUDA tensors only.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
-from .._cuda_source import cuda_source
+from .._cupy import dtype_suffix, launch
 from .params import NeuronParams
 
-# --fmad=false: no mul+add contraction, so the spikes are bitwise the reference's.
-NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
 THREADS = 256  # kNeuronThreads in csrc/cuda/neuron.cuh
-_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def kernel_name(direction: str, dtype: torch.dtype) -> str:
     """The extern "C" kernel of csrc/cuda/neuron.cuh for ``direction`` ("forward"/"backward") and storage dtype."""
-    return f"neuron_{direction}_{_SUFFIX[dtype]}"
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(direction: str, dtype: torch.dtype, device_index: int):
-    import cupy
-
-    with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=cuda_source("neuron"), options=NVRTC_OPTIONS)
-        return module.get_function(kernel_name(direction, dtype))
-
-
-def _arg(t: torch.Tensor):
-    """A zero-copy CuPy view of a contiguous tensor: only its address matters to the kernel
-    (16-bit floats travel as int16, CuPy having no bfloat16)."""
-    import cupy
-
-    return cupy.from_dlpack(t.view(torch.int16) if t.element_size() == 2 else t)
+    return f"neuron_{direction}_{dtype_suffix(dtype)}"
 
 
 def _launch(direction: str, dtype: torch.dtype, device: torch.device, n: int, args: tuple) -> None:
-    """One launch over n columns on torch's current stream; tensors in ``args`` pass by address,
-    the rest must already be NumPy scalars of the kernel's parameter types."""
-    import cupy
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(direction, dtype, index)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
-    with cupy.cuda.Device(index), stream:  # DLPack hand-over on that same stream: no sync
-        kernel(((n + THREADS - 1) // THREADS,), (THREADS,),
-               tuple(_arg(a) if isinstance(a, torch.Tensor) else a for a in args))
+    """One thread per column of n; tensors pass by address, the rest as NumPy scalars of the kernel's types."""
+    launch("neuron", kernel_name(direction, dtype), device, (n + THREADS - 1) // THREADS, THREADS, args)
 
 
 def forward(x_seq, v_init, decay, p: NeuronParams):

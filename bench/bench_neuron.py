@@ -1,0 +1,150 @@
+"""The multi-step LIF neuron, one training step: forward and backward over all T timesteps
+(tau=2, hard reset to 0, ATan surrogate, float32), for T in {4, 16, 32}.
+
+Shapes: on a GPU the issue's ``[T, 32*64*56*56]`` (a SEW-ResNet stage-1 activation of batch 32);
+on a CPU ``[T, 2**20]`` (``CBP_BENCH_NEURON_N`` overrides the column count). On a small CPU
+shared with other jobs, run it with ``OMP_NUM_THREADS=1``: there, two OpenMP threads made every
+provider wait on descheduled threads at each parallel region (the Python loops ran ~60x slower).
+
+Providers (same inputs, same spikes: checked before timing):
+- ``ours-<backend>``: ``multistep_neuron`` on each compiled / JIT kernel backend available for
+  the device (``cpu``; ``cuda``, ``cupy``, ``triton`` on a GPU);
+- ``spikingjelly``: SpikingJelly 2.0's ``LIFNode(step_mode="m")`` with its own automatic choice,
+  its fastest available: on CUDA native CUDA > Triton > torch (``SJ_LIF_CUDA_IMPLEMENTATION``
+  forces one), on a CPU its torch loop;
+- ``naive``: our ``reference`` backend, a Python loop over T of the single-step equations;
+- ``compiled``: ``torch.compile`` of that loop (T is unrolled: one graph per T).
+
+The op is memory-bound. A fused step moves 7 tensors of ``[T, N]``: the forward reads X and
+writes S and H, the backward reads dL/dS, H and S and writes dL/dX (the [N] state vectors are
+negligible). ``bytes_moved`` is that ideal, the same for every provider; ``copy_bw_gbs`` the
+bandwidth of a large tensor copy timed in the same run, which the report compares with.
+On the CPU the fresh [T, N] outputs' first-touch page faults weigh as much as the kernels:
+with glibc's mmap and trim off (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11, no faults)
+[16, 2**20] took 63 ms (ours) vs 44 ms (compiled), with them 259 ms vs 121 ms (ours allocates
+spike, H and dL/dX; the compiled loop saves less for its backward).
+
+    python -m pytest bench/bench_neuron.py --benchmark-json=bench/results/last.json && python bench/report.py
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import cbp_kernels
+from cbp_kernels.ops import multistep_neuron
+from cbp_kernels.ops.neuron import reference
+from cbp_kernels.ops.neuron.params import NeuronParams
+from harness import copy_bandwidth, run
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+N_GPU = 32 * 64 * 56 * 56
+N_CPU = int(os.environ.get("CBP_BENCH_NEURON_N", 2**20))
+N = N_GPU if DEVICE == "cuda" else N_CPU
+TS = (4, 16, 32)
+DTYPE = torch.float32
+TAU = 2.0
+TENSORS_MOVED = 7  # X, S, H (forward); dL/dS, H, S, dL/dX (backward)
+
+# Our kernel backends timed here: the Triton interpreter on CPU tensors is a test tool, not a backend to time.
+OURS = [b for b, ok in cbp_kernels.backends()[DEVICE].items() if ok and b != "reference" and (b, DEVICE) != ("triton", "cpu")]
+
+
+def _ours(backend: str):
+    def step(x, grad):
+        x = x.detach().requires_grad_()
+        spike, _ = multistep_neuron(x, neuron="lif", tau=TAU, v_reset=0.0, surrogate="atan", backend=backend)
+        spike.backward(grad)
+        return spike, x.grad
+
+    return step
+
+
+def _compiled():
+    p = NeuronParams(v_threshold=1.0, v_reset=0.0, kind=1, surrogate=0, alpha=2.0)
+    decay = torch.tensor(1.0 / TAU, device=DEVICE)
+
+    @torch.compile
+    def loop(x):
+        return reference.forward(x, torch.zeros(x.shape[1:], device=x.device), decay, p)[0]
+
+    def step(x, grad):
+        x = x.detach().requires_grad_()
+        spike = loop(x)
+        spike.backward(grad)
+        return spike, x.grad
+
+    return step
+
+
+def _spikingjelly():
+    sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron", reason="spikingjelly 2.0 is the peer")
+    from spikingjelly.activation_based import surrogate
+
+    node = sj_neuron.LIFNode(tau=TAU, v_reset=0.0, surrogate_function=surrogate.ATan(), step_mode="m").to(DEVICE)
+
+    def step(x, grad):
+        node.reset()
+        x = x.detach().requires_grad_()
+        spike = node(x)
+        spike.backward(grad)
+        return spike, x.grad
+
+    return step
+
+
+def _sj_implementation() -> str:
+    """Which implementation SpikingJelly chose (its private selection record; 'auto' if unknown)."""
+    if DEVICE == "cpu":
+        return "torch (its CPU path)"
+    try:
+        from spikingjelly._ops.lif import _selection
+
+        chosen = _selection._selections.get(torch.cuda.current_device())
+        return getattr(chosen, "name", os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "auto"))
+    except (ImportError, AttributeError):
+        return os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "auto")
+
+
+PROVIDERS = {**{f"ours-{b}": (_ours, (b,), "ours") for b in OURS},
+             "spikingjelly": (_spikingjelly, (), "peer"),
+             "naive": (_ours, ("reference",), "baseline"),
+             "compiled": (_compiled, (), "compiled baseline")}
+
+
+def _inputs(T: int, n: int = N):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(T, n, generator=gen) * 1.5 + 0.4).to(DEVICE, DTYPE)
+    grad = torch.randn(T, n, generator=gen).to(DEVICE, DTYPE)
+    return x, grad
+
+
+@pytest.fixture(scope="module")
+def bandwidth():
+    return copy_bandwidth(1 << 28 if DEVICE == "cuda" else 1 << 27, device=DEVICE)
+
+
+def test_providers_agree():
+    x, grad = _inputs(5, 4099)
+    ref_spike, ref_grad = _ours("reference")(x, grad)
+    for name, (make, args, _) in PROVIDERS.items():
+        spike, gx = make(*args)(x, grad)
+        assert torch.equal(spike, ref_spike), f"{name}: spikes differ from the reference"
+        torch.testing.assert_close(gx, ref_grad, atol=1e-5, rtol=1e-4, msg=f"{name}: grad x")
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_neuron_fwd_bwd(benchmark, bandwidth, provider, T):
+    make, args, role = PROVIDERS[provider]
+    step = make(*args)
+    x, grad = _inputs(T)
+    benchmark.group = f"neuron LIF fwd+bwd [T={T}, N={N}] {str(DTYPE).removeprefix('torch.')} {DEVICE}"
+    slow = role != "ours" and DEVICE == "cpu"  # the Python loops take seconds per call on a CPU
+    # torch.compile compiles in its first call(s): two warm-ups keep that out of the timing.
+    run(benchmark, step, x, grad, device=DEVICE, rounds=3 if slow else 7, warmup=2 if role == "compiled baseline" else 1,
+        provider=provider, role=role, T=T, N=N, dtype=str(DTYPE), bytes_moved=TENSORS_MOVED * T * N * x.element_size(),
+        copy_bw_gbs=bandwidth, load_avg_1min=os.getloadavg()[0], threads=torch.get_num_threads(),
+        **({"sj_implementation": _sj_implementation()} if provider == "spikingjelly" else {}))
