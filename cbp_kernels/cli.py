@@ -528,7 +528,7 @@ def _run(args) -> int:
     if dist.main:
         _write_json(os.path.join(run_dir, "summary.json"), {"model": cfg["model"], "data": cfg["data"], "rows": rows})
         atomic_write(os.path.join(run_dir, "table.txt"), table + "\n")
-        if cfg["method"] == "compare":
+        if cfg.get("method") == "compare":
             from .quant.plots import plot_comparison
 
             atomic_write(os.path.join(run_dir, "compare.md"), table + "\n")
