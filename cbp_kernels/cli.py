@@ -771,7 +771,7 @@ def format_compare(model: str, data: str, timesteps: int, rows: list[dict]) -> s
                          f"(T={r['timesteps']}) with {r['bits_per_weight']}-bit fixed-point weights; ANN accuracy "
                          f"{r['ann_accuracy']:.2f}%, the SNN predicts as the ANN on {100 * r['agreement']:.1f}% of "
                          "the test set.")
-    return "\n".join(lines + [""] + notes)
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
 
 def _result_table(cfg: dict, rows: list[dict]) -> str:
