@@ -153,23 +153,6 @@ class CBPQuantizer(QuantTrainer):
         """The per-layer scales s (0-dim float32), in ``self.layers`` order."""
         return [m.weight_scale for m in self.layers.values()]
 
-    def _param_groups(self) -> list[dict]:
-        """quantized weights | other conv/linear weights (both with weight decay) | biases
-        (Algorithm 2 only: lr_bias, clamped) | everything else (no weight decay)."""
-        layers = [m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        quantized = {id(w) for w in self.weights}
-        weights = [m.weight for m in layers if m.weight.requires_grad and id(m.weight) not in quantized]
-        biases = [m.bias for m in layers if m.bias is not None and m.bias.requires_grad]
-        biases = biases if self.config.calibration else []
-        taken = quantized | {id(p) for p in weights + biases}
-        others = [p for p in self.net.parameters() if p.requires_grad and id(p) not in taken]
-        wd = self.config.weight_decay
-        groups = [{"params": self.weights, "name": "quantized", "weight_decay": wd},
-                  {"params": weights, "name": "weight", "weight_decay": wd},
-                  {"params": biases, "name": "bias", "weight_decay": 0.0, "lr": self.config.lr_bias or self.config.lr},
-                  {"params": others, "name": "other", "weight_decay": 0.0}]
-        return [group for group in groups if group["params"]]
-
     def _pass(self, **kw) -> tuple[float, float]:
         """One fused constraint pass over all quantized weights at the current g:
         (sum lambda * cs(W; g), sum of windowless cs)."""

@@ -14,12 +14,7 @@
 //   dcs/dw      = in window ? 0 : (w >= Q(w) ? +2 : -2)   (the right derivative)
 #pragma once
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define CBP_HD __host__ __device__ __forceinline__
-#else
-#include <cmath>
-#define CBP_HD inline
-#endif
+#include "common/hd.h"
 
 namespace cbp {
 

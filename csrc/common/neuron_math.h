@@ -10,12 +10,7 @@
 // Soft reset uses V_reset = 0 in the charge equation (SpikingJelly's v_reset=None).
 #pragma once
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define CBP_HD __host__ __device__ __forceinline__
-#else
-#include <cmath>
-#define CBP_HD inline
-#endif
+#include "common/hd.h"
 
 namespace cbp {
 

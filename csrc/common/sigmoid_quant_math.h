@@ -8,12 +8,7 @@
 //   dy/dalpha = sum_i s_i sig_i - o
 #pragma once
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define CBP_HD __host__ __device__ __forceinline__
-#else
-#include <cmath>
-#define CBP_HD inline
-#endif
+#include "common/hd.h"
 
 namespace cbp {
 

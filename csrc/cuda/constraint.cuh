@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 
 #include "common/constraint_math.h"
+#include "cuda/storage.cuh"
 
 namespace cbp {
 
@@ -31,12 +32,6 @@ constexpr int kConstraintThreads = 256;  // a multiple of 32 (warp reduction)
 // makes the partial-sum table 4096x smaller than the weights (not tuned on a GPU yet).
 constexpr long long kConstraintChunk = 4096;
 
-__device__ __forceinline__ float constraint_load(const float* p) { return *p; }
-__device__ __forceinline__ float constraint_load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float constraint_load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void constraint_store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void constraint_store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void constraint_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // Copies the table row (4*k floats) into shared memory; every thread reads it per weight.
 __device__ __forceinline__ const float* constraint_shared_row(const float* __restrict__ row, int k) {
@@ -76,16 +71,16 @@ __device__ __forceinline__ void constraint_pass_impl(const long long* __restrict
   float sum_l = 0.0f, sum_f = 0.0f;
 #pragma unroll 4
   for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-    const float x = constraint_load(w + i);
-    const float l = constraint_load(lam + i);
+    const float x = load_f32(w + i);
+    const float l = load_f32(lam + i);
     float keep;
     const float q = constraint_select(x, row, k, &keep);
     const float free = constraint_free(x, q);
     const float c = free * keep;
     sum_l += l * c;
     sum_f += free;
-    if (grad) constraint_store(grad + i, constraint_load(grad + i) + l * constraint_slope(x, q, keep));
-    if (lgrad) constraint_store(lgrad + i, c);
+    if (grad) store_f32(grad + i, load_f32(grad + i) + l * constraint_slope(x, q, keep));
+    if (lgrad) store_f32(lgrad + i, c);
   }
   sum_l = constraint_block_sum(sum_l, scratch);
   sum_f = constraint_block_sum(sum_f, scratch);
@@ -102,7 +97,7 @@ __device__ __forceinline__ void constraint_quantize_impl(const scalar_t* __restr
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     float keep;
-    constraint_store(out + i, constraint_select(constraint_load(w + i), row, k, &keep));
+    store_f32(out + i, constraint_select(load_f32(w + i), row, k, &keep));
   }
 }
 

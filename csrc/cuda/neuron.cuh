@@ -21,18 +21,13 @@
 #include <cuda_fp16.h>
 
 #include "common/neuron_math.h"
+#include "cuda/storage.cuh"
 
 namespace cbp {
 
 // Threads per block; a multiple of 32 (the backward's warp reduction assumes whole warps).
 constexpr int kNeuronThreads = 256;
 
-__device__ __forceinline__ float load_f32(const float* p) { return *p; }
-__device__ __forceinline__ float load_f32(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_f32(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_f32(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_f32(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ NeuronParams neuron_params(float v_threshold, float v_reset, int kind, int soft_reset,
                                                       int decay_input, int detach_reset, int surrogate,

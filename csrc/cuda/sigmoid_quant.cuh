@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include "common/sigmoid_quant_math.h"
+#include "cuda/storage.cuh"
 
 namespace cbp {
 
@@ -18,8 +19,8 @@ __device__ void sigmoid_quant_forward_impl(const scalar_t* w, scalar_t* y, long 
                                            const float* mids, int n_sig, float offset) {
   const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const SigmoidSum r = sigmoid_sum(static_cast<float>(w[i]), *beta, temperature, gaps, mids, n_sig, offset);
-  y[i] = static_cast<scalar_t>(*alpha * r.value);
+  const SigmoidSum r = sigmoid_sum(load_f32(w + i), *beta, temperature, gaps, mids, n_sig, offset);
+  store_f32(y + i, *alpha * r.value);
 }
 
 template <typename scalar_t>
@@ -32,9 +33,9 @@ __device__ void sigmoid_quant_backward_impl(const scalar_t* gy, const scalar_t* 
   float pa = 0.0f, pb = 0.0f;
   if (i < n) {
     const float a = *alpha, b = *beta;
-    const float wi = static_cast<float>(w[i]), gi = static_cast<float>(gy[i]);
+    const float wi = load_f32(w + i), gi = load_f32(gy + i);
     const SigmoidSum r = sigmoid_sum(wi, b, temperature, gaps, mids, n_sig, offset);
-    gw[i] = static_cast<scalar_t>(gi * a * b * temperature * r.slope);
+    store_f32(gw + i, gi * a * b * temperature * r.slope);
     pa = gi * r.value;
     pb = gi * a * wi * temperature * r.slope;
   }
