@@ -307,36 +307,27 @@ def _arch_for(cfg: dict, train) -> dict:
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def _pretrain(model: nn.Module, train, cfg: dict, dist: _Dist, epochs: int, logits=_logits,
-              desc: str = "FP32 pre-train", eval_fn=None) -> tuple[list[dict], float | None]:
-    """FP32 training with Adam (``--pretrain-lr``) and cross-entropy on ``logits(model, x, T)``
-    (default the rate readout) for ``epochs`` epochs. Returns one record per epoch
-    (``epoch``, mean ``loss``, ``eval_fn()`` as ``accuracy`` when given) and the training
-    seconds per epoch (evaluation excluded; None for 0 epochs)."""
+def _pretrain(model: nn.Module, train, cfg: dict, dist: _Dist, epochs: int) -> float | None:
+    """FP32 training with Adam (``--pretrain-lr``) and cross-entropy on the rate readout for
+    ``epochs`` epochs. Returns the training seconds per epoch (None for 0 epochs)."""
     net = nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg["pretrain_lr"])
     loader = _loader(train, cfg["batch_size"], dist, cfg["seed"], True, cfg["workers"])
-    history, seconds = [], 0.0
+    seconds = 0.0
     for epoch in range(epochs):
         start = time.perf_counter()
         loader.sampler.set_epoch(epoch)
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not dist.main, leave=False,
+        bar = tqdm(loader, desc=f"FP32 pre-train {epoch + 1}/{epochs}", disable=not dist.main, leave=False,
                    dynamic_ncols=True)
-        total = 0.0
         for x, y in bar:
             x, y = x.to(dist.device), y.to(dist.device)
-            loss = F.cross_entropy(logits(net, x, train.timesteps), y)
+            loss = F.cross_entropy(_logits(net, x, train.timesteps), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         seconds += time.perf_counter() - start
-        record = {"epoch": epoch, "loss": total / max(len(loader), 1)}
-        if eval_fn is not None:
-            record["accuracy"] = eval_fn()
-        history.append(record)
-    return history, seconds / epochs if epochs else None
+    return seconds / epochs if epochs else None
 
 
 @torch.no_grad()
@@ -554,7 +545,7 @@ def _fp32_stage(model, cfg, train, test, dist, run_dir, say) -> dict:
         model.to(dist.device)
         if not cfg["checkpoint"]:
             torch.manual_seed(cfg["seed"])
-            seconds = _pretrain(model, train, cfg, dist, cfg["pretrain_epochs"])[1]
+            seconds = _pretrain(model, train, cfg, dist, cfg["pretrain_epochs"])
         if dist.main:
             save_checkpoint(path, model.state_dict())
     labels = _labels(test, dist)
@@ -650,10 +641,10 @@ def _cq_stage(cfg, train, test, dist, run_dir, say) -> dict:
     timesteps with ``CQ_WEIGHT_BITS``-bit fixed-point weights (``cq.to_snn``), and reports
     the SNN's accuracy, its weight memory (every layer at ``CQ_WEIGHT_BITS`` bits) and its
     agreement with the ANN's predictions. No packed model: the weights are not binary /
-    ternary. A resumed run retrains the ANN unless the stage finished."""
+    ternary. The ANN trains under ``CQTrainer``: its checkpoint ``cq/last.pt`` lets
+    ``--resume`` continue it exactly."""
     from .models.digits_net import digits_cq_ann
-    from .quant import plot_history, save_checkpoint
-    from .quant.cq import to_snn
+    from .quant import CQConfig, CQTrainer, plot_history
 
     stage_dir = os.path.join(run_dir, "cq")
     result_path = os.path.join(stage_dir, "result.json")
@@ -663,12 +654,27 @@ def _cq_stage(cfg, train, test, dist, run_dir, say) -> dict:
     labels = _labels(test, dist)
     torch.manual_seed(cfg["seed"])
     ann = digits_cq_ann(T, num_classes=train.num_classes).to(dist.device)
+    net = nn.parallel.DistributedDataParallel(ann) if dist.world > 1 else ann
+    trainer = CQTrainer(net, CQConfig(timesteps=T, weight_bits=CQ_WEIGHT_BITS, lr=cfg["pretrain_lr"],
+                                      batch_size=cfg["batch_size"], epochs=max(epochs, 1), seed=cfg["seed"]))
     say(f"CQ: training the clamp-and-quantize ANN for {epochs} epochs, then converting it to an IF SNN with "
         f"T={T}, {CQ_WEIGHT_BITS}-bit weights")
-    history, seconds = _pretrain(ann, train, cfg, dist, epochs, logits=_ann_logits, desc="CQ ANN", eval_fn=lambda: (
-        _accuracy(_predict(ann, test, T, dist, logits=_ann_logits), labels, dist)))
+    eval_times: list[float] = []
+
+    def evaluate(_):
+        start = time.perf_counter()
+        accuracy = _accuracy(_predict(ann, test, T, dist, logits=_ann_logits), labels, dist)
+        eval_times.append(time.perf_counter() - start)
+        return accuracy
+
+    start = time.perf_counter()
+    trainer.fit(_loader(train, cfg["batch_size"], dist, cfg["seed"], True, cfg["workers"]), F.cross_entropy,
+                epochs=epochs, forward_fn=lambda m, x: _ann_logits(m, x, T), eval_fn=evaluate,
+                checkpoint_dir=stage_dir, resume=True, progress=dist.main)
+    seconds = (time.perf_counter() - start - sum(eval_times)) / len(eval_times) if eval_times else None
+    history = trainer.history
     ann_preds = _predict(ann, test, T, dist, logits=_ann_logits)
-    snn = to_snn(ann, T, weight_bits=CQ_WEIGHT_BITS)
+    snn, _ = trainer.finalize()
     snn_preds = _predict(snn, test, T, dist, logits=_ann_logits)
     weight_layers = [n for n, m in snn.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     result = {
@@ -680,7 +686,6 @@ def _cq_stage(cfg, train, test, dist, run_dir, say) -> dict:
     }
     if dist.main:
         _write_metrics(run_dir, "cq", history)
-        save_checkpoint(os.path.join(stage_dir, "ann.pt"), ann.state_dict())
         if history:
             plot_history(history, os.path.join(stage_dir, METHODS["cq"][1]))
         _write_json(result_path, result)

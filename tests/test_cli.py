@@ -236,7 +236,7 @@ def test_run_method_cq(tmp_path, capsys):
     assert r["accuracy"] > 30 and r["ann_accuracy"] > 30 and r["agreement"] >= 0.9
     assert r["weight_bits"] == 8 * (144 + 4608 + 65536 + 1280)  # conv1, conv2, fc1, fc2
     assert "same_predictions" not in r and not (out / "cq" / "model.safetensors").exists()
-    assert (out / "cq" / "accuracy.png").stat().st_size > 0 and (out / "cq" / "ann.pt").exists()
+    assert (out / "cq" / "accuracy.png").stat().st_size > 0 and (out / "cq" / "last.pt").exists()
     assert _table_row(capsys.readouterr().out, "8-bit")[1] == f"{r['accuracy']:.2f}"
 
 

@@ -86,3 +86,46 @@ def test_to_snn_bad_configs():
         to_snn(nn.Sequential(ClampQuantize(4)), 4)
     with pytest.raises(ValueError, match="positive int"):
         ClampQuantize(0)
+
+
+def _toy_ann(timesteps=8):
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), ClampQuantize(timesteps), nn.Linear(32, 4))
+    x = torch.randn(256, 8)
+    y = x[:, :4].argmax(1)
+    return ann, x, y, [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+
+
+def test_cq_trainer_trains_converts_and_resumes(tmp_path):
+    from cbp_kernels.quant import CQConfig, CQTrainer
+
+    config = CQConfig(timesteps=8, epochs=4)
+    ann, x, y, loader = _toy_ann()
+    trainer = CQTrainer(ann, config)
+    history = trainer.fit(loader, nn.functional.cross_entropy, epochs=4, progress=False, checkpoint_dir=tmp_path)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert len(history[-1]["weight_hist"]) > 0
+    ann2, _, _, _ = _toy_ann()
+    with torch.no_grad():
+        for p in ann2.parameters():
+            p.add_(1.0)  # differ from the trained weights
+    resumed = CQTrainer(ann2, config)
+    resumed.load_checkpoint(tmp_path / "last.pt")
+    assert resumed.epoch == 4 and all(torch.equal(a, b) for a, b in zip(ann.state_dict().values(),
+                                                                       ann2.state_dict().values()))
+    snn, export = trainer.finalize()
+    assert set(export) == {"0", "3"} and export["0"]["bits"] == 8
+    with torch.no_grad():
+        agreement = (snn(x).argmax(1) == ann(x).argmax(1)).float().mean().item()
+    assert agreement >= 0.9, agreement
+
+
+def test_cq_trainer_bad_configs():
+    from cbp_kernels.quant import CQConfig, CQTrainer
+
+    with pytest.raises(ValueError, match="timesteps"):
+        CQTrainer(_toy_ann(8)[0], CQConfig(timesteps=4))
+    with pytest.raises(ValueError, match="weight_bits"):
+        CQConfig(weight_bits=1)
+    with pytest.raises(TypeError, match="CQConfig"):
+        CQTrainer(_toy_ann()[0], config={"timesteps": 8})

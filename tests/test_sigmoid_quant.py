@@ -205,3 +205,47 @@ def test_cupy_source_has_every_kernel_the_backend_launches():
         for suffix in ("f32", "f16", "bf16"):
             assert f"CBP_SIGMOID_QUANT_KERNELS({suffix}," in src
             assert f"sigmoid_quant_{direction}_##suffix" in src
+
+
+def test_kmeans_biases_follow_the_weight_clusters():
+    from cbp_kernels.quant.sigmoid import kmeans_biases
+
+    g = torch.Generator().manual_seed(0)
+    # two clusters at -0.2 and +0.6 (not symmetric): the k-means midpoint is near 0.2, not 0
+    x = torch.cat([torch.randn(500, generator=g) * 0.02 - 0.2, torch.randn(500, generator=g) * 0.02 + 0.6])
+    b = kmeans_biases(x, torch.tensor([-1.0, 1.0]))
+    assert b.shape == (1,) and abs(float(b) - 0.2) < 0.02
+    b3 = kmeans_biases(torch.cat([x, torch.randn(500, generator=g) * 0.02 + 1.5]), torch.tensor([-1.0, 0.0, 1.0]))
+    assert b3.shape == (2,) and b3[0] < b3[1]
+    with pytest.raises(ValueError, match="distinct"):
+        kmeans_biases(torch.zeros(10), torch.tensor([-1.0, 1.0]))
+
+
+def test_biases_replace_the_midpoints_in_the_op_and_are_checked():
+    w, alpha, beta = _weights(100, "cpu")
+    shifted = torch.tensor([-0.3, 0.4])
+    y = sigmoid_quantize(w, alpha, beta, [-1, 0, 1], 1000.0, biases=shifted, backend="reference")
+    hard = sigmoid_hard_quantize(w, alpha, beta, [-1, 0, 1], shifted)
+    expected = alpha * ((beta * w > 0.4).float() - (beta * w <= -0.3).float())
+    far = ((beta * w - 0.4).abs() > 0.05) & ((beta * w + 0.3).abs() > 0.05)
+    assert torch.equal(hard, expected) and torch.allclose(y[far], hard[far], atol=1e-4)
+    for bad, match in ((torch.tensor([0.4, -0.3]), "increasing"), (torch.tensor([0.1]), "one per gap")):
+        with pytest.raises(ValueError, match=match):
+            sigmoid_quantize(w, alpha, beta, [-1, 0, 1], 5.0, biases=bad)
+
+
+def test_sigmoid_quantizer_with_kmeans_biases():
+    from torch.nn import functional as F
+
+    from cbp_kernels.quant import SigmoidConfig, SigmoidQuantizer
+
+    net, x, y, loader = _toy()
+    q = SigmoidQuantizer(net, "ternary", config=SigmoidConfig(lr=1e-2, kmeans_biases=True))
+    layer = q.layers["2"]
+    assert layer.biases is not None and layer.biases.shape == (2,)
+    assert not torch.allclose(layer.biases, torch.tensor([-0.5, 0.5]))
+    q.fit(loader, F.cross_entropy, epochs=3, progress=False)
+    model, _ = q.finalize()
+    assert set(torch.unique(model[2].weight / model[2].weight_scale).tolist()) <= {-1.0, 0.0, 1.0}
+    with pytest.raises(ValueError, match="kmeans_biases"):
+        SigmoidConfig(kmeans_biases="yes")

@@ -23,7 +23,7 @@ class SigmoidQuantized(QuantizedLayer):
         return SigmoidQuantConv2d, SigmoidQuantLinear
 
     def _quant_state(self) -> tuple[str, ...]:
-        return ("levels", "alpha", "beta")
+        return ("levels", "biases", "alpha", "beta")
 
     def _init_quant(self, levels, scale=None) -> None:
         """``scale`` is unused: the sigmoid sum learns its own (alpha)."""
@@ -32,6 +32,7 @@ class SigmoidQuantized(QuantizedLayer):
         device = self.weight.device
         self._levels = tuple(levels.tolist())  # a host copy: no device sync per forward
         self.register_buffer("levels", levels.to(device))
+        self.register_buffer("biases", None)  # the sigmoids' b_i; None: the level midpoints
         self.alpha = nn.Parameter(torch.ones((), device=device))
         self.beta = nn.Parameter(torch.ones((), device=device))
         self.temperature = 1.0
@@ -48,9 +49,9 @@ class SigmoidQuantized(QuantizedLayer):
     def quantized_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
         if self.training:
-            return sigmoid_quantize(weight, self.alpha, self.beta, self._levels, self.temperature,
+            return sigmoid_quantize(weight, self.alpha, self.beta, self._levels, self.temperature, biases=self.biases,
                                     backend=self.quant_backend)
-        return sigmoid_hard_quantize(weight, self.alpha.detach(), self.beta.detach(), self._levels)
+        return sigmoid_hard_quantize(weight, self.alpha.detach(), self.beta.detach(), self._levels, self.biases)
 
 
 class SigmoidQuantConv2d(SigmoidQuantized, nn.Conv2d):

@@ -7,6 +7,7 @@ from .calibration import rescale_thresholds, threshold_pairs
 from .cbp import CBPQuantizer, WindowSchedule, next_g
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, CBPConfig, get_preset
+from .cq import CQConfig, CQTrainer
 from .levels import LEVEL_SETS, resolve_levels
 from .sigmoid import SigmoidConfig, SigmoidQuantizer
 from .trainer import QuantTrainer
@@ -15,7 +16,7 @@ __all__ = [
     "CBPQuantizer", "CBPConfig", "PRESETS", "get_preset", "WindowSchedule", "next_g",
     "LEVEL_SETS", "resolve_levels", "rescale_thresholds", "threshold_pairs",
     "save_checkpoint", "load_checkpoint", "plot_history", "plot_weight_histograms",
-    "SigmoidQuantizer", "SigmoidConfig", "QuantTrainer",
+    "SigmoidQuantizer", "SigmoidConfig", "QuantTrainer", "CQTrainer", "CQConfig",
 ]
 
 

@@ -14,13 +14,16 @@ The converted ``CQSpikingNet`` is a natural input for CBP's Algorithm 2 path.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 
 import torch
 from torch import nn
 
 from ..ops import multistep_neuron
+from .trainer import QuantTrainer
 
-__all__ = ["ClampQuantize", "fuse_bn", "fixed_point", "to_snn", "CQSpikingNet"]
+__all__ = ["ClampQuantize", "fuse_bn", "fixed_point", "to_snn", "CQSpikingNet", "CQConfig", "CQTrainer"]
 
 
 class _ClampQuantizeFn(torch.autograd.Function):
@@ -139,3 +142,88 @@ def to_snn(ann: nn.Sequential, timesteps: int, weight_bits: int | None = None) -
     if not layers:
         raise ValueError("the ANN has no Conv2d or Linear layer")
     return CQSpikingNet(layers, thresholds[:-1], between, timesteps)
+
+
+@dataclasses.dataclass(frozen=True)
+class CQConfig:
+    """Hyper-parameters of CQ training and conversion.
+
+    Attributes:
+        timesteps: T, the activation levels of ``ClampQuantize`` and the SNN's timesteps.
+        weight_bits: fixed-point bits of the converted SNN's weights (None: float).
+        lr, optimizer, momentum, weight_decay: the ANN's optimizer (as ``CBPConfig``'s).
+        batch_size, epochs, seed: the recipe.
+    """
+
+    timesteps: int = 4
+    weight_bits: int | None = 8
+    lr: float = 1e-2
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 12
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("timesteps", "batch_size", "epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CQConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.weight_bits is not None and (not isinstance(self.weight_bits, int) or self.weight_bits < 2):
+            raise ValueError(f"CQConfig.weight_bits must be None or an integer >= 2, got {self.weight_bits!r}")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"CQConfig.lr must be a finite number > 0, got {self.lr!r}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"CQConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
+
+
+class CQTrainer(QuantTrainer):
+    """CQ training of an ANN (``nn.Sequential`` with ``ClampQuantize`` activations), with the
+    quantizers' loop: ``fit`` (progress, eval, atomic checkpoints, bit-identical resume),
+    ``history`` and plots; ``finalize()`` converts it (``to_snn``). Its weight histograms
+    are of W / max|W|, the normalisation the conversion applies."""
+
+    def __init__(self, ann: nn.Sequential, config: CQConfig | None = None):
+        config = config or CQConfig()
+        if not isinstance(config, CQConfig):
+            raise TypeError(f"config must be a CQConfig, got {type(config).__name__}")
+        wrong = [m.timesteps for m in ann.modules() if isinstance(m, ClampQuantize) and m.timesteps != config.timesteps]
+        if wrong:
+            raise ValueError(f"the ANN's ClampQuantize levels {sorted(set(wrong))} differ from CQConfig.timesteps "
+                             f"{config.timesteps}")
+        super().__init__(ann, torch.tensor([-1.0, 1.0]), [], config, None)
+
+    def _level_units(self, layer) -> torch.Tensor:
+        return layer.weight / layer.weight.abs().max().clamp_min(1e-12)
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One minibatch: backpropagate ``loss``, step the optimizer; returns the loss."""
+        c = float(loss.detach())
+        if not math.isfinite(c):
+            raise FloatingPointError(f"the loss is {c} at epoch {self.epoch}, batch {self._batch}; nothing was updated")
+        self.weight_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.weight_optimizer.step()
+        self._L_sum += c
+        self._loss_sum += c
+        self._steps += 1
+        self._batch += 1
+        return c
+
+    def end_epoch(self, L_sum: float | None = None) -> dict:
+        record = {"epoch": self.epoch, "loss": self._loss_sum / max(self._steps, 1),
+                  "L_sum": self._L_sum if L_sum is None else float(L_sum),
+                  "lr": self.weight_optimizer.param_groups[0]["lr"]}
+        self.epoch += 1
+        self._reset_epoch_sums()
+        return record
+
+    def finalize(self) -> tuple[CQSpikingNet, dict[str, dict]]:
+        """``(snn, export)``: the converted SNN (``to_snn`` with ``config.weight_bits``) and,
+        per weight layer of the ANN, ``{"bits": weight_bits, "norm": max|W|}``."""
+        self.model.eval()
+        snn = to_snn(self.net, self.config.timesteps, weight_bits=self.config.weight_bits)
+        export = {name: {"bits": self.config.weight_bits, "norm": float(layer.weight.detach().abs().max())}
+                  for name, layer in self.layers.items()}
+        return snn, export

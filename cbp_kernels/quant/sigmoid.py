@@ -25,7 +25,7 @@ from ..ops.sigmoid_quant import level_table
 from .levels import resolve_levels
 from .trainer import QuantTrainer, _swap
 
-__all__ = ["SigmoidConfig", "SigmoidQuantizer"]
+__all__ = ["SigmoidConfig", "SigmoidQuantizer", "kmeans_biases"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,9 @@ class SigmoidConfig:
         temperature0: T0; epoch e trains at T = min((e + 1) * T0, temperature_max).
         temperature_max: the cap of T.
         grad_clip: gradients clipped by value before each step (None: no clipping).
+        kmeans_biases: the sigmoids' biases b_i at the midpoints between the k-means centres
+            of each layer's scaled weights beta * W (one centre per level, started on the
+            levels) instead of the level midpoints.
         batch_size, epochs, timesteps, seed: the recipe, as ``CBPConfig``'s.
     """
 
@@ -48,6 +51,7 @@ class SigmoidConfig:
     temperature0: float = 5.0
     temperature_max: float = 200.0
     grad_clip: float | None = None
+    kmeans_biases: bool = False
     batch_size: int = 16
     epochs: int = 30
     timesteps: int = 4
@@ -63,6 +67,8 @@ class SigmoidConfig:
                              f"({self.temperature0})")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"SigmoidConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
+        if not isinstance(self.kmeans_biases, bool):
+            raise ValueError(f"SigmoidConfig.kmeans_biases must be a bool, got {self.kmeans_biases!r}")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"SigmoidConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
         for name in ("batch_size", "epochs", "timesteps"):
@@ -72,6 +78,23 @@ class SigmoidConfig:
 
     def temperature(self, epoch: int) -> float:
         return min((epoch + 1) * self.temperature0, self.temperature_max)
+
+
+def kmeans_biases(x: torch.Tensor, levels: torch.Tensor, max_samples: int = 1 << 20) -> torch.Tensor:
+    """Midpoints between the sorted k-means centres of ``x`` (1-D k-means, one centre per
+    level, started on the levels; scikit-learn's KMeans on at most ``max_samples`` evenly
+    strided values), float32 on ``x``'s device: the sigmoids' biases b_i."""
+    from sklearn.cluster import KMeans
+
+    flat = x.detach().flatten().double().cpu()
+    flat = flat[:: max(1, flat.numel() // max_samples)].numpy().reshape(-1, 1)
+    init = levels.double().cpu().numpy().reshape(-1, 1)
+    k = min(len(init), len(set(flat.ravel().tolist())))
+    if k < len(init):
+        raise ValueError(f"k-means needs at least {len(init)} distinct weights, got {k}")
+    centres = torch.from_numpy(KMeans(n_clusters=len(init), init=init, n_init=1).fit(flat).cluster_centers_.ravel())
+    centres = centres.sort().values
+    return ((centres[1:] + centres[:-1]) / 2).float().to(x.device)
 
 
 class SigmoidQuantizer(QuantTrainer):
@@ -97,6 +120,8 @@ class SigmoidQuantizer(QuantTrainer):
         super().__init__(model, levels, exclude, config or SigmoidConfig(), SigmoidQuantized)
         for layer in self.layers.values():
             layer.quant_backend = backend
+            if self.config.kmeans_biases:
+                layer.biases = kmeans_biases(layer.weight.detach() * layer.beta.detach(), self.levels)
         self._start_epoch()
 
     @property

@@ -90,13 +90,13 @@ def _to_device(x, device: torch.device):
 class QuantTrainer:
     """Base of the quantizers. The constructor swaps, IN PLACE, every quantizable layer
     (``nn.Conv2d`` / ``nn.Linear``, subclasses included) but the excluded ones for
-    ``layer_cls.from_float(layer, levels)`` and builds the weight optimizer over every
+    ``layer_cls.from_float(layer, levels)`` (``layer_cls=None``: keeps them) and builds the weight optimizer over every
     trainable parameter. Subclasses implement ``step(loss) -> L``, ``end_epoch() -> record``,
     ``finalize()``, ``_level_units(layer)`` and may extend ``_start_epoch``, ``_progress``,
     ``_extra_state`` / ``_load_extra_state`` / ``_extra_tensors`` and ``_before_swap``."""
 
     def __init__(self, model: nn.Module, levels: torch.Tensor, exclude: Iterable[str] | None, config,
-                 layer_cls: type[QuantizedLayer]):
+                 layer_cls: type[QuantizedLayer] | None):
         self.config = config
         self.levels = levels
         self.model = model
@@ -124,10 +124,12 @@ class QuantTrainer:
                 raise ValueError(f"layer {name!r} has all-zero weights (scale mean|W| = 0): exclude or initialise it")
         self._before_swap(net)
         self.layers: dict[str, QuantizedLayer] = {}
-        for name in targets:
-            qlayer = layer_cls.from_float(net.get_submodule(name), self.levels)
-            _swap(net, name, qlayer)
-            self.layers[name] = qlayer
+        for name in targets:  # layer_cls None: the layers are trained as they are (CQ)
+            layer = net.get_submodule(name)
+            if layer_cls is not None:
+                layer = layer_cls.from_float(layer, self.levels)
+                _swap(net, name, layer)
+            self.layers[name] = layer
         self.net = net
         self.excluded = sorted(excluded)
         self.weights = [m.weight for m in self.layers.values()]

@@ -84,8 +84,23 @@ def _check_scalar_param(name, t, w):
     check_same_device("w", w, **{name: t})
 
 
+def _checked_biases(biases, mids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``biases`` (the sigmoids' b_i, e.g. k-means midpoints) checked against the level set, or
+    the level midpoints when None."""
+    if biases is None:
+        return mids
+    check_tensor("biases", biases)
+    check_same_device("w", w, biases=biases)
+    if biases.shape != mids.shape:
+        raise ValueError(f"biases must hold {mids.numel()} values (one per gap between levels), got shape "
+                         f"{tuple(biases.shape)}")
+    if biases.numel() > 1 and not bool((biases[1:] > biases[:-1]).all()):
+        raise ValueError(f"biases must be increasing, got {biases.tolist()}")
+    return biases.float()
+
+
 def sigmoid_quantize(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, levels, temperature: float, *,
-                     backend: str = "auto") -> torch.Tensor:
+                     biases: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Differentiable quantization y = alpha * (sum_i s_i sig(clamp(T (beta w - b_i), +-10)) - o).
 
     Args:
@@ -93,6 +108,8 @@ def sigmoid_quantize(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, l
         alpha, beta: one-element float tensors (learned per layer; gradients flow to both).
         levels: sorted level set symmetric about 0, e.g. ``[-1, 1]`` or ``[-1, 0, 1]``.
         temperature: T > 0 (grows with the epoch during training).
+        biases: the b_i ``[len(levels) - 1]`` increasing (default: the level midpoints; e.g.
+            midpoints of k-means centres of beta * W, ``SigmoidConfig(kmeans_biases=True)``).
     Returns:
         ``y`` with w's shape and dtype.
     """
@@ -105,6 +122,7 @@ def sigmoid_quantize(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, l
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     gaps, mids, offset = level_table(levels, w.device)
+    mids = _checked_biases(biases, mids, w)
     backend = resolve_backend(backend, "sigmoid_quant_forward", w.device, __package__)
     check_kernel_dtype(backend, w.dtype)
     pdt = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -114,7 +132,9 @@ def sigmoid_quantize(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, l
     return _sigmoid_quant(w, alpha, beta, gaps, mids, offset, temperature, backend)
 
 
-def sigmoid_hard_quantize(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, levels) -> torch.Tensor:
+def sigmoid_hard_quantize(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, levels,
+                          biases: torch.Tensor | None = None) -> torch.Tensor:
     """The inference-time hard steps (the T -> infinity limit of ``sigmoid_quantize``)."""
     gaps, mids, offset = level_table(levels, w.device)
+    mids = _checked_biases(biases, mids, w)
     return reference.hard(w, alpha.reshape(()), beta.reshape(()), gaps.to(w.dtype), mids.to(w.dtype), offset)
