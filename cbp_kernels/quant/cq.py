@@ -197,28 +197,6 @@ class CQTrainer(QuantTrainer):
     def _level_units(self, layer) -> torch.Tensor:
         return layer.weight / layer.weight.abs().max().clamp_min(1e-12)
 
-    def step(self, loss: torch.Tensor) -> float:
-        """One minibatch: backpropagate ``loss``, step the optimizer; returns the loss."""
-        c = float(loss.detach())
-        if not math.isfinite(c):
-            raise FloatingPointError(f"the loss is {c} at epoch {self.epoch}, batch {self._batch}; nothing was updated")
-        self.weight_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.weight_optimizer.step()
-        self._L_sum += c
-        self._loss_sum += c
-        self._steps += 1
-        self._batch += 1
-        return c
-
-    def end_epoch(self, L_sum: float | None = None) -> dict:
-        record = {"epoch": self.epoch, "loss": self._loss_sum / max(self._steps, 1),
-                  "L_sum": self._L_sum if L_sum is None else float(L_sum),
-                  "lr": self.weight_optimizer.param_groups[0]["lr"]}
-        self.epoch += 1
-        self._reset_epoch_sums()
-        return record
-
     def finalize(self) -> tuple[CQSpikingNet, dict[str, dict]]:
         """``(snn, export)``: the converted SNN (``to_snn`` with ``config.weight_bits``) and,
         per weight layer of the ANN, ``{"bits": weight_bits, "norm": max|W|}``."""

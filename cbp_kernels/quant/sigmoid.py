@@ -138,33 +138,8 @@ class SigmoidQuantizer(QuantTrainer):
     def _level_units(self, layer) -> torch.Tensor:
         return layer.weight * layer.beta  # the sigmoids' thresholds b_i are level midpoints in beta*w
 
-    def step(self, loss: torch.Tensor) -> float:
-        """One minibatch: backpropagate ``loss``, clip, step the optimizer; returns the loss."""
-        c = float(loss.detach())
-        if not math.isfinite(c):
-            raise FloatingPointError(f"the loss is {c} at epoch {self.epoch}, batch {self._batch}; nothing was updated")
-        self.weight_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip is not None:
-            params = [p for group in self.weight_optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_value_(params, self.config.grad_clip)
-        self.weight_optimizer.step()
-        self._L_sum += c
-        self._loss_sum += c
-        self._steps += 1
-        self._batch += 1
-        return c
-
-    def end_epoch(self, L_sum: float | None = None) -> dict:
-        """The epoch's record: ``epoch``, ``loss`` (mean), ``L_sum`` (= the loss sum),
-        ``temperature`` (of the epoch), ``lr``."""
-        record = {"epoch": self.epoch, "loss": self._loss_sum / max(self._steps, 1),
-                  "L_sum": self._L_sum if L_sum is None else float(L_sum), "temperature": self.temperature,
-                  "lr": self.weight_optimizer.param_groups[0]["lr"]}
-        self.epoch += 1
-        self._reset_epoch_sums()
-        self._start_epoch()
-        return record
+    def _epoch_record(self) -> dict:
+        return {"temperature": self.temperature}
 
     @torch.no_grad()
     def finalize(self) -> tuple[nn.Module, dict[str, dict]]:

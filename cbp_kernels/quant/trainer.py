@@ -5,6 +5,7 @@ resumable atomic checkpoints. A quantizer subclass gives its layer class and its
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -90,9 +91,10 @@ def _to_device(x, device: torch.device):
 class QuantTrainer:
     """Base of the quantizers. The constructor swaps, IN PLACE, every quantizable layer
     (``nn.Conv2d`` / ``nn.Linear``, subclasses included) but the excluded ones for
-    ``layer_cls.from_float(layer, levels)`` (``layer_cls=None``: keeps them) and builds the weight optimizer over every
-    trainable parameter. Subclasses implement ``step(loss) -> L``, ``end_epoch() -> record``,
-    ``finalize()``, ``_level_units(layer)`` and may extend ``_start_epoch``, ``_progress``,
+    ``layer_cls.from_float(layer, levels)`` (``layer_cls=None``: keeps them) and builds the
+    weight optimizer over every trainable parameter. ``step(loss)`` / ``end_epoch()`` are the plain loss-only updates (CBP
+    overrides them with Algorithm 1's); subclasses implement ``finalize()`` and
+    ``_level_units(layer)`` and may extend ``_epoch_record``, ``_start_epoch``, ``_progress``,
     ``_extra_state`` / ``_load_extra_state`` / ``_extra_tensors`` and ``_before_swap``."""
 
     def __init__(self, model: nn.Module, levels: torch.Tensor, exclude: Iterable[str] | None, config,
@@ -139,12 +141,48 @@ class QuantTrainer:
         self.history: list[dict] = []
         self._reset_epoch_sums()
 
+    # ---- the plain per-batch and per-epoch updates (CBP overrides both) ---------------------
+    def step(self, loss: torch.Tensor) -> float:
+        """One minibatch: backpropagate ``loss`` (0-dim, graph reaching the model), clip the
+        gradients by value at ``config.grad_clip`` when the config has one, step the weight
+        optimizer; returns the loss. A NaN/Inf loss raises FloatingPointError, nothing updated."""
+        c = float(loss.detach())
+        if not math.isfinite(c):
+            raise FloatingPointError(f"the loss is {c} at epoch {self.epoch}, batch {self._batch}; nothing was updated")
+        self.weight_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = getattr(self.config, "grad_clip", None)
+        if clip is not None:
+            params = [p for group in self.weight_optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_value_(params, clip)
+        self.weight_optimizer.step()
+        self._L_sum += c
+        self._loss_sum += c
+        self._steps += 1
+        self._batch += 1
+        return c
+
+    def end_epoch(self, L_sum: float | None = None) -> dict:
+        """The epoch's record: ``epoch``, ``loss`` (mean), ``L_sum`` (default the loss sum),
+        ``lr`` and the subclass's ``_epoch_record()``."""
+        record = {"epoch": self.epoch, "loss": self._loss_sum / max(self._steps, 1),
+                  "L_sum": self._L_sum if L_sum is None else float(L_sum),
+                  "lr": self.weight_optimizer.param_groups[0]["lr"], **self._epoch_record()}
+        self.epoch += 1
+        self._reset_epoch_sums()
+        self._start_epoch()
+        return record
+
     # ---- hooks ------------------------------------------------------------------------------
     def _before_swap(self, net: nn.Module) -> None:
         """Runs on the validated float model just before its layers are swapped."""
 
     def _start_epoch(self) -> None:
         """Runs at the start of every epoch of ``fit`` (e.g. to set a temperature)."""
+
+    def _epoch_record(self) -> dict:
+        """Extra fields of the plain ``end_epoch``'s record."""
+        return {}
 
     def _progress(self, L: float) -> dict:
         """Extra fields of the progress bar after a batch whose Lagrangian / loss was L."""
