@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .._cupy import dtype_suffix, launch
+from .layout import backward_buffers, forward_buffers
 from .params import NeuronParams
 
 THREADS = 256  # kNeuronThreads in csrc/cuda/neuron.cuh
@@ -26,13 +27,10 @@ def _launch(direction: str, dtype: torch.dtype, device: torch.device, n: int, ar
 
 def forward(x_seq, v_init, decay, p: NeuronParams):
     """Returns (spike_seq [T, *] in x's dtype, v_last [*] float32, h_seq [T, *] in x's dtype)."""
-    T = x_seq.shape[0]
-    x = x_seq.reshape(T, -1).contiguous()
-    N = x.shape[1]
-    spike, h = torch.empty_like(x), torch.empty_like(x)
-    v_last = torch.empty(N, dtype=torch.float32, device=x.device)
+    x, v0, spike, v_last, h = forward_buffers(x_seq, v_init)
+    T, N = x.shape
     _launch("forward", x.dtype, x.device, N, (
-        x, v_init.reshape(-1).contiguous(), decay.reshape(1).float(), spike, v_last, h, np.int64(T), np.int64(N),
+        x, v0, decay.reshape(1).float(), spike, v_last, h, np.int64(T), np.int64(N),
         np.float32(p.v_threshold), np.float32(p.reset_value), np.int32(p.kind), np.int32(p.soft_reset),
         np.int32(p.decay_input),
     ))
@@ -41,16 +39,12 @@ def forward(x_seq, v_init, decay, p: NeuronParams):
 
 def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p: NeuronParams, need_grad_decay):
     """Gradients (x_seq, v_init, decay); x_seq is read only when need_grad_decay (else it may be empty)."""
-    T = h_seq.shape[0]
-    h = h_seq.reshape(T, -1).contiguous()
-    N = h.shape[1]
-    grad_x = torch.empty_like(h)
-    grad_v_init = torch.empty(N, dtype=torch.float32, device=h.device)
+    gs, gvl, h, s, x, v0, grad_x, grad_v_init = backward_buffers(grad_spike, grad_v_last, h_seq, spike_seq, x_seq,
+                                                                 v_init, need_grad_decay)
+    T, N = h.shape
     grad_decay = torch.zeros(1, dtype=torch.float32, device=h.device)
-    x = x_seq.reshape(T, -1).contiguous() if need_grad_decay else h  # h: a valid address never read
     _launch("backward", h.dtype, h.device, N, (
-        grad_spike.reshape(T, -1).contiguous(), grad_v_last.reshape(-1).contiguous(), h,
-        spike_seq.reshape(T, -1).contiguous(), x, v_init.reshape(-1).contiguous(), decay.reshape(1).float(),
+        gs, gvl, h, s, x, v0, decay.reshape(1).float(),
         grad_x, grad_v_init, grad_decay, np.int64(T), np.int64(N), np.float32(p.v_threshold), np.float32(p.reset_value),
         np.int32(p.kind), np.int32(p.soft_reset), np.int32(p.decay_input), np.int32(p.detach_reset),
         np.int32(p.surrogate), np.float32(p.alpha), np.int32(need_grad_decay),

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import backward_buffers, forward_buffers
 from .params import NeuronParams
 
 # Columns per program and warps per program: 1024 columns = 8 float32 per thread of 4 warps,
@@ -150,13 +151,10 @@ def _neuron_backward_kernel(
 
 def forward(x_seq, v_init, decay, p: NeuronParams):
     """Returns (spike_seq [T, *] in x's dtype, v_last [*] float32, h_seq [T, *] in x's dtype)."""
-    T = x_seq.shape[0]
-    x = x_seq.reshape(T, -1).contiguous()
-    N = x.shape[1]
-    spike, h = torch.empty_like(x), torch.empty_like(x)
-    v_last = torch.empty(N, dtype=torch.float32, device=x.device)
+    x, v0, spike, v_last, h = forward_buffers(x_seq, v_init)
+    T, N = x.shape
     _neuron_forward_kernel[(triton.cdiv(N, BLOCK),)](
-        x, v_init.reshape(-1).contiguous(), decay.reshape(1).float(), spike, v_last, h, T, N, p.v_threshold,
+        x, v0, decay.reshape(1).float(), spike, v_last, h, T, N, p.v_threshold,
         p.reset_value, KIND=p.kind, SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, BLOCK=BLOCK,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
@@ -165,17 +163,13 @@ def forward(x_seq, v_init, decay, p: NeuronParams):
 
 def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p: NeuronParams, need_grad_decay):
     """Gradients (x_seq, v_init, decay); x_seq is read only when need_grad_decay (else it may be empty)."""
-    T = h_seq.shape[0]
-    h = h_seq.reshape(T, -1).contiguous()
-    N = h.shape[1]
+    gs, gvl, h, s, x, v0, grad_x, grad_v_init = backward_buffers(grad_spike, grad_v_last, h_seq, spike_seq, x_seq,
+                                                                 v_init, need_grad_decay)
+    T, N = h.shape
     grid = triton.cdiv(N, BLOCK)
-    grad_x = torch.empty_like(h)
-    grad_v_init = torch.empty(N, dtype=torch.float32, device=h.device)
     partial = torch.zeros(grid, dtype=torch.float32, device=h.device)
-    x = x_seq.reshape(T, -1).contiguous() if need_grad_decay else h  # h: a valid pointer never read
     _neuron_backward_kernel[(grid,)](
-        grad_spike.reshape(T, -1).contiguous(), grad_v_last.reshape(-1).contiguous(), h,
-        spike_seq.reshape(T, -1).contiguous(), x, v_init.reshape(-1).contiguous(), decay.reshape(1).float(),
+        gs, gvl, h, s, x, v0, decay.reshape(1).float(),
         grad_x, grad_v_init, partial, T, N, p.v_threshold, p.reset_value, p.alpha, KIND=p.kind,
         SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, DETACH_RESET=p.detach_reset, SURROGATE=p.surrogate,
         NEED_GRAD_K=need_grad_decay, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,

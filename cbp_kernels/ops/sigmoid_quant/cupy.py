@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .._cupy import dtype_suffix, launch
+from .reference import backward_buffers
 
 THREADS = 256  # the block size the kernels' shared-memory reduction assumes
 
@@ -26,10 +27,7 @@ def forward(w, alpha, beta, gaps, mids, offset: float, temperature: float):
 
 
 def backward(grad_y, w, alpha, beta, gaps, mids, offset: float, temperature: float):
-    w, grad_y = w.contiguous(), grad_y.contiguous()
-    grad_w = torch.empty_like(w)
-    grad_a = torch.zeros((), dtype=torch.float32, device=w.device)
-    grad_b = torch.zeros((), dtype=torch.float32, device=w.device)
+    grad_y, w, grad_w, grad_a, grad_b = backward_buffers(grad_y, w)
     grid = (w.numel() + THREADS - 1) // THREADS
     launch("sigmoid_quant", f"sigmoid_quant_backward_{dtype_suffix(w.dtype)}", w.device, grid, THREADS,
            (grad_y, w, grad_w, grad_a, grad_b, np.int64(w.numel())) + _common(w, alpha, beta, gaps, mids, offset,

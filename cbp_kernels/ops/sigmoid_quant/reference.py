@@ -26,6 +26,14 @@ def backward(grad_y, w, alpha, beta, gaps, mids, offset: float, temperature: flo
         return torch.autograd.grad(y, leaves, grad_y)
 
 
+def backward_buffers(grad_y, w):
+    """For the kernel backends: (grad_y, w) contiguous, then the outputs grad_w (w's shape and
+    dtype) and the float32 accumulators of alpha's and beta's gradients (zeroed)."""
+    w = w.contiguous()
+    zeros = [torch.zeros((), dtype=torch.float32, device=w.device) for _ in range(2)]
+    return grad_y.contiguous(), w, torch.empty_like(w), *zeros
+
+
 def hard(w, alpha, beta, gaps, mids, offset: float) -> torch.Tensor:
     """The T -> infinity limit used at inference: alpha * (sum_i s_i [beta w > b_i] - o)."""
     steps = (beta * w.unsqueeze(-1) > mids).to(w.dtype)

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import backward_buffers
+
 # 1024 elements per program: a power of two that keeps the interpreter (CPU tests) quick and
 # gives 8 warps x 128 elements on a GPU.
 BLOCK = 1024
@@ -65,10 +67,7 @@ def forward(w, alpha, beta, gaps, mids, offset: float, temperature: float):
 
 
 def backward(grad_y, w, alpha, beta, gaps, mids, offset: float, temperature: float):
-    w, grad_y = w.contiguous(), grad_y.contiguous()
-    grad_w = torch.empty_like(w)
-    grad_a = torch.zeros((), dtype=torch.float32, device=w.device)
-    grad_b = torch.zeros((), dtype=torch.float32, device=w.device)
+    grad_y, w, grad_w, grad_a, grad_b = backward_buffers(grad_y, w)
     _backward_kernel[_grid(w.numel())](grad_y, w, grad_w, grad_a, grad_b, alpha, beta, gaps, mids, offset,
                                        temperature, w.numel(), N_SIG=gaps.numel(), BLOCK=BLOCK)
     return grad_w, grad_a, grad_b
