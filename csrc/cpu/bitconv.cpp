@@ -23,9 +23,18 @@
 #include <cstring>
 #include <vector>
 
+#include <memory>
+
+#include <omp.h>
+
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #define CBP_HAVE_X86 1
+#endif
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "common/bitconv_host.h"
@@ -40,10 +49,14 @@ constexpr int kMaxJ = 4;      // 16-channel blocks per register block
 // 512 channels 3x3, in L1) and still give 2 cores hundreds of items on SEW-ResNet layer4.
 constexpr int64_t kSuper = 8;
 
+bool env_is_one(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
 bool use_avx512() {
 #ifdef CBP_HAVE_X86
-  const char* off = std::getenv("CBP_KERNELS_NO_AVX512");
-  if (off != nullptr && std::strcmp(off, "1") == 0) return false;
+  if (env_is_one("CBP_KERNELS_NO_AVX512")) return false;
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
 #else
   return false;
@@ -389,6 +402,308 @@ void bitconv_lif_avx512(const uint32_t* x, const uint32_t* planes, const float* 
     }
   }
 }
+
+// ---------------------------------------------------------------- AMX-INT8 path
+// The convolution of each group as an int8 matrix product on the AMX tile unit (Sapphire
+// Rapids and later): for output pixel P and output channel o of group grp,
+//   c[P][o] = sum_k A[P][k] * B[k][o],  k over (tap, input channel),
+// A[P][k] = the {0, 1} spike that tap reads (0 for padding), B[k][o] = the weight level in
+// {-1, 0, 1} (binary 2*bit - 1, ternary pos - neg): exact int32 sums, the count c of
+// csrc/common/bitconv_math.h. TDPBUSD does 16 x 16 x 64 of these multiply-adds per
+// instruction (~870 per cycle measured on one core, vs ~340 at best for the AND + VPOPCNT
+// + ADD of the AVX-512 path). Addressing without im2col: the input is split into the
+// stride's phases, phase (ph, pw) holding input pixel (i*stride_h + ph - pad_h,
+// j*stride_w + pw - pad_w) at grid position (i, j) < (Hs, Ws), zero where that is padding.
+// Output pixel (oh, ow) is "virtual row" v = oh*Ws + ow of its image (rows with ow >= OW are
+// computed and dropped) and reads tap (kh, kw) at v + (kh*dil_h / stride_h)*Ws +
+// kw*dil_w / stride_w of phase ((kh*dil_h) % stride_h, (kw*dil_w) % stride_w): 16
+// consecutive rows are 16 equally spaced rows of bytes, one tile load. A work item (a run of
+// 32-row blocks) per thread:
+//  1. unpacks its window of every phase to bytes (32 per spike word, groups one after the
+//     other), the rows it reads plus the kernel's reach, L2-resident;
+//  2. per 32 output channels, expands the weights to two AMX B tiles per 64-byte column
+//     block k (VNNI layout [16 rows][16 o][4 k bytes]); the taps of one kernel row and phase
+//     are consecutive pixels of the window, so K runs over them without padding each tap's
+//     channels to 64 (32-channel layers: 2 column blocks per kernel row of 3, not 3);
+//  3. per block: 2 x 2 tiles of 16 x 16 counts over K, then the epilogue on its valid rows
+//     (float scale + bias, or the LIF step over the T timesteps).
+#define CBP_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
+
+// True when the CPU has AMX-INT8, Linux grants this process the tile state and
+// CBP_KERNELS_NO_AMX is not 1 (set, it tests the AVX-512 path).
+bool use_amx() {
+  if (env_is_one("CBP_KERNELS_NO_AMX") || !use_avx512() || !__builtin_cpu_supports("avx512bw")) return false;
+#ifdef __linux__
+  static const bool granted = [] {
+    unsigned a, b, c, d;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0 || (d & (3u << 24)) != (3u << 24)) return false;  // AMX-TILE, -INT8
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return granted;
+#else
+  return false;
+#endif
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using Buffer = std::unique_ptr<T[], FreeDeleter>;
+template <typename T>
+Buffer<T> buffer64(int64_t n) {  // uninitialised, 64-byte aligned
+  return Buffer<T>(static_cast<T*>(std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64)));
+}
+
+constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
+constexpr int64_t kRows = 32;         // virtual rows per block (2 A tiles)
+// Xu bytes a work item reads (L2-resident while it walks the output channels): 512 KiB
+// beat 256 KiB and 1 MiB on the bench's layers.
+constexpr int64_t kItemBytes = 512 * 1024;
+
+// Tiles 0-3: the 2 x 2 blocks of counts; 4-5: A; 6-7: B; all 16 rows x 64 bytes.
+CBP_AMX void amx_tile_config() {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+struct AmxConv {
+  const BitConvGeometry& g;
+  const uint32_t* x;
+  const uint32_t* planes;
+  int64_t O, Og, Wg, Cb, pix, Hs, Ws, grid, Vimg, blocks_per_image, halo, Kc = 0;
+  std::vector<int64_t> koff;   // [k]: byte offset of A column block k from a row in phase (0, 0) of a window
+  std::vector<int64_t> kword;  // [2k + h]: weight word (tap * Wg + w) of its bytes 32h .. 32h + 32, or -1
+  int64_t per_item, items, Lwin;
+
+  AmxConv(const uint32_t* spikes, const uint32_t* weights, const BitConvGeometry& geometry, int64_t images, int64_t T)
+      : g(geometry), x(spikes), planes(weights) {
+    Og = g.out_per_group; O = g.groups * Og; Wg = g.words_per_group;
+    Cb = 32 * Wg; pix = g.groups * Cb;
+    Hs = (g.H + 2 * g.pad_h + g.stride_h - 1) / g.stride_h;
+    Ws = (g.W + 2 * g.pad_w + g.stride_w - 1) / g.stride_w;
+    grid = Hs * Ws;
+    Vimg = (g.OH - 1) * Ws + g.OW;  // virtual rows up to an image's last output pixel
+    blocks_per_image = (Vimg + kRows - 1) / kRows;
+    halo = ((g.KH - 1) * g.dil_h / g.stride_h) * Ws + (g.KW - 1) * g.dil_w / g.stride_w;
+    // Work items of per_item blocks: their windows within kItemBytes, at least one item per thread.
+    const int64_t blocks = images * blocks_per_image, threads = omp_get_max_threads();
+    const int64_t budget = std::max<int64_t>(1, kItemBytes / (T * g.stride_h * g.stride_w * kRows * pix));
+    per_item = std::min(budget, (blocks + threads - 1) / threads);
+    items = (blocks + per_item - 1) / per_item;
+    Lwin = 0;  // window rows per phase: the largest span of an item's rows (+ halo, + a chunk's overhang)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item) - 1;
+      Lwin = std::max(Lwin, row_of(b1) + kRows - row_of(b0) + halo + 2);
+    }
+    // K: per (kh, phase pw), the taps of that phase lie on consecutive pixels of the window
+    // (for dil_w == 1 or dil_w % stride_w == 0 and groups == 1: one run, cut into 64-byte
+    // chunks, so a 32-channel layer spends 3 chunks, not 3 x 2 halves, per kernel row).
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t pw = 0; pw < g.stride_w; ++pw) {
+        std::vector<int64_t> run;  // taps of the current run
+        int64_t p0 = 0;
+        for (int64_t kw = 0; kw <= g.KW; ++kw) {
+          const bool in_phase = kw < g.KW && (kw * g.dil_w) % g.stride_w == pw;
+          const int64_t p = kw < g.KW ? (kh * g.dil_h / g.stride_h) * Ws + kw * g.dil_w / g.stride_w : 0;
+          if (!run.empty() && (kw == g.KW || (in_phase && (g.groups > 1 || p != p0 + static_cast<int64_t>(run.size()))))) {
+            add_run(run, ((kh * g.dil_h) % g.stride_h) * g.stride_w + pw, p0);
+            run.clear();
+          }
+          if (in_phase) {
+            if (run.empty()) p0 = p;
+            run.push_back(kh * g.KW + kw);
+          }
+        }
+      }
+  }
+
+  // Global row (image n, virtual row v) of block b: n * grid + v.
+  int64_t row_of(int64_t b) const { return b / blocks_per_image * grid + b % blocks_per_image * kRows; }
+
+  void add_run(const std::vector<int64_t>& taps, int64_t phase, int64_t p0) {
+    const int64_t bytes = static_cast<int64_t>(taps.size()) * Cb;
+    for (int64_t b = 0; b < bytes; b += 64, ++Kc) {
+      koff.push_back(phase * Lwin * pix + p0 * pix + b);
+      for (int64_t h = b; h < b + 64; h += 32) kword.push_back(h < bytes ? taps[h / Cb] * Wg + h % Cb / 32 : -1);
+    }
+  }
+
+  // Window of image0 + images' grid rows [lo, lo + Lwin) of every phase: byte 32w + i of a
+  // pixel = bit i of its word w (groups one after another), 0 for padding and past the end.
+  CBP_AMX void unpack(int64_t image0, int64_t images, int64_t lo, uint8_t* win) const {
+    const int64_t words = g.groups * Wg;
+    for (int64_t ph = 0; ph < g.stride_h; ++ph)
+      for (int64_t pw = 0; pw < g.stride_w; ++pw) {
+        uint8_t* dst = win + (ph * g.stride_w + pw) * Lwin * pix;
+        int64_t n = lo / grid, i = lo / Ws % Hs, j = lo % Ws;
+        for (int64_t r = 0; r < Lwin; ++r, dst += pix) {
+          const int64_t ih = i * g.stride_h + ph - g.pad_h, iw = j * g.stride_w + pw - g.pad_w;
+          if (n >= images || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) {
+            std::memset(dst, 0, pix);
+          } else {
+            const uint32_t* src = x + (((image0 + n) * g.H + ih) * g.W + iw) * words;
+            int64_t w = 0;
+            for (; w + 2 <= words; w += 2)
+              _mm512_storeu_si512(dst + 32 * w, _mm512_maskz_mov_epi8(_cvtu64_mask64(src[w] | uint64_t{src[w + 1]} << 32),
+                                                                      _mm512_set1_epi8(1)));
+            if (w < words) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * w),
+                                               _mm256_maskz_mov_epi8(_cvtu32_mask32(src[w]), _mm256_set1_epi8(1)));
+          }
+          if (++j == Ws) j = 0, i = (i + 1 == Hs) ? (++n, 0) : i + 1;
+        }
+      }
+  }
+
+  // B tiles of output channels 32*ob .. +32 of group grp: bt[h16][k] (h16: 16-channel half),
+  // row r, lane o, byte j = level of k-byte 4r + j: bit 4*(r % 8) + j of weight word
+  // kword[2k + r / 8]. Per 8 rows: gather that word of the 16 channels, then each row maps
+  // 4 bits per lane to 4 bytes through a 16-entry table (VPERMD): pos - neg.
+  CBP_AMX void expand_weights(int64_t grp, int64_t ob, int8_t* bt) const {
+    const int64_t Kw = g.KH * g.KW * Wg;
+    alignas(64) int32_t bytes[16];  // nibble -> its 4 bits as bytes {0, 1}
+    for (int v = 0; v < 16; ++v) bytes[v] = (v & 1) | (v >> 1 & 1) << 8 | (v >> 2 & 1) << 16 | (v >> 3 & 1) << 24;
+    const __m512i lut = _mm512_load_si512(bytes), ones = _mm512_set1_epi32(-1);
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(Kw)));
+    for (int64_t h16 = 0; h16 < 2; ++h16) {
+      const int64_t o = ob * 32 + h16 * 16, left = Og - o;
+      const __mmask16 valid = left <= 0 ? 0 : left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+      const uint32_t* wrow = planes + (grp * Og + std::min(o, Og - 1)) * Kw;
+      int8_t* half = bt + h16 * Kc * kTileBytes;
+      for (int64_t kh = 0; kh < 2 * Kc; ++kh, half += kTileBytes / 2) {
+        const __mmask16 m = kword[kh] >= 0 ? valid : 0;
+        const uint32_t* src = wrow + std::max<int64_t>(kword[kh], 0);
+        __m512i p = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4);
+        __m512i q = g.planes == 2 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + O * Kw, 4)
+                                  : _mm512_maskz_andnot_epi32(m, p, ones);  // binary: -1 where the bit is 0
+        for (int r = 0; r < 8; ++r, p = _mm512_srli_epi32(p, 4), q = _mm512_srli_epi32(q, 4))
+          _mm512_storeu_si512(half + r * 64, _mm512_sub_epi8(_mm512_permutexvar_epi32(p, lut),
+                                                             _mm512_permutexvar_epi32(q, lut)));
+      }
+    }
+  }
+
+  // cnt[r][0..32) = counts of the 32 window rows from `a` (group grp's bytes of the first
+  // row) for the 32 output channels of bt.
+  CBP_AMX void counts(const uint8_t* a, const int8_t* bt, int32_t* cnt) const {
+    const int8_t* b1 = bt + Kc * kTileBytes;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t k = 0; k < Kc; ++k) {
+      _tile_loadd(4, a + koff[k], pix);
+      _tile_loadd(5, a + 16 * pix + koff[k], pix);
+      _tile_loadd(6, bt + k * kTileBytes, 64);
+      _tile_loadd(7, b1 + k * kTileBytes, 64);
+      _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
+    }
+    _tile_stored(0, cnt, 128); _tile_stored(1, cnt + 16, 128);
+    _tile_stored(2, cnt + 16 * 32, 128); _tile_stored(3, cnt + 16 * 32 + 16, 128);
+  }
+
+  // The convolution of `images` images per timestep (T timesteps, t major), work item by
+  // work item: unpack the item's windows, then per 32 output channels expand the weights
+  // and run the item's blocks; epi(cnt, q, o0, width) gets the counts cnt[t * 1024 + 0 ..
+  // width) of output pixel q (of one timestep), channels o0 .. o0 + width, per valid row.
+  template <typename Epilogue>
+  CBP_AMX void run(int64_t images, int64_t T, const Epilogue& epi) const {
+    const int64_t blocks = images * blocks_per_image, win_bytes = g.stride_h * g.stride_w * Lwin * pix;
+#pragma omp parallel
+    {
+      amx_tile_config();
+      const Buffer<uint8_t> win = buffer64<uint8_t>(T * win_bytes);
+      const Buffer<int8_t> bt = buffer64<int8_t>(2 * Kc * kTileBytes);
+      const Buffer<int32_t> cnt = buffer64<int32_t>(T * kRows * 32);
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = row_of(b0);
+        for (int64_t t = 0; t < T; ++t) unpack(t * images, images, lo, win.get() + t * win_bytes);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          for (int64_t ob = 0; ob < (Og + 31) / 32; ++ob) {
+            expand_weights(grp, ob, bt.get());
+            const int64_t o0 = grp * Og + ob * 32, width = std::min<int64_t>(32, Og - ob * 32);
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t n = b / blocks_per_image, v0 = b % blocks_per_image * kRows;
+              for (int64_t t = 0; t < T; ++t)
+                counts(win.get() + t * win_bytes + (row_of(b) - lo) * pix + grp * Cb, bt.get(), cnt.get() + t * kRows * 32);
+              int64_t oh = v0 / Ws, ow = v0 % Ws;
+              for (int64_t r = 0; r < kRows && v0 + r < Vimg; ++r) {
+                if (ow < g.OW) epi(cnt.get() + r * 32, (n * g.OH + oh) * g.OW + ow, o0, width);
+                if (++ow == Ws) ow = 0, ++oh;
+              }
+            }
+          }
+        }
+      }
+      _tile_release();
+      _mm_sfence();  // order this thread's streaming stores (StoreScaled) before the results are read
+    }
+  }
+};
+
+// out[q][o0 .. o0 + width) = float(c) * scale + bias (width <= 32).
+struct StoreScaled {
+  float scale;
+  const float* bias;
+  float* out;
+  int64_t O;
+  CBP_AMX void operator()(const int32_t* cnt, int64_t q, int64_t o0, int64_t width) const {
+    const __m512 s = _mm512_set1_ps(scale);
+    float* dst = out + q * O + o0;
+    for (int64_t l0 = 0; l0 < width; l0 += kLanes) {
+      const __mmask16 m = static_cast<__mmask16>(width - l0 >= kLanes ? 0xFFFFu : (1u << (width - l0)) - 1u);
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + o0 + l0) : _mm512_setzero_ps();
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(cnt + l0)), s), b);
+      if (m == 0xFFFF && (reinterpret_cast<uintptr_t>(dst + l0) & 63u) == 0) {
+        _mm512_stream_ps(dst + l0, v);  // no read-for-ownership of the output lines (see block_kernel)
+      } else {
+        _mm512_mask_storeu_ps(dst + l0, m, v);
+      }
+    }
+  }
+};
+
+// The LIF step of lif_tile over the T timesteps of output pixel q; spikes to word o0 / 32
+// (o0 % 32 == 0, as the op requires), the last membrane to v_last.
+struct LifSteps {
+  const float *mul, *add;
+  float k;
+  const NeuronParams& np;
+  int64_t T, Q, O;
+  uint32_t* spikes;
+  float* v_last;
+  CBP_AMX void operator()(const int32_t* cnt, int64_t q, int64_t o0, int64_t width) const {
+    alignas(64) float c[32], v[32];
+    std::fill_n(v, 32, np.soft_reset ? 0.0f : np.v_reset);
+    const int64_t Wo = (O + 31) / 32;
+    for (int64_t t = 0; t < T; ++t, cnt += kRows * 32) {
+      _mm512_store_ps(c, _mm512_cvtepi32_ps(_mm512_loadu_si512(cnt)));
+      _mm512_store_ps(c + 16, _mm512_cvtepi32_ps(_mm512_loadu_si512(cnt + 16)));
+      lif_tile(c, mul + o0, add + o0, v, width, k, np, spikes + (t * Q + q) * Wo + o0 / 32);
+    }
+    std::copy(v, v + width, v_last + q * O + o0);
+  }
+};
+
+void bitconv_amx(const uint32_t* x, const uint32_t* planes, const float* bias, float scale, float* out,
+                 const BitConvGeometry& g) {
+  const AmxConv conv(x, planes, g, g.N, 1);
+  conv.run(g.N, 1, StoreScaled{scale, bias, out, conv.O});
+}
+
+void bitconv_lif_amx(const uint32_t* x, const uint32_t* planes, const float* mul, const float* add,
+                     const BitConvGeometry& g, int64_t T, float k, const NeuronParams& np, uint32_t* spikes,
+                     float* v_last) {
+  const AmxConv conv(x, planes, g, g.N / T, T);
+  conv.run(g.N / T, T, LifSteps{mul, add, k, np, T, g.N / T * g.OH * g.OW, conv.O, spikes, v_last});
+}
+
 #endif  // CBP_HAVE_X86
 
 // The fused epilogue one output at a time (the portable path of bitconv2d_lif).
@@ -441,6 +756,11 @@ std::tuple<at::Tensor, at::Tensor> bitconv2d_lif(const at::Tensor& x, const at::
   const auto* wp = reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>());
   auto* sp = reinterpret_cast<uint32_t*>(spikes.data_ptr<int32_t>());
 #ifdef CBP_HAVE_X86
+  if (use_amx()) {
+    bitconv_lif_amx(xp, wp, m.data_ptr<float>(), a.data_ptr<float>(), g, T, static_cast<float>(decay), np, sp,
+                    v_last.data_ptr<float>());
+    return {spikes, v_last};
+  }
   if (use_avx512()) {
     bitconv_lif_avx512(xp, wp, m.data_ptr<float>(), a.data_ptr<float>(), g, T, static_cast<float>(decay), np, sp,
                        v_last.data_ptr<float>());
@@ -459,6 +779,10 @@ at::Tensor bitconv2d(const at::Tensor& x, const at::Tensor& planes, double scale
   const BitConvCall c = bitconv_call(x, planes, bias, stride, padding, dilation, groups);
   if (c.out.numel() == 0) return c.out;
 #ifdef CBP_HAVE_X86
+  if (use_amx()) {
+    bitconv_amx(c.x, c.planes, c.bias_ptr, static_cast<float>(scale), c.out_ptr, c.g);
+    return c.out;
+  }
   if (use_avx512()) {
     bitconv_avx512(c.x, c.planes, c.bias_ptr, static_cast<float>(scale), c.out_ptr, c.g);
     return c.out;
