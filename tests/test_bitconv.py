@@ -23,6 +23,16 @@ def backends_of(op: str, device: str = "cpu") -> list[str]:
     return ["reference"] + kernel_backends(device, op, package)
 
 
+# The CPU kernel's paths, each forced by environment variables (a path the CPU lacks falls
+# back to the next: AMX-INT8 -> AVX-512 VPOPCNTDQ -> portable).
+CPU_PATHS = {"auto": {}, "avx512": {"CBP_KERNELS_NO_AMX": "1"}, "portable": {"CBP_KERNELS_NO_AVX512": "1"}}
+
+
+def _cpu_path(monkeypatch, path: str) -> None:
+    for var in ("CBP_KERNELS_NO_AMX", "CBP_KERNELS_NO_AVX512"):
+        monkeypatch.setenv(var, CPU_PATHS[path].get(var, "0"))
+
+
 def _spikes(shape, p=0.4, device="cpu"):
     return (torch.rand(shape, device=device) < p).float()
 
@@ -181,9 +191,22 @@ def _run_case(case, levels, backends, seed=0):
 def test_conv_bit_exact_cpu_and_reference(levels, case, monkeypatch):
     backends = [b for b in backends_of("bitconv2d") if b != "triton"]  # triton: below, fewer cases
     _run_case(case, levels, backends)
-    if "cpu" in backends:  # the portable path too (this machine may have AVX-512 VPOPCNTDQ)
-        monkeypatch.setenv("CBP_KERNELS_NO_AVX512", "1")
-        _run_case(case, levels, ["cpu"])
+    if "cpu" in backends:  # the other CPU paths too (this machine may have AMX / AVX-512 VPOPCNTDQ)
+        for path in ["avx512", "portable"]:
+            _cpu_path(monkeypatch, path)
+            _run_case(case, levels, ["cpu"])
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("case", [(2, 257, 40, 30, 30, 3, 1, 1, 1, 1, True), (3, 64, 70, 21, 19, 3, 2, 1, 1, 1, False)],
+                         ids=str)
+def test_conv_cpu_paths_many_work_items(path, case, monkeypatch):
+    """Layers large enough for several work items (AMX: windows across images, K in several
+    passes) on each CPU path."""
+    if "cpu" not in backends_of("bitconv2d"):
+        pytest.skip("no compiled CPU kernel here (build the extension: make build)")
+    _cpu_path(monkeypatch, path)
+    _run_case(case, "binary", ["cpu"])
 
 
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
@@ -382,11 +405,11 @@ def test_fused_lif_matches_the_composition_of_the_ops(levels, neuron, v_reset, m
         want = (bitpack(spikes.flatten(0, 1), -1), v_last)
         kw = dict(neuron=neuron, tau=2.0, v_reset=v_reset)
         for b in [b for b in backends_of("bitconv2d_lif") if b in ("reference", "cpu")]:
-            for no_avx in (["0", "1"] if b == "cpu" else ["0"]):
-                monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx)
+            for path in (CPU_PATHS if b == "cpu" else ["auto"]):
+                _cpu_path(monkeypatch, path)
                 got = packed_conv2d_lif(xp, packed, T, mul, add, stride, pad, backend=b, **kw)
-                assert torch.equal(got[0], want[0]), f"{b} (no_avx512={no_avx}) spikes, k={k} stride={stride}"
-                assert torch.equal(got[1], want[1]), f"{b} (no_avx512={no_avx}) v_last, k={k} stride={stride}"
+                assert torch.equal(got[0], want[0]), f"{b} ({path}) spikes, k={k} stride={stride}"
+                assert torch.equal(got[1], want[1]), f"{b} ({path}) v_last, k={k} stride={stride}"
         assert 0.01 < float(spikes.mean()) < 0.99  # the case exercises both spike values
 
 

@@ -461,6 +461,7 @@ constexpr int64_t kRows = 32;         // virtual rows per block (2 A tiles)
 // Xu bytes a work item reads (L2-resident while it walks the output channels): 512 KiB
 // beat 256 KiB and 1 MiB on the bench's layers.
 constexpr int64_t kItemBytes = 512 * 1024;
+constexpr int64_t kStepMax = 16;  // column blocks per pass (see run): 16 beat 8, 32 and all on SEW-ResNet layer4
 
 // Tiles 0-3: the 2 x 2 blocks of counts; 4-5: A; 6-7: B; all 16 rows x 64 bytes.
 CBP_AMX void amx_tile_config() {
@@ -481,6 +482,7 @@ struct AmxConv {
   int64_t O, Og, Wg, Cb, pix, Hs, Ws, grid, Vimg, blocks_per_image, halo, Kc = 0;
   std::vector<int64_t> koff;   // [k]: byte offset of A column block k from a row in phase (0, 0) of a window
   std::vector<int64_t> kword;  // [2k + h]: weight word (tap * Wg + w) of its bytes 32h .. 32h + 32, or -1
+  std::vector<char> used_phase;  // [ph * stride_w + pw]: some tap reads it
   int64_t per_item, items, Lwin;
 
   AmxConv(const uint32_t* spikes, const uint32_t* weights, const BitConvGeometry& geometry, int64_t images, int64_t T)
@@ -498,6 +500,7 @@ struct AmxConv {
     const int64_t budget = std::max<int64_t>(1, kItemBytes / (T * g.stride_h * g.stride_w * kRows * pix));
     per_item = std::min(budget, (blocks + threads - 1) / threads);
     items = (blocks + per_item - 1) / per_item;
+    used_phase.assign(static_cast<size_t>(g.stride_h * g.stride_w), 0);
     Lwin = 0;  // window rows per phase: the largest span of an item's rows (+ halo, + a chunk's overhang)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item) - 1;
@@ -530,47 +533,72 @@ struct AmxConv {
 
   void add_run(const std::vector<int64_t>& taps, int64_t phase, int64_t p0) {
     const int64_t bytes = static_cast<int64_t>(taps.size()) * Cb;
+    used_phase[phase] = 1;
     for (int64_t b = 0; b < bytes; b += 64, ++Kc) {
       koff.push_back(phase * Lwin * pix + p0 * pix + b);
       for (int64_t h = b; h < b + 64; h += 32) kword.push_back(h < bytes ? taps[h / Cb] * Wg + h % Cb / 32 : -1);
     }
   }
 
-  // Window of image0 + images' grid rows [lo, lo + Lwin) of every phase: byte 32w + i of a
-  // pixel = bit i of its word w (groups one after another), 0 for padding and past the end.
+  // Window of image0 + images' grid rows [lo, lo + Lwin) of every phase a tap reads: byte
+  // 32w + i of a pixel = bit i of its word w (groups one after another), 0 for padding and
+  // past the end. Segment by segment of one grid row: zeros, the columns inside the image
+  // (one contiguous run of words for stride_w == 1), zeros.
   CBP_AMX void unpack(int64_t image0, int64_t images, int64_t lo, uint8_t* win) const {
-    const int64_t words = g.groups * Wg;
-    for (int64_t ph = 0; ph < g.stride_h; ++ph)
-      for (int64_t pw = 0; pw < g.stride_w; ++pw) {
-        uint8_t* dst = win + (ph * g.stride_w + pw) * Lwin * pix;
-        int64_t n = lo / grid, i = lo / Ws % Hs, j = lo % Ws;
-        for (int64_t r = 0; r < Lwin; ++r, dst += pix) {
-          const int64_t ih = i * g.stride_h + ph - g.pad_h, iw = j * g.stride_w + pw - g.pad_w;
-          if (n >= images || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) {
-            std::memset(dst, 0, pix);
-          } else {
-            const uint32_t* src = x + (((image0 + n) * g.H + ih) * g.W + iw) * words;
-            int64_t w = 0;
-            for (; w + 2 <= words; w += 2)
-              _mm512_storeu_si512(dst + 32 * w, _mm512_maskz_mov_epi8(_cvtu64_mask64(src[w] | uint64_t{src[w + 1]} << 32),
-                                                                      _mm512_set1_epi8(1)));
-            if (w < words) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * w),
-                                               _mm256_maskz_mov_epi8(_cvtu32_mask32(src[w]), _mm256_set1_epi8(1)));
-          }
-          if (++j == Ws) j = 0, i = (i + 1 == Hs) ? (++n, 0) : i + 1;
+    const int64_t words = g.groups * Wg, s = g.stride_w;
+    for (int64_t phase = 0; phase < g.stride_h * s; ++phase) {
+      if (!used_phase[phase]) continue;
+      const int64_t ph = phase / s, pw = phase % s;
+      const int64_t jb_img = g.pad_w > pw ? (g.pad_w - pw + s - 1) / s : 0;  // first j with iw >= 0
+      const int64_t je_img = g.W + g.pad_w > pw ? (g.W + g.pad_w - pw + s - 1) / s : 0;  // first j with iw >= W
+      uint8_t* dst = win + phase * Lwin * pix;
+      for (int64_t r = lo; r < lo + Lwin;) {
+        const int64_t n = r / grid, i = r / Ws % Hs, j0 = r % Ws, j1 = std::min(Ws, j0 + lo + Lwin - r);
+        const int64_t ih = i * g.stride_h + ph - g.pad_h;
+        const bool row_in = n < images && ih >= 0 && ih < g.H;
+        const int64_t jb = row_in ? std::clamp(jb_img, j0, j1) : j1, je = row_in ? std::clamp(je_img, jb, j1) : j1;
+        std::memset(dst, 0, (jb - j0) * pix);
+        const uint32_t* src = x + (((image0 + n) * g.H + ih) * g.W + jb * s + pw - g.pad_w) * words;
+        if (s == 1) {
+          expand_bits(src, (je - jb) * words, dst + (jb - j0) * pix);
+        } else {
+          for (int64_t j = jb; j < je; ++j) expand_bits(src + (j - jb) * s * words, words, dst + (j - j0) * pix);
         }
+        std::memset(dst + (je - j0) * pix, 0, (j1 - je) * pix);
+        dst += (j1 - j0) * pix;
+        r += j1 - j0;
       }
+    }
+  }
+
+  // dst[32w + i] = bit i of src[w] for `count` words.
+  CBP_AMX static void expand_bits(const uint32_t* src, int64_t count, uint8_t* dst) {
+    int64_t w = 0;
+    for (; w + 2 <= count; w += 2) {
+      uint64_t pair;
+      std::memcpy(&pair, src + w, 8);
+      _mm512_storeu_si512(dst + 32 * w, _mm512_maskz_mov_epi8(_cvtu64_mask64(pair), _mm512_set1_epi8(1)));
+    }
+    if (w < count)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * w),
+                          _mm256_maskz_mov_epi8(_cvtu32_mask32(src[w]), _mm256_set1_epi8(1)));
   }
 
   // B tiles of output channels 32*ob .. +32 of group grp: bt[h16][k] (h16: 16-channel half),
   // row r, lane o, byte j = level of k-byte 4r + j: bit 4*(r % 8) + j of weight word
   // kword[2k + r / 8]. Per 8 rows: gather that word of the 16 channels, then each row maps
-  // 4 bits per lane to 4 bytes through a 16-entry table (VPERMD): pos - neg.
+  // 4 bits per lane to 4 bytes through a 16-entry table (VPERMD): binary +-1, ternary pos - neg.
   CBP_AMX void expand_weights(int64_t grp, int64_t ob, int8_t* bt) const {
     const int64_t Kw = g.KH * g.KW * Wg;
-    alignas(64) int32_t bytes[16];  // nibble -> its 4 bits as bytes {0, 1}
-    for (int v = 0; v < 16; ++v) bytes[v] = (v & 1) | (v >> 1 & 1) << 8 | (v >> 2 & 1) << 16 | (v >> 3 & 1) << 24;
-    const __m512i lut = _mm512_load_si512(bytes), ones = _mm512_set1_epi32(-1);
+    alignas(64) int32_t bits[16], signs[16];  // nibble -> its 4 bits as bytes {0, 1} / {-1, 1}
+    for (int v = 0; v < 16; ++v) {
+      bits[v] = signs[v] = 0;
+      for (int j = 0; j < 4; ++j) {
+        bits[v] |= (v >> j & 1) << (8 * j);
+        signs[v] |= static_cast<int32_t>((v >> j & 1 ? 0x01u : 0xFFu) << (8 * j));
+      }
+    }
+    const __m512i lut_bits = _mm512_load_si512(bits), lut_signs = _mm512_load_si512(signs);
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(Kw)));
     for (int64_t h16 = 0; h16 < 2; ++h16) {
@@ -579,24 +607,33 @@ struct AmxConv {
       const uint32_t* wrow = planes + (grp * Og + std::min(o, Og - 1)) * Kw;
       int8_t* half = bt + h16 * Kc * kTileBytes;
       for (int64_t kh = 0; kh < 2 * Kc; ++kh, half += kTileBytes / 2) {
-        const __mmask16 m = kword[kh] >= 0 ? valid : 0;
+        const __mmask16 m = kword[kh] >= 0 ? valid : 0;  // lanes of real weights; the others are 0
         const uint32_t* src = wrow + std::max<int64_t>(kword[kh], 0);
         __m512i p = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4);
-        __m512i q = g.planes == 2 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + O * Kw, 4)
-                                  : _mm512_maskz_andnot_epi32(m, p, ones);  // binary: -1 where the bit is 0
-        for (int r = 0; r < 8; ++r, p = _mm512_srli_epi32(p, 4), q = _mm512_srli_epi32(q, 4))
-          _mm512_storeu_si512(half + r * 64, _mm512_sub_epi8(_mm512_permutexvar_epi32(p, lut),
-                                                             _mm512_permutexvar_epi32(q, lut)));
+        if (g.planes == 2) {
+          __m512i q = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + O * Kw, 4);
+          for (int r = 0; r < 8; ++r, p = _mm512_srli_epi32(p, 4), q = _mm512_srli_epi32(q, 4))
+            _mm512_storeu_si512(half + r * 64, _mm512_sub_epi8(_mm512_permutexvar_epi32(p, lut_bits),
+                                                               _mm512_permutexvar_epi32(q, lut_bits)));
+        } else {
+          for (int r = 0; r < 8; ++r, p = _mm512_srli_epi32(p, 4))
+            _mm512_storeu_si512(half + r * 64, _mm512_maskz_permutexvar_epi32(m, p, lut_signs));
+        }
       }
     }
   }
 
-  // cnt[r][0..32) = counts of the 32 window rows from `a` (group grp's bytes of the first
-  // row) for the 32 output channels of bt.
-  CBP_AMX void counts(const uint8_t* a, const int8_t* bt, int32_t* cnt) const {
+  // cnt[r][0..32) (+)= the counts over column blocks [k0, k1) of the 32 window rows from `a`
+  // (group grp's bytes of the first row) and the 32 output channels of bt.
+  CBP_AMX void counts(const uint8_t* a, const int8_t* bt, int64_t k0, int64_t k1, int32_t* cnt) const {
     const int8_t* b1 = bt + Kc * kTileBytes;
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t k = 0; k < Kc; ++k) {
+    if (k0 == 0) {
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    } else {
+      _tile_loadd(0, cnt, 128); _tile_loadd(1, cnt + 16, 128);
+      _tile_loadd(2, cnt + 16 * 32, 128); _tile_loadd(3, cnt + 16 * 32 + 16, 128);
+    }
+    for (int64_t k = k0; k < k1; ++k) {
       _tile_loadd(4, a + koff[k], pix);
       _tile_loadd(5, a + 16 * pix + koff[k], pix);
       _tile_loadd(6, bt + k * kTileBytes, 64);
@@ -614,12 +651,15 @@ struct AmxConv {
   template <typename Epilogue>
   CBP_AMX void run(int64_t images, int64_t T, const Epilogue& epi) const {
     const int64_t blocks = images * blocks_per_image, win_bytes = g.stride_h * g.stride_w * Lwin * pix;
+    // Column blocks per pass over the item's blocks: the pass's B tiles (2 x 16 KiB) stay in
+    // L1; with more passes the counts of each block wait in cnt between passes.
+    const int64_t passes = (Kc + kStepMax - 1) / kStepMax, k_step = (Kc + passes - 1) / passes;
 #pragma omp parallel
     {
       amx_tile_config();
       const Buffer<uint8_t> win = buffer64<uint8_t>(T * win_bytes);
       const Buffer<int8_t> bt = buffer64<int8_t>(2 * Kc * kTileBytes);
-      const Buffer<int32_t> cnt = buffer64<int32_t>(T * kRows * 32);
+      const Buffer<int32_t> cnt = buffer64<int32_t>((passes > 1 ? per_item : 1) * T * kRows * 32);
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = row_of(b0);
@@ -628,14 +668,19 @@ struct AmxConv {
           for (int64_t ob = 0; ob < (Og + 31) / 32; ++ob) {
             expand_weights(grp, ob, bt.get());
             const int64_t o0 = grp * Og + ob * 32, width = std::min<int64_t>(32, Og - ob * 32);
-            for (int64_t b = b0; b < b1; ++b) {
-              const int64_t n = b / blocks_per_image, v0 = b % blocks_per_image * kRows;
-              for (int64_t t = 0; t < T; ++t)
-                counts(win.get() + t * win_bytes + (row_of(b) - lo) * pix + grp * Cb, bt.get(), cnt.get() + t * kRows * 32);
-              int64_t oh = v0 / Ws, ow = v0 % Ws;
-              for (int64_t r = 0; r < kRows && v0 + r < Vimg; ++r) {
-                if (ow < g.OW) epi(cnt.get() + r * 32, (n * g.OH + oh) * g.OW + ow, o0, width);
-                if (++ow == Ws) ow = 0, ++oh;
+            for (int64_t k0 = 0; k0 < Kc; k0 += k_step) {
+              for (int64_t b = b0; b < b1; ++b) {
+                int32_t* cb = cnt.get() + (k_step < Kc ? b - b0 : 0) * T * kRows * 32;
+                const uint8_t* a = win.get() + (row_of(b) - lo) * pix + grp * Cb;
+                for (int64_t t = 0; t < T; ++t)
+                  counts(a + t * win_bytes, bt.get(), k0, std::min(Kc, k0 + k_step), cb + t * kRows * 32);
+                if (k0 + k_step < Kc) continue;
+                const int64_t n = b / blocks_per_image, v0 = b % blocks_per_image * kRows;
+                int64_t oh = v0 / Ws, ow = v0 % Ws;
+                for (int64_t r = 0; r < kRows && v0 + r < Vimg; ++r) {
+                  if (ow < g.OW) epi(cb + r * 32, (n * g.OH + oh) * g.OW + ow, o0, width);
+                  if (++ow == Ws) ow = 0, ++oh;
+                }
               }
             }
           }
