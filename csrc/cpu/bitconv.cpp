@@ -313,33 +313,42 @@ void bitconv_avx512(const uint32_t* x, const uint32_t* planes, const float* bias
   }
 }
 
-// One pixel's step of the fused epilogue on `width` (<= 64) channels, 16 lanes at a time,
-// with the arithmetic of csrc/common/neuron_math.h in the same order (bit for bit):
-//   y = c * mul + add;  H = charge(V, y);  S = (H - V_th >= 0);  V = reset(H, S);
+// The neuron's step on 16 lanes with the arithmetic of csrc/common/neuron_math.h in the
+// same order (bit for bit):
+//   y = c * mul + add;  H = charge(V, y);  S = (H - V_th >= 0);  V = reset(H, S).
+// Returns the lanes of m that fire; v holds the new membrane.
+__attribute__((target("avx512f"), always_inline)) inline __mmask16 lif_step16(__m512 c, __m512 mul, __m512 add,
+                                                                              __m512& v, __mmask16 m, float k,
+                                                                              const NeuronParams& np) {
+  const __m512 kk = _mm512_set1_ps(k), vr = _mm512_set1_ps(np.v_reset), vth = _mm512_set1_ps(np.v_threshold);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 y = _mm512_add_ps(_mm512_mul_ps(c, mul), add);
+  __m512 h;
+  if (np.kind == kIF) {
+    h = _mm512_add_ps(v, y);
+  } else if (np.decay_input) {
+    h = _mm512_add_ps(v, _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(vr, v), y), kk));
+  } else {
+    h = _mm512_add_ps(_mm512_add_ps(v, _mm512_mul_ps(_mm512_sub_ps(vr, v), kk)), y);
+  }
+  const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(h, vth), _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 s = _mm512_maskz_mov_ps(fire, one);
+  v = np.soft_reset ? _mm512_sub_ps(h, _mm512_mul_ps(vth, s))
+                    : _mm512_add_ps(_mm512_mul_ps(h, _mm512_sub_ps(one, s)), _mm512_mul_ps(vr, s));
+  return fire;
+}
+
+// One pixel's step of the fused epilogue on `width` (<= 64) channels, 16 lanes at a time;
 // the spike bits go to dst[0 .. ceil(width/32)).
 CBP_AVX512 void lif_tile(const float* c, const float* mul, const float* add, float* v, int64_t width, float k,
                          const NeuronParams& np, uint32_t* dst) {
-  const __m512 kk = _mm512_set1_ps(k), vr = _mm512_set1_ps(np.v_reset), vth = _mm512_set1_ps(np.v_threshold);
-  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
   uint32_t words[kMaxJ * kLanes / 32] = {};
   for (int64_t l0 = 0; l0 < width; l0 += kLanes) {
     const __mmask16 m = static_cast<__mmask16>(width - l0 >= kLanes ? 0xFFFFu : (1u << (width - l0)) - 1u);
-    const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, c + l0), _mm512_maskz_loadu_ps(m, mul + l0)),
-                                   _mm512_maskz_loadu_ps(m, add + l0));
-    const __m512 vo = _mm512_maskz_loadu_ps(m, v + l0);
-    __m512 h;
-    if (np.kind == kIF) {
-      h = _mm512_add_ps(vo, y);
-    } else if (np.decay_input) {
-      h = _mm512_add_ps(vo, _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(vr, vo), y), kk));
-    } else {
-      h = _mm512_add_ps(_mm512_add_ps(vo, _mm512_mul_ps(_mm512_sub_ps(vr, vo), kk)), y);
-    }
-    const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(h, vth), zero, _CMP_GE_OQ);
-    const __m512 s = _mm512_maskz_mov_ps(fire, one);
-    const __m512 vn = np.soft_reset ? _mm512_sub_ps(h, _mm512_mul_ps(vth, s))
-                                    : _mm512_add_ps(_mm512_mul_ps(h, _mm512_sub_ps(one, s)), _mm512_mul_ps(vr, s));
-    _mm512_mask_storeu_ps(v + l0, m, vn);
+    __m512 vo = _mm512_maskz_loadu_ps(m, v + l0);
+    const __mmask16 fire = lif_step16(_mm512_maskz_loadu_ps(m, c + l0), _mm512_maskz_loadu_ps(m, mul + l0),
+                                      _mm512_maskz_loadu_ps(m, add + l0), vo, m, k, np);
+    _mm512_mask_storeu_ps(v + l0, m, vo);
     words[l0 / 32] |= static_cast<uint32_t>(fire) << (l0 % 32);
   }
   for (int64_t w = 0; w < (width + 31) / 32; ++w) dst[w] = words[w];
@@ -714,8 +723,8 @@ struct StoreScaled {
   }
 };
 
-// The LIF step of lif_tile over the T timesteps of output pixel q; spikes to word o0 / 32
-// (o0 % 32 == 0, as the op requires), the last membrane to v_last.
+// The neuron over the T timesteps of output pixel q (lif_step16, the membrane in registers);
+// spikes to word o0 / 32 (o0 % 32 == 0, as the op requires), the last membrane to v_last.
 struct LifSteps {
   const float *mul, *add;
   float k;
@@ -724,15 +733,19 @@ struct LifSteps {
   uint32_t* spikes;
   float* v_last;
   CBP_AMX void operator()(const int32_t* cnt, int64_t q, int64_t o0, int64_t width) const {
-    alignas(64) float c[32], v[32];
-    std::fill_n(v, 32, np.soft_reset ? 0.0f : np.v_reset);
     const int64_t Wo = (O + 31) / 32;
-    for (int64_t t = 0; t < T; ++t, cnt += kRows * 32) {
-      _mm512_store_ps(c, _mm512_cvtepi32_ps(_mm512_loadu_si512(cnt)));
-      _mm512_store_ps(c + 16, _mm512_cvtepi32_ps(_mm512_loadu_si512(cnt + 16)));
-      lif_tile(c, mul + o0, add + o0, v, width, k, np, spikes + (t * Q + q) * Wo + o0 / 32);
+    for (int64_t l0 = 0; l0 < width; l0 += kLanes) {
+      const __mmask16 m = static_cast<__mmask16>(width - l0 >= kLanes ? 0xFFFFu : (1u << (width - l0)) - 1u);
+      const __m512 mu = _mm512_maskz_loadu_ps(m, mul + o0 + l0), ad = _mm512_maskz_loadu_ps(m, add + o0 + l0);
+      __m512 v = _mm512_set1_ps(np.soft_reset ? 0.0f : np.v_reset);
+      uint32_t* dst = spikes + q * Wo + o0 / 32;
+      for (int64_t t = 0; t < T; ++t, dst += Q * Wo) {
+        const __m512 c = _mm512_cvtepi32_ps(_mm512_loadu_si512(cnt + t * kRows * 32 + l0));
+        const uint32_t fire = lif_step16(c, mu, ad, v, m, k, np);
+        *dst = l0 == 0 ? fire : *dst | fire << 16;
+      }
+      _mm512_mask_storeu_ps(v_last + q * O + o0 + l0, m, v);
     }
-    std::copy(v, v + width, v_last + q * O + o0);
   }
 };
 
