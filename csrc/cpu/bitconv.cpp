@@ -4,7 +4,10 @@
 //   binary c = sum 2*popc(x & w) - popc(x),  ternary c = sum popc(x & p) - popc(x & n),
 // then out = float(c) * scale + bias[o] (float32, two roundings), output NHWC float32.
 //
-// Two paths, chosen at run time:
+// Three paths, chosen at run time:
+// - AMX-INT8 (when the CPU has it, Linux grants the tile state and CBP_KERNELS_NO_AMX is
+//   not 1): the same counts as an int8 matrix product, spikes unpacked to bytes {0, 1} and
+//   weights to {-1, 0, 1} (see the AMX section);
 // - AVX-512 VPOPCNTDQ (when the CPU has it and CBP_KERNELS_NO_AVX512 is not set to 1):
 //   vectorised over 16 output channels per 512-bit register. The weights are re-laid out
 //   per call to [P][G][O-block of 16][K][16] (K = KH*KW*Wg words), so one K step loads one
@@ -21,9 +24,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
-
 #include <memory>
+#include <vector>
 
 #include <omp.h>
 
@@ -467,10 +469,12 @@ Buffer<T> buffer64(int64_t n) {  // uninitialised, 64-byte aligned
 
 constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
 constexpr int64_t kRows = 32;         // virtual rows per block (2 A tiles)
-// Xu bytes a work item reads (L2-resident while it walks the output channels): 512 KiB
-// beat 256 KiB and 1 MiB on the bench's layers.
+// Window bytes of a work item (L2-resident while it walks the output channels): 256 and
+// 512 KiB tie on the bench's layers, 128 KiB and 1 MiB are up to 20% slower.
 constexpr int64_t kItemBytes = 512 * 1024;
-constexpr int64_t kStepMax = 16;  // column blocks per pass (see run): 16 beat 8, 32 and all on SEW-ResNet layer4
+// Column blocks per pass (see run): 12-16 beat one pass by 5-15% on SEW-ResNet-18's layer3
+// conv and layer4.0.conv1, lose 5% on layer4 conv; 8 loses 5-30% everywhere.
+constexpr int64_t kStepMax = 16;
 
 // Tiles 0-3: the 2 x 2 blocks of counts; 4-5: A; 6-7: B; all 16 rows x 64 bytes.
 CBP_AMX void amx_tile_config() {
