@@ -44,3 +44,40 @@ CBP_HD float constraint_free(float w, float q) { return 2.0f * fabsf(w - q); }
 CBP_HD float constraint_slope(float w, float q, float keep) { return ((w >= q) ? 2.0f : -2.0f) * keep; }
 
 }  // namespace cbp
+
+// ---- the multiplier update: one gradient-ASCENT Adam / AdamW step of lambda on cs(w; g) ----
+// The op sequence of torch.optim.Adam(maximize=True)'s single-tensor path, every operation
+// rounded once in float32 (no FMA; a correctly rounded sqrt). The step's scalars are computed
+// on the host in double and rounded to float once (cbp_kernels/ops/constraint/reference.py,
+// adam_scalars), in this order:
+enum MultiplierScalar : int {
+  kLerpWeight = 0,      // 1 - beta1
+  kBeta2 = 1,           // beta2
+  kOneMinusBeta2 = 2,   // 1 - beta2
+  kBias2Sqrt = 3,       // sqrt(1 - beta2^step)
+  kEps = 4,             // eps
+  kNegStepSize = 5,     // -lr / (1 - beta1^step)
+  kL2 = 6,              // weight_decay for Adam (L2 through the gradient), 0 for AdamW
+  kDecay = 7,           // 1 - lr * weight_decay for AdamW (decoupled), 1 for Adam
+  kMultiplierScalars = 8
+};
+
+// One element: grad = -cs (maximize), [+ L2 * lam], lam *= decay,
+//   m = lerp(m, grad, 1 - beta1)          (torch's two-sided lerp: m + w (grad - m) for w < 0.5,
+//                                           grad - (grad - m)(1 - w) otherwise)
+//   v = v * beta2 + ((1 - beta2) * grad) * grad
+//   lam = lam + (-step_size * m) / (sqrt(v) / sqrt(1 - beta2^step) + eps)
+CBP_HD void multiplier_adam(float cs, const float* h, float* lam, float* m, float* v) {
+  const float l2 = h[kL2];
+  float grad = -cs;
+  grad = (l2 != 0.0f) ? grad + l2 * *lam : grad;  // only with weight decay: 0 * Inf would be NaN
+  const float p = *lam * h[kDecay];               // exact (x1) for Adam
+  const float w1 = h[kLerpWeight];
+  const float diff = grad - *m;
+  const float mm = (w1 < 0.5f) ? *m + w1 * diff : grad - diff * (1.0f - w1);
+  const float vv = *v * h[kBeta2] + (h[kOneMinusBeta2] * grad) * grad;
+  const float denom = sqrtf(vv) / h[kBias2Sqrt] + h[kEps];
+  *lam = p + (h[kNegStepSize] * mm) / denom;
+  *m = mm;
+  *v = vv;
+}
