@@ -43,7 +43,6 @@ CBP_HD float constraint_free(float w, float q) { return 2.0f * fabsf(w - q); }
 // dcs/dw(w; g): the right derivative.
 CBP_HD float constraint_slope(float w, float q, float keep) { return ((w >= q) ? 2.0f : -2.0f) * keep; }
 
-}  // namespace cbp
 
 // ---- the multiplier update: one gradient-ASCENT Adam / AdamW step of lambda on cs(w; g) ----
 // The op sequence of torch.optim.Adam(maximize=True)'s single-tensor path, every operation
@@ -62,22 +61,40 @@ enum MultiplierScalar : int {
   kMultiplierScalars = 8
 };
 
+// c ? a : b for a condition that is the same for every element (from a step scalar). On the
+// CPU a bitwise blend: GCC turns a loop-invariant select into a branch, which stops the loop
+// from vectorising; both a and b are computed anyway.
+CBP_HD float uniform_select(bool c, float a, float b) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+  return c ? a : b;
+#else
+  const unsigned int mask = 0u - static_cast<unsigned int>(c);
+  return __builtin_bit_cast(float, (__builtin_bit_cast(unsigned int, a) & mask) |
+                                       (__builtin_bit_cast(unsigned int, b) & ~mask));
+#endif
+}
+
+// One multiplier's Adam state (passed and returned by value: registers, vectorisable).
+struct MultiplierState {
+  float lam, m, v;
+};
+
 // One element: grad = -cs (maximize), [+ L2 * lam], lam *= decay,
 //   m = lerp(m, grad, 1 - beta1)          (torch's two-sided lerp: m + w (grad - m) for w < 0.5,
 //                                           grad - (grad - m)(1 - w) otherwise)
 //   v = v * beta2 + ((1 - beta2) * grad) * grad
 //   lam = lam + (-step_size * m) / (sqrt(v) / sqrt(1 - beta2^step) + eps)
-CBP_HD void multiplier_adam(float cs, const float* h, float* lam, float* m, float* v) {
+CBP_HD MultiplierState multiplier_adam(float cs, const float* h, MultiplierState s) {
   const float l2 = h[kL2];
-  float grad = -cs;
-  grad = (l2 != 0.0f) ? grad + l2 * *lam : grad;  // only with weight decay: 0 * Inf would be NaN
-  const float p = *lam * h[kDecay];               // exact (x1) for Adam
+  const float with_l2 = -cs + l2 * s.lam;
+  const float grad = uniform_select(l2 != 0.0f, with_l2, -cs);  // L2 only with weight decay: 0 * Inf would be NaN
   const float w1 = h[kLerpWeight];
-  const float diff = grad - *m;
-  const float mm = (w1 < 0.5f) ? *m + w1 * diff : grad - diff * (1.0f - w1);
-  const float vv = *v * h[kBeta2] + (h[kOneMinusBeta2] * grad) * grad;
-  const float denom = sqrtf(vv) / h[kBias2Sqrt] + h[kEps];
-  *lam = p + (h[kNegStepSize] * mm) / denom;
-  *m = mm;
-  *v = vv;
+  const float diff = grad - s.m;
+  const float lerp_small = s.m + w1 * diff, lerp_large = grad - diff * (1.0f - w1);
+  const float m = uniform_select(w1 < 0.5f, lerp_small, lerp_large);
+  const float v = s.v * h[kBeta2] + (h[kOneMinusBeta2] * grad) * grad;
+  const float denom = sqrtf(v) / h[kBias2Sqrt] + h[kEps];
+  return {s.lam * h[kDecay] + (h[kNegStepSize] * m) / denom, m, v};  // decay: exact x1 for Adam
 }
+
+}  // namespace cbp

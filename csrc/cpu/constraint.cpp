@@ -227,11 +227,12 @@ CBP_INLINE void step_chunk(const scalar_t* __restrict w, scalar_t* __restrict la
     const float x = static_cast<float>(w[i]);
     float keep;
     const float q = constraint_select(x, r, K, &keep);
-    float l = static_cast<float>(lam[i]), mi = static_cast<float>(m[i]), vi = static_cast<float>(v[i]);
-    multiplier_adam(constraint_free(x, q) * keep, h, &l, &mi, &vi);
-    lam[i] = static_cast<scalar_t>(l);
-    m[i] = static_cast<scalar_t>(mi);
-    v[i] = static_cast<scalar_t>(vi);
+    const MultiplierState out = multiplier_adam(
+        constraint_free(x, q) * keep, h,
+        {static_cast<float>(lam[i]), static_cast<float>(m[i]), static_cast<float>(v[i])});
+    lam[i] = static_cast<scalar_t>(out.lam);
+    m[i] = static_cast<scalar_t>(out.m);
+    v[i] = static_cast<scalar_t>(out.v);
   }
 }
 

@@ -124,11 +124,11 @@ __device__ __forceinline__ void constraint_multiplier_step_impl(const long long*
     const float x = load_f32(w + i);
     float keep;
     const float q = constraint_select(x, row, k, &keep);
-    float l = load_f32(lam + i), mi = load_f32(m + i), vi = load_f32(v + i);
-    multiplier_adam(constraint_free(x, q) * keep, h, &l, &mi, &vi);
-    store_f32(lam + i, l);
-    store_f32(m + i, mi);
-    store_f32(v + i, vi);
+    const MultiplierState out =
+        multiplier_adam(constraint_free(x, q) * keep, h, {load_f32(lam + i), load_f32(m + i), load_f32(v + i)});
+    store_f32(lam + i, out.lam);
+    store_f32(m + i, out.m);
+    store_f32(v + i, out.v);
   }
 }
 
