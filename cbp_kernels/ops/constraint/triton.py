@@ -42,17 +42,31 @@ def _select(x, table_row, K: tl.constexpr):
 
 
 @triton.jit
+def _chunk(meta, L, N_CHUNKS, BLOCK: tl.constexpr):
+    """(layer, offsets, mask) of this program's chunk of the launch table (_chunks.py)."""
+    pid = tl.program_id(0)
+    layer = tl.load(meta + 5 * L + pid)
+    offs = tl.load(meta + 5 * L + N_CHUNKS + pid) + tl.arange(0, BLOCK)
+    return layer, offs, offs < tl.load(meta + layer)
+
+
+@triton.jit
+def _column(meta, L, layer, COLUMN: tl.constexpr, DTYPE: tl.constexpr):
+    """Base address of ``layer``'s tensor in launch-table column 1-4 (w, lambda, grad or
+    exp_avg, lambda_grad or exp_avg_sq)."""
+    return tl.load(meta + COLUMN * L + layer).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
 def _constraint_pass_kernel(
     meta, table, partial, L, N_CHUNKS,
     DTYPE: tl.constexpr, K: tl.constexpr, GRAD: tl.constexpr, LGRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # sum lam*cs(w; g), sum cs(w); grad += lam * dcs/dw; lambda_grad = cs(w; g)   (meta: _chunks.py)
     pid = tl.program_id(0)
-    layer = tl.load(meta + 5 * L + pid)
-    offs = tl.load(meta + 5 * L + N_CHUNKS + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(meta + layer)
-    w_ptr = tl.load(meta + L + layer).to(tl.pointer_type(DTYPE))
-    lam_ptr = tl.load(meta + 2 * L + layer).to(tl.pointer_type(DTYPE))
+    layer, offs, mask = _chunk(meta, L, N_CHUNKS, BLOCK)
+    w_ptr = _column(meta, L, layer, 1, DTYPE)
+    lam_ptr = _column(meta, L, layer, 2, DTYPE)
     x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lam = tl.load(lam_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q, keep = _select(x, table + layer * 4 * K, K)
@@ -61,12 +75,12 @@ def _constraint_pass_kernel(
     tl.store(partial + 2 * pid, tl.sum(tl.where(mask, lam * c, 0.0), 0))
     tl.store(partial + 2 * pid + 1, tl.sum(tl.where(mask, free, 0.0), 0))
     if GRAD:
-        g_ptr = tl.load(meta + 3 * L + layer).to(tl.pointer_type(DTYPE))
+        g_ptr = _column(meta, L, layer, 3, DTYPE)
         slope = tl.where(x >= q, 2.0, -2.0) * keep
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(g_ptr + offs, (g + lam * slope).to(DTYPE), mask=mask)
     if LGRAD:
-        lg_ptr = tl.load(meta + 4 * L + layer).to(tl.pointer_type(DTYPE))
+        lg_ptr = _column(meta, L, layer, 4, DTYPE)
         tl.store(lg_ptr + offs, c.to(DTYPE), mask=mask)
 
 
@@ -75,14 +89,11 @@ def _multiplier_step_kernel(meta, table, scalars, L, N_CHUNKS, DTYPE: tl.constex
                             BLOCK: tl.constexpr):
     # grad = -cs(w; g) [+ l2*lam]; lam *= decay; m = lerp(m, grad, 1-beta1);
     # v = v*beta2 + ((1-beta2)*grad)*grad; lam += (-step_size*m) / (sqrt(v)/sqrt(bc2) + eps)
-    pid = tl.program_id(0)
-    layer = tl.load(meta + 5 * L + pid)
-    offs = tl.load(meta + 5 * L + N_CHUNKS + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(meta + layer)
-    w_ptr = tl.load(meta + L + layer).to(tl.pointer_type(DTYPE))
-    lam_ptr = tl.load(meta + 2 * L + layer).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(meta + 3 * L + layer).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(meta + 4 * L + layer).to(tl.pointer_type(DTYPE))
+    layer, offs, mask = _chunk(meta, L, N_CHUNKS, BLOCK)
+    w_ptr = _column(meta, L, layer, 1, DTYPE)
+    lam_ptr = _column(meta, L, layer, 2, DTYPE)
+    m_ptr = _column(meta, L, layer, 3, DTYPE)
+    v_ptr = _column(meta, L, layer, 4, DTYPE)
     x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lam = tl.load(lam_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
