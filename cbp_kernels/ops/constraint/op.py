@@ -216,7 +216,6 @@ def constraint_pass(
     return sums[0], sums[1]
 
 
-
 def _checked_adam(step, lr, betas, eps, weight_decay, decoupled) -> tuple:
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise ValueError(f"step must be an integer >= 1 (the 1-based index of this step), got {step!r}")
