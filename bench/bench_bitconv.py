@@ -9,7 +9,8 @@ counts on a shared machine. On a GPU: batch 8 (N*T = 32).
 Providers (same spikes and weights):
 - ``packed-binary`` / ``packed-ternary``: ``packed_conv2d`` on spikes already packed (NHWC),
   as in a chain of packed layers; ``packed-binary+pack`` also packs the float NCHW spikes;
-  ``packed-binary+lif`` is the fused epilogue (affine + LIF over T + packed output spikes);
+  ``packed-binary+lif`` is the fused epilogue (affine + LIF over T + packed output spikes;
+  the ``cpu`` or ``cuda`` kernel by device);
 - ``f32`` / ``bf16``: ``F.conv2d`` on NCHW tensors (the default layout);
 - ``bf16-cl``: ``F.conv2d`` on channels-last bfloat16 (oneDNN's fastest CPU path, AMX).
 ``extra_info`` holds the layer, the provider and the MACs, so the ratios follow from the

@@ -11,20 +11,28 @@ Providers (same inputs, same results, checked before timing):
 The pass is memory-bound: it reads w, lambda, grad and writes grad (16 bytes per float32
 weight); ``pct_of_copy_bw`` compares its bandwidth with a large tensor copy timed in the same run.
 
+The multiplier update on the same weights (``test_multiplier_step``, Adam ascent at g = 3):
+- ``fused``: ``multiplier_step`` (one multi-tensor pass: reads w, lambda, m, v and writes
+  lambda, m, v, 28 bytes per weight);
+- ``old``: ``constraint_pass(lambda_grads=...)`` writing cs into lambda.grad, then
+  ``torch.optim.Adam(maximize=True).step()`` (the quantizer's former way).
+
     python -m pytest bench/bench_constraint.py --benchmark-json=bench/results/<device>/bench_constraint.json
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
 import torch
 
-from cbp_kernels.ops import constraint_pass
+from cbp_kernels.ops import constraint_pass, multiplier_step
 from harness import copy_bandwidth, run
 
 TERNARY = torch.tensor([-1.0, 0.0, 1.0])
 G = 3.0
+LR_MULTIPLIER = 0.01
 
 
 def sew_resnet34_quantized_shapes() -> list[tuple[int, ...]]:
@@ -147,4 +155,51 @@ def test_constraint_pass(benchmark, model, bandwidth, provider):
             provider=provider, **_extra(bandwidth))
     best = benchmark.stats.stats.min
     benchmark.extra_info["achieved_gbs"] = 16 * N_WEIGHTS / best / 1e9
+    benchmark.extra_info["pct_of_copy_bw"] = 100 * benchmark.extra_info["achieved_gbs"] / bandwidth
+
+
+def _multiplier_updates(weights, scales):
+    """(fused, old): two callables, each one multiplier update of its own lambda (from 0) and
+    Adam state, and the function returning (lambda, exp_avg, exp_avg_sq) of each."""
+    fused_state = [[torch.zeros_like(w) for w in weights] for _ in range(3)]
+    steps = itertools.count(1)
+
+    def fused():
+        multiplier_step(weights, *fused_state, TERNARY, scales, G, step=next(steps), lr=LR_MULTIPLIER)
+
+    lambdas = [torch.zeros_like(w) for w in weights]
+    for lam in lambdas:
+        lam.grad = torch.zeros_like(lam)
+    opt = torch.optim.Adam(lambdas, lr=LR_MULTIPLIER, maximize=True)
+
+    def old():
+        constraint_pass(weights, lambdas, TERNARY, scales, G, lambda_grads=[lam.grad for lam in lambdas])
+        opt.step()
+
+    def states():
+        return fused_state, [lambdas, [opt.state[lam]["exp_avg"] for lam in lambdas],
+                             [opt.state[lam]["exp_avg_sq"] for lam in lambdas]]
+
+    return fused, old, states
+
+
+def test_multiplier_results_agree(model):
+    weights, _, scales, _ = model
+    fused, old, states = _multiplier_updates([w.detach() for w in weights[:4]], scales[:4])
+    for _ in range(2):
+        fused()
+        old()
+    for xs, ys in zip(*states()):
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-7)  # a few ulp: torch's FMAs and sqrt
+
+
+@pytest.mark.parametrize("provider", ["fused", "old"])
+def test_multiplier_step(benchmark, model, bandwidth, provider):
+    weights, _, scales, _ = model
+    fused, old, _ = _multiplier_updates([w.detach() for w in weights], scales)
+    run(benchmark, fused if provider == "fused" else old, rounds=5, provider=provider,
+        **{**_extra(bandwidth), "bytes_moved": 28 * N_WEIGHTS})
+    best = benchmark.stats.stats.min
+    benchmark.extra_info["achieved_gbs"] = 28 * N_WEIGHTS / best / 1e9
     benchmark.extra_info["pct_of_copy_bw"] = 100 * benchmark.extra_info["achieved_gbs"] / bandwidth

@@ -386,30 +386,48 @@ def test_torch_compile_traces_the_ops():
 
 
 # --------------------------------------------------------------------- fused epilogue
+def _fused_backends():
+    """(device, backend) of the fused-epilogue tests: every backend running CPU tensors here
+    (triton under TRITON_INTERPRET=1), and the GPU backends, which skip without a CUDA device."""
+    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    return [pytest.param("cpu", b, id=f"cpu-{b}") for b in backends_of("bitconv2d_lif")] + [
+        pytest.param("cuda", b, id=f"cuda-{b}", marks=no_gpu) for b in ("reference", "cuda", "cupy", "triton")
+    ]
+
+
+@pytest.mark.parametrize("device,backend", _fused_backends())
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 @pytest.mark.parametrize("neuron,v_reset", [("lif", 0.0), ("lif", None), ("if", -0.5)])
-def test_fused_lif_matches_the_composition_of_the_ops(levels, neuron, v_reset, monkeypatch):
+def test_fused_lif_matches_the_composition_of_the_ops(device, backend, levels, neuron, v_reset, monkeypatch):
     """conv -> affine -> multistep_neuron -> bitpack, bit for bit, on every fused backend."""
     from cbp_kernels.ops import multistep_neuron
     from cbp_kernels.ops.bitconv import packed_conv2d_lif
 
-    T, N, C, O, groups = 3, 2, 40, 70, 1
-    for k, stride, pad in [(3, 1, 1), (1, 2, 0), (3, 2, 2)]:
-        x = _spikes((T * N, C, 7, 6))
-        q = _levels((O, C, k, k), levels)
-        mul, add = torch.rand(O) * 0.4 + 0.05, torch.randn(O) * 0.3
+    if backend not in backends_of("bitconv2d_lif", device):
+        pytest.skip(f"the {backend} backend does not run {device} tensors here (cbp_kernels.backends)")
+    # The Triton interpreter runs ~10 ms per tile step: small sizes keep it at a few seconds.
+    interpreted = backend == "triton" and device == "cpu"
+    T, N, C, H, W = (2, 1, 20, 5, 4) if interpreted else (3, 2, 40, 7, 6)
+    # (kernel, stride, padding, dilation, groups, O): O = 70 / 40 leaves a partial output word.
+    cases = [(3, 1, 1, 1, 1, 40 if interpreted else 70), (1, 2, 0, 1, 1, 70), (3, 2, 2, 1, 1, 70), (3, 1, 2, 2, 2, 64)]
+    for k, stride, pad, dil, groups, O in cases:
+        x = _spikes((T * N, C, H, W), device=device)
+        q = _levels((O, C // groups, k, k), levels, device=device)
+        fan_in = (C // groups) * k * k  # the count's spread grows as sqrt(fan_in): y's stays ~1
+        mul = (torch.rand(O, device=device) * 0.4 + 0.05) * (360 / fan_in) ** 0.5
+        add = torch.randn(O, device=device) * 0.3
         packed = pack_weight(q * 0.25, levels, 0.25)
         xp = pack_spikes(x.permute(0, 2, 3, 1), groups)
-        y = F.conv2d(x.double(), q.double(), None, stride, pad).float().permute(0, 2, 3, 1) * mul + add
+        y = F.conv2d(x.double(), q.double(), None, stride, pad, dil, groups).float().permute(0, 2, 3, 1) * mul + add
         spikes, v_last = multistep_neuron(y.unflatten(0, (T, N)), neuron=neuron, tau=2.0, v_reset=v_reset, backend="reference")
-        want = (bitpack(spikes.flatten(0, 1), -1), v_last)
+        want = (bitpack(spikes.flatten(0, 1), -1, backend="reference"), v_last)
         kw = dict(neuron=neuron, tau=2.0, v_reset=v_reset)
-        for b in [b for b in backends_of("bitconv2d_lif") if b in ("reference", "cpu")]:
-            for path in (CPU_PATHS if b == "cpu" else ["auto"]):
-                _cpu_path(monkeypatch, path)
-                got = packed_conv2d_lif(xp, packed, T, mul, add, stride, pad, backend=b, **kw)
-                assert torch.equal(got[0], want[0]), f"{b} ({path}) spikes, k={k} stride={stride}"
-                assert torch.equal(got[1], want[1]), f"{b} ({path}) v_last, k={k} stride={stride}"
+        for path in (CPU_PATHS if backend == "cpu" else ["auto"]):
+            _cpu_path(monkeypatch, path)
+            got = packed_conv2d_lif(xp, packed, T, mul, add, stride, pad, dil, groups, backend=backend, **kw)
+            case = f"{backend} on {device} ({path}), k={k} stride={stride} dilation={dil} groups={groups}"
+            assert torch.equal(got[0], want[0]), f"{case}: spikes differ"
+            assert torch.equal(got[1], want[1]), f"{case}: v_last differs"
         assert 0.01 < float(spikes.mean()) < 0.99  # the case exercises both spike values
 
 
@@ -427,5 +445,5 @@ def test_fused_lif_bad_input():
         packed_conv2d_lif(xp1, packed, 3, torch.ones(3))
     with pytest.raises(ValueError, match="tau"):
         packed_conv2d_lif(xp1, packed, 3, tau=0.5)
-    with pytest.raises(RuntimeError, match="backends"):
-        packed_conv2d_lif(xp1, packed, 3, backend="triton" if "triton" in backends_of("bitconv2d_lif") else "cuda")
+    with pytest.raises(RuntimeError, match="not available for cpu tensors"):
+        packed_conv2d_lif(xp1, packed, 3, backend="cupy")

@@ -259,3 +259,88 @@ def test_registry_arguments():
     for name in ("imagefolder", "cifar10", "npz", "dvs-gesture"):
         with pytest.raises(ValueError, match="needs a data path"):
             get_dataset(name)
+
+
+def _sj_frames_tree(root, classes, per_class, T, split=None, shape=(2, 3, 3)):
+    """SpikingJelly's integrated-frames layout: root/frames_number_{T}_split_by_number/[split/]
+    <class>/<sample>.npz holding ``frames`` [T, C, H, W]; frames of sample k are all k."""
+    base = root / f"frames_number_{T}_split_by_number"
+    base = base / split if split else base
+    k = 0
+    for cls in classes:
+        (base / cls).mkdir(parents=True)
+        for j in range(per_class):
+            np.savez(base / cls / f"s{j}.npz", frames=np.full((T, *shape), k, dtype=np.float32))
+            k += 1
+    (root / "events_np").mkdir(exist_ok=True)  # SpikingJelly's raw root (its classes check it exists)
+
+
+GESTURE_CLASSES = [str(i) for i in range(11)]
+CIFAR10_DVS_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def test_dvs_reads_spikingjelly_frames_without_spikingjelly(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spikingjelly.datasets", None)  # the folder is read directly
+    _sj_frames_tree(tmp_path, GESTURE_CLASSES, 2, 4, split="test")
+    gesture = get_dataset("dvs-gesture", str(tmp_path), "test", timesteps=4)
+    assert (len(gesture), gesture.num_classes, gesture.timesteps, gesture.static) == (22, 11, 4, False)
+    # torchvision DatasetFolder order, as SpikingJelly: folders sorted by NAME, so "10" is label 2
+    names = sorted(GESTURE_CLASSES)
+    for i in range(len(gesture)):
+        x, y = gesture[i]
+        k = int(x[0, 0, 0, 0])  # the sample's creation index: folder GESTURE_CLASSES[k // 2]
+        assert x.shape == (4, 2, 3, 3) and x.dtype == torch.float32 and y == names.index(GESTURE_CLASSES[k // 2])
+    with pytest.raises(ImportError, match="no integrated frames.*--data npz"):
+        get_dataset("dvs-gesture", str(tmp_path), "train", timesteps=4)  # no train folder: would need SpikingJelly
+
+    cifar_root = tmp_path / "c10dvs"
+    _sj_frames_tree(cifar_root, CIFAR10_DVS_CLASSES, 10, 3)
+    train = get_dataset("cifar10-dvs", str(cifar_root), "train", timesteps=3)
+    test = get_dataset("cifar10-dvs", str(cifar_root), "test", timesteps=3)
+    assert (len(train), len(test), train.num_classes, test.timesteps) == (90, 10, 10, 3)
+    assert [int(test[i][0][0, 0, 0, 0]) for i in range(10)] == [10 * c + 9 for c in range(10)]
+    assert [test[i][1] for i in range(10)] == list(range(10))
+
+
+def test_dvs_frames_folder_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spikingjelly.datasets", None)
+    _sj_frames_tree(tmp_path, GESTURE_CLASSES[:5], 1, 4, split="train")
+    with pytest.raises(ValueError, match="11 class folders, found 5"):
+        get_dataset("dvs-gesture", str(tmp_path), "train", timesteps=4)
+    _sj_frames_tree(tmp_path / "t", GESTURE_CLASSES, 1, 4, split="train")
+    gesture = get_dataset("dvs-gesture", str(tmp_path / "t"), "train", timesteps=4)
+    bad = tmp_path / "t" / "frames_number_4_split_by_number" / "train" / "3" / "s0.npz"
+    np.savez(bad, frames=np.zeros((5, 2, 3, 3), np.float32))
+    i = next(i for i, (p, _) in enumerate(gesture.samples) if p == str(bad))
+    with pytest.raises(ValueError, match=r"s0\.npz.*T=4"):
+        gesture[i]
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"cannot read frame file .*s0\.npz"):
+        gesture[i]
+    (tmp_path / "t" / "frames_number_4_split_by_number.building").touch()
+    with pytest.raises(RuntimeError, match="did not finish"):
+        get_dataset("dvs-gesture", str(tmp_path / "t"), "train", timesteps=4)
+
+
+def _spikingjelly_datasets_import_error():
+    try:
+        import spikingjelly.datasets.dvs128_gesture  # noqa: F401  (needs torchvision)
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.skipif(_spikingjelly_datasets_import_error() is not None,
+                    reason="SpikingJelly's dataset classes import where torchvision is installed")
+def test_dvs_frames_folder_matches_spikingjelly(tmp_path):
+    from spikingjelly.datasets import dvs128_gesture
+
+    _sj_frames_tree(tmp_path, GESTURE_CLASSES, 2, 4, split="test")
+    ours = get_dataset("dvs-gesture", str(tmp_path), "test", timesteps=4)
+    theirs = dvs128_gesture.DVS128Gesture(str(tmp_path), train=False, data_type="frame", frames_number=4,
+                                          split_by="number")
+    assert len(ours) == len(theirs)
+    for i in range(len(ours)):
+        x, y = ours[i]
+        fx, fy = theirs[i]
+        assert y == fy and torch.equal(x, torch.as_tensor(fx))

@@ -189,7 +189,35 @@ def test_lambda_step_is_ascent_on_cs():
         torch.testing.assert_close(lam, expected, atol=1e-6, rtol=1e-5)
 
 
-# --- the quantized layers ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_multiplier_optimizer_is_torch_adam_ascent(name):
+    """The quantizer's fused multiplier update = torch.optim.Adam / AdamW(maximize=True, their
+    defaults) stepped on lambda.grad = cs(W; g), to a few ulp, over three updates (g = 1, 2, 3);
+    its Adam state survives a state_dict round trip into a fresh quantizer."""
+    torch.manual_seed(2)
+    q = CBPQuantizer(_mlp(), "ternary", config=_cfg(lr_multiplier=0.05, p_max=1, multiplier_optimizer=name),
+                     backend=BACKEND)
+    lambdas = [torch.zeros_like(w) for w in q.weights]
+    opt = (torch.optim.Adam if name == "adam" else torch.optim.AdamW)(lambdas, lr=0.05, maximize=True)
+    for g in (1, 2, 3):
+        if g > 1:
+            assert q.end_epoch(1.0)["updated"] and q.g == g
+        for w, lam, s in zip(q.weights, lambdas, q.scales):
+            lam.grad = R.cs(w.detach(), q.levels, s, g)
+        opt.step()
+    assert q.multiplier_steps == 3
+    for mine, torchs in ((q.lambdas, lambdas), (q.exp_avgs, [opt.state[lam]["exp_avg"] for lam in lambdas]),
+                         (q.exp_avg_sqs, [opt.state[lam]["exp_avg_sq"] for lam in lambdas])):
+        for a, b in zip(mine, torchs):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
+    fresh = CBPQuantizer(_mlp(), "ternary", config=_cfg(lr_multiplier=0.05, p_max=1, multiplier_optimizer=name),
+                         backend=BACKEND)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.multiplier_steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh.lambdas + fresh.exp_avgs + fresh.exp_avg_sqs,
+                                                 q.lambdas + q.exp_avgs + q.exp_avg_sqs))
+
+
 
 def test_quantized_layers_share_parameters_and_quantize():
     lin, conv = nn.Linear(5, 3), nn.Conv2d(2, 4, 3, padding=1)

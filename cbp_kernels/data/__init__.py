@@ -14,8 +14,9 @@ name                      root
 ``digits``                none (scikit-learn's bundled 8x8 digits, no download)
 ``imagefolder``           ``root/train/<class>/<image>`` and ``root/val/<class>/...``
 ``cifar10``/``cifar100``  the python-pickle batches (``cifar-10-batches-py``, ...)
-``dvs-gesture``           SpikingJelly's ``DVS128Gesture`` root (frames, T=16)
-``cifar10-dvs``           SpikingJelly's ``CIFAR10DVS`` root (frames, T=16, 9:1 split)
+``dvs-gesture``           SpikingJelly's ``DVS128Gesture`` root (frames, T=16; its integrated
+                          frames are read directly, SpikingJelly builds them when missing)
+``cifar10-dvs``           SpikingJelly's ``CIFAR10DVS`` root (the same, 9:1 split per class)
 ``npz``                   ``root/{train,test}.npz`` (or one file) with ``frames`` [N,T,C,H,W]
                           and ``labels`` [N]
 ========================  =============================================================

@@ -34,12 +34,13 @@ class FramesDataset(Dataset):
 
 
 class _SJFrames(Dataset):
-    """A SpikingJelly frame data set (or a Subset of one) as ``([T, C, H, W]`` float32, int)."""
+    """A SpikingJelly frame data set as ``([T, C, H, W]`` float32, int)."""
 
     static = False
 
     def __init__(self, base: Dataset, num_classes: int, timesteps: int):
         self.base, self.num_classes, self.timesteps = base, num_classes, timesteps
+        self.targets = base.targets
 
     def __len__(self) -> int:
         return len(self.base)
@@ -96,24 +97,86 @@ def npz_dataset(root: str, split: str = "train", timesteps: int | None = None,
     return FramesDataset(frames, labels, num_classes)
 
 
-def dvs_dataset(name: str, root: str, split: str = "train", timesteps: int | None = None) -> Dataset:
-    """DVS128 Gesture (``name="dvs-gesture"``, 11 classes, its own train/test split) or
-    CIFAR10-DVS (``"cifar10-dvs"``, 10 classes, 9:1 per class) through SpikingJelly, as
-    ``timesteps`` frames per sample (16 by default). SpikingJelly integrates the events
-    into frames on first use and caches them under ``root``."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{name} root {root!r} does not exist or is not a directory")
+class _FramesFolder(Dataset):
+    """A folder of SpikingJelly's integrated frames, read without SpikingJelly: one
+    sub-folder per class, one ``.npz`` (array ``frames`` ``[T, C, H, W]``) per sample, in
+    torchvision ``DatasetFolder`` order (classes sorted by folder name, label = index in that
+    order; files sorted), exactly as SpikingJelly's data set classes list them."""
+
+    static = False
+
+    def __init__(self, split_root: str, num_classes: int, timesteps: int):
+        classes = sorted(e.name for e in os.scandir(split_root) if e.is_dir())
+        if len(classes) != num_classes:
+            raise ValueError(f"frame folder {split_root!r} must hold {num_classes} class folders, "
+                             f"found {len(classes)}: {classes}")
+        self.samples = [
+            (os.path.join(top, name), label)
+            for label, cls in enumerate(classes)
+            for top, _, names in sorted(os.walk(os.path.join(split_root, cls), followlinks=True))
+            for name in sorted(names) if name.lower().endswith(".npz")
+        ]
+        if not self.samples:
+            raise ValueError(f"frame folder {split_root!r} holds no .npz frame files")
+        self.targets = [label for _, label in self.samples]
+        self.num_classes, self.timesteps = num_classes, timesteps
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                frames = f["frames"]
+        except Exception as exc:  # not a zip / no 'frames' array: name the file whatever numpy raised
+            raise ValueError(f"cannot read frame file {path!r} (expected SpikingJelly's .npz with an array "
+                             f"'frames'): {exc}") from exc
+        if frames.ndim != 4 or frames.shape[0] != self.timesteps:
+            raise ValueError(f"frame file {path!r}: 'frames' must be [T={self.timesteps}, C, H, W], "
+                             f"got shape {frames.shape}")
+        return torch.from_numpy(frames.astype(np.float32)), label
+
+
+def _spikingjelly_frames(name: str, root: str, train: bool | None, timesteps: int) -> Dataset:
+    """SpikingJelly's own data set class (it integrates the raw events into frames under
+    ``root`` on first use; needs torchvision)."""
     try:
         from spikingjelly.datasets import cifar10_dvs, dvs128_gesture
     except ImportError as exc:
-        raise ImportError(f"{name} is read through SpikingJelly's dataset classes, which need spikingjelly and "
-                          f"torchvision ({exc}); or convert the frames to .npz and use --data npz") from exc
-    T = timesteps if timesteps is not None else DVS_TIMESTEPS
-    frame_args = dict(data_type="frame", frames_number=T, split_by="number")
+        raise ImportError(f"{name}: {root!r} holds no integrated frames yet; building them from the events "
+                          f"needs SpikingJelly's dataset classes, which need spikingjelly and torchvision "
+                          f"({exc}); or convert the frames to .npz and use --data npz") from exc
+    frame_args = dict(data_type="frame", frames_number=timesteps, split_by="number")
     if name == "dvs-gesture":
-        return _SJFrames(dvs128_gesture.DVS128Gesture(root, train=split == "train", **frame_args), 11, T)
-    full = cifar10_dvs.CIFAR10DVS(root, **frame_args)
+        return dvs128_gesture.DVS128Gesture(root, train=train, **frame_args)
+    return cifar10_dvs.CIFAR10DVS(root, **frame_args)
+
+
+def dvs_dataset(name: str, root: str, split: str = "train", timesteps: int | None = None) -> Dataset:
+    """DVS128 Gesture (``name="dvs-gesture"``, 11 classes, its own train/test split) or
+    CIFAR10-DVS (``"cifar10-dvs"``, 10 classes, 9:1 per class) as ``timesteps`` frames per
+    sample (16 by default), in SpikingJelly's layout and order. When ``root`` already holds
+    SpikingJelly's integrated frames (``root/frames_number_{T}_split_by_number/``) they are
+    read directly (no SpikingJelly or torchvision needed); otherwise SpikingJelly integrates
+    the events into that folder first."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{name} root {root!r} does not exist or is not a directory")
+    T = timesteps if timesteps is not None else DVS_TIMESTEPS
+    num_classes = 11 if name == "dvs-gesture" else 10
+    frames_root = os.path.join(root, f"frames_number_{T}_split_by_number")
+    if os.path.exists(frames_root + ".building"):
+        raise RuntimeError(f"{name}: SpikingJelly's frame integration into {frames_root!r} did not finish "
+                           f"(marker {frames_root + '.building'!r}); remove both and run again")
+    split_root = os.path.join(frames_root, split) if name == "dvs-gesture" else frames_root
+    if os.path.isdir(split_root):
+        full = _FramesFolder(split_root, num_classes, T)
+    else:
+        full = _SJFrames(_spikingjelly_frames(name, root, split == "train" if name == "dvs-gesture" else None, T),
+                         num_classes, T)
+    if name == "dvs-gesture":
+        return full
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(full.targets):
         by_class.setdefault(int(label), []).append(i)
@@ -121,4 +184,14 @@ def dvs_dataset(name: str, root: str, split: str = "train", timesteps: int | Non
     for members in by_class.values():
         cut = int(np.ceil(len(members) * _CIFAR10_DVS_TRAIN_RATIO))
         idx += members[:cut] if split == "train" else members[cut:]
-    return _SJFrames(Subset(full, sorted(idx)), 10, T)
+    return _Split(full, sorted(idx))
+
+
+class _Split(Subset):
+    """Some samples of a frame data set (CIFAR10-DVS's 9:1 split), keeping its attributes."""
+
+    static = False
+
+    def __init__(self, full: Dataset, indices: list[int]):
+        super().__init__(full, indices)
+        self.num_classes, self.timesteps = full.num_classes, full.timesteps

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..nn.quantized import QuantizedLayer
-from ..ops import constraint_pass
+from ..ops import constraint_pass, multiplier_step
 from ..ops.constraint.reference import level_table
 from .calibration import rescale_thresholds, threshold_pairs
 from .config import CBPConfig, get_preset
@@ -43,6 +43,10 @@ from .levels import resolve_levels
 from .trainer import CHECKPOINT_NAME, QuantTrainer, _distributed
 
 __all__ = ["CBPQuantizer", "WindowSchedule", "next_g", "CHECKPOINT_NAME"]
+
+# The multiplier optimizer's weight decay: torch.optim.Adam's and AdamW's defaults (L2 0 for
+# Adam; decoupled 1e-2 for AdamW), with their default betas (0.9, 0.999) and eps 1e-8.
+MULTIPLIER_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2}
 
 
 def next_g(g: int) -> int:
@@ -88,8 +92,9 @@ class CBPQuantizer(QuantTrainer):
     (``cbp_kernels.nn.QuantConv2d`` / ``QuantLinear``: same Parameter objects, buffers
     ``levels`` and ``weight_scale`` = mean(|W|) now), creates lambda (one per quantized
     weight, 0), g = ``config.g``, p = 0, L_pre = 1e10, the weight optimizer (over every
-    trainable parameter of the model) and the multiplier optimizer, and makes the one
-    lambda update that precedes the first epoch.
+    trainable parameter of the model) and the multiplier optimizer's state (Adam moments
+    ``exp_avgs`` / ``exp_avg_sqs`` beside lambda, and ``multiplier_steps``), and makes the
+    one lambda update that precedes the first epoch.
 
     Args:
         model: the pre-trained model; may be wrapped in ``DistributedDataParallel`` (build
@@ -124,11 +129,10 @@ class CBPQuantizer(QuantTrainer):
             layer.quant_backend = backend
         self._levels_dev = self.levels.to(self.weights[0].device)
         self.lambdas = [torch.zeros_like(w, memory_format=torch.contiguous_format).detach() for w in self.weights]
-        for lam in self.lambdas:
-            lam.grad = torch.zeros_like(lam)
+        self.exp_avgs = [torch.zeros_like(lam) for lam in self.lambdas]
+        self.exp_avg_sqs = [torch.zeros_like(lam) for lam in self.lambdas]
+        self.multiplier_steps = 0
         self.schedule = WindowSchedule(self.config.p_max, self.config.g)
-        mcls = torch.optim.Adam if self.config.multiplier_optimizer == "adam" else torch.optim.AdamW
-        self.multiplier_optimizer = mcls(self.lambdas, lr=self.config.lr_multiplier, maximize=True)
         self._last_cfs = float("nan")
         self._update_multipliers()
 
@@ -161,9 +165,15 @@ class CBPQuantizer(QuantTrainer):
         return float(penalty), float(cs_sum)
 
     def _update_multipliers(self) -> None:
-        """One gradient-ascent step of the multiplier optimizer with dL/dlambda = cs(W; g)."""
-        self._pass(lambda_grads=[lam.grad for lam in self.lambdas])
-        self.multiplier_optimizer.step()
+        """One gradient-ascent step of the multiplier optimizer (``config.multiplier_optimizer``:
+        Adam or AdamW, maximize=True) with dL/dlambda = cs(W; g): one fused pass
+        (``ops.multiplier_step``) over lambda and its Adam moments."""
+        name = self.config.multiplier_optimizer
+        multiplier_step(self.weights, self.lambdas, self.exp_avgs, self.exp_avg_sqs, self._levels_dev,
+                        torch.stack(self.scales), float(self.g), step=self.multiplier_steps + 1,
+                        lr=self.config.lr_multiplier, weight_decay=MULTIPLIER_WEIGHT_DECAY[name],
+                        decoupled=name == "adamw", backend=self.backend)
+        self.multiplier_steps += 1
 
     def cfs(self) -> float:
         """The constraint-function sum per weight: mean of the windowless cs over all
@@ -248,17 +258,22 @@ class CBPQuantizer(QuantTrainer):
     # ---- the quantizer's own state in checkpoints ------------------------------------------
     def _extra_state(self) -> dict:
         return {"lambdas": [lam.detach().clone() for lam in self.lambdas], "schedule": self.schedule.state_dict(),
-                "multiplier_optimizer": self.multiplier_optimizer.state_dict()}
+                "multiplier_state": {"step": self.multiplier_steps,
+                                     "exp_avg": [m.detach().clone() for m in self.exp_avgs],
+                                     "exp_avg_sq": [v.detach().clone() for v in self.exp_avg_sqs]}}
 
     def _load_extra_state(self, state: dict) -> None:
+        moments = state["multiplier_state"]
         with torch.no_grad():
-            for lam, saved in zip(self.lambdas, state["lambdas"]):
-                lam.copy_(saved)
+            for mine, saved in zip(self.lambdas + self.exp_avgs + self.exp_avg_sqs,
+                                   state["lambdas"] + moments["exp_avg"] + moments["exp_avg_sq"]):
+                mine.copy_(saved)
         self.schedule.load_state_dict(state["schedule"])
-        self.multiplier_optimizer.load_state_dict(state["multiplier_optimizer"])
+        self.multiplier_steps = int(moments["step"])
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"lambda[{i}]": lam for i, lam in enumerate(self.lambdas)}
+        return {f"{name}[{i}]": t for name, ts in (("lambda", self.lambdas), ("exp_avg", self.exp_avgs),
+                                                    ("exp_avg_sq", self.exp_avg_sqs)) for i, t in enumerate(ts)}
 
     def _progress(self, L: float) -> dict:
         return {"L": f"{L:.4g}", "CFS": f"{self._last_cfs:.3g}", "g": self.g}

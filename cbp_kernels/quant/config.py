@@ -25,8 +25,10 @@ class CBPConfig:
         weight_decay: w_d, L2 through the optimizer on the conv / linear weights only (not on
             biases, BN or neuron parameters, as in the CBP authors' code).
         lr_multiplier: eta_lambda, the learning rate of the multiplier optimizer.
-        multiplier_optimizer: ``"adam"`` or ``"adamw"`` (AdamW for TSSL-BP), run with
-            ``maximize=True``: one gradient-ascent step on sum(lambda * cs(W; g)) per update.
+        multiplier_optimizer: ``"adam"`` or ``"adamw"`` (AdamW for TSSL-BP), as
+            torch.optim.Adam / AdamW with ``maximize=True`` and their default betas, eps and
+            weight decay: one gradient-ascent step on sum(lambda * cs(W; g)) per update (the
+            fused ``cbp_kernels.ops.multiplier_step``).
         lr_bias: eta_b, the bias learning rate when ``calibration`` (None: ``lr``).
         batch_size, epochs, timesteps: the training recipe (used by the CLI and recipes;
             ``CBPQuantizer.fit`` takes its loader and epoch count from its caller).

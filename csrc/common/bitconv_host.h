@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "common/bitconv_math.h"
+#include "common/neuron_math.h"
 
 namespace cbp {
 
@@ -56,6 +57,40 @@ inline BitConvCall bitconv_call(const at::Tensor& x, const at::Tensor& planes, c
   c.planes = reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>());
   c.bias_ptr = c.bias.defined() ? c.bias.data_ptr<float>() : nullptr;
   c.out_ptr = c.out.data_ptr<float>();
+  return c;
+}
+
+// Everything a launcher of bitconv2d_lif passes to its kernel: checked geometry (x's batch is
+// T * Nb, t major), mul / add contiguous float32 [O], the zeroed spikes int32
+// [T*Nb, OH, OW, ceil(O/32)], v_last float32 [Nb, OH, OW, O] and the neuron's parameters.
+struct BitConvLifCall {
+  BitConvGeometry g;
+  at::Tensor mul, add, spikes, v_last;
+  NeuronParams np;
+  const uint32_t* x;
+  const uint32_t* planes;
+  uint32_t* spikes_ptr;
+};
+
+inline BitConvLifCall bitconv_lif_call(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& mul,
+                                       const at::Tensor& add, at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups, int64_t T, double v_threshold,
+                                       double v_reset, bool soft_reset, int64_t kind, bool decay_input) {
+  BitConvLifCall c{bitconv_geometry(x, planes, stride, padding, dilation, groups)};
+  const int64_t O = planes.size(1);
+  TORCH_CHECK(T >= 1 && c.g.N % T == 0, "bitconv2d_lif: the batch of x must be T * N");
+  TORCH_CHECK(groups == 1 || c.g.out_per_group % 32 == 0, "bitconv2d_lif: groups > 1 needs O / groups % 32 == 0");
+  TORCH_CHECK(mul.scalar_type() == at::kFloat && add.scalar_type() == at::kFloat && mul.numel() == O &&
+                  add.numel() == O, "bitconv2d_lif: mul and add must be float32 [O]");
+  c.mul = mul.contiguous();
+  c.add = add.contiguous();
+  c.spikes = at::zeros({c.g.N, c.g.OH, c.g.OW, (O + 31) / 32}, x.options());
+  c.v_last = at::empty({c.g.N / T, c.g.OH, c.g.OW, O}, x.options().dtype(at::kFloat));
+  c.np = neuron_params(static_cast<float>(v_threshold), soft_reset ? 0.0f : static_cast<float>(v_reset),
+                       static_cast<int>(kind), soft_reset, decay_input, 0, 0, 0.0f);
+  c.x = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
+  c.planes = reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>());
+  c.spikes_ptr = reinterpret_cast<uint32_t*>(c.spikes.data_ptr<int32_t>());
   return c;
 }
 

@@ -25,13 +25,7 @@ typedef long long int64_t;
 #include <stdint.h>
 #endif
 
-#ifndef CBP_HD
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define CBP_HD __host__ __device__ __forceinline__
-#else
-#define CBP_HD inline
-#endif
-#endif
+#include "common/hd.h"
 
 namespace cbp {
 
@@ -56,15 +50,17 @@ CBP_HD int popcount32(uint32_t v) {
 #endif
 }
 
-// The integer count c of output (n, oh, ow, o) (the equation at the top of this file), one
-// output at a time: the portable CPU path and the CUDA-core kernel. planes: [P, O, K] words.
-CBP_HD int32_t bitconv_count(const uint32_t* x, const uint32_t* planes, const BitConvGeometry& g, int64_t n,
-                             int64_t oh, int64_t ow, int64_t o) {
+// The integer counts c[j] of outputs (n, oh, ow, o0 + j), j < width <= J (the equation at the
+// top of this file); the channels o0 .. o0 + width - 1 lie in one group. Each input word is
+// loaded once and ANDed with the J channels' weight words. planes: [P, O, K] words.
+template <int J>
+CBP_HD void bitconv_count_block(const uint32_t* x, const uint32_t* planes, const BitConvGeometry& g, int64_t n,
+                                int64_t oh, int64_t ow, int64_t o0, int width, int32_t (&c)[J]) {
   const int64_t O = g.groups * g.out_per_group, Wg = g.words_per_group, K = g.KH * g.KW * Wg;
-  const int64_t grp = o / g.out_per_group;
-  const uint32_t* wp = planes + o * K;
-  const uint32_t* wn = planes + (O + o) * K;  // ternary only
-  int32_t c = 0;
+  const int64_t grp = o0 / g.out_per_group;
+  const bool ternary = g.planes == 2;
+  CBP_UNROLL
+  for (int j = 0; j < J; ++j) c[j] = 0;
   for (int64_t kh = 0; kh < g.KH; ++kh) {
     const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
     if (ih < 0 || ih >= g.H) continue;
@@ -72,17 +68,27 @@ CBP_HD int32_t bitconv_count(const uint32_t* x, const uint32_t* planes, const Bi
       const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
       if (iw < 0 || iw >= g.W) continue;
       const uint32_t* xp = x + ((n * g.H + ih) * g.W + iw) * (g.groups * Wg) + grp * Wg;
-      const int64_t k0 = (kh * g.KW + kw) * Wg;
+      const uint32_t* wk = planes + o0 * K + (kh * g.KW + kw) * Wg;  // channel o0's words of this tap
       for (int64_t w = 0; w < Wg; ++w) {
-        if (g.planes == 2) {
-          c += popcount32(xp[w] & wp[k0 + w]) - popcount32(xp[w] & wn[k0 + w]);
-        } else {
-          c += 2 * popcount32(xp[w] & wp[k0 + w]) - popcount32(xp[w]);
+        const uint32_t xw = xp[w];
+        const int32_t xc = ternary ? 0 : popcount32(xw);
+        CBP_UNROLL
+        for (int j = 0; j < J; ++j) {
+          if (j >= width) break;
+          const uint32_t* wj = wk + j * K + w;
+          c[j] += ternary ? popcount32(xw & wj[0]) - popcount32(xw & wj[O * K]) : 2 * popcount32(xw & wj[0]) - xc;
         }
       }
     }
   }
-  return c;
+}
+
+// The integer count c of one output (n, oh, ow, o): the portable CPU path and the CUDA-core kernel.
+CBP_HD int32_t bitconv_count(const uint32_t* x, const uint32_t* planes, const BitConvGeometry& g, int64_t n,
+                             int64_t oh, int64_t ow, int64_t o) {
+  int32_t c[1];
+  bitconv_count_block<1>(x, planes, g, n, oh, ow, o, 1, c);
+  return c[0];
 }
 
 // float(c) * scale + bias: the epilogue every backend applies (no FMA: two roundings).

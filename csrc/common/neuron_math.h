@@ -28,6 +28,13 @@ struct NeuronParams {
   float alpha;
 };
 
+// NeuronParams from kernel arguments (ints for the flags, as CuPy passes them).
+CBP_HD NeuronParams neuron_params(float v_threshold, float v_reset, int kind, int soft_reset, int decay_input,
+                                  int detach_reset, int surrogate, float alpha) {
+  return NeuronParams{v_threshold, v_reset, kind, soft_reset != 0, decay_input != 0, detach_reset != 0,
+                      surrogate, alpha};
+}
+
 CBP_HD float neuron_charge(float v, float x, float k, const NeuronParams& p) {
   if (p.kind == kIF) return v + x;
   return p.decay_input ? v + (p.v_reset - v + x) * k : v + (p.v_reset - v) * k + x;
@@ -44,6 +51,15 @@ CBP_HD float charge_dh_dk(float v_prev, float x, const NeuronParams& p) {
 
 CBP_HD float neuron_reset(float h, float s, const NeuronParams& p) {
   return p.soft_reset ? h - p.v_threshold * s : h * (1.0f - s) + p.v_reset * s;
+}
+
+// One forward step on V in place: H = charge(V, X); S = (H - V_th >= 0); V = reset(H, S).
+// Returns S (the fused kernels that keep no H: packed_conv2d_lif).
+CBP_HD bool neuron_step(float& v, float x, float k, const NeuronParams& p) {
+  const float h = neuron_charge(v, x, k, p);
+  const bool s = h - p.v_threshold >= 0.0f;
+  v = neuron_reset(h, s ? 1.0f : 0.0f, p);
+  return s;
 }
 
 // Surrogate derivative sg'(x) at x = H - V_th (SpikingJelly's formulas, same alpha).

@@ -780,13 +780,11 @@ void bitconv_lif_portable(const uint32_t* x, const uint32_t* planes, const float
         const int64_t q = (n * g.OH + oh) * g.OW + ow, Q = Nb * g.OH * g.OW;
         for (int64_t t = 0; t < T; ++t) std::fill_n(spikes + (t * Q + q) * Wo, Wo, 0u);
         for (int64_t o = 0; o < O; ++o) {
-          float v = np.soft_reset ? 0.0f : np.v_reset;
+          float v = np.v_reset;  // 0 for the soft reset
           for (int64_t t = 0; t < T; ++t) {
             const int32_t c = bitconv_count(x, planes, g, t * Nb + n, oh, ow, o);
-            const float h = neuron_charge(v, bitconv_epilogue(c, mul[o], add[o]), k, np);
-            const float s = (h - np.v_threshold >= 0.0f) ? 1.0f : 0.0f;
-            v = neuron_reset(h, s, np);
-            spikes[(t * Q + q) * Wo + o / 32] |= static_cast<uint32_t>(s != 0.0f) << (o % 32);
+            const bool s = neuron_step(v, bitconv_epilogue(c, mul[o], add[o]), k, np);
+            spikes[(t * Q + q) * Wo + o / 32] |= static_cast<uint32_t>(s) << (o % 32);
           }
           v_last[q * O + o] = v;
         }
@@ -802,36 +800,19 @@ std::tuple<at::Tensor, at::Tensor> bitconv2d_lif(const at::Tensor& x, const at::
                                                  at::IntArrayRef dilation, int64_t groups, int64_t T, double decay,
                                                  double v_threshold, double v_reset, bool soft_reset, int64_t kind,
                                                  bool decay_input) {
-  const BitConvGeometry g = bitconv_geometry(x, planes, stride, padding, dilation, groups);
-  const int64_t O = planes.size(1);
-  TORCH_CHECK(T >= 1 && g.N % T == 0, "bitconv2d_lif: the batch of x must be T * N");
-  TORCH_CHECK(groups == 1 || g.out_per_group % 32 == 0, "bitconv2d_lif: groups > 1 needs O / groups % 32 == 0");
-  TORCH_CHECK(mul.scalar_type() == at::kFloat && add.scalar_type() == at::kFloat && mul.numel() == O &&
-                  add.numel() == O, "bitconv2d_lif: mul and add must be float32 [O]");
-  const auto m = mul.contiguous(), a = add.contiguous();
-  auto spikes = at::zeros({g.N, g.OH, g.OW, (O + 31) / 32}, x.options());
-  auto v_last = at::empty({g.N / T, g.OH, g.OW, O}, x.options().dtype(at::kFloat));
-  if (v_last.numel() == 0) return {spikes, v_last};
-  const NeuronParams np{static_cast<float>(v_threshold), soft_reset ? 0.0f : static_cast<float>(v_reset),
-                        static_cast<int>(kind), soft_reset, decay_input, false, 0, 0.0f};
-  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
-  const auto* wp = reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>());
-  auto* sp = reinterpret_cast<uint32_t*>(spikes.data_ptr<int32_t>());
+  const BitConvLifCall c = bitconv_lif_call(x, planes, mul, add, stride, padding, dilation, groups, T, v_threshold,
+                                            v_reset, soft_reset, kind, decay_input);
+  if (c.v_last.numel() == 0) return {c.spikes, c.v_last};
+  const auto lif = [&] {
 #ifdef CBP_HAVE_X86
-  if (use_amx()) {
-    bitconv_lif_amx(xp, wp, m.data_ptr<float>(), a.data_ptr<float>(), g, T, static_cast<float>(decay), np, sp,
-                    v_last.data_ptr<float>());
-    return {spikes, v_last};
-  }
-  if (use_avx512()) {
-    bitconv_lif_avx512(xp, wp, m.data_ptr<float>(), a.data_ptr<float>(), g, T, static_cast<float>(decay), np, sp,
-                       v_last.data_ptr<float>());
-    return {spikes, v_last};
-  }
+    if (use_amx()) return &bitconv_lif_amx;
+    if (use_avx512()) return &bitconv_lif_avx512;
 #endif
-  bitconv_lif_portable(xp, wp, m.data_ptr<float>(), a.data_ptr<float>(), g, T, static_cast<float>(decay), np, sp,
-                       v_last.data_ptr<float>());
-  return {spikes, v_last};
+    return &bitconv_lif_portable;
+  }();
+  lif(c.x, c.planes, c.mul.data_ptr<float>(), c.add.data_ptr<float>(), c.g, T, static_cast<float>(decay), c.np,
+      c.spikes_ptr, c.v_last.data_ptr<float>());
+  return {c.spikes, c.v_last};
 }
 
 // x: int32 [N, H, W, G*Wg]; planes: int32 [P, O, KH, KW, Wg] (P = 1 binary, 2 ternary);

@@ -10,6 +10,9 @@
 // fully unrolled, branch-free selects) with a generic fallback, and compiled three times: for
 // AVX-512, for AVX2 and for the baseline x86-64 ISA, the best the CPU has chosen at run time.
 //
+// constraint_multiplier_step: the same chunks and ISA clones; per weight, cs(w; g) and one
+// gradient-ascent Adam / AdamW step of its multiplier (multiplier_adam: lambda, m, v in place).
+//
 // constraint_quantize: Q(w) elementwise, the same selection.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -136,23 +139,39 @@ CBP_INLINE void pass_chunk(const scalar_t* __restrict w, const scalar_t* __restr
   out[1] = sum_f;
 }
 
-template <typename scalar_t, int KC, bool GRAD, bool LGRAD>
-void pass_all(const std::vector<Chunk>& chunks, at::TensorList weights, at::TensorList lambdas,
-              at::TensorList grads, at::TensorList lambda_grads, const float* table, int k, double* partial) {
+// The layers cut into chunks of kChunk elements, in layer order.
+std::vector<Chunk> make_chunks(at::TensorList weights) {
+  std::vector<Chunk> chunks;
+  for (int64_t l = 0; l < static_cast<int64_t>(weights.size()); ++l) {
+    const int64_t n = weights[l].numel();
+    for (int64_t start = 0; start < n; start += kChunk) chunks.push_back({l, start, std::min(kChunk, n - start)});
+  }
+  return chunks;
+}
+
+// OpenMP threads over the chunks; body(chunk, index) runs compiled for the CPU's instruction
+// set (body: an always-inline lambda, so each ISA clone inlines and vectorises it).
+template <typename F>
+void for_each_chunk(const std::vector<Chunk>& chunks, const F& body) {
   const Isa isa = cpu_isa();
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < n_chunks; ++c) {
-    const Chunk& ch = chunks[c];
+    run_isa(isa, [&]() CBP_INLINE_LAMBDA { body(chunks[c], c); });
+  }
+}
+
+template <typename scalar_t, int KC, bool GRAD, bool LGRAD>
+void pass_all(const std::vector<Chunk>& chunks, at::TensorList weights, at::TensorList lambdas,
+              at::TensorList grads, at::TensorList lambda_grads, const float* table, int k, double* partial) {
+  for_each_chunk(chunks, [&](const Chunk& ch, int64_t c) CBP_INLINE_LAMBDA {
     const scalar_t* w = weights[ch.layer].const_data_ptr<scalar_t>() + ch.start;
     const scalar_t* lam = lambdas[ch.layer].const_data_ptr<scalar_t>() + ch.start;
     scalar_t* grad = GRAD ? grads[ch.layer].mutable_data_ptr<scalar_t>() + ch.start : nullptr;
     scalar_t* lgrad = LGRAD ? lambda_grads[ch.layer].mutable_data_ptr<scalar_t>() + ch.start : nullptr;
     const float* row = table + ch.layer * kConstraintRows * k;
-    run_isa(isa, [&]() CBP_INLINE_LAMBDA {
-      pass_chunk<scalar_t, KC, GRAD, LGRAD>(w, lam, grad, lgrad, row, k, ch.len, partial + 2 * c);
-    });
-  }
+    pass_chunk<scalar_t, KC, GRAD, LGRAD>(w, lam, grad, lgrad, row, k, ch.len, partial + 2 * c);
+  });
 }
 
 // Picks the specialisation: the level count (2, 3 or any) and which outputs are written.
@@ -176,11 +195,7 @@ at::Tensor constraint_pass(at::TensorList weights, at::TensorList lambdas, const
               "constraint_pass: table must be float32 [L, 4, K]");
   const auto tab = table.contiguous();
   const int k = static_cast<int>(tab.size(2));
-  std::vector<Chunk> chunks;
-  for (int64_t l = 0; l < static_cast<int64_t>(weights.size()); ++l) {
-    const int64_t n = weights[l].numel();
-    for (int64_t start = 0; start < n; start += kChunk) chunks.push_back({l, start, std::min(kChunk, n - start)});
-  }
+  const std::vector<Chunk> chunks = make_chunks(weights);
   std::vector<double> partial(2 * chunks.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "constraint_pass_cpu", [&] {
     pass_dispatch<scalar_t>(chunks, weights, lambdas, grads, lambda_grads, tab.const_data_ptr<float>(), k,
@@ -195,6 +210,56 @@ at::Tensor constraint_pass(at::TensorList weights, at::TensorList lambdas, const
   out[0] = sum_l;
   out[1] = sum_f;
   return out;
+}
+
+// One chunk of the multiplier step (n weights): c = cs(w; g), then multiplier_adam on
+// (lambda, m, v) in float32, each rounded once to the storage type.
+template <typename scalar_t, int KC>
+CBP_INLINE void step_chunk(const scalar_t* __restrict w, scalar_t* __restrict lam, scalar_t* __restrict m,
+                           scalar_t* __restrict v, const float* table_row, int k, const float* scalars, int64_t n) {
+  const int K = KC > 0 ? KC : k;
+  const LocalRow<KC> local(table_row);
+  const float* r = local.row;
+  float h[kMultiplierScalars];
+  std::copy(scalars, scalars + kMultiplierScalars, h);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = static_cast<float>(w[i]);
+    float keep;
+    const float q = constraint_select(x, r, K, &keep);
+    const MultiplierState out = multiplier_adam(
+        constraint_free(x, q) * keep, h,
+        {static_cast<float>(lam[i]), static_cast<float>(m[i]), static_cast<float>(v[i])});
+    lam[i] = static_cast<scalar_t>(out.lam);
+    m[i] = static_cast<scalar_t>(out.m);
+    v[i] = static_cast<scalar_t>(out.v);
+  }
+}
+
+void constraint_multiplier_step(at::TensorList weights, at::TensorList lambdas, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, const at::Tensor& table, const at::Tensor& scalars) {
+  TORCH_CHECK(table.dim() == 3 && table.size(1) == kConstraintRows && table.scalar_type() == at::kFloat &&
+                  table.size(0) == static_cast<int64_t>(weights.size()),
+              "constraint_multiplier_step: table must be float32 [L, 4, K]");
+  TORCH_CHECK(scalars.numel() == kMultiplierScalars && scalars.scalar_type() == at::kFloat,
+              "constraint_multiplier_step: scalars must be float32 [8]");
+  const auto tab = table.contiguous();
+  const auto h = scalars.contiguous();
+  const int k = static_cast<int>(tab.size(2));
+  const std::vector<Chunk> chunks = make_chunks(weights);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "constraint_multiplier_step_cpu", [&] {
+    with_levels(k, [&](auto kc) {
+      constexpr int KC = decltype(kc)::value;
+      for_each_chunk(chunks, [&](const Chunk& ch, int64_t) CBP_INLINE_LAMBDA {
+        step_chunk<scalar_t, KC>(weights[ch.layer].const_data_ptr<scalar_t>() + ch.start,
+                                 lambdas[ch.layer].mutable_data_ptr<scalar_t>() + ch.start,
+                                 exp_avgs[ch.layer].mutable_data_ptr<scalar_t>() + ch.start,
+                                 exp_avg_sqs[ch.layer].mutable_data_ptr<scalar_t>() + ch.start,
+                                 tab.const_data_ptr<float>() + ch.layer * kConstraintRows * k, k,
+                                 h.const_data_ptr<float>(), ch.len);
+      });
+    });
+  });
 }
 
 // Q(w) elementwise: out = l_k, k = #{j : w >= m_j}; chunks over OpenMP threads.
@@ -242,11 +307,15 @@ TORCH_LIBRARY_FRAGMENT(cbp_kernels_ext, m) {
       "constraint_pass(Tensor[] weights, Tensor[] lambdas, Tensor table, Tensor(a!)[] grads, "
       "Tensor(b!)[] lambda_grads) -> Tensor");
   m.def("constraint_quantize(Tensor w, Tensor table) -> Tensor");
+  m.def(
+      "constraint_multiplier_step(Tensor[] weights, Tensor(a!)[] lambdas, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor table, Tensor scalars) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
   m.impl("constraint_pass", &constraint_pass);
   m.impl("constraint_quantize", &constraint_quantize);
+  m.impl("constraint_multiplier_step", &constraint_multiplier_step);
 }
 
 }  // namespace cbp

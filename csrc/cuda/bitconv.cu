@@ -1,7 +1,8 @@
 // CUDA entry points of bit packing and the bit-packed popcount convolution: check the
 // tensors, fill the geometry, launch the kernels of bitconv.cuh on the current stream.
 // bitconv2d runs the tensor-core kernel (mma.sync m16n8k256 .b1 AND+POPC) on sm_80+
-// unless CBP_KERNELS_NO_TENSOR_CORES=1, else the CUDA-core __popc kernel.
+// unless CBP_KERNELS_NO_TENSOR_CORES=1, else the CUDA-core __popc kernel; bitconv2d_lif runs
+// the fused-epilogue kernel (one thread per output spike word, the time loop inside).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -77,12 +78,34 @@ at::Tensor bitconv2d_cuda(const at::Tensor& x, const at::Tensor& planes, double 
   return c.out;
 }
 
+// x: int32 [T*Nb, H, W, G*Wg] (t major), planes [P, O, KH, KW, Wg], mul / add float32 [O]
+// -> (spikes int32 [T*Nb, OH, OW, ceil(O/32)], v_last float32 [Nb, OH, OW, O]).
+std::tuple<at::Tensor, at::Tensor> bitconv2d_lif_cuda(const at::Tensor& x, const at::Tensor& planes,
+                                                      const at::Tensor& mul, const at::Tensor& add,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, int64_t groups, int64_t T,
+                                                      double decay, double v_threshold, double v_reset,
+                                                      bool soft_reset, int64_t kind, bool decay_input) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const BitConvLifCall c = bitconv_lif_call(x, planes, mul, add, stride, padding, dilation, groups, T, v_threshold,
+                                            v_reset, soft_reset, kind, decay_input);
+  if (c.v_last.numel() == 0) return {c.spikes, c.v_last};
+  const int64_t threads = c.spikes.size(-1) * c.v_last.numel() / c.v_last.size(-1);  // words x pixels
+  bitconv_lif_kernel<<<blocks_for(threads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      c.x, c.planes, c.mul.data_ptr<float>(), c.add.data_ptr<float>(), c.g, T, static_cast<float>(decay),
+      c.np.v_threshold, c.np.v_reset, c.np.kind, c.np.soft_reset, c.np.decay_input, c.spikes_ptr,
+      c.v_last.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {c.spikes, c.v_last};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CUDA, m) {
   m.impl("bitpack", &bitpack_cuda);
   m.impl("bitunpack", &bitunpack_cuda);
   m.impl("bitconv2d", &bitconv2d_cuda);
+  m.impl("bitconv2d_lif", &bitconv2d_lif_cuda);
 }
 
 }  // namespace cbp

@@ -1,10 +1,12 @@
 // CUDA kernels of bit packing and the bit-packed popcount convolution. extern "C" kernels
 // with no torch includes: csrc/cuda/bitconv.cu launches them from the extension, and the
 // CuPy backend (cbp_kernels/ops/bitconv/cupy.py) JIT-compiles this same file with NVRTC.
-// Formats and equations: csrc/common/bitconv_math.h.
+// Formats and equations: csrc/common/bitconv_math.h (the fused epilogue's neuron:
+// csrc/common/neuron_math.h); compile with --fmad=false (no FMA), as the reference rounds.
 #pragma once
 
 #include "common/bitconv_math.h"
+#include "common/neuron_math.h"
 
 namespace cbp {
 
@@ -135,4 +137,53 @@ extern "C" __global__ void bitconv_mma_kernel(const uint32_t* __restrict__ x, co
     }
   }
 #endif
+}
+
+// Fused epilogue (packed_conv2d_lif): one thread owns one output spike word, i.e. one pixel
+// q = (n, oh, ow) of the Nb = N / T samples and the 32 output channels o = 32 * wo + j of word
+// wo (in one group: the op requires groups == 1 or O / groups % 32 == 0). It walks time inside,
+// the membrane V[j] in registers from V_reset (0 for the soft reset): for t = 0..T-1, on image
+// t * Nb + n (x's batch is t major),
+//   c[j] = the integer count of bitconv_math.h (bitconv_count_block),
+//   y = float(c) * mul[o] + add[o];  H = charge(V, y);  S = (H - V_th >= 0);  V = reset(H, S)
+// (neuron_math.h, neuron_step), and writes spikes[t * Q + q][wo] = OR_j S_j << j (Q = Nb*OH*OW);
+// v_last[q][o] = V after t = T - 1. No float activation is written. Threads run word major
+// (i = wo * Q + q), so a warp's threads share every weight word they load.
+// x: [T*Nb, H, W, G*Wg], planes: [P, O, K], mul / add: float [O], spikes: [T*Nb, OH, OW, Wo]
+// (Wo = ceil(O / 32)), v_last: float [Nb, OH, OW, O]. Launch ceil(Wo * Q / blockDim) blocks.
+#define CBP_LIF_WORD 32
+extern "C" __global__ void bitconv_lif_kernel(const uint32_t* __restrict__ x, const uint32_t* __restrict__ planes,
+                                              const float* __restrict__ mul, const float* __restrict__ add,
+                                              cbp::BitConvGeometry g, int64_t T, float decay, float v_threshold,
+                                              float v_reset, int kind, int soft_reset, int decay_input,
+                                              uint32_t* __restrict__ spikes, float* __restrict__ v_last) {
+  const int64_t O = g.groups * g.out_per_group, Wo = (O + CBP_LIF_WORD - 1) / CBP_LIF_WORD;
+  const int64_t Nb = g.N / T, Q = Nb * g.OH * g.OW;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= Wo * Q) return;
+  const int64_t wo = i / Q, q = i - wo * Q;
+  const int64_t ow = q % g.OW, oh = (q / g.OW) % g.OH, n = q / (g.OW * g.OH);
+  const int64_t o0 = wo * CBP_LIF_WORD;
+  const int width = static_cast<int>(O - o0 < CBP_LIF_WORD ? O - o0 : CBP_LIF_WORD);
+  const cbp::NeuronParams p = cbp::neuron_params(v_threshold, v_reset, kind, soft_reset, decay_input, 0, 0, 0.0f);
+  float v[CBP_LIF_WORD];
+  CBP_UNROLL
+  for (int j = 0; j < CBP_LIF_WORD; ++j) v[j] = p.v_reset;
+  for (int64_t t = 0; t < T; ++t) {
+    int32_t c[CBP_LIF_WORD];
+    cbp::bitconv_count_block<CBP_LIF_WORD>(x, planes, g, t * Nb + n, oh, ow, o0, width, c);
+    uint32_t word = 0u;
+    CBP_UNROLL
+    for (int j = 0; j < CBP_LIF_WORD; ++j) {
+      if (j >= width) break;
+      const bool s = cbp::neuron_step(v[j], cbp::bitconv_epilogue(c[j], mul[o0 + j], add[o0 + j]), decay, p);
+      word |= static_cast<uint32_t>(s) << j;
+    }
+    spikes[(t * Q + q) * Wo + wo] = word;
+  }
+  CBP_UNROLL
+  for (int j = 0; j < CBP_LIF_WORD; ++j) {
+    if (j >= width) break;
+    v_last[q * O + o0 + j] = v[j];
+  }
 }

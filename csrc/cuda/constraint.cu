@@ -3,6 +3,8 @@
 // constraint_pass: the launch table (the layers' sizes and base addresses, one (layer, start)
 // per chunk) is built on the host and sent in one asynchronous copy, and ONE kernel launch
 // covers every layer; the float64 block partials are summed on the device (no host sync).
+// constraint_multiplier_step: the same table (exp_avg / exp_avg_sq in the grad / lambda_grad
+// columns) and ONE launch updating every layer's lambda, m and v in place.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -22,18 +24,21 @@ struct ConstraintKernels<float> {
   using device_t = float;
   static constexpr auto pass = constraint_pass_f32;
   static constexpr auto quantize = constraint_quantize_f32;
+  static constexpr auto multiplier_step = constraint_multiplier_step_f32;
 };
 template <>
 struct ConstraintKernels<at::Half> {
   using device_t = __half;
   static constexpr auto pass = constraint_pass_f16;
   static constexpr auto quantize = constraint_quantize_f16;
+  static constexpr auto multiplier_step = constraint_multiplier_step_f16;
 };
 template <>
 struct ConstraintKernels<at::BFloat16> {
   using device_t = __nv_bfloat16;
   static constexpr auto pass = constraint_pass_bf16;
   static constexpr auto quantize = constraint_quantize_bf16;
+  static constexpr auto multiplier_step = constraint_multiplier_step_bf16;
 };
 
 #define CBP_CONSTRAINT_DISPATCH(TYPE, NAME, ...)                                            \
@@ -42,7 +47,8 @@ struct ConstraintKernels<at::BFloat16> {
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // The launch table of csrc/cuda/constraint.cuh, built in pinned memory and sent in one
-// asynchronous copy: [numel | w | lambda | grad | lambda_grad] per layer, then (layer, start) per chunk.
+// asynchronous copy: [numel | w | lambda | grad | lambda_grad] per layer, then (layer, start) per chunk
+// (the multiplier step passes exp_avgs / exp_avg_sqs as grads / lambda_grads).
 at::Tensor launch_table(at::TensorList weights, at::TensorList lambdas, at::TensorList grads,
                         at::TensorList lambda_grads, int64_t* n_chunks) {
   const int64_t L = static_cast<int64_t>(weights.size());
@@ -94,6 +100,31 @@ at::Tensor constraint_pass_cuda(at::TensorList weights, at::TensorList lambdas, 
   return partial.sum(0);
 }
 
+void constraint_multiplier_step_cuda(at::TensorList weights, at::TensorList lambdas, at::TensorList exp_avgs,
+                                     at::TensorList exp_avg_sqs, const at::Tensor& table, const at::Tensor& scalars) {
+  TORCH_CHECK(table.dim() == 3 && table.size(1) == kConstraintRows && table.scalar_type() == at::kFloat &&
+                  table.size(0) == static_cast<int64_t>(weights.size()),
+              "constraint_multiplier_step: table must be float32 [L, 4, K]");
+  TORCH_CHECK(scalars.numel() == kMultiplierScalars && scalars.scalar_type() == at::kFloat &&
+                  scalars.device() == weights[0].device(),
+              "constraint_multiplier_step: scalars must be float32 [8] on the weights' device");
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  int64_t n_chunks = 0;
+  const auto meta = launch_table(weights, lambdas, exp_avgs, exp_avg_sqs, &n_chunks);
+  if (n_chunks == 0) return;
+  const auto tab = table.contiguous();
+  const auto h = scalars.contiguous();
+  const int k = static_cast<int>(tab.size(2));
+  CBP_CONSTRAINT_DISPATCH(weights[0].scalar_type(), "constraint_multiplier_step_cuda", [&] {
+    ConstraintKernels<scalar_t>::multiplier_step<<<static_cast<unsigned int>(n_chunks), kConstraintThreads,
+                                                   kConstraintRows * k * sizeof(float),
+                                                   c10::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const long long*>(meta.data_ptr<int64_t>()), static_cast<int>(weights.size()),
+        tab.data_ptr<float>(), k, h.data_ptr<float>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor constraint_quantize_cuda(const at::Tensor& w, const at::Tensor& table) {
   TORCH_CHECK(table.dim() == 3 && table.size(0) == 1 && table.size(1) == kConstraintRows &&
                   table.scalar_type() == at::kFloat,
@@ -122,6 +153,7 @@ at::Tensor constraint_quantize_cuda(const at::Tensor& w, const at::Tensor& table
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CUDA, m) {
   m.impl("constraint_pass", &constraint_pass_cuda);
   m.impl("constraint_quantize", &constraint_quantize_cuda);
+  m.impl("constraint_multiplier_step", &constraint_multiplier_step_cuda);
 }
 
 }  // namespace cbp

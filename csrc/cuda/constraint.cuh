@@ -14,6 +14,12 @@
 //   holds the [L][4][k] float constants. Per weight w, multiplier lam:  sum lam*cs(w; g),
 //   sum cs(w) (block partials, float64, into partial[2b], partial[2b+1]);
 //   grad += lam * dcs/dw;  lambda_grad = cs(w; g).
+// constraint_multiplier_step_SUFFIX(meta, n_layers, table, k, scalars)
+//   The same launch table and chunks, with the exp_avg and exp_avg_sq base addresses in the
+//   grad and lambda_grad columns: [ numel | w | lambda | exp_avg | exp_avg_sq | chunks ]. Per
+//   weight: c = cs(w; g), then one gradient-ascent Adam / AdamW step of lambda on c
+//   (multiplier_adam of csrc/common/constraint_math.h; lambda, m, v in place), with the 8
+//   float step scalars of reference.adam_scalars in device memory.
 // constraint_quantize_SUFFIX(w, out, table, k, n): out = Q(w) for one layer's table row.
 // SUFFIX / storage type: f32 / float, f16 / __half, bf16 / __nv_bfloat16. Launch with
 // kConstraintThreads threads and 4*k floats of dynamic shared memory (the table row).
@@ -53,16 +59,25 @@ __device__ __forceinline__ float constraint_block_sum(float v, float* scratch) {
   return v;  // valid in thread 0
 }
 
+// This block's chunk of the launch table: its layer and the weights [start, end).
+struct ConstraintChunk {
+  long long layer, start, end;
+};
+__device__ __forceinline__ ConstraintChunk constraint_chunk(const long long* __restrict__ meta, long long L) {
+  const long long layer = meta[5 * L + blockIdx.x];
+  const long long start = meta[5 * L + gridDim.x + blockIdx.x];
+  const long long n = meta[layer];
+  return {layer, start, start + kConstraintChunk < n ? start + kConstraintChunk : n};
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ void constraint_pass_impl(const long long* __restrict__ meta, int n_layers,
                                                      const float* __restrict__ table, int k,
                                                      double* __restrict__ partial) {
   __shared__ float scratch[kConstraintThreads / 32];
   const long long L = n_layers;
-  const long long layer = meta[5 * L + blockIdx.x];
-  const long long start = meta[5 * L + gridDim.x + blockIdx.x];
-  const long long n = meta[layer];
-  const long long end = start + kConstraintChunk < n ? start + kConstraintChunk : n;
+  const ConstraintChunk ch = constraint_chunk(meta, L);
+  const long long layer = ch.layer;
   const float* row = constraint_shared_row(table + layer * kConstraintRows * k, k);
   const scalar_t* w = reinterpret_cast<const scalar_t*>(meta[L + layer]);
   const scalar_t* lam = reinterpret_cast<const scalar_t*>(meta[2 * L + layer]);
@@ -70,7 +85,7 @@ __device__ __forceinline__ void constraint_pass_impl(const long long* __restrict
   scalar_t* lgrad = reinterpret_cast<scalar_t*>(meta[4 * L + layer]);
   float sum_l = 0.0f, sum_f = 0.0f;
 #pragma unroll 4
-  for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+  for (long long i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
     const float x = load_f32(w + i);
     const float l = load_f32(lam + i);
     float keep;
@@ -87,6 +102,33 @@ __device__ __forceinline__ void constraint_pass_impl(const long long* __restrict
   if (threadIdx.x == 0) {
     partial[2 * blockIdx.x] = static_cast<double>(sum_l);
     partial[2 * blockIdx.x + 1] = static_cast<double>(sum_f);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void constraint_multiplier_step_impl(const long long* __restrict__ meta, int n_layers,
+                                                                const float* __restrict__ table, int k,
+                                                                const float* __restrict__ scalars) {
+  const long long L = n_layers;
+  const ConstraintChunk ch = constraint_chunk(meta, L);
+  const float* row = constraint_shared_row(table + ch.layer * kConstraintRows * k, k);
+  float h[kMultiplierScalars];
+#pragma unroll
+  for (int j = 0; j < kMultiplierScalars; ++j) h[j] = scalars[j];
+  const scalar_t* w = reinterpret_cast<const scalar_t*>(meta[L + ch.layer]);
+  scalar_t* lam = reinterpret_cast<scalar_t*>(meta[2 * L + ch.layer]);
+  scalar_t* m = reinterpret_cast<scalar_t*>(meta[3 * L + ch.layer]);
+  scalar_t* v = reinterpret_cast<scalar_t*>(meta[4 * L + ch.layer]);
+#pragma unroll 4
+  for (long long i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
+    const float x = load_f32(w + i);
+    float keep;
+    const float q = constraint_select(x, row, k, &keep);
+    const MultiplierState out =
+        multiplier_adam(constraint_free(x, q) * keep, h, {load_f32(lam + i), load_f32(m + i), load_f32(v + i)});
+    store_f32(lam + i, out.lam);
+    store_f32(m + i, out.m);
+    store_f32(v + i, out.v);
   }
 }
 
@@ -111,6 +153,10 @@ __device__ __forceinline__ void constraint_quantize_impl(const scalar_t* __restr
   extern "C" __global__ void __launch_bounds__(cbp::kConstraintThreads) constraint_quantize_##SUFFIX(          \
       const TYPE* w, TYPE* out, const float* table, int k, long long n) {                                      \
     cbp::constraint_quantize_impl<TYPE>(w, out, table, k, n);                                                  \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(cbp::kConstraintThreads) constraint_multiplier_step_##SUFFIX(   \
+      const long long* meta, int n_layers, const float* table, int k, const float* scalars) {                  \
+    cbp::constraint_multiplier_step_impl<TYPE>(meta, n_layers, table, k, scalars);                             \
   }
 
 CBP_CONSTRAINT_KERNELS(f32, float)

@@ -28,14 +28,6 @@ namespace cbp {
 // Threads per block; a multiple of 32 (the backward's warp reduction assumes whole warps).
 constexpr int kNeuronThreads = 256;
 
-
-__device__ __forceinline__ NeuronParams neuron_params(float v_threshold, float v_reset, int kind, int soft_reset,
-                                                      int decay_input, int detach_reset, int surrogate,
-                                                      float alpha) {
-  return NeuronParams{v_threshold, v_reset, kind, soft_reset != 0, decay_input != 0, detach_reset != 0,
-                      surrogate, alpha};
-}
-
 // For t = 0..T-1: H[t] = charge(V[t-1], X[t]); S[t] = (H[t] - V_th >= 0); V[t] = reset(H[t], S[t]).
 template <typename scalar_t>
 __device__ __forceinline__ void neuron_forward_impl(const scalar_t* __restrict__ x, const float* __restrict__ v_init,

@@ -162,9 +162,6 @@ def run(x, w: PackedWeight, bias, stride, padding, dilation, groups: int, backen
     return _impl(backend).conv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups)
 
 
-_FUSED_BACKENDS = ("reference", "cpu")
-
-
 def packed_conv2d_lif(
     spikes_packed: torch.Tensor,
     weight_packed: PackedWeight,
@@ -203,8 +200,9 @@ def packed_conv2d_lif(
             ``O / groups`` to be a multiple of 32).
         neuron: ``"lif"`` or ``"if"``; tau (> 1), v_threshold, v_reset (None: soft reset),
             decay_input: as ``multistep_neuron``.
-        backend: ``"auto"``, ``"cpu"`` or ``"reference"`` (no GPU kernel yet: CUDA tensors
-            run the reference).
+        backend: ``"auto"`` or one of ``cbp_kernels.BACKENDS`` (``cuda`` / ``cupy``: one
+            thread per output spike word with the time loop inside; ``triton``: one program
+            per output word of a block of 32 pixels).
 
     Returns:
         ``(spikes int32 [T*N, OH, OW, ceil(O/32)] packed like the input of the next layer,
@@ -231,15 +229,9 @@ def packed_conv2d_lif(
         raise ValueError(f"tau must be > 1 for LIF neurons, got {tau}")
     decay = 1.0 if neuron == "if" else float(torch.tensor(1.0 / tau, dtype=torch.float32))
     p = NeuronParams(v_threshold, v_reset, NEURONS[neuron], bool(decay_input))
-    requested = backend
     backend = resolve_backend(backend, "bitconv2d_lif", dev, __package__)
-    if backend not in _FUSED_BACKENDS:
-        if requested != "auto":
-            raise RuntimeError(f"packed_conv2d_lif runs on the backends {_FUSED_BACKENDS}, not {backend!r}")
-        backend = "reference"
-    impl = reference if backend == "reference" else _impl(backend)
-    return impl.conv2d_lif(spikes_packed.contiguous(), w.planes, mul.contiguous(), add.contiguous(), stride, padding,
-                           dilation, groups, T, decay, p)
+    return _impl(backend).conv2d_lif(spikes_packed.contiguous(), w.planes, mul.contiguous(), add.contiguous(), stride,
+                                     padding, dilation, groups, T, decay, p)
 
 
 def packed_linear(

@@ -66,6 +66,13 @@ class Geometry(NamedTuple):
         """The uninitialised float32 NHWC output [N, OH, OW, O] on x's device."""
         return torch.empty(self.N, self.OH, self.OW, self.groups * self.out_per_group, dtype=torch.float32, device=x.device)
 
+    def empty_lif_outputs(self, x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uninitialised outputs of ``conv2d_lif`` on x's device: spike words int32
+        [N, OH, OW, ceil(O/32)] and v_last float32 [N/T, OH, OW, O]."""
+        O = self.groups * self.out_per_group
+        words = torch.empty(self.N, self.OH, self.OW, -(-O // bits.WORD_BITS), dtype=torch.int32, device=x.device)
+        return words, torch.empty(self.N // T, self.OH, self.OW, O, dtype=torch.float32, device=x.device)
+
 
 def count(x, planes, stride, padding, dilation, groups: int) -> torch.Tensor:
     """The exact integer count c as float32 NHWC [N, OH, OW, O]."""

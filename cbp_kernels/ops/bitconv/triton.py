@@ -5,6 +5,8 @@ for every in-bounds tap (kh, kw) and channel word w it ANDs the pixel words with
 channels' weight words and counts bits (csrc/common/bitconv_math.h):
     binary c = sum 2*popc(x & w) - popc(x),   ternary c = sum popc(x & p) - popc(x & n),
     out = float32(c) * scale (+ bias).
+The fused epilogue (``conv2d_lif``) shares that count (``_count``): a program owns one output
+spike word (32 channels) of BLOCK_P pixels and walks the T timesteps inside.
 Bit count: libdevice ``popc`` on a GPU; under ``TRITON_INTERPRET=1`` neither libdevice nor
 inline asm runs, so the constexpr flag ``USE_LIBDEVICE=False`` selects a SWAR count.
 """
@@ -16,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..bitpack import WORD_BITS
+from ..neuron.params import NeuronParams
+from ..neuron.triton import _charge, _reset
 from .reference import Geometry
 
 
@@ -39,22 +44,13 @@ def _popc(v, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _bitconv_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, scale,
-    N, H, W, OH, OW, O, Og, Cw, Wg, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, o_blocks,
-    HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+def _count(
+    x_ptr, w_ptr, n, oh, ow, pmask, grp, o, omask, H, W, O, Cw, Wg, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    TERNARY: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    grp = tl.program_id(1) // o_blocks
-    ol = (tl.program_id(1) % o_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = ol < Og
-    o = grp * Og + ol
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = pix < N * OH * OW
-    n = pix // (OH * OW)
-    oh = (pix // OW) % OH
-    ow = pix % OW
+    """The integer counts c [BLOCK_P pixels (n, oh, ow), BLOCK_O channels o of group grp]
+    (the module docstring's equation), int32."""
     K = KH * KW * Wg
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.int32)
     xcount = tl.zeros([BLOCK_P], dtype=tl.int32)
@@ -76,10 +72,84 @@ def _bitconv_kernel(
                     xcount += _popc(xw, USE_LIBDEVICE)
     if not TERNARY:
         acc = 2 * acc - xcount[:, None]
+    return acc
+
+
+@triton.jit
+def _bitconv_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, scale,
+    N, H, W, OH, OW, O, Og, Cw, Wg, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, o_blocks,
+    HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """out[pixel, o] = float32(c) * scale (+ bias[o]) on a [BLOCK_P, BLOCK_O] tile of one group."""
+    grp = tl.program_id(1) // o_blocks
+    ol = (tl.program_id(1) % o_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = ol < Og
+    o = grp * Og + ol
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pix < N * OH * OW
+    n = pix // (OH * OW)
+    oh = (pix // OW) % OH
+    ow = pix % OW
+    acc = _count(x_ptr, w_ptr, n, oh, ow, pmask, grp, o, omask, H, W, O, Cw, Wg, KH, KW,
+                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TERNARY, USE_LIBDEVICE, BLOCK_P, BLOCK_O)
     out = acc.to(tl.float32) * scale
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + o, mask=omask, other=0.0)[None, :]
     tl.store(out_ptr + pix[:, None].to(tl.int64) * O + o[None, :], out, mask=pmask[:, None] & omask[None, :])
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit(do_not_specialize=["T", "Nb"])
+def _bitconv_lif_kernel(
+    x_ptr, w_ptr, mul_ptr, add_ptr, spike_ptr, v_last_ptr, T, Nb, decay, v_threshold, v_reset,
+    H, W, OH, OW, O, Og, Cw, Wg, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, o_blocks, Wo,
+    KIND: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    TERNARY: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """Fused epilogue: a program owns the output spike word pid(1) (channels o = 32 * pid(1) + j,
+    BLOCK_O = 32, in one group) of BLOCK_P pixels q = (n, oh, ow) of the Nb samples, and walks
+    time inside with the membrane V in registers (from V_reset): for t = 0..T-1, on image t * Nb + n,
+        y = float32(c) * mul[o] + add[o];  H = charge(V, y);  S = (H - V_th >= 0);  V = reset(H, S)
+    (ops/neuron/triton.py's helpers), spikes[t * Q + q, pid(1)] = OR_j S_j << j (Q = Nb*OH*OW);
+    v_last[q, o] = V after t = T - 1. No float activation is written."""
+    grp = tl.program_id(1) // o_blocks
+    ol = (tl.program_id(1) % o_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = ol < Og
+    o = grp * Og + ol
+    Q = Nb * OH * OW
+    q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = q < Q
+    n = q // (OH * OW)
+    oh = (q // OW) % OH
+    ow = q % OW
+    mul = tl.load(mul_ptr + o, mask=omask, other=0.0)[None, :]
+    add = tl.load(add_ptr + o, mask=omask, other=0.0)[None, :]
+    bit = (tl.full([BLOCK_O], 1, tl.uint32) << tl.arange(0, BLOCK_O).to(tl.uint32))[None, :]
+    v = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32) + v_reset
+    for t in range(T):
+        c = _count(x_ptr, w_ptr, n + t * Nb, oh, ow, pmask, grp, o, omask, H, W, O, Cw, Wg, KH, KW,
+                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TERNARY, USE_LIBDEVICE, BLOCK_P, BLOCK_O)
+        h = _charge(v, c.to(tl.float32) * mul + add, decay, v_reset, KIND, DECAY_INPUT)
+        s = tl.where(h - v_threshold >= 0.0, 1.0, 0.0)
+        v = _reset(h, s, v_threshold, v_reset, SOFT_RESET)
+        word = tl.reduce(tl.where((s != 0.0) & omask[None, :], bit, 0), 1, _bit_or)
+        tl.store(spike_ptr + (q.to(tl.int64) + t * Q) * Wo + tl.program_id(1), word.to(tl.int32, bitcast=True),
+                 mask=pmask)
+    tl.store(v_last_ptr + q[:, None].to(tl.int64) * O + o[None, :], v, mask=pmask[:, None] & omask[None, :])
+
+
+def _launch_options(x: torch.Tensor) -> tuple[bool, dict]:
+    """(USE_LIBDEVICE, compile options): libdevice popc on a GPU, the SWAR count when
+    interpreted; enable_fp_fusion=False keeps every mul + add two roundings (no FMA), as the spec."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda and not interpreted, ({} if interpreted else {"enable_fp_fusion": False})
 
 
 def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -89,14 +159,30 @@ def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int
         return out
     o_blocks = triton.cdiv(g.out_per_group, _BLOCK_O)
     grid = (triton.cdiv(g.N * g.OH * g.OW, _BLOCK_P), groups * o_blocks)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    # enable_fp_fusion=False: c * scale + bias stays two roundings (no FMA), as the spec.
-    extra = {} if interpreted else {"enable_fp_fusion": False}
+    use_libdevice, extra = _launch_options(x)
     _bitconv_kernel[grid](
         x, planes, out if bias is None else bias, out, float(scale),
         g.N, g.H, g.W, g.OH, g.OW, out.shape[-1], g.out_per_group, x.shape[-1], g.words_per_group, g.KH, g.KW,
         *stride, *padding, *dilation, o_blocks,
-        HAS_BIAS=bias is not None, TERNARY=g.planes == 2, USE_LIBDEVICE=x.is_cuda and not interpreted,
+        HAS_BIAS=bias is not None, TERNARY=g.planes == 2, USE_LIBDEVICE=use_libdevice,
         BLOCK_P=_BLOCK_P, BLOCK_O=_BLOCK_O, **extra,
     )
     return out
+
+
+def conv2d_lif(x, planes, mul, add, stride, padding, dilation, groups: int, T: int, decay: float, p: NeuronParams):
+    g = Geometry.of(x, planes, stride, padding, dilation, groups)
+    spikes, v_last = g.empty_lif_outputs(x, T)
+    if v_last.numel() == 0:
+        return spikes, v_last
+    o_blocks = triton.cdiv(g.out_per_group, WORD_BITS)  # one program column per output word
+    Nb = g.N // T
+    use_libdevice, extra = _launch_options(x)
+    _bitconv_lif_kernel[(triton.cdiv(Nb * g.OH * g.OW, _BLOCK_P), groups * o_blocks)](
+        x, planes, mul, add, spikes, v_last, T, Nb, float(decay), p.v_threshold, p.reset_value,
+        g.H, g.W, g.OH, g.OW, v_last.shape[-1], g.out_per_group, x.shape[-1], g.words_per_group, g.KH, g.KW,
+        *stride, *padding, *dilation, o_blocks, spikes.shape[-1],
+        KIND=p.kind, SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, TERNARY=g.planes == 2,
+        USE_LIBDEVICE=use_libdevice, BLOCK_P=_BLOCK_P, BLOCK_O=WORD_BITS, **extra,
+    )
+    return spikes, v_last

@@ -1,6 +1,7 @@
-"""The CBP constraint: ``quantize`` (Q with a straight-through gradient) and the fused
-multi-tensor ``constraint_pass``; the math is ``reference.py`` (``reference.cs`` elementwise)."""
+"""The CBP constraint: ``quantize`` (Q with a straight-through gradient), the fused
+multi-tensor ``constraint_pass`` and ``multiplier_step`` (the Adam / AdamW ascent of the
+multipliers, also one multi-tensor pass); the math is ``reference.py`` (``reference.cs`` elementwise)."""
 from . import reference
-from .op import constraint_pass, quantize
+from .op import constraint_pass, multiplier_step, quantize
 
-__all__ = ["constraint_pass", "quantize", "reference"]
+__all__ = ["constraint_pass", "multiplier_step", "quantize", "reference"]

@@ -5,6 +5,7 @@ launcher builds the same in C++): ONE int64 tensor, copied to the device in one 
 
 the layers' sizes and base addresses (0 where an optional list is absent), then the chunks:
 chunk c covers weights ``chunk_start[c] .. + chunk`` (clipped to numel) of ``chunk_layer[c]``.
+The multiplier step passes its exp_avgs / exp_avg_sqs in the grad / lambda_grad columns.
 Layout documented with the kernels in csrc/cuda/constraint.cuh."""
 from __future__ import annotations
 

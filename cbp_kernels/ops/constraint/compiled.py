@@ -12,3 +12,7 @@ def quantize(w, table):
 
 def constraint_pass(weights, lambdas, table, grads, lambda_grads):
     return torch.ops.cbp_kernels_ext.constraint_pass(weights, lambdas, table, grads, lambda_grads)
+
+
+def multiplier_step(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars):
+    torch.ops.cbp_kernels_ext.constraint_multiplier_step(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars)

@@ -25,6 +25,15 @@ def constraint_pass(weights, lambdas, table, grads, lambda_grads):
     return partial.sum(0)
 
 
+def multiplier_step(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars):
+    meta, n_chunks = launch_table(weights, lambdas, exp_avgs, exp_avg_sqs, CHUNK)
+    k = table.shape[2]
+    if n_chunks:
+        launch("constraint", f"constraint_multiplier_step_{dtype_suffix(weights[0].dtype)}", weights[0].device,
+               n_chunks, THREADS, (meta, np.int32(len(weights)), table.contiguous(), np.int32(k), scalars.contiguous()),
+               shared=16 * k)
+
+
 def quantize(w, table):
     x = w.contiguous()
     out = torch.empty_like(x)

@@ -5,6 +5,9 @@ ops (with fake implementations, so torch.compile traces them).
 - ``constraint_pass``: ONE fused pass over all quantized layers (one kernel launch for every
   layer) that returns sum(lambda * cs(w; g)) and sum(cs(w)) and, on request, adds
   lambda * dcs/dw into the weights' gradients and writes cs(w; g) as the multipliers' gradient.
+- ``multiplier_step``: ONE fused pass over all quantized layers that takes one gradient-ascent
+  Adam / AdamW step of every multiplier lambda on cs(w; g) (the multiplier update of CBP),
+  the optimizer state held by the caller.
 
 The math (and every tie-breaking choice) is documented in ``reference.py``; all backends read
 one table of per-layer constants built there (``level_table``).
@@ -18,9 +21,9 @@ import torch
 
 from ..._backend import resolve_backend
 from ..utils import check_finite, check_kernel_dtype, check_same_device, check_tensor
-from .reference import compute_dtype, level_table
+from .reference import adam_scalars, compute_dtype, level_table
 
-__all__ = ["quantize", "constraint_pass"]
+__all__ = ["quantize", "constraint_pass", "multiplier_step"]
 
 _BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
 
@@ -57,6 +60,19 @@ def _constraint_pass(
 @_constraint_pass.register_fake
 def _(weights, lambdas, table, grads, lambda_grads, backend):
     return weights[0].new_empty(2, dtype=torch.float64)
+
+
+@torch.library.custom_op("cbp_kernels::multiplier_step", mutates_args=("lambdas", "exp_avgs", "exp_avg_sqs"))
+def _multiplier_step(
+    weights: list[torch.Tensor], lambdas: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], table: torch.Tensor, scalars: torch.Tensor, backend: str,
+) -> None:
+    _impl(backend).multiplier_step(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars)
+
+
+@_multiplier_step.register_fake
+def _(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars, backend):
+    return None
 
 
 def _checked_levels(levels) -> torch.Tensor:
@@ -135,6 +151,21 @@ def _check_companions(name: str, tensors, weights) -> list[torch.Tensor]:
     return list(tensors)
 
 
+def _checked_weights(weights) -> list[torch.Tensor]:
+    """A non-empty sequence of contiguous tensors of one dtype on one device."""
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
+        raise ValueError("weights must be a non-empty sequence of tensors")
+    weights = list(weights)
+    for i, w in enumerate(weights):
+        check_tensor(f"weights[{i}]", w)
+        check_same_device("weights[0]", weights[0], **{f"weights[{i}]": w})
+        if w.dtype != weights[0].dtype:
+            raise TypeError(f"weights must share one dtype: weights[0] is {weights[0].dtype}, weights[{i}] is {w.dtype}")
+        if not w.is_contiguous():
+            raise ValueError(f"weights[{i}] must be contiguous")
+    return weights
+
+
 def constraint_pass(
     weights: Sequence[torch.Tensor],
     lambdas: Sequence[torch.Tensor],
@@ -167,16 +198,7 @@ def constraint_pass(
         float64 tensors on the weights' device (divide the second by the weight count for CFS).
         NaN / Inf weights make them non-finite. No autograd through this op (an update pass).
     """
-    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
-        raise ValueError("weights must be a non-empty sequence of tensors")
-    weights = list(weights)
-    for i, w in enumerate(weights):
-        check_tensor(f"weights[{i}]", w)
-        check_same_device("weights[0]", weights[0], **{f"weights[{i}]": w})
-        if w.dtype != weights[0].dtype:
-            raise TypeError(f"weights must share one dtype: weights[0] is {weights[0].dtype}, weights[{i}] is {w.dtype}")
-        if not w.is_contiguous():
-            raise ValueError(f"weights[{i}] must be contiguous")
+    weights = _checked_weights(weights)
     lambdas = _check_companions("lambdas", lambdas, weights)
     grads = [] if grads is None else _check_companions("grads", grads, weights)
     lambda_grads = [] if lambda_grads is None else _check_companions("lambda_grads", lambda_grads, weights)
@@ -193,3 +215,81 @@ def constraint_pass(
         )
     return sums[0], sums[1]
 
+
+def _checked_adam(step, lr, betas, eps, weight_decay, decoupled) -> tuple:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"step must be an integer >= 1 (the 1-based index of this step), got {step!r}")
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if check_finite(name, value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if isinstance(betas, torch.Tensor) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= check_finite(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
+    if not isinstance(decoupled, bool):
+        raise TypeError(f"decoupled must be a bool, got {decoupled!r}")
+    return step, float(lr), (float(betas[0]), float(betas[1])), float(eps), float(weight_decay), decoupled
+
+
+def multiplier_step(
+    weights: Sequence[torch.Tensor],
+    lambdas: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    levels: torch.Tensor,
+    scales: torch.Tensor,
+    g: float,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    backend: str = "auto",
+) -> None:
+    """The CBP multiplier update in one fused pass over all quantized layers (one kernel launch):
+    for every weight, grad = cs(w; g) (windowed, the value ``constraint_pass`` writes into
+    ``lambda_grads``) and one gradient-ASCENT step of lambda, exactly the arithmetic of
+    ``torch.optim.Adam(maximize=True)`` (``decoupled=False``, L2 ``weight_decay`` added to the
+    gradient) or ``torch.optim.AdamW(maximize=True)`` (``decoupled=True``: lambda *= 1 - lr*wd),
+    amsgrad off, each operation rounded once in float32 (see reference.py; against torch's own
+    kernels the results agree to a few ulp, not bit for bit).
+
+    Args:
+        weights: the L quantized weight tensors, as for ``constraint_pass``.
+        lambdas: the multipliers (one per weight, its shape, dtype, device; contiguous):
+            updated in place.
+        exp_avgs, exp_avg_sqs: the Adam moments m and v, one per weight, in the weights' dtype
+            (the optimizer state stays in the lambda dtype, as torch.optim.Adam keeps it;
+            arithmetic is float32 whatever the storage), contiguous; zeros before the first
+            step; updated in place.
+        levels, scales, g: as for ``constraint_pass``.
+        step: this step's 1-based index (torch's ``state["step"]`` after its increment): the
+            bias corrections use it.
+        lr, betas, eps, weight_decay: as for torch.optim.Adam; lr, eps, weight_decay >= 0,
+            betas in [0, 1).
+        decoupled: False: Adam; True: AdamW.
+        backend: ``"auto"`` or one of ``cbp_kernels.BACKENDS``.
+
+    Every argument is checked before anything changes. No autograd (an update pass).
+    """
+    weights = _checked_weights(weights)
+    lambdas = _check_companions("lambdas", lambdas, weights)
+    exp_avgs = _check_companions("exp_avgs", exp_avgs, weights)
+    exp_avg_sqs = _check_companions("exp_avg_sqs", exp_avg_sqs, weights)
+    levels = _checked_levels(levels)
+    device = weights[0].device
+    scales = _checked_scales("scales", scales, len(weights), device)
+    g = _checked_g(g)
+    adam = _checked_adam(step, lr, betas, eps, weight_decay, decoupled)
+    backend = resolve_backend(backend, "constraint_multiplier_step", device, __package__)
+    check_kernel_dtype(backend, weights[0].dtype)
+    dtype = compute_dtype(weights[0].dtype)
+    with torch.no_grad():
+        _multiplier_step(
+            [w.detach() for w in weights], [lam.detach() for lam in lambdas], [m.detach() for m in exp_avgs],
+            [v.detach() for v in exp_avg_sqs], _table(levels, scales, g, weights[0].dtype, device),
+            adam_scalars(*adam, dtype=dtype).to(device), backend,
+        )

@@ -31,6 +31,20 @@ there; we follow the paper's eps (and their backward): cs = 0 there too.
 Arithmetic: float32 for float32/float16/bfloat16 weights (float64 for float64). NaN weights
 give cs = NaN and +-Inf give cs = Inf, so the sums the pass returns are not finite (no extra
 pass over the weights to check them; the caller checks the sums).
+
+The multiplier step (``multiplier_step``): with grad = -cs(w; g) (gradient ASCENT on
+sum(lambda * cs)), one step of torch.optim.Adam / AdamW(maximize=True, amsgrad=False) as its
+single-tensor path computes it, in the compute dtype, every operation rounded once:
+
+    grad = -cs(w; g) [+ wd * lam]           (Adam: L2 through the gradient, only when wd != 0)
+    lam  = lam * (1 - lr * wd)              (AdamW: decoupled decay; x1 for Adam)
+    m    = lerp(m, grad, 1 - beta1)         (m + w (grad - m) for w < 0.5, else grad - (grad - m)(1 - w))
+    v    = v * beta2 + ((1 - beta2) * grad) * grad
+    lam  = lam + (-lr / (1 - beta1^step) * m) / (sqrt(v) / sqrt(1 - beta2^step) + eps)
+
+with the scalars computed on the host in double as torch does and rounded once (``adam_scalars``),
+and a correctly rounded sqrt. torch's own CPU kernels differ in the last bits: its lerp,
+addcmul and add(alpha) use FMAs, and its float32 sqrt is not always correctly rounded.
 """
 from __future__ import annotations
 
@@ -38,7 +52,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["level_table", "quantize", "cs", "cs_grad", "constraint_pass"]
+__all__ = ["level_table", "adam_scalars", "quantize", "cs", "cs_grad", "constraint_pass", "multiplier_step"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,3 +143,61 @@ def constraint_pass(
         if lambda_grads:
             lambda_grads[i].copy_(windowed_cs)
     return sums
+
+
+def adam_scalars(step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 decoupled: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 8 scalars of one multiplier step in ``dtype`` (order: csrc/common/constraint_math.h,
+    ``MultiplierScalar``): computed in double as torch.optim.Adam's single-tensor path does,
+    ``step`` being its ``state["step"]`` after the increment, then rounded once."""
+    beta1, beta2 = betas
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    values = [1 - beta1, beta2, 1 - beta2, bias_correction2**0.5, eps, -step_size,
+              0.0 if decoupled else weight_decay, 1 - lr * weight_decay if decoupled else 1.0]
+    return torch.tensor(values, dtype=dtype)
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded sqrt of x >= 0 (torch's float32 and float64 CPU sqrt are not
+    always): float64 for float32 x, then the float32 result moved by one ulp where x lies beyond
+    the midpoint to its neighbour (midpoints squared are exact in float64)."""
+    if x.dtype == torch.float64:
+        return x.sqrt()
+    s = x.double().sqrt().to(x.dtype)
+    xd = x.double()
+    for toward, beyond in ((float("inf"), torch.gt), (float("-inf"), torch.lt)):
+        nb = torch.nextafter(s, torch.full_like(s, toward))
+        mid = (s.double() + nb.double()) * 0.5
+        s = torch.where(beyond(xd, mid * mid) & (s > 0), nb, s)
+    return s
+
+
+def multiplier_step(
+    weights: Sequence[torch.Tensor],
+    lambdas: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    table: torch.Tensor,
+    scalars: torch.Tensor,
+) -> None:
+    """One gradient-ascent Adam / AdamW step of every ``lambdas[i]`` on cs(w_i; g) (module doc),
+    one layer at a time: ``lambdas``, ``exp_avgs``, ``exp_avg_sqs`` updated in place (rounded
+    once to their storage dtype). ``scalars`` from ``adam_scalars``."""
+    cdt = compute_dtype(weights[0].dtype)
+    table = table.to(cdt)
+    lerp_w, beta2, one_minus_beta2, bias2_sqrt, eps, neg_step_size, l2, decay = scalars.to(cdt).unbind()
+    for i, (w, lam, m, v) in enumerate(zip(weights, lambdas, exp_avgs, exp_avg_sqs)):
+        windowed_cs = _pieces(w.to(cdt), table[i])[0]
+        p, m_new, v_new = lam.to(cdt), m.to(cdt), v.to(cdt)
+        grad = -windowed_cs
+        if l2 != 0:
+            grad = grad + l2 * p
+        diff = grad - m_new
+        m_new = m_new + lerp_w * diff if lerp_w < 0.5 else grad - diff * (1 - lerp_w)
+        v_new = v_new * beta2 + (one_minus_beta2 * grad) * grad
+        denom = _sqrt_rn(v_new) / bias2_sqrt + eps
+        lam.copy_(p * decay + (neg_step_size * m_new) / denom)
+        m.copy_(m_new)
+        v.copy_(v_new)

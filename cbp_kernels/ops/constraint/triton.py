@@ -5,6 +5,11 @@ handles BLOCK weights of one layer, read with the layers' sizes and base address
 int64 launch table (``_chunks.launch_table``). Math: csrc/common/constraint_math.h (the same
 selects), spec: reference.py. Per-program partial sums (float32 over BLOCK elements) are added
 in float64 on the host side of the launch, in program order (deterministic).
+
+``multiplier_step`` is ONE launch over the same chunks (exp_avg / exp_avg_sq in the grad /
+lambda_grad columns of the launch table): cs(w; g), then the Adam / AdamW ascent of
+csrc/common/constraint_math.h ``multiplier_adam``, IEEE division and sqrt (``div_rn``,
+``sqrt_rn``) and no FMA contraction (``enable_fp_fusion=False``), as the other backends.
 """
 from __future__ import annotations
 
@@ -37,17 +42,31 @@ def _select(x, table_row, K: tl.constexpr):
 
 
 @triton.jit
+def _chunk(meta, L, N_CHUNKS, BLOCK: tl.constexpr):
+    """(layer, offsets, mask) of this program's chunk of the launch table (_chunks.py)."""
+    pid = tl.program_id(0)
+    layer = tl.load(meta + 5 * L + pid)
+    offs = tl.load(meta + 5 * L + N_CHUNKS + pid) + tl.arange(0, BLOCK)
+    return layer, offs, offs < tl.load(meta + layer)
+
+
+@triton.jit
+def _column(meta, L, layer, COLUMN: tl.constexpr, DTYPE: tl.constexpr):
+    """Base address of ``layer``'s tensor in launch-table column 1-4 (w, lambda, grad or
+    exp_avg, lambda_grad or exp_avg_sq)."""
+    return tl.load(meta + COLUMN * L + layer).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
 def _constraint_pass_kernel(
     meta, table, partial, L, N_CHUNKS,
     DTYPE: tl.constexpr, K: tl.constexpr, GRAD: tl.constexpr, LGRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # sum lam*cs(w; g), sum cs(w); grad += lam * dcs/dw; lambda_grad = cs(w; g)   (meta: _chunks.py)
     pid = tl.program_id(0)
-    layer = tl.load(meta + 5 * L + pid)
-    offs = tl.load(meta + 5 * L + N_CHUNKS + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(meta + layer)
-    w_ptr = tl.load(meta + L + layer).to(tl.pointer_type(DTYPE))
-    lam_ptr = tl.load(meta + 2 * L + layer).to(tl.pointer_type(DTYPE))
+    layer, offs, mask = _chunk(meta, L, N_CHUNKS, BLOCK)
+    w_ptr = _column(meta, L, layer, 1, DTYPE)
+    lam_ptr = _column(meta, L, layer, 2, DTYPE)
     x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lam = tl.load(lam_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q, keep = _select(x, table + layer * 4 * K, K)
@@ -56,13 +75,50 @@ def _constraint_pass_kernel(
     tl.store(partial + 2 * pid, tl.sum(tl.where(mask, lam * c, 0.0), 0))
     tl.store(partial + 2 * pid + 1, tl.sum(tl.where(mask, free, 0.0), 0))
     if GRAD:
-        g_ptr = tl.load(meta + 3 * L + layer).to(tl.pointer_type(DTYPE))
+        g_ptr = _column(meta, L, layer, 3, DTYPE)
         slope = tl.where(x >= q, 2.0, -2.0) * keep
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(g_ptr + offs, (g + lam * slope).to(DTYPE), mask=mask)
     if LGRAD:
-        lg_ptr = tl.load(meta + 4 * L + layer).to(tl.pointer_type(DTYPE))
+        lg_ptr = _column(meta, L, layer, 4, DTYPE)
         tl.store(lg_ptr + offs, c.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _multiplier_step_kernel(meta, table, scalars, L, N_CHUNKS, DTYPE: tl.constexpr, K: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # grad = -cs(w; g) [+ l2*lam]; lam *= decay; m = lerp(m, grad, 1-beta1);
+    # v = v*beta2 + ((1-beta2)*grad)*grad; lam += (-step_size*m) / (sqrt(v)/sqrt(bc2) + eps)
+    layer, offs, mask = _chunk(meta, L, N_CHUNKS, BLOCK)
+    w_ptr = _column(meta, L, layer, 1, DTYPE)
+    lam_ptr = _column(meta, L, layer, 2, DTYPE)
+    m_ptr = _column(meta, L, layer, 3, DTYPE)
+    v_ptr = _column(meta, L, layer, 4, DTYPE)
+    x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    lam = tl.load(lam_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q, keep = _select(x, table + layer * 4 * K, K)
+    c = 2.0 * tl.abs(x - q) * keep
+    # the scalars, in csrc/common/constraint_math.h MultiplierScalar order
+    w1 = tl.load(scalars)
+    beta2 = tl.load(scalars + 1)
+    one_minus_beta2 = tl.load(scalars + 2)
+    bias2_sqrt = tl.load(scalars + 3)
+    eps = tl.load(scalars + 4)
+    neg_step_size = tl.load(scalars + 5)
+    l2 = tl.load(scalars + 6)
+    decay = tl.load(scalars + 7)
+    grad = -c
+    grad = tl.where(l2 != 0.0, grad + l2 * lam, grad)
+    diff = grad - m
+    m = tl.where(w1 < 0.5, m + w1 * diff, grad - diff * (1.0 - w1))
+    v = v * beta2 + (one_minus_beta2 * grad) * grad
+    denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+    lam = lam * decay + tl.div_rn(neg_step_size * m, denom)
+    tl.store(lam_ptr + offs, lam.to(DTYPE), mask=mask)
+    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -85,6 +141,15 @@ def constraint_pass(weights, lambdas, table, grads, lambda_grads):
             BLOCK=BLOCK,
         )
     return partial.double().sum(0)
+
+
+def multiplier_step(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars):
+    meta, n_chunks = launch_table(weights, lambdas, exp_avgs, exp_avg_sqs, BLOCK)
+    if n_chunks:
+        _multiplier_step_kernel[(n_chunks,)](
+            meta, table.contiguous(), scalars.contiguous(), len(weights), n_chunks,
+            DTYPE=_TL_DTYPES[weights[0].dtype], K=table.shape[2], BLOCK=BLOCK, enable_fp_fusion=False,
+        )
 
 
 def quantize(w, table):
