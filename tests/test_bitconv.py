@@ -198,11 +198,13 @@ def test_conv_bit_exact_cpu_and_reference(levels, case, monkeypatch):
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
-@pytest.mark.parametrize("case", [(2, 257, 40, 30, 30, 3, 1, 1, 1, 1, True), (3, 64, 70, 21, 19, 3, 2, 1, 1, 1, False)],
+@pytest.mark.parametrize("case", [(2, 257, 40, 30, 30, 3, 1, 1, 1, 1, True), (3, 64, 70, 21, 19, 3, 2, 1, 1, 1, False),
+                                  (160, 65, 40, 1, 1, 1, 1, 0, 1, 1, True), (40, 33, 17, 3, 2, 3, 1, 1, 1, 1, False)],
                          ids=str)
 def test_conv_cpu_paths_many_work_items(path, case, monkeypatch):
-    """Layers large enough for several work items (AMX: windows across images, K in several
-    passes) on each CPU path."""
+    """Layers large enough for the AMX path (>= 128 output pixels) on each CPU path: several
+    work items with windows across images and K in several passes; many small images, whose
+    blocks of 32 rows run on from one image into the next (1 x 1 images: packed_linear)."""
     if "cpu" not in backends_of("bitconv2d"):
         pytest.skip("no compiled CPU kernel here (build the extension: make build)")
     _cpu_path(monkeypatch, path)

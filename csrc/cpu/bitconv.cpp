@@ -440,10 +440,16 @@ void bitconv_lif_avx512(const uint32_t* x, const uint32_t* planes, const float* 
 //     (float scale + bias, or the LIF step over the T timesteps).
 #define CBP_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
 
-// True when the CPU has AMX-INT8, Linux grants this process the tile state and
-// CBP_KERNELS_NO_AMX is not 1 (set, it tests the AVX-512 path).
-bool use_amx() {
-  if (env_is_one("CBP_KERNELS_NO_AMX") || !use_avx512() || !__builtin_cpu_supports("avx512bw")) return false;
+// Output pixels (all images) below which the AVX-512 path runs instead: the AMX path expands
+// all O x K weight bytes per call (16 pixels: AMX 2-3x slower, 64: a tie, 196: AMX 20% faster).
+constexpr int64_t kAmxMinPixels = 128;
+
+// True when the layer has kAmxMinPixels, the CPU has AMX-INT8, Linux grants this process the
+// tile state and CBP_KERNELS_NO_AMX is not 1 (set, it tests the AVX-512 path).
+bool use_amx(const BitConvGeometry& g) {
+  if (g.N * g.OH * g.OW < kAmxMinPixels || env_is_one("CBP_KERNELS_NO_AMX") || !use_avx512() ||
+      !__builtin_cpu_supports("avx512bw"))
+    return false;
 #ifdef __linux__
   static const bool granted = [] {
     unsigned a, b, c, d;
@@ -492,24 +498,31 @@ struct AmxConv {
   const BitConvGeometry& g;
   const uint32_t* x;
   const uint32_t* planes;
-  int64_t O, Og, Wg, Cb, pix, Hs, Ws, grid, Vimg, blocks_per_image, halo, Kc = 0;
+  int64_t O, Og, Wg, Cb, pix, Hs, Ws, grid, Vimg, pitch, blocks, halo, Kc = 0;
   std::vector<int64_t> koff;   // [k]: byte offset of A column block k from a row in phase (0, 0) of a window
   std::vector<int64_t> kword;  // [2k + h]: weight word (tap * Wg + w) of its bytes 32h .. 32h + 32, or -1
   std::vector<char> used_phase;  // [ph * stride_w + pw]: some tap reads it
+  int64_t images, T;  // images per timestep, timesteps (t major in x)
   int64_t per_item, items, Lwin;
 
-  AmxConv(const uint32_t* spikes, const uint32_t* weights, const BitConvGeometry& geometry, int64_t images, int64_t T)
-      : g(geometry), x(spikes), planes(weights) {
+  AmxConv(const uint32_t* spikes, const uint32_t* weights, const BitConvGeometry& geometry, int64_t timesteps)
+      : g(geometry), x(spikes), planes(weights), images(geometry.N / timesteps), T(timesteps) {
     Og = g.out_per_group; O = g.groups * Og; Wg = g.words_per_group;
     Cb = 32 * Wg; pix = g.groups * Cb;
     Hs = (g.H + 2 * g.pad_h + g.stride_h - 1) / g.stride_h;
     Ws = (g.W + 2 * g.pad_w + g.stride_w - 1) / g.stride_w;
     grid = Hs * Ws;
     Vimg = (g.OH - 1) * Ws + g.OW;  // virtual rows up to an image's last output pixel
-    blocks_per_image = (Vimg + kRows - 1) / kRows;
+    // Blocks of 32 virtual rows u = n * pitch + v: each image in whole blocks (pitch = Vimg
+    // rounded up), or the images' grids back to back (pitch = grid: a block runs on into the
+    // next image, rows that stay equally spaced), whichever needs fewer blocks (the latter
+    // for small images, 1 x 1 for packed_linear).
+    const int64_t own = images * ((Vimg + kRows - 1) / kRows), shared = ((images - 1) * grid + Vimg + kRows - 1) / kRows;
+    pitch = own <= shared ? (Vimg + kRows - 1) / kRows * kRows : grid;
+    blocks = std::min(own, shared);
     halo = ((g.KH - 1) * g.dil_h / g.stride_h) * Ws + (g.KW - 1) * g.dil_w / g.stride_w;
     // Work items of per_item blocks: their windows within kItemBytes, at least one item per thread.
-    const int64_t blocks = images * blocks_per_image, threads = omp_get_max_threads();
+    const int64_t threads = omp_get_max_threads();
     const int64_t budget = std::max<int64_t>(1, kItemBytes / (T * g.stride_h * g.stride_w * kRows * pix));
     per_item = std::min(budget, (blocks + threads - 1) / threads);
     items = (blocks + per_item - 1) / per_item;
@@ -541,8 +554,8 @@ struct AmxConv {
       }
   }
 
-  // Global row (image n, virtual row v) of block b: n * grid + v.
-  int64_t row_of(int64_t b) const { return b / blocks_per_image * grid + b % blocks_per_image * kRows; }
+  // Window row (image n, virtual row v) of block b's first row: n * grid + v.
+  int64_t row_of(int64_t b) const { return b * kRows / pitch * grid + b * kRows % pitch; }
 
   void add_run(const std::vector<int64_t>& taps, int64_t phase, int64_t p0) {
     const int64_t bytes = static_cast<int64_t>(taps.size()) * Cb;
@@ -657,13 +670,12 @@ struct AmxConv {
     _tile_stored(2, cnt + 16 * 32, 128); _tile_stored(3, cnt + 16 * 32 + 16, 128);
   }
 
-  // The convolution of `images` images per timestep (T timesteps, t major), work item by
-  // work item: unpack the item's windows, then per 32 output channels expand the weights
+  // The convolution, work item by work item: unpack the item's windows, then per 32 output channels expand the weights
   // and run the item's blocks; epi(cnt, q, o0, width) gets the counts cnt[t * 1024 + 0 ..
   // width) of output pixel q (of one timestep), channels o0 .. o0 + width, per valid row.
   template <typename Epilogue>
-  CBP_AMX void run(int64_t images, int64_t T, const Epilogue& epi) const {
-    const int64_t blocks = images * blocks_per_image, win_bytes = g.stride_h * g.stride_w * Lwin * pix;
+  CBP_AMX void run(const Epilogue& epi) const {
+    const int64_t win_bytes = g.stride_h * g.stride_w * Lwin * pix;
     // Column blocks per pass over the item's blocks: the pass's B tiles (2 x 16 KiB) stay in
     // L1; with more passes the counts of each block wait in cnt between passes.
     const int64_t passes = (Kc + kStepMax - 1) / kStepMax, k_step = (Kc + passes - 1) / passes;
@@ -688,11 +700,11 @@ struct AmxConv {
                 for (int64_t t = 0; t < T; ++t)
                   counts(a + t * win_bytes, bt.get(), k0, std::min(Kc, k0 + k_step), cb + t * kRows * 32);
                 if (k0 + k_step < Kc) continue;
-                const int64_t n = b / blocks_per_image, v0 = b % blocks_per_image * kRows;
-                int64_t oh = v0 / Ws, ow = v0 % Ws;
-                for (int64_t r = 0; r < kRows && v0 + r < Vimg; ++r) {
-                  if (ow < g.OW) epi(cb + r * 32, (n * g.OH + oh) * g.OW + ow, o0, width);
+                int64_t n = b * kRows / pitch, v = b * kRows % pitch, oh = v / Ws, ow = v % Ws;
+                for (int64_t r = 0; r < kRows && n < images; ++r) {
+                  if (v < Vimg && ow < g.OW) epi(cb + r * 32, (n * g.OH + oh) * g.OW + ow, o0, width);
                   if (++ow == Ws) ow = 0, ++oh;
+                  if (++v == pitch) v = oh = ow = 0, ++n;
                 }
               }
             }
@@ -755,15 +767,15 @@ struct LifSteps {
 
 void bitconv_amx(const uint32_t* x, const uint32_t* planes, const float* bias, float scale, float* out,
                  const BitConvGeometry& g) {
-  const AmxConv conv(x, planes, g, g.N, 1);
-  conv.run(g.N, 1, StoreScaled{scale, bias, out, conv.O});
+  const AmxConv conv(x, planes, g, 1);
+  conv.run(StoreScaled{scale, bias, out, conv.O});
 }
 
 void bitconv_lif_amx(const uint32_t* x, const uint32_t* planes, const float* mul, const float* add,
                      const BitConvGeometry& g, int64_t T, float k, const NeuronParams& np, uint32_t* spikes,
                      float* v_last) {
-  const AmxConv conv(x, planes, g, g.N / T, T);
-  conv.run(g.N / T, T, LifSteps{mul, add, k, np, T, g.N / T * g.OH * g.OW, conv.O, spikes, v_last});
+  const AmxConv conv(x, planes, g, T);
+  conv.run(LifSteps{mul, add, k, np, T, g.N / T * g.OH * g.OW, conv.O, spikes, v_last});
 }
 
 #endif  // CBP_HAVE_X86
@@ -805,7 +817,7 @@ std::tuple<at::Tensor, at::Tensor> bitconv2d_lif(const at::Tensor& x, const at::
   if (c.v_last.numel() == 0) return {c.spikes, c.v_last};
   const auto lif = [&] {
 #ifdef CBP_HAVE_X86
-    if (use_amx()) return &bitconv_lif_amx;
+    if (use_amx(c.g)) return &bitconv_lif_amx;
     if (use_avx512()) return &bitconv_lif_avx512;
 #endif
     return &bitconv_lif_portable;
@@ -822,7 +834,7 @@ at::Tensor bitconv2d(const at::Tensor& x, const at::Tensor& planes, double scale
   const BitConvCall c = bitconv_call(x, planes, bias, stride, padding, dilation, groups);
   if (c.out.numel() == 0) return c.out;
 #ifdef CBP_HAVE_X86
-  if (use_amx()) {
+  if (use_amx(c.g)) {
     bitconv_amx(c.x, c.planes, c.bias_ptr, static_cast<float>(scale), c.out_ptr, c.g);
     return c.out;
   }
