@@ -435,7 +435,7 @@ void bitconv_lif_avx512(const uint32_t* x, const uint32_t* planes, const float* 
 //  2. per 32 output channels, expands the weights to two AMX B tiles per 64-byte column
 //     block k (VNNI layout [16 rows][16 o][4 k bytes]); the taps of one kernel row and phase
 //     are consecutive pixels of the window, so K runs over them without padding each tap's
-//     channels to 64 (32-channel layers: 2 column blocks per kernel row of 3, not 3);
+//     channels to 64 (3 taps of 32 channels: 96 bytes, 2 column blocks, not 3);
 //  3. per block: 2 x 2 tiles of 16 x 16 counts over K, then the epilogue on its valid rows
 //     (float scale + bias, or the LIF step over the T timesteps).
 #define CBP_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
@@ -532,9 +532,9 @@ struct AmxConv {
       const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item) - 1;
       Lwin = std::max(Lwin, row_of(b1) + kRows - row_of(b0) + halo + 2);
     }
-    // K: per (kh, phase pw), the taps of that phase lie on consecutive pixels of the window
-    // (for dil_w == 1 or dil_w % stride_w == 0 and groups == 1: one run, cut into 64-byte
-    // chunks, so a 32-channel layer spends 3 chunks, not 3 x 2 halves, per kernel row).
+    // K: per (kh, phase pw), runs of taps on consecutive pixels of the window (one run when
+    // dil_w is 1 or stride_w and groups == 1), each cut into 64-byte column blocks; the last
+    // block of a run reads past it into weights 0.
     for (int64_t kh = 0; kh < g.KH; ++kh)
       for (int64_t pw = 0; pw < g.stride_w; ++pw) {
         std::vector<int64_t> run;  // taps of the current run
@@ -566,11 +566,11 @@ struct AmxConv {
     }
   }
 
-  // Window of image0 + images' grid rows [lo, lo + Lwin) of every phase a tap reads: byte
-  // 32w + i of a pixel = bit i of its word w (groups one after another), 0 for padding and
-  // past the end. Segment by segment of one grid row: zeros, the columns inside the image
-  // (one contiguous run of words for stride_w == 1), zeros.
-  CBP_AMX void unpack(int64_t image0, int64_t images, int64_t lo, uint8_t* win) const {
+  // Window of the images from image0 (one timestep): grid rows [lo, lo + Lwin) of every
+  // phase a tap reads; byte 32w + i of a pixel = bit i of its word w (groups one after
+  // another), 0 for padding and past the last image. Segment by segment of one grid row:
+  // zeros, the columns inside the image (one contiguous run of words for stride_w == 1), zeros.
+  CBP_AMX void unpack(int64_t image0, int64_t lo, uint8_t* win) const {
     const int64_t words = g.groups * Wg, s = g.stride_w;
     for (int64_t phase = 0; phase < g.stride_h * s; ++phase) {
       if (!used_phase[phase]) continue;
@@ -670,9 +670,10 @@ struct AmxConv {
     _tile_stored(2, cnt + 16 * 32, 128); _tile_stored(3, cnt + 16 * 32 + 16, 128);
   }
 
-  // The convolution, work item by work item: unpack the item's windows, then per 32 output channels expand the weights
-  // and run the item's blocks; epi(cnt, q, o0, width) gets the counts cnt[t * 1024 + 0 ..
-  // width) of output pixel q (of one timestep), channels o0 .. o0 + width, per valid row.
+  // The convolution, work item by work item: unpack the item's windows, then per 32 output
+  // channels expand the weights and run the item's blocks; epi(cnt, q, o0, width) gets the
+  // counts cnt[t * 1024 + 0 .. width) of output pixel q (of one timestep), channels
+  // o0 .. o0 + width, per valid row.
   template <typename Epilogue>
   CBP_AMX void run(const Epilogue& epi) const {
     const int64_t win_bytes = g.stride_h * g.stride_w * Lwin * pix;
@@ -688,7 +689,7 @@ struct AmxConv {
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = row_of(b0);
-        for (int64_t t = 0; t < T; ++t) unpack(t * images, images, lo, win.get() + t * win_bytes);
+        for (int64_t t = 0; t < T; ++t) unpack(t * images, lo, win.get() + t * win_bytes);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           for (int64_t ob = 0; ob < (Og + 31) / 32; ++ob) {
             expand_weights(grp, ob, bt.get());
@@ -753,7 +754,7 @@ struct LifSteps {
     for (int64_t l0 = 0; l0 < width; l0 += kLanes) {
       const __mmask16 m = static_cast<__mmask16>(width - l0 >= kLanes ? 0xFFFFu : (1u << (width - l0)) - 1u);
       const __m512 mu = _mm512_maskz_loadu_ps(m, mul + o0 + l0), ad = _mm512_maskz_loadu_ps(m, add + o0 + l0);
-      __m512 v = _mm512_set1_ps(np.soft_reset ? 0.0f : np.v_reset);
+      __m512 v = _mm512_set1_ps(np.v_reset);  // 0 for the soft reset
       uint32_t* dst = spikes + q * Wo + o0 / 32;
       for (int64_t t = 0; t < T; ++t, dst += Q * Wo) {
         const __m512 c = _mm512_cvtepi32_ps(_mm512_loadu_si512(cnt + t * kRows * 32 + l0));
