@@ -15,14 +15,15 @@ Providers (same inputs, same spikes: checked before timing):
 - ``naive``: our ``reference`` backend, a Python loop over T of the single-step equations;
 - ``compiled``: ``torch.compile`` of that loop (T is unrolled: one graph per T).
 
-The op is memory-bound. A fused step moves 7 tensors of ``[T, N]``: the forward reads X and
-writes S and H, the backward reads dL/dS, H and S and writes dL/dX (the [N] state vectors are
-negligible). ``bytes_moved`` is that ideal, the same for every provider; ``copy_bw_gbs`` the
-bandwidth of a large tensor copy timed in the same run, which the report compares with.
-On the CPU the fresh [T, N] outputs' first-touch page faults weigh as much as the kernels:
-with glibc's mmap and trim off (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11, no faults)
-[16, 2**20] took 63 ms (ours) vs 44 ms (compiled), with them 259 ms vs 121 ms (ours allocates
-spike, H and dL/dX; the compiled loop saves less for its backward).
+The op is memory-bound. A fused step needs 5 passes over ``[T, N]`` tensors: the forward
+reads X and writes S, the backward reads dL/dS and X (H is recomputed from X, as the ``cpu``
+backend does) and writes dL/dX (the [N] state vectors are not counted). ``bytes_moved`` is
+that ideal, the same for every provider (the GPU backends save H instead: 7 passes);
+``copy_bw_gbs`` the bandwidth of a large tensor copy timed in the same run, which the report
+compares with. On the CPU the fresh outputs' first-touch page faults weigh as much as the
+kernels (this VM's faults are costly), and at T = 4 the [N] state vectors (v_init, V[T-1],
+their gradients: 5 of them) add a fifth to the traffic, which the compiled loop partly
+avoids.
 
     python -m pytest bench/bench_neuron.py --benchmark-json=bench/results/last.json && python bench/report.py
 """
@@ -46,7 +47,7 @@ N = N_GPU if DEVICE == "cuda" else N_CPU
 TS = (4, 16, 32)
 DTYPE = torch.float32
 TAU = 2.0
-TENSORS_MOVED = 7  # X, S, H (forward); dL/dS, H, S, dL/dX (backward)
+TENSORS_MOVED = 5  # X, S (forward); dL/dS, X, dL/dX (backward)
 
 # Our kernel backends timed here: the Triton interpreter on CPU tensors is a test tool, not a backend to time.
 OURS = [b for b, ok in cbp_kernels.backends()[DEVICE].items() if ok and b != "reference" and (b, DEVICE) != ("triton", "cpu")]

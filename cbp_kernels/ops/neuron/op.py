@@ -38,9 +38,15 @@ def _neuron_forward(
     return _impl(backend).forward(x_seq, v_init, decay, p)
 
 
+# Backends whose forward saves no H (returned empty): their backward recomputes it from x_seq.
+_RECOMPUTE_H = {"cpu"}
+
+
 @_neuron_forward.register_fake
 def _(x_seq, v_init, decay, *args):
-    return torch.empty_like(x_seq), torch.empty_like(v_init), torch.empty_like(x_seq)
+    backend = args[-1]
+    h_seq = x_seq.new_empty(0) if backend in _RECOMPUTE_H else torch.empty_like(x_seq)
+    return torch.empty_like(x_seq), torch.empty_like(v_init), h_seq
 
 
 @torch.library.custom_op("cbp_kernels::neuron_backward", mutates_args=())
@@ -56,15 +62,16 @@ def _neuron_backward(
 
 @_neuron_backward.register_fake
 def _(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, *args):
-    return torch.empty_like(h_seq), torch.empty_like(v_init), torch.empty_like(decay)
+    return torch.empty_like(grad_spike), torch.empty_like(v_init), torch.empty_like(decay)
 
 
 def _setup_context(ctx, inputs, output):
     x_seq, v_init, decay = inputs[:3]
     spike_seq, _, h_seq = output
     ctx.need_grad_decay = decay.requires_grad
-    # x is needed only for PLIF's dH/dk with decay_input; otherwise save nothing of it.
-    x_saved = x_seq if ctx.need_grad_decay else x_seq.new_empty(0)
+    # x is needed where H is recomputed from it (an empty H) and for PLIF's dH/dk with
+    # decay_input; otherwise save nothing of it.
+    x_saved = x_seq if ctx.need_grad_decay or h_seq.numel() == 0 else x_seq.new_empty(0)
     ctx.save_for_backward(h_seq, spike_seq, x_saved, v_init, decay)
     ctx.args = inputs[3:]
     # Unused outputs get None, not a materialized zero tensor: H alone would cost a [T, *]
