@@ -482,17 +482,18 @@ constexpr int64_t kItemBytes = 512 * 1024;
 // conv and layer4.0.conv1, lose 5% on layer4 conv; 8 loses 5-30% everywhere.
 constexpr int64_t kStepMax = 16;
 
-// Tiles 0-3: the 2 x 2 blocks of counts; 4-5: A; 6-7: B; all 16 rows x 64 bytes.
-CBP_AMX void amx_tile_config() {
-  struct alignas(64) {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg{};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  _tile_loadconfig(&cfg);
-}
+// Tiles 0-3: the 2 x 2 blocks of counts; 4-5: A; 6-7: B; all 16 rows x 64 bytes. The palette
+// is a constant in memory, not a stack copy:
+// GCC may drop the stores to a local struct whose only reader is LDTILECFG (seen when this
+// function was not inlined: the tiles then ran unconfigured and TILEZERO raised SIGILL).
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+constexpr TileConfig kTileConfig{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+CBP_AMX void amx_tile_config() { _tile_loadconfig(&kTileConfig); }
 
 struct AmxConv {
   const BitConvGeometry& g;
