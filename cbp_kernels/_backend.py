@@ -112,8 +112,10 @@ def resolve_backend(requested: str, op: str, device: torch.device, package: str 
     if requested not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}")
     if not _available(op, requested, dev, package):
+        why = _load_extension() if requested in ("cpu", "cuda") else None
         raise RuntimeError(
             f"backend {requested!r} is not available for {dev} tensors on this machine "
             f"(available: {[b for b, ok in backends(op, package).get(dev, {}).items() if ok]})"
+            + (f"; the extension cbp_kernels._C did not load: {why}" if why else "")
         )
     return requested

@@ -12,11 +12,23 @@ import cbp_kernels
 GRAD_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
 
 
+def required_backends(device: str) -> list[str]:
+    """The kernel backends every op must have on ``device`` in a test run: the compiled CPU
+    kernels are part of every build (setup.py), Triton runs on CPU tensors when
+    TRITON_INTERPRET=1 (``make test`` sets it), and a GPU build has CUDA kernels and Triton."""
+    if device == "cpu":
+        return ["cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    return ["cuda", "triton"]
+
+
 def kernel_backends(device: str = "cpu", op: str = "neuron_forward", package: str = "cbp_kernels.ops.neuron") -> list[str]:
-    """The non-reference backends of an op that run on ``device`` here (Triton on CPU needs
-    TRITON_INTERPRET=1); ``op``/``package`` as in ``cbp_kernels.backends``."""
+    """The non-reference backends of an op to test on ``device``: those that run here, and the
+    required ones (``required_backends``) even when they do not, so that a broken build fails
+    their tests (the op names the missing backend) instead of skipping them. ``op``/``package``
+    as in ``cbp_kernels.backends``."""
     avail = cbp_kernels.backends(op, package).get(device, {})
-    return [b for b, ok in avail.items() if ok and b != "reference"]
+    required = required_backends(device)
+    return [b for b in cbp_kernels.BACKENDS if b != "reference" and (avail.get(b) or b in required)]
 
 
 def devices() -> list[str]:

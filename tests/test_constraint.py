@@ -189,8 +189,6 @@ def test_reference_pass_is_the_sum_of_elementwise_cs():
 @pytest.mark.parametrize("levels,g", [(BINARY, 1), (TERNARY, 3), (FOUR, 20)], ids=["binary-g1", "ternary-g3", "four-g20"])
 def test_pass_kernels_match_reference(device, dtype, levels, g):
     backends = _backends(device)
-    if not backends:
-        pytest.skip(f"no kernel backend of constraint_pass runs on {device} here (make build; TRITON_INTERPRET=1)")
     weights, lambdas, scales = _layers(dtype, device, levels=levels, g=g)
     (rl, rf), rg, rlg = _pass("reference", weights, lambdas, levels, scales, g, dtype)
     for b in backends:
@@ -208,8 +206,6 @@ def test_pass_kernels_match_reference(device, dtype, levels, g):
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 def test_cpu_kernels_every_instruction_set(monkeypatch, isa):
-    if "cpu" not in _backends():
-        pytest.skip("the compiled CPU kernels are not built (make build)")
     monkeypatch.setenv("CBP_KERNELS_CPU_ISA", isa)  # caps the run-time choice (per call)
     weights, lambdas, scales = _layers(torch.float32, sizes=[(1,), (4097,), (40000,)])
     for levels, g in [(TERNARY, 3), (FOUR, 2)]:
