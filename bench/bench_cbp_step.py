@@ -101,8 +101,6 @@ def _our_step(net, reset, lambdas, x, target):
     return step
 
 
-
-
 @pytest.mark.parametrize("provider", ["cbp_kernels", "authors"])
 def test_cbp_training_step(benchmark, provider):
     torch.manual_seed(0)

@@ -21,30 +21,22 @@ template <typename scalar_t>
 struct ConstraintKernels;
 template <>
 struct ConstraintKernels<float> {
-  using device_t = float;
   static constexpr auto pass = constraint_pass_f32;
   static constexpr auto quantize = constraint_quantize_f32;
   static constexpr auto multiplier_step = constraint_multiplier_step_f32;
 };
 template <>
 struct ConstraintKernels<at::Half> {
-  using device_t = __half;
   static constexpr auto pass = constraint_pass_f16;
   static constexpr auto quantize = constraint_quantize_f16;
   static constexpr auto multiplier_step = constraint_multiplier_step_f16;
 };
 template <>
 struct ConstraintKernels<at::BFloat16> {
-  using device_t = __nv_bfloat16;
   static constexpr auto pass = constraint_pass_bf16;
   static constexpr auto quantize = constraint_quantize_bf16;
   static constexpr auto multiplier_step = constraint_multiplier_step_bf16;
 };
-
-#define CBP_CONSTRAINT_DISPATCH(TYPE, NAME, ...)                                            \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                  \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)               \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // The launch table of csrc/cuda/constraint.cuh, built in pinned memory and sent in one
 // asynchronous copy: [numel | w | lambda | grad | lambda_grad] per layer, then (layer, start) per chunk
@@ -89,7 +81,7 @@ at::Tensor constraint_pass_cuda(at::TensorList weights, at::TensorList lambdas, 
   if (n_chunks > 0) {
     const auto tab = table.contiguous();
     const int k = static_cast<int>(tab.size(2));
-    CBP_CONSTRAINT_DISPATCH(weights[0].scalar_type(), "constraint_pass_cuda", [&] {
+    CBP_DISPATCH_STORAGE(weights[0].scalar_type(), "constraint_pass_cuda", [&] {
       ConstraintKernels<scalar_t>::pass<<<static_cast<unsigned int>(n_chunks), kConstraintThreads,
                                           kConstraintRows * k * sizeof(float), c10::cuda::getCurrentCUDAStream()>>>(
           reinterpret_cast<const long long*>(meta.data_ptr<int64_t>()), static_cast<int>(weights.size()),
@@ -115,7 +107,7 @@ void constraint_multiplier_step_cuda(at::TensorList weights, at::TensorList lamb
   const auto tab = table.contiguous();
   const auto h = scalars.contiguous();
   const int k = static_cast<int>(tab.size(2));
-  CBP_CONSTRAINT_DISPATCH(weights[0].scalar_type(), "constraint_multiplier_step_cuda", [&] {
+  CBP_DISPATCH_STORAGE(weights[0].scalar_type(), "constraint_multiplier_step_cuda", [&] {
     ConstraintKernels<scalar_t>::multiplier_step<<<static_cast<unsigned int>(n_chunks), kConstraintThreads,
                                                    kConstraintRows * k * sizeof(float),
                                                    c10::cuda::getCurrentCUDAStream()>>>(
@@ -137,11 +129,10 @@ at::Tensor constraint_quantize_cuda(const at::Tensor& w, const at::Tensor& table
   if (n == 0) return out;
   const int k = static_cast<int>(tab.size(2));
   const auto blocks = static_cast<unsigned int>(std::min<int64_t>((n + kConstraintThreads - 1) / kConstraintThreads, 65535));
-  CBP_CONSTRAINT_DISPATCH(x.scalar_type(), "constraint_quantize_cuda", [&] {
-    using device_t = typename ConstraintKernels<scalar_t>::device_t;
+  CBP_DISPATCH_STORAGE(x.scalar_type(), "constraint_quantize_cuda", [&] {
     ConstraintKernels<scalar_t>::quantize<<<blocks, kConstraintThreads, kConstraintRows * k * sizeof(float),
                                             c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const device_t*>(x.data_ptr<scalar_t>()), reinterpret_cast<device_t*>(out.data_ptr<scalar_t>()),
+        device_ptr<scalar_t>(x), device_ptr<scalar_t>(out),
         tab.data_ptr<float>(), k, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

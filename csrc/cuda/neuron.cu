@@ -13,39 +13,24 @@
 namespace cbp {
 namespace {
 
-// The extern "C" kernels of one storage type, and that type as the kernels see it.
+// The extern "C" kernels of one storage type.
 template <typename scalar_t>
 struct NeuronKernels;
 template <>
 struct NeuronKernels<float> {
-  using device_t = float;
   static constexpr auto forward = neuron_forward_f32;
   static constexpr auto backward = neuron_backward_f32;
 };
 template <>
 struct NeuronKernels<at::Half> {
-  using device_t = __half;
   static constexpr auto forward = neuron_forward_f16;
   static constexpr auto backward = neuron_backward_f16;
 };
 template <>
 struct NeuronKernels<at::BFloat16> {
-  using device_t = __nv_bfloat16;
   static constexpr auto forward = neuron_forward_bf16;
   static constexpr auto backward = neuron_backward_bf16;
 };
-
-template <typename scalar_t>
-auto* device_ptr(const at::Tensor& t) {
-  using device_t = typename NeuronKernels<scalar_t>::device_t;
-  return reinterpret_cast<device_t*>(t.data_ptr<scalar_t>());
-}
-
-// The storage types the kernels exist for (the op sends float64 to the reference backend).
-#define CBP_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                              \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                      \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                   \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 unsigned int num_blocks(int64_t N) { return static_cast<unsigned int>((N + kNeuronThreads - 1) / kNeuronThreads); }
 
@@ -63,7 +48,7 @@ std::vector<at::Tensor> neuron_forward_cuda(const at::Tensor& x_seq, const at::T
   auto v_last = at::empty_like(v0);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float vr = soft_reset ? 0.0f : static_cast<float>(v_reset);
-  CBP_DISPATCH_KERNEL_TYPES(x.scalar_type(), "neuron_forward_cuda", [&] {
+  CBP_DISPATCH_STORAGE(x.scalar_type(), "neuron_forward_cuda", [&] {
     NeuronKernels<scalar_t>::forward<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
         device_ptr<scalar_t>(x), v0.data_ptr<float>(), k.data_ptr<float>(), device_ptr<scalar_t>(spike),
         v_last.data_ptr<float>(), device_ptr<scalar_t>(h_seq), T, N, static_cast<float>(v_threshold), vr,
@@ -94,7 +79,7 @@ std::vector<at::Tensor> neuron_backward_cuda(const at::Tensor& grad_spike, const
   auto grad_decay = at::zeros({}, k.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float vr = soft_reset ? 0.0f : static_cast<float>(v_reset);
-  CBP_DISPATCH_KERNEL_TYPES(h.scalar_type(), "neuron_backward_cuda", [&] {
+  CBP_DISPATCH_STORAGE(h.scalar_type(), "neuron_backward_cuda", [&] {
     NeuronKernels<scalar_t>::backward<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
         device_ptr<scalar_t>(gs), gvl.data_ptr<float>(), device_ptr<scalar_t>(h), device_ptr<scalar_t>(s),
         need_grad_decay ? device_ptr<scalar_t>(x) : nullptr, v0.data_ptr<float>(), k.data_ptr<float>(),

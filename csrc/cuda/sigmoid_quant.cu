@@ -2,12 +2,12 @@
 // sigmoid_quant.cuh on the current stream, registers the CUDA implementations of the schemas
 // defined in csrc/cpu/sigmoid_quant.cpp.
 #include <ATen/ATen.h>
-#include "cuda/torch_cuda.h"
 #include <torch/library.h>
 
 #include <vector>
 
 #include "cuda/sigmoid_quant.cuh"
+#include "cuda/torch_cuda.h"
 
 namespace cbp {
 namespace {
@@ -16,33 +16,53 @@ constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-// Calls kernel_f32 / _f16 / _bf16 with the tensor's storage type.
-#define CBP_DISPATCH_STORAGE(dtype, F32, F16, BF16)                                   \
-  switch (dtype) {                                                                   \
-    case at::kFloat: { using T_ = float; F32; break; }                               \
-    case at::kHalf: { using T_ = __half; F16; break; }                               \
-    case at::kBFloat16: { using T_ = __nv_bfloat16; BF16; break; }                   \
-    default: TORCH_CHECK(false, "sigmoid_quant (cuda): unsupported dtype ", dtype); \
-  }
+// The extern "C" kernels of one storage type.
+template <typename scalar_t>
+struct SigmoidKernels;
+template <>
+struct SigmoidKernels<float> {
+  static constexpr auto forward = sigmoid_quant_forward_f32;
+  static constexpr auto backward = sigmoid_quant_backward_f32;
+};
+template <>
+struct SigmoidKernels<at::Half> {
+  static constexpr auto forward = sigmoid_quant_forward_f16;
+  static constexpr auto backward = sigmoid_quant_backward_f16;
+};
+template <>
+struct SigmoidKernels<at::BFloat16> {
+  static constexpr auto forward = sigmoid_quant_forward_bf16;
+  static constexpr auto backward = sigmoid_quant_backward_bf16;
+};
+
+// The sum of sigmoids both kernels evaluate: alpha, beta (float32 on the device), the
+// temperature, the sigmoids' gaps and midpoints, and the offset.
+struct SigmoidSum {
+  const float *alpha, *beta;
+  float temperature;
+  const float *gaps, *mids;
+  int n_sig;
+  float offset;
+};
+
+SigmoidSum sigmoid_sum(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& gaps, const at::Tensor& mids,
+                       double offset, double temperature) {
+  TORCH_CHECK(gaps.numel() <= kMaxSigmoids, "sigmoid_quant: at most ", kMaxSigmoids, " sigmoids");
+  return {alpha.data_ptr<float>(), beta.data_ptr<float>(), static_cast<float>(temperature), gaps.data_ptr<float>(),
+          mids.data_ptr<float>(), static_cast<int>(gaps.numel()), static_cast<float>(offset)};
+}
 
 at::Tensor forward_cuda(const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& gaps,
                         const at::Tensor& mids, double offset, double temperature) {
+  const SigmoidSum q = sigmoid_sum(alpha, beta, gaps, mids, offset, temperature);
   auto wc = w.contiguous();
   auto y = at::empty_like(wc);
   const int64_t n = wc.numel();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const float *a = alpha.data_ptr<float>(), *b = beta.data_ptr<float>();
-  const float T = static_cast<float>(temperature);
-  TORCH_CHECK(gaps.numel() <= kMaxSigmoids, "sigmoid_quant: at most ", kMaxSigmoids, " sigmoids");
-  const float *gp = gaps.data_ptr<float>(), *mp = mids.data_ptr<float>();
-  const int ns = static_cast<int>(gaps.numel());
-  const float o = static_cast<float>(offset);
-#define LAUNCH(kernel)                                                                                             \
-  kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const T_*>(wc.data_ptr()), static_cast<T_*>(y.data_ptr()), \
-                                                 n, a, b, T, gp, mp, ns, o)
-  CBP_DISPATCH_STORAGE(wc.scalar_type(), LAUNCH(sigmoid_quant_forward_f32), LAUNCH(sigmoid_quant_forward_f16),
-                       LAUNCH(sigmoid_quant_forward_bf16))
-#undef LAUNCH
+  CBP_DISPATCH_STORAGE(wc.scalar_type(), "sigmoid_quant_forward_cuda", [&] {
+    SigmoidKernels<scalar_t>::forward<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        device_ptr<scalar_t>(wc), device_ptr<scalar_t>(y), n, q.alpha, q.beta, q.temperature, q.gaps, q.mids,
+        q.n_sig, q.offset);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
@@ -50,27 +70,18 @@ at::Tensor forward_cuda(const at::Tensor& w, const at::Tensor& alpha, const at::
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y, const at::Tensor& w, const at::Tensor& alpha,
                                       const at::Tensor& beta, const at::Tensor& gaps, const at::Tensor& mids,
                                       double offset, double temperature) {
+  const SigmoidSum q = sigmoid_sum(alpha, beta, gaps, mids, offset, temperature);
   auto wc = w.contiguous();
   auto gy = grad_y.contiguous();
   auto grad_w = at::empty_like(wc);
   auto grad_a = at::zeros({}, alpha.options());
   auto grad_b = at::zeros({}, beta.options());
   const int64_t n = wc.numel();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const float *a = alpha.data_ptr<float>(), *b = beta.data_ptr<float>();
-  float *ga = grad_a.data_ptr<float>(), *gb = grad_b.data_ptr<float>();
-  const float T = static_cast<float>(temperature);
-  TORCH_CHECK(gaps.numel() <= kMaxSigmoids, "sigmoid_quant: at most ", kMaxSigmoids, " sigmoids");
-  const float *gp = gaps.data_ptr<float>(), *mp = mids.data_ptr<float>();
-  const int ns = static_cast<int>(gaps.numel());
-  const float o = static_cast<float>(offset);
-#define LAUNCH(kernel)                                                                                   \
-  kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const T_*>(gy.data_ptr()),                  \
-                                                 static_cast<const T_*>(wc.data_ptr()),                  \
-                                                 static_cast<T_*>(grad_w.data_ptr()), ga, gb, n, a, b, T, gp, mp, ns, o)
-  CBP_DISPATCH_STORAGE(wc.scalar_type(), LAUNCH(sigmoid_quant_backward_f32), LAUNCH(sigmoid_quant_backward_f16),
-                       LAUNCH(sigmoid_quant_backward_bf16))
-#undef LAUNCH
+  CBP_DISPATCH_STORAGE(wc.scalar_type(), "sigmoid_quant_backward_cuda", [&] {
+    SigmoidKernels<scalar_t>::backward<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        device_ptr<scalar_t>(gy), device_ptr<scalar_t>(wc), device_ptr<scalar_t>(grad_w), grad_a.data_ptr<float>(),
+        grad_b.data_ptr<float>(), n, q.alpha, q.beta, q.temperature, q.gaps, q.mids, q.n_sig, q.offset);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_w, grad_a, grad_b};
 }

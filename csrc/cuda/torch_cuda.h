@@ -1,5 +1,6 @@
 // The torch CUDA host headers the extension's .cu launchers use (current stream, device
-// guard, launch check), includable by every csrc/cuda/<op>.cu.
+// guard, launch check), includable by every csrc/cuda/<op>.cu, and the one storage-dtype
+// dispatch they share.
 // A CPU-only torch ships these headers without the generated c10/cuda/impl/cuda_cmake_macros.h
 // (it only defines Windows export macros), so `make cuda-check` can compile the .cu files
 // against it; a CUDA torch has the file and includes it as usual.
@@ -12,3 +13,38 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace cbp {
+
+// A storage dtype as the extern "C" kernels see it: float, __half, __nv_bfloat16.
+template <typename scalar_t>
+struct DeviceType {
+  using type = scalar_t;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+auto* device_ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename DeviceType<scalar_t>::type*>(t.data_ptr<scalar_t>());
+}
+
+}  // namespace cbp
+
+// AT_DISPATCH over the storage dtypes the kernels exist for (the ops send float64 to the
+// reference backend); the lambda sees scalar_t.
+#define CBP_DISPATCH_STORAGE(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                      \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                   \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
