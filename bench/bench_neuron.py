@@ -20,10 +20,11 @@ reads X and writes S, the backward reads dL/dS and X (H is recomputed from X, as
 backend does) and writes dL/dX (the [N] state vectors are not counted). ``bytes_moved`` is
 that ideal, the same for every provider (the GPU backends save H instead: 7 passes);
 ``copy_bw_gbs`` the bandwidth of a large tensor copy timed in the same run, which the report
-compares with. On the CPU the fresh outputs' first-touch page faults weigh as much as the
-kernels (this VM's faults are costly), and at T = 4 the [N] state vectors (v_init, V[T-1],
-their gradients: 5 of them) add a fifth to the traffic, which the compiled loop partly
-avoids.
+compares with. The [N] state vectors are not counted either: the default v_init and the
+unused dL/dV[T-1] reach the kernels as empty tensors (no pass at all); V[T-1] is written.
+On the CPU, outputs of 32 MiB and more are fresh mappings from the allocator on every call,
+and this VM's first-touch page faults then cost as much as the kernels (from T = 8 at this
+N): PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (huge pages) cuts them ~20x for every provider.
 
     python -m pytest bench/bench_neuron.py --benchmark-json=bench/results/last.json && python bench/report.py
 """

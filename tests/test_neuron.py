@@ -22,8 +22,9 @@ CONFIGS = [
 ]
 
 
-def _run(x, v0, backend, cfg, tau=None):
-    """Forward + backward with fixed random output weights; returns outputs and grads."""
+def _run(x, v0, backend, cfg, tau=None, use_v_last=True):
+    """Forward + backward with fixed random output weights (on the spikes, and on V[T-1] when
+    ``use_v_last``); returns outputs and grads."""
     x = x.detach().clone().requires_grad_()
     v0 = None if v0 is None else v0.detach().clone().requires_grad_()
     kw = dict(cfg)
@@ -34,7 +35,8 @@ def _run(x, v0, backend, cfg, tau=None):
     g = torch.Generator().manual_seed(1)
     ws = torch.randn(spike.shape, generator=g).to(spike.dtype)
     wv = torch.randn(v_last.shape, generator=g).to(v_last.dtype)
-    ((spike * ws).float().sum() + (v_last * wv).sum()).backward()
+    loss = (spike * ws).float().sum()
+    (loss + (v_last * wv).sum() if use_v_last else loss).backward()
     grads = [x.grad, None if v0 is None else v0.grad, None if not isinstance(tau, torch.Tensor) else tau.grad]
     return spike, v_last, grads
 
@@ -58,6 +60,24 @@ def test_kernels_match_reference_float32(device, cfg, surrogate):
         assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
         assert_close(out[1], ref[1], 1e-6, 1e-6, f"{b} v_last")
         for name, ga, gr in zip(["x", "v_init", "tau"], out[2], ref[2]):
+            if gr is not None:
+                assert_close(ga, gr, 1e-5, 1e-4, f"{b} grad {name}")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_default_state(device, cfg):
+    """v_init=None (V[-1] = v_reset, 0 for the soft reset) and an unused V[T-1] (dL/dV[T-1] = 0)
+    reach the backends as empty tensors: every backend, the reference included, against the
+    reference given those states as explicit tensors."""
+    x, _ = _inputs((4, 3, 37), torch.float32, device)
+    explicit = torch.full(x.shape[1:], cfg["v_reset"] or 0.0, device=device)
+    ref = _run(x, explicit, "reference", cfg, use_v_last=False)
+    for b in ["reference"] + kernel_backends(device):
+        out = _run(x, None, b, cfg, use_v_last=False)
+        assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
+        assert_close(out[1], ref[1], 1e-6, 1e-6, f"{b} v_last")
+        for name, ga, gr in zip(["x", "tau"], out[2][::2], ref[2][::2]):
             if gr is not None:
                 assert_close(ga, gr, 1e-5, 1e-4, f"{b} grad {name}")
 

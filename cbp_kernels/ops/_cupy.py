@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy
 import torch
 
 from ._cuda_source import cuda_source
@@ -41,7 +42,10 @@ def _kernel(op: str, name: str, device_index: int):
 
 def _arg(value):
     """Tensors pass by address (a zero-copy CuPy view; 16-bit floats as int16, CuPy having no
-    bfloat16); everything else must already be a NumPy scalar of the kernel's parameter type."""
+    bfloat16), None as a null pointer (8 zero bytes, a pointer parameter's size); everything else
+    must already be a NumPy scalar of the kernel's parameter type."""
+    if value is None:
+        return numpy.uint64(0)
     if not isinstance(value, torch.Tensor):
         return value
     import cupy

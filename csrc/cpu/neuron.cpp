@@ -1,11 +1,12 @@
 // Multi-step spiking neuron on the CPU: forward and surrogate backward over all T
-// timesteps in one call each. x_seq is [T, N] (contiguous, N = all trailing dims); each
-// OpenMP thread owns a block of columns and walks time inside the block, so the state
-// V stays in a small local buffer (cache) and the inner loop over columns vectorizes.
-// The forward writes only S (and V[T-1]); the backward recomputes the block's H[0..T-1] from
-// X into a cache-resident buffer before its reverse time loop, so a training step streams
-// X, S, dL/dS and dL/dX (4 [T, N] tensors, 5 passes) instead of also writing and reading H
-// and reading S back (7 passes). H is returned empty. Equations: csrc/common/neuron_math.h.
+// timesteps in one call each. x_seq is [T, N] (contiguous, N = all trailing dims). OpenMP
+// threads share out blocks of kBlock columns; inside a block the kernels walk narrow chunks
+// of columns, each through all T steps, with the chunk's state in a local array and the inner
+// loop over its columns vectorized. The forward writes only S (and V[T-1]); the backward
+// recomputes the chunk's H[0..T-1] from X into an L1/L2-resident buffer before its reverse
+// time loop, so a training step streams X, S, dL/dS and dL/dX (4 [T, N] tensors, 5 passes)
+// instead of also writing and reading H and reading S back (7 passes). H is returned empty.
+// Equations: csrc/common/neuron_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <torch/library.h>
@@ -20,16 +21,21 @@
 namespace cbp {
 namespace {
 
-// Columns per work item. Each time step streams one contiguous run of kBlock columns of every
-// [T, N] tensor, so the hardware prefetchers see a few long streams rather than 3T short ones;
-// the block's state arrays (64 KiB each) stay in L2. Measured (bench/bench_neuron.py, fwd+bwd
-// of [32, 2**20], one thread on a shared 2-core AVX-512 Xeon, best of 7): 512 columns 460 ms
-// in both runs, 16384 columns 290-300 ms in three runs of four (517 ms in the other).
+// Columns per OpenMP work item (and per partial sum of PLIF's dL/dk).
 constexpr int64_t kBlock = 16384;
-// The backward's block holds H of all T steps: at most kRecomputeFloats floats (1 MiB, in L2).
-constexpr int64_t kRecomputeFloats = 1 << 18;
+// Columns per chunk. A chunk of W columns reads T rows of W contiguous floats per pass, T
+// strided streams that the prefetchers follow, and its state stays in registers / L1. Measured
+// against whole 16384-column rows per step (cold [T, 2^20] float32 tensors, one thread of the
+// shared 2-core AVX-512 Xeon, best of 10-12, ATan LIF), in GB/s of the ideal traffic:
+//   forward   T=4 / 16 / 32:  64 columns 12.0 / 11.4 / 11.2,  128: 12.6 / 10.7 / 9.1,  rows: 8.8 / 9.0 / 9.3
+//   backward  T=4 / 16 / 32:  64 columns 14.2 / 11.7 / 5.0,   128: 13.9 / 11.2 / 7.4,  rows: 9.4 / 7.6 / 6.9
+// (memcpy: 13.6-15.6). A run-time chunk length was 20-30% slower at T=16 than these
+// compile-time ones, so only the last, partial chunk of a block has one.
+constexpr int64_t kForwardChunk = 64;
+constexpr int64_t kBackwardChunk = 128;
 
-int64_t backward_block_size(int64_t T) { return std::max<int64_t>(64, std::min(kBlock, kRecomputeFloats / T)); }
+template <int64_t W>
+using Fixed = std::integral_constant<int64_t, W>;
 
 NeuronParams make_params(double v_threshold, double v_reset, bool soft_reset, int64_t kind,
                          bool decay_input, bool detach_reset, int64_t surrogate, double alpha) {
@@ -41,10 +47,11 @@ NeuronParams make_params(double v_threshold, double v_reset, bool soft_reset, in
 // The kernels' bodies are written once (always_inline) and instantiated twice: portable, and
 // for AVX-512 (target attribute, chosen at run time), where the column loops become 16-wide.
 // The surrogate is a template argument so the backward's column loop has no switch in it;
-// the NeuronParams copy `q` is local, so its fields are loop-invariant (no aliasing with the
-// outputs) and the remaining flags become selects. -ffp-contract=off holds in both builds
-// (no FMA), so the spikes stay bitwise equal to the reference.
+// the NeuronParams `q` are passed by value, so their fields are loop-invariant (no aliasing
+// with the outputs) and the remaining flags become selects. -ffp-contract=off holds in both
+// builds (no FMA), so the spikes stay bitwise equal to the reference.
 #define CBP_ALWAYS_INLINE inline __attribute__((always_inline))
+#define CBP_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 #define CBP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
 
 // True when the CPU has AVX-512 and CBP_KERNELS_NO_AVX512 is unset (set, it tests the portable path).
@@ -55,14 +62,35 @@ bool use_avx512() {
   return use;
 }
 
-// One block of `len` columns, all T steps: H = charge(V, X); S = (H - V_th >= 0); V = reset(H, S).
-template <typename scalar_t>
-CBP_ALWAYS_INLINE void forward_block(const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
-                                     const NeuronParams& p, scalar_t* __restrict__ spike,
-                                     float* __restrict__ v_last, int64_t T, int64_t N, int64_t start, int64_t len,
-                                     float* __restrict__ v) {
-  const NeuronParams q = p;
-  std::copy(v_init + start, v_init + start + len, v);
+// The chunk's slice of an optional [N] state vector: state[start..start+len) into out, or
+// `fill` in every column when state is null (the op's default: v_init = v_reset, dL/dV[T-1] = 0
+// for an unused V[T-1]), so a default state costs no [N] tensor and no pass over one.
+template <typename Len>
+CBP_ALWAYS_INLINE void load_state(const float* state, float fill, int64_t start, Len len, float* out) {
+  if (state != nullptr) {
+    std::copy(state + start, state + start + len, out);
+  } else {
+    std::fill(out, out + len, fill);
+  }
+}
+
+// Calls chunk(start, len) over the columns [begin, end) in chunks of W: full chunks with a
+// compile-time len (Fixed<W>), the last, partial one with a run-time len.
+template <int64_t W, typename Chunk>
+CBP_ALWAYS_INLINE void for_each_chunk(int64_t begin, int64_t end, Chunk&& chunk) {
+  int64_t start = begin;
+  for (; start + W <= end; start += W) chunk(start, Fixed<W>{});
+  if (start < end) chunk(start, end - start);
+}
+
+// One chunk of len <= kForwardChunk columns, all T steps: H = charge(V, X); S = (H - V_th >= 0);
+// V = reset(H, S).
+template <typename scalar_t, typename Len>
+CBP_ALWAYS_INLINE void forward_chunk(const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
+                                     const NeuronParams q, scalar_t* __restrict__ spike,
+                                     float* __restrict__ v_last, int64_t T, int64_t N, int64_t start, Len len) {
+  float v[kForwardChunk];
+  load_state(v_init, q.v_reset, start, len, v);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t row = t * N + start;
     for (int64_t i = 0; i < len; ++i) {
@@ -75,25 +103,22 @@ CBP_ALWAYS_INLINE void forward_block(const scalar_t* __restrict__ x, const float
   std::copy(v, v + len, v_last + start);
 }
 
-// One block, reverse time: gH = gS sg'(H - V_th) + gV dV/dH; gX = gH dH/dX; gV[t-1] = gH dH/dV.
-// First H[t] of the block's columns is recomputed from X and v_init (the forward's equations,
-// same arithmetic, so S = (H - V_th >= 0) is the forward's spike bit for bit) into h[t * len + i].
-// PLIF (kGradK): returns sum over the block's columns and t of gH dH/dk, with V[t-1] =
-// reset(H[t-1], S[t-1]) (v_init at t = 0); per-column float sums, added up in double at the end.
-template <typename scalar_t, int kSurrogate, bool kGradK>
-CBP_ALWAYS_INLINE double backward_block(const scalar_t* __restrict__ grad_spike, const float* __restrict__ grad_v_last,
+// One chunk of len <= kBackwardChunk columns, reverse time: gH = gS sg'(H - V_th) + gV dV/dH;
+// gX = gH dH/dX; gV[t-1] = gH dH/dV. First H[t] of the chunk's columns is recomputed from X
+// and v_init (the forward's equations, same arithmetic, so S = (H - V_th >= 0) is the forward's
+// spike bit for bit) into h[t * len + i]. PLIF (kGradK): returns sum over the chunk's columns and
+// t of gH dH/dk, with V[t-1] = reset(H[t-1], S[t-1]) (v_init at t = 0); per-column float sums,
+// added up in double. grad_v_init may be null (not wanted).
+template <typename scalar_t, int kSurrogate, bool kGradK, typename Len>
+CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike, const float* __restrict__ grad_v_last,
                                         const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
-                                        const NeuronParams& p, scalar_t* __restrict__ grad_x,
+                                        const NeuronParams q, scalar_t* __restrict__ grad_x,
                                         float* __restrict__ grad_v_init, int64_t T, int64_t N, int64_t start,
-                                        int64_t len, float* __restrict__ scratch) {
-  const NeuronParams q = p;
+                                        Len len, float* __restrict__ h) {
   const float dh_dv = charge_dh_dv(k, q);
   const float dh_dx = charge_dh_dx(k, q);
-  float* __restrict__ h = scratch;  // (T + 3) * len floats: h [T][len], gv, gk, dk
-  float* __restrict__ gv = h + T * len;
-  float* __restrict__ gk = gv + len;
-  float* __restrict__ dk = gk + len;
-  std::copy(v_init + start, v_init + start + len, gv);  // gv holds V while H is recomputed
+  float gv[kBackwardChunk], gk[kBackwardChunk], dk[kBackwardChunk];
+  load_state(v_init, q.v_reset, start, len, gv);  // gv holds V while H is recomputed
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + start;
     float* __restrict__ hr = h + t * len;
@@ -102,8 +127,8 @@ CBP_ALWAYS_INLINE double backward_block(const scalar_t* __restrict__ grad_spike,
       gv[i] = neuron_reset(hr[i], (hr[i] - q.v_threshold >= 0.0f) ? 1.0f : 0.0f, q);
     }
   }
-  std::copy(grad_v_last + start, grad_v_last + start + len, gv);
-  std::fill(gk, gk + len, 0.0f);
+  load_state(grad_v_last, 0.0f, start, len, gv);
+  if (kGradK) std::fill(gk, gk + len, 0.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t row = t * N + start;
     const float* __restrict__ hr = h + t * len;
@@ -112,7 +137,7 @@ CBP_ALWAYS_INLINE double backward_block(const scalar_t* __restrict__ grad_spike,
         const float* __restrict__ hp = hr - len;
         for (int64_t i = 0; i < len; ++i) dk[i] = neuron_reset(hp[i], (hp[i] - q.v_threshold >= 0.0f) ? 1.0f : 0.0f, q);
       } else {
-        std::copy(v_init + start, v_init + start + len, dk);
+        load_state(v_init, q.v_reset, start, len, dk);
       }
       if (q.decay_input) {
         for (int64_t i = 0; i < len; ++i) dk[i] = charge_dh_dk(dk[i], static_cast<float>(x[row + i]), q);
@@ -129,7 +154,7 @@ CBP_ALWAYS_INLINE double backward_block(const scalar_t* __restrict__ grad_spike,
       gv[i] = gh * dh_dv;
     }
   }
-  std::copy(gv, gv + len, grad_v_init + start);
+  if (grad_v_init != nullptr) std::copy(gv, gv + len, grad_v_init + start);
   double sum = 0.0;
   if (kGradK) {
     for (int64_t i = 0; i < len; ++i) sum += gk[i];
@@ -137,31 +162,41 @@ CBP_ALWAYS_INLINE double backward_block(const scalar_t* __restrict__ grad_spike,
   return sum;
 }
 
-// The OpenMP loops over column blocks, one per instruction set.
+// This thread's buffer of at least `floats` floats, kept between calls (a fresh buffer per
+// call was mapped and zeroed by the kernel each time: page faults). T * kBackwardChunk floats.
+float* thread_scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// The OpenMP loops over column blocks, one per instruction set. The chunk lambdas are
+// always_inline, so they are compiled for the enclosing function's instruction set.
 #define CBP_NEURON_LOOPS(ATTR, SUFFIX)                                                                           \
   template <typename scalar_t>                                                                                  \
-  ATTR void forward_##SUFFIX(const scalar_t* x, const float* v_init, float k, const NeuronParams& p,            \
+  ATTR void forward_##SUFFIX(const scalar_t* x, const float* v_init, float k, const NeuronParams p,             \
                              scalar_t* spike, float* v_last, int64_t T, int64_t N) {                            \
-    _Pragma("omp parallel") {                                                                                   \
-      std::vector<float> v(kBlock); /* the block's state V, one per thread and call */                          \
-      _Pragma("omp for schedule(static)") for (int64_t start = 0; start < N; start += kBlock) {                 \
-        forward_block(x, v_init, k, p, spike, v_last, T, N, start, std::min(kBlock, N - start), v.data());      \
-      }                                                                                                         \
+    _Pragma("omp parallel for schedule(static)") for (int64_t begin = 0; begin < N; begin += kBlock) {          \
+      for_each_chunk<kForwardChunk>(begin, std::min(begin + kBlock, N), [&](int64_t start, auto len)           \
+                                                                            CBP_ALWAYS_INLINE_LAMBDA {          \
+        forward_chunk(x, v_init, k, p, spike, v_last, T, N, start, len);                                        \
+      });                                                                                                       \
     }                                                                                                           \
   }                                                                                                             \
   template <typename scalar_t, int kSurrogate, bool kGradK>                                                     \
   ATTR void backward_##SUFFIX(const scalar_t* grad_spike, const float* grad_v_last, const scalar_t* x,          \
-                              const float* v_init, float k, const NeuronParams& p, scalar_t* grad_x,            \
+                              const float* v_init, float k, const NeuronParams p, scalar_t* grad_x,             \
                               float* grad_v_init, double* partial, int64_t T, int64_t N) {                      \
-    const int64_t block = backward_block_size(T), blocks = (N + block - 1) / block;                             \
-    _Pragma("omp parallel") {                                                                                   \
-      std::vector<float> scratch((T + 3) * block); /* one per thread and call, not per block */                 \
-      _Pragma("omp for schedule(static)") for (int64_t b = 0; b < blocks; ++b) {                                \
-        const int64_t start = b * block;                                                                        \
-        partial[b] = backward_block<scalar_t, kSurrogate, kGradK>(grad_spike, grad_v_last, x, v_init, k, p,     \
-                                                                  grad_x, grad_v_init, T, N, start,             \
-                                                                  std::min(block, N - start), scratch.data());  \
-      }                                                                                                         \
+    const int64_t blocks = (N + kBlock - 1) / kBlock;                                                           \
+    _Pragma("omp parallel for schedule(static)") for (int64_t b = 0; b < blocks; ++b) {                         \
+      float* h = thread_scratch(T * kBackwardChunk);                                                            \
+      double sum = 0.0;                                                                                         \
+      for_each_chunk<kBackwardChunk>(b * kBlock, std::min((b + 1) * kBlock, N), [&](int64_t start, auto len)   \
+                                                                                   CBP_ALWAYS_INLINE_LAMBDA {   \
+        sum += backward_chunk<scalar_t, kSurrogate, kGradK>(grad_spike, grad_v_last, x, v_init, k, p, grad_x,  \
+                                                            grad_v_init, T, N, start, len, h);                  \
+      });                                                                                                       \
+      partial[b] = sum;                                                                                         \
     }                                                                                                           \
   }
 
@@ -216,7 +251,16 @@ void backward_kernel(const scalar_t* grad_spike, const float* grad_v_last, const
   }
 }
 
+// The data of an optional [N] float32 state (v_init, dL/dV[T-1]): null when it is empty (the
+// op's default, see load_state); `keep` holds the contiguous copy alive.
+const float* optional_state(const at::Tensor& state, at::Tensor& keep) {
+  if (state.numel() == 0) return nullptr;
+  keep = state.contiguous();
+  return keep.data_ptr<float>();
+}
+
 // Returns {S, V[T-1], H}; H is empty: the backward recomputes it from X (see the top).
+// An empty v_init means V[-1] = v_reset (0 for the soft reset) in every column.
 std::vector<at::Tensor> neuron_forward(const at::Tensor& x_seq, const at::Tensor& v_init,
                                        const at::Tensor& decay, double v_threshold, double v_reset,
                                        bool soft_reset, int64_t kind, bool decay_input) {
@@ -224,19 +268,21 @@ std::vector<at::Tensor> neuron_forward(const at::Tensor& x_seq, const at::Tensor
   const int64_t T = x_seq.size(0);
   const int64_t N = x_seq.numel() / T;
   auto x = x_seq.contiguous();
-  auto v0 = v_init.contiguous();
+  at::Tensor v0;
+  const float* v0_data = optional_state(v_init, v0);
   auto spike = at::empty_like(x);
-  auto v_last = at::empty_like(v0);
+  auto v_last = at::empty(x.sizes().slice(1), x.options().dtype(at::kFloat));
   const float k = decay.item<float>();
   AT_DISPATCH_V2(x.scalar_type(), "neuron_forward_cpu", AT_WRAP([&] {
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), v0.data_ptr<float>(), k, p, spike.data_ptr<scalar_t>(),
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), v0_data, k, p, spike.data_ptr<scalar_t>(),
                              v_last.data_ptr<float>(), T, N);
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {spike, v_last, x.new_empty({0})};
 }
 
 // h_seq and spike_seq are not read (the forward saved neither H nor needs S: both are
-// recomputed from x_seq, which must be the forward's input).
+// recomputed from x_seq, which must be the forward's input). An empty grad_v_last means
+// dL/dV[T-1] = 0; an empty v_init the forward's default, and then dL/dv_init is returned empty.
 std::vector<at::Tensor> neuron_backward(const at::Tensor& grad_spike, const at::Tensor& grad_v_last,
                                         const at::Tensor& h_seq, const at::Tensor& spike_seq,
                                         const at::Tensor& x_seq, const at::Tensor& v_init,
@@ -249,21 +295,22 @@ std::vector<at::Tensor> neuron_backward(const at::Tensor& grad_spike, const at::
   const int64_t T = x_seq.size(0);
   const int64_t N = x_seq.numel() / T;
   auto gs = grad_spike.contiguous();
-  auto gvl = grad_v_last.contiguous();
   auto x = x_seq.contiguous();
-  auto v0 = v_init.contiguous();
+  at::Tensor gvl, v0;
+  const float* gvl_data = optional_state(grad_v_last, gvl);
+  const float* v0_data = optional_state(v_init, v0);
   auto grad_x = at::empty_like(x);
-  auto grad_v_init = at::empty_like(v0);
-  const int64_t block = backward_block_size(T);
-  auto partial = at::zeros({(N + block - 1) / block}, x.options().dtype(at::kDouble));
+  auto grad_v_init = at::empty({v0_data != nullptr ? N : 0}, x.options().dtype(at::kFloat));
+  auto partial = at::empty({(N + kBlock - 1) / kBlock}, x.options().dtype(at::kDouble));  // one per block
   const float k = decay.item<float>();
   AT_DISPATCH_V2(x.scalar_type(), "neuron_backward_cpu", AT_WRAP([&] {
-    backward_kernel<scalar_t>(gs.data_ptr<scalar_t>(), gvl.data_ptr<float>(), x.data_ptr<scalar_t>(),
-                              v0.data_ptr<float>(), k, p, need_grad_decay, grad_x.data_ptr<scalar_t>(),
-                              grad_v_init.data_ptr<float>(), partial.data_ptr<double>(), T, N);
+    backward_kernel<scalar_t>(gs.data_ptr<scalar_t>(), gvl_data, x.data_ptr<scalar_t>(), v0_data, k, p,
+                              need_grad_decay, grad_x.data_ptr<scalar_t>(),
+                              v0_data != nullptr ? grad_v_init.data_ptr<float>() : nullptr,
+                              partial.data_ptr<double>(), T, N);
   }), at::kFloat, at::kHalf, at::kBFloat16);
   auto grad_decay = partial.sum().to(at::kFloat);
-  return {grad_x, grad_v_init, grad_decay};
+  return {grad_x, grad_v_init.view(v_init.sizes()), grad_decay};
 }
 
 }  // namespace

@@ -32,6 +32,14 @@ struct NeuronKernels<at::BFloat16> {
   static constexpr auto backward = neuron_backward_bf16;
 };
 
+// The device data of an optional [N] float32 state: null when it is empty (the kernels then use
+// the op's default, see neuron.cuh); `keep` holds the contiguous copy alive.
+const float* optional_state(const at::Tensor& state, at::Tensor& keep) {
+  if (state.numel() == 0) return nullptr;
+  keep = state.contiguous();
+  return keep.data_ptr<float>();
+}
+
 unsigned int num_blocks(int64_t N) { return static_cast<unsigned int>((N + kNeuronThreads - 1) / kNeuronThreads); }
 
 std::vector<at::Tensor> neuron_forward_cuda(const at::Tensor& x_seq, const at::Tensor& v_init,
@@ -41,16 +49,17 @@ std::vector<at::Tensor> neuron_forward_cuda(const at::Tensor& x_seq, const at::T
   const int64_t T = x_seq.size(0);
   const int64_t N = x_seq.numel() / T;
   auto x = x_seq.contiguous();
-  auto v0 = v_init.contiguous();
+  at::Tensor v0;
+  const float* v0_data = optional_state(v_init, v0);
   auto k = decay.to(at::kFloat).contiguous();
   auto spike = at::empty_like(x);
   auto h_seq = at::empty_like(x);
-  auto v_last = at::empty_like(v0);
+  auto v_last = at::empty(x.sizes().slice(1), x.options().dtype(at::kFloat));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float vr = soft_reset ? 0.0f : static_cast<float>(v_reset);
   CBP_DISPATCH_STORAGE(x.scalar_type(), "neuron_forward_cuda", [&] {
     NeuronKernels<scalar_t>::forward<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
-        device_ptr<scalar_t>(x), v0.data_ptr<float>(), k.data_ptr<float>(), device_ptr<scalar_t>(spike),
+        device_ptr<scalar_t>(x), v0_data, k.data_ptr<float>(), device_ptr<scalar_t>(spike),
         v_last.data_ptr<float>(), device_ptr<scalar_t>(h_seq), T, N, static_cast<float>(v_threshold), vr,
         static_cast<int>(kind), soft_reset, decay_input);
   });
@@ -68,27 +77,28 @@ std::vector<at::Tensor> neuron_backward_cuda(const at::Tensor& grad_spike, const
   const int64_t T = h_seq.size(0);
   const int64_t N = h_seq.numel() / T;
   auto gs = grad_spike.contiguous();
-  auto gvl = grad_v_last.contiguous();
+  at::Tensor gvl, v0;
+  const float* gvl_data = optional_state(grad_v_last, gvl);
+  const float* v0_data = optional_state(v_init, v0);
   auto h = h_seq.contiguous();
   auto s = spike_seq.contiguous();
   auto x = x_seq.contiguous();  // empty unless need_grad_decay
-  auto v0 = v_init.contiguous();
   auto k = decay.to(at::kFloat).contiguous();
   auto grad_x = at::empty_like(h);
-  auto grad_v_init = at::empty_like(v0);
+  auto grad_v_init = at::empty({v0_data != nullptr ? N : 0}, k.options());  // empty with an empty v_init
   auto grad_decay = at::zeros({}, k.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float vr = soft_reset ? 0.0f : static_cast<float>(v_reset);
   CBP_DISPATCH_STORAGE(h.scalar_type(), "neuron_backward_cuda", [&] {
     NeuronKernels<scalar_t>::backward<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
-        device_ptr<scalar_t>(gs), gvl.data_ptr<float>(), device_ptr<scalar_t>(h), device_ptr<scalar_t>(s),
-        need_grad_decay ? device_ptr<scalar_t>(x) : nullptr, v0.data_ptr<float>(), k.data_ptr<float>(),
-        device_ptr<scalar_t>(grad_x), grad_v_init.data_ptr<float>(), grad_decay.data_ptr<float>(), T, N,
+        device_ptr<scalar_t>(gs), gvl_data, device_ptr<scalar_t>(h), device_ptr<scalar_t>(s),
+        need_grad_decay ? device_ptr<scalar_t>(x) : nullptr, v0_data, k.data_ptr<float>(),
+        device_ptr<scalar_t>(grad_x), v0_data != nullptr ? grad_v_init.data_ptr<float>() : nullptr, grad_decay.data_ptr<float>(), T, N,
         static_cast<float>(v_threshold), vr, static_cast<int>(kind), soft_reset, decay_input, detach_reset,
         static_cast<int>(surrogate), static_cast<float>(alpha), need_grad_decay);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_x, grad_v_init, grad_decay.to(decay.scalar_type())};
+  return {grad_x, grad_v_init.view(v_init.sizes()), grad_decay.to(decay.scalar_type())};
 }
 
 }  // namespace

@@ -12,7 +12,9 @@
 //                          grad_v_init, grad_decay, T, N, v_threshold, v_reset, kind,
 //                          soft_reset, decay_input, detach_reset, surrogate, alpha, need_grad_decay)
 // x, spike, h_seq, grad_spike, grad_x: [T, N] contiguous storage type; v_init, v_last,
-// grad_v_last, grad_v_init: [N] float; decay: one float (k = 1/tau, read on the device);
+// grad_v_last, grad_v_init: [N] float, each may be null (v_init = v_reset and grad_v_last = 0
+// in every column, grad_v_init not written: the op's defaults, no [N] tensor); decay: one float
+// (k = 1/tau, read on the device);
 // grad_decay: one float, zeroed by the caller, accumulated with atomicAdd. Launch with
 // kNeuronThreads threads per block and ceil(N / kNeuronThreads) blocks.
 #pragma once
@@ -37,7 +39,7 @@ __device__ __forceinline__ void neuron_forward_impl(const scalar_t* __restrict__
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N) return;
   const float k = *decay;
-  float v = v_init[i];
+  float v = v_init != nullptr ? v_init[i] : p.v_reset;
   for (long long idx = i; idx < T * N; idx += N) {
     const float h = neuron_charge(v, load_f32(x + idx), k, p);
     const float s = (h - p.v_threshold >= 0.0f) ? 1.0f : 0.0f;
@@ -78,7 +80,7 @@ __device__ __forceinline__ void neuron_backward_impl(
   const float dh_dx = charge_dh_dx(k, p);
   float gk = 0.0f;
   if (active) {
-    float gv = grad_v_last[i];
+    float gv = grad_v_last != nullptr ? grad_v_last[i] : 0.0f;
     long long idx = (T - 1) * N + i;
     float h = load_f32(h_seq + idx), s = load_f32(spike + idx);
     for (; idx >= 0; idx -= N) {
@@ -90,14 +92,14 @@ __device__ __forceinline__ void neuron_backward_impl(
       const float gh = load_f32(grad_spike + idx) * sg + gv * reset_dv_dh(h, s, sg, p);
       store_f32(grad_x + idx, gh * dh_dx);
       if (need_grad_decay) {
-        const float v_prev = has_prev ? neuron_reset(h_prev, s_prev, p) : v_init[i];
+        const float v_prev = has_prev ? neuron_reset(h_prev, s_prev, p) : (v_init != nullptr ? v_init[i] : p.v_reset);
         gk += gh * charge_dh_dk(v_prev, p.decay_input ? load_f32(x + idx) : 0.0f, p);
       }
       gv = gh * dh_dv;
       h = h_prev;
       s = s_prev;
     }
-    grad_v_init[i] = gv;
+    if (grad_v_init != nullptr) grad_v_init[i] = gv;
   }
   if (need_grad_decay) {
     gk = block_sum(gk);

@@ -34,7 +34,7 @@ def forward(x_seq, v_init, decay, p: NeuronParams):
         np.float32(p.v_threshold), np.float32(p.reset_value), np.int32(p.kind), np.int32(p.soft_reset),
         np.int32(p.decay_input),
     ))
-    return spike.view(x_seq.shape), v_last.view(v_init.shape), h.view(x_seq.shape)
+    return spike.view(x_seq.shape), v_last.view(x_seq.shape[1:]), h.view(x_seq.shape)
 
 
 def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p: NeuronParams, need_grad_decay):
@@ -45,7 +45,7 @@ def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p:
     grad_decay = torch.zeros(1, dtype=torch.float32, device=h.device)
     _launch("backward", h.dtype, h.device, N, (
         gs, gvl, h, s, x, v0, decay.reshape(1).float(),
-        grad_x, grad_v_init, grad_decay, np.int64(T), np.int64(N), np.float32(p.v_threshold), np.float32(p.reset_value),
+        grad_x, None if v0 is None else grad_v_init, grad_decay, np.int64(T), np.int64(N), np.float32(p.v_threshold), np.float32(p.reset_value),
         np.int32(p.kind), np.int32(p.soft_reset), np.int32(p.decay_input), np.int32(p.detach_reset),
         np.int32(p.surrogate), np.float32(p.alpha), np.int32(need_grad_decay),
     ))

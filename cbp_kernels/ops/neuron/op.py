@@ -3,7 +3,11 @@
 
 Forward and backward each run in ONE kernel launch over all T timesteps. The forward saves
 H (the membrane potential before the reset, in x's dtype) and uses the spikes it returns;
-V[t-1] and the surrogate are rebuilt from them in the backward.
+V[t-1] and the surrogate are rebuilt from them in the backward (the cpu backend saves no H and
+recomputes it from X). The default states travel as EMPTY tensors, which every backend reads as
+the default: v_init = v_reset, dL/dV[T-1] = 0 when V[T-1] is unused, and no dL/dv_init; so at
+small T no [N] tensor is filled, read or written for them (at T = 4 they were a fifth of the
+traffic).
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ _RECOMPUTE_H = {"cpu"}
 def _(x_seq, v_init, decay, *args):
     backend = args[-1]
     h_seq = x_seq.new_empty(0) if backend in _RECOMPUTE_H else torch.empty_like(x_seq)
-    return torch.empty_like(x_seq), torch.empty_like(v_init), h_seq
+    return torch.empty_like(x_seq), x_seq.new_empty(x_seq.shape[1:], dtype=torch.float32), h_seq
 
 
 @torch.library.custom_op("cbp_kernels::neuron_backward", mutates_args=())
@@ -82,10 +86,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_spike, grad_v_last, _grad_h):
     h_seq, spike_seq, x_saved, v_init, decay = ctx.saved_tensors
     grad_spike = torch.zeros_like(spike_seq) if grad_spike is None else grad_spike.to(spike_seq.dtype)
-    grad_v_last = torch.zeros_like(v_init) if grad_v_last is None else grad_v_last
+    if grad_v_last is None:  # V[T-1] unused: an empty tensor, read as dL/dV[T-1] = 0
+        grad_v_last = spike_seq.new_empty(0, dtype=torch.float32)
     grad_x, grad_v, grad_k = _neuron_backward(
         grad_spike, grad_v_last, h_seq, spike_seq, x_saved, v_init, decay, *ctx.args, ctx.need_grad_decay
     )
+    grad_v = grad_v if v_init.numel() else None  # the default (empty) v_init has no gradient
     return (grad_x, grad_v, grad_k if ctx.need_grad_decay else None) + (None,) * len(ctx.args)
 
 
@@ -167,7 +173,7 @@ def multistep_neuron(
         raise ValueError(f"alpha must be > 0, got {alpha}")
     state_dtype = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
     if v_init is None:
-        v_init = torch.full(x_seq.shape[1:], 0.0 if v_reset is None else v_reset, dtype=state_dtype, device=x_seq.device)
+        v_init = x_seq.new_empty(0, dtype=state_dtype)  # the default: v_reset in every column
     else:
         check_tensor("v_init", v_init)
         check_same_device("x_seq", x_seq, v_init=v_init)

@@ -79,16 +79,28 @@ def _reset_dv_dh(h, s, sg, v_threshold, v_reset, SOFT_RESET: tl.constexpr, DETAC
     return d
 
 
+@triton.jit
+def _initial_state(state_ptr, cols, mask, default, HAS_STATE: tl.constexpr, BLOCK: tl.constexpr):
+    """An [N] state's block (v_init, dL/dV[T-1]), or `default` in every column without one."""
+    if HAS_STATE:
+        v = tl.load(state_ptr + cols, mask=mask, other=0.0)
+    else:
+        v = tl.zeros([BLOCK], tl.float32) + default
+    return v
+
+
 @triton.jit(do_not_specialize=["T", "N"])
 def _neuron_forward_kernel(
     x_ptr, v_init_ptr, decay_ptr, spike_ptr, v_last_ptr, h_ptr, T, N, v_threshold, v_reset,
-    KIND: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, HAS_V_INIT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """For t = 0..T-1: H[t] = charge(V[t-1], X[t]); S[t] = (H[t] - V_th >= 0); V[t] = reset(H[t], S[t])."""
+    """For t = 0..T-1: H[t] = charge(V[t-1], X[t]); S[t] = (H[t] - V_th >= 0); V[t] = reset(H[t], S[t]).
+    V[-1] = v_init, or v_reset in every column without one (HAS_V_INIT false: v_init_ptr unread)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     k = tl.load(decay_ptr)
-    v = tl.load(v_init_ptr + cols, mask=mask, other=0.0)
+    v = _initial_state(v_init_ptr, cols, mask, v_reset, HAS_V_INIT, BLOCK)
     off = cols
     for _ in range(T):
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -106,10 +118,13 @@ def _neuron_backward_kernel(
     grad_spike_ptr, grad_v_last_ptr, h_ptr, spike_ptr, x_ptr, v_init_ptr, decay_ptr,
     grad_x_ptr, grad_v_init_ptr, grad_k_partial_ptr, T, N, v_threshold, v_reset, alpha,
     KIND: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, NEED_GRAD_K: tl.constexpr, BLOCK: tl.constexpr,
+    SURROGATE: tl.constexpr, NEED_GRAD_K: tl.constexpr, HAS_V_INIT: tl.constexpr, HAS_GRAD_V_LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Reverse time loop: gH = gS sg'(H - V_th) + gV dV/dH; gX = gH dH/dX; gV[t-1] = gH dH/dV;
-    PLIF: this program's sum over its columns and t of gH dH/dk (V[t-1] rebuilt from H[t-1], S[t-1])."""
+    PLIF: this program's sum over its columns and t of gH dH/dk (V[t-1] rebuilt from H[t-1], S[t-1]).
+    Without v_init (HAS_V_INIT false) V[-1] = v_reset and no dL/dv_init is stored; without
+    grad_v_last, dL/dV[T-1] = 0."""
     pid = tl.program_id(0)
     cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -120,8 +135,8 @@ def _neuron_backward_kernel(
     else:
         dh_dv = 1.0 - k
         dh_dx = k if DECAY_INPUT else 1.0
-    gv = tl.load(grad_v_last_ptr + cols, mask=mask, other=0.0)
-    v0 = tl.load(v_init_ptr + cols, mask=mask, other=0.0) if NEED_GRAD_K else gv
+    gv = _initial_state(grad_v_last_ptr, cols, mask, 0.0, HAS_GRAD_V_LAST, BLOCK)
+    v0 = _initial_state(v_init_ptr, cols, mask, v_reset, HAS_V_INIT, BLOCK) if NEED_GRAD_K else gv
     gk = tl.zeros([BLOCK], tl.float32)
     off = cols + T.to(tl.int64) * N
     for _ in range(T):
@@ -144,7 +159,8 @@ def _neuron_backward_kernel(
                 dh_dk = v_reset - v_prev
             gk += gh * dh_dk
         gv = gh * dh_dv
-    tl.store(grad_v_init_ptr + cols, gv, mask=mask)
+    if HAS_V_INIT:
+        tl.store(grad_v_init_ptr + cols, gv, mask=mask)
     if NEED_GRAD_K:
         tl.store(grad_k_partial_ptr + pid, tl.sum(gk, axis=0))
 
@@ -153,12 +169,13 @@ def forward(x_seq, v_init, decay, p: NeuronParams):
     """Returns (spike_seq [T, *] in x's dtype, v_last [*] float32, h_seq [T, *] in x's dtype)."""
     x, v0, spike, v_last, h = forward_buffers(x_seq, v_init)
     T, N = x.shape
+    k = decay.reshape(1).float()
     _neuron_forward_kernel[(triton.cdiv(N, BLOCK),)](
-        x, v0, decay.reshape(1).float(), spike, v_last, h, T, N, p.v_threshold,
-        p.reset_value, KIND=p.kind, SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, BLOCK=BLOCK,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        x, k if v0 is None else v0, k, spike, v_last, h, T, N, p.v_threshold,
+        p.reset_value, KIND=p.kind, SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, HAS_V_INIT=v0 is not None,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
-    return spike.view(x_seq.shape), v_last.view(v_init.shape), h.view(x_seq.shape)
+    return spike.view(x_seq.shape), v_last.view(x_seq.shape[1:]), h.view(x_seq.shape)
 
 
 def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p: NeuronParams, need_grad_decay):
@@ -168,11 +185,13 @@ def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p:
     T, N = h.shape
     grid = triton.cdiv(N, BLOCK)
     partial = torch.zeros(grid, dtype=torch.float32, device=h.device)
+    k = decay.reshape(1).float()  # also the (unread) address of an absent state
     _neuron_backward_kernel[(grid,)](
-        gs, gvl, h, s, x, v0, decay.reshape(1).float(),
-        grad_x, grad_v_init, partial, T, N, p.v_threshold, p.reset_value, p.alpha, KIND=p.kind,
+        gs, k if gvl is None else gvl, h, s, x, k if v0 is None else v0, k,
+        grad_x, k if v0 is None else grad_v_init, partial, T, N, p.v_threshold, p.reset_value, p.alpha, KIND=p.kind,
         SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, DETACH_RESET=p.detach_reset, SURROGATE=p.surrogate,
-        NEED_GRAD_K=need_grad_decay, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        NEED_GRAD_K=need_grad_decay, HAS_V_INIT=v0 is not None, HAS_GRAD_V_LAST=gvl is not None, BLOCK=BLOCK,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     grad_decay = partial.double().sum().to(decay.dtype).reshape(decay.shape)
     return grad_x.view(h_seq.shape), grad_v_init.view(v_init.shape), grad_decay
