@@ -127,6 +127,22 @@ def test_kernels_many_column_blocks(device):
             assert_close(ga, gr, 1e-5, 1e-4, f"{b} grad {name}")
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("surrogate", list(SURROGATES))
+def test_surrogates_far_from_threshold(device, surrogate):
+    """Every surrogate where H - V_th is large (the CPU Sigmoid's own exp clamps its argument at
+    alpha |H - V_th| > 87) and on a dense grid through each kink: IF with T = 1, so dL/dX =
+    sg'(H - V_th), within 1e-7 (sg' <= alpha / 4 = 1 for the Sigmoid)."""
+    far = torch.tensor([-1e4, -300.0, -30.0, -22.0, 22.0, 30.0, 300.0, 1e4])
+    h = torch.cat([far, torch.linspace(-8.0, 8.0, 4001)])  # and a dense grid through every kink
+    x = (h + 1.0).reshape(1, -1).to(device)  # H = 0 + X, V_th = 1
+    ref = _run(x, None, "reference", dict(neuron="if", surrogate=surrogate), use_v_last=False)
+    for b in kernel_backends(device):
+        out = _run(x, None, b, dict(neuron="if", surrogate=surrogate), use_v_last=False)
+        assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
+        assert_close(out[2][0], ref[2][0], 1e-7, 1e-5, f"{b} {surrogate} grad x")
+
+
 @pytest.mark.parametrize("neuron", ["if", "lif", "plif"])
 @pytest.mark.parametrize("v_reset", [0.0, None])
 @pytest.mark.parametrize("decay_input", [True, False])
