@@ -50,8 +50,13 @@ cuda-check: $(STAMP)
 	done
 
 # One OpenMP thread unless set: on a small shared CPU, descheduled threads skew every provider.
+# glibc's malloc keeps freed memory (no mmap, no trim): otherwise whether a large output is a
+# fresh mapping, whose first-touch page faults cost as much as a memory-bound kernel on this VM,
+# depends on what the suite ran before (measured: the same LIF step 38 ms or 88 ms at T = 16).
+BENCH_MALLOC = glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 bench: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q bench/bench_*.py --benchmark-json=bench/results/last.json
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} GLIBC_TUNABLES=$${GLIBC_TUNABLES:-$(BENCH_MALLOC)} \
+		$(BIN)/python -m pytest -q bench/bench_*.py --benchmark-json=bench/results/last.json
 	$(BIN)/python bench/report.py
 
 clean:

@@ -12,3 +12,4 @@ from harness import device_name  # noqa: E402
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cbp_device"] = device_name("cuda" if torch.cuda.is_available() else "cpu")
     machine_info["torch"] = torch.__version__
+    machine_info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # `make bench` sets malloc's

@@ -152,6 +152,7 @@ def write_report(results: Path) -> Path:
                       f"{mi.get('cpu', {}).get('count', '?')} CPU cores"
                       + (f", {info['threads']} torch thread(s)" if "threads" in info else "")
                       + (f", 1-min load average {info['load_avg_1min']:.1f} at the start" if "load_avg_1min" in info else "")
+                      + (f", GLIBC_TUNABLES={mi['glibc_tunables']}" if mi.get("glibc_tunables") else "")
                       + f"; raw data: `{device_dir.name}/{path.name}`.", ""]
             for group, benches in sorted(groups.items(), key=lambda item: _natural(item[0])):
                 rows = _rows(benches)
