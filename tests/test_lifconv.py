@@ -15,7 +15,7 @@ from cbp_kernels import LIFConv2d, convert
 from cbp_kernels.nn import IF, LIF, PLIF
 from cbp_kernels.nn.lifconv import SpikeConv2dFunction, compact_saved_tensors
 
-from conftest import GRAD_TOL, assert_close
+from conftest import GRAD_TOL, assert_close, kernel_backends
 
 SJ_NEURONS = {"if": neuron.IFNode, "lif": neuron.LIFNode, "plif": neuron.ParametricLIFNode}
 
@@ -38,8 +38,9 @@ def _randomize_bn(bn):
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.3, 0.5)
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 2.0)
+        if bn.track_running_stats:
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
 
 
 CASES = [
@@ -176,6 +177,69 @@ def test_compact_spikes_lower_training_peak_memory():
     assert saved >= (LAYERS - 2 - 0.5) * spike_bytes, f"peak {peaks[True]} vs {peaks[False]} bytes"
     for a, b in zip(grads[True], grads[False]):
         assert_close(a, b, 1e-5, 1e-5, "weight grad with compact saving")
+
+
+BN_VARIANTS = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False)]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends("cpu"))
+@pytest.mark.parametrize("neuron_type", ["if", "lif", "plif"])
+@pytest.mark.parametrize("bn_kw", BN_VARIANTS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw):
+    """BatchNormNeuronFunction (saves only the conv output) against conv - BN - neuron run as
+    separate autograd nodes: spikes, every gradient, BN's running statistics and step count, the
+    neuron state; two calls without a reset, so the second starts from the first's V[T-1]."""
+    layers = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = LIFConv2d(4, 6, 3, padding=1, neuron=neuron_type, v_reset=-0.2, recompute_bn=recompute, backend=backend)
+        m.bn = torch.nn.BatchNorm2d(6, **bn_kw)
+        if m.bn.weight is not None:
+            _randomize_bn(m.bn)
+        layers[recompute] = m
+    x = torch.rand(3, 2, 4, 7, 5) * 2
+    out = {}
+    for recompute, m in layers.items():
+        xs = [x.clone().requires_grad_(), (x.flip(-1) > 1).float().requires_grad_()]
+        ys = [m(xi) for xi in xs]  # the second call continues from the first's state
+        g = torch.randn_like(ys[0], generator=torch.Generator().manual_seed(1))
+        (sum((y * g).sum() for y in ys) + m.neuron.v.square().sum()).backward()
+        out[recompute] = (ys, [xi.grad for xi in xs], m.neuron.v.detach(),
+                          {n: p.grad for n, p in m.named_parameters()}, {n: b.clone() for n, b in m.bn.named_buffers()})
+    (ya, gxa, va, gpa, bufa), (yb, gxb, vb, gpb, bufb) = out[False], out[True]
+    for i in range(2):
+        assert torch.equal(ya[i], yb[i]), f"call {i}: spikes differ"
+        assert_close(gxb[i], gxa[i], 1e-5, 1e-4, f"call {i}: grad x")
+    assert_close(vb, va, 1e-6, 1e-6, "neuron state")
+    assert gpa.keys() == gpb.keys()
+    for name in gpa:
+        assert_close(gpb[name], gpa[name], 1e-5, 1e-4, f"grad {name}")
+    assert bufa.keys() == bufb.keys()
+    for name in bufa:
+        assert torch.equal(bufb[name], bufa[name]), f"bn buffer {name}"
+
+
+def test_recompute_bn_lowers_training_peak_memory():
+    """One float activation per layer fewer is kept for the backward (CPU allocator events)."""
+    x = (torch.rand(4, 2, 16, 24, 24) > 0.5).float()
+    peaks, grads = {}, {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*[LIFConv2d(16, 16, 3, padding=1, neuron="lif", recompute_bn=recompute)
+                                    for _ in range(LAYERS)])
+
+        def step():
+            net(x).sum().backward()
+            for m in net:
+                m.reset()
+
+        peaks[recompute] = peak_memory(step)
+        grads[recompute] = [m.weight.grad.clone() for m in net]
+    act_bytes = 4 * 2 * 16 * 24 * 24 * 4  # one layer's float32 activation
+    saved = peaks[False] - peaks[True]
+    assert saved >= (LAYERS - 1) * act_bytes, f"peak {peaks[True]} vs {peaks[False]} bytes"
+    for a, b in zip(grads[True], grads[False]):
+        assert_close(a, b, 1e-5, 1e-5, "weight grad with recompute_bn")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

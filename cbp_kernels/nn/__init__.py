@@ -1,4 +1,5 @@
 """Modules built on the ops: spiking neurons, LIFConv2d, quantized and bit-packed layers."""
+from .bn_neuron import BatchNormNeuronFunction
 from .convert import convert
 from .lifconv import LIFConv2d
 from .neuron import IF, LIF, PLIF
@@ -6,5 +7,5 @@ from .packed import PackedConv2d, PackedLinear
 from .quantized import QuantConv2d, QuantLinear
 from .sigmoid_quant import SigmoidQuantConv2d, SigmoidQuantLinear
 
-__all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "convert", "QuantConv2d", "QuantLinear", "PackedConv2d", "PackedLinear",
-           "SigmoidQuantConv2d", "SigmoidQuantLinear"]
+__all__ = ["IF", "LIF", "PLIF", "LIFConv2d", "BatchNormNeuronFunction", "convert", "QuantConv2d", "QuantLinear",
+           "PackedConv2d", "PackedLinear", "SigmoidQuantConv2d", "SigmoidQuantLinear"]

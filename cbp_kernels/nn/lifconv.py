@@ -7,6 +7,9 @@ What it does differently from that composition (same numbers, less memory and ti
 - in ``eval()`` the BatchNorm is folded into the convolution's weight and bias
   (W' = W * gamma / sqrt(var + eps), b' = beta + (b - mean) * gamma / sqrt(var + eps));
 - the neuron is the fused op ``cbp_kernels.ops.multistep_neuron`` (IF / LIF / PLIF);
+- in training, BatchNorm and the neuron are one autograd node that saves only the conv output
+  (``bn_neuron.BatchNormNeuronFunction``: the backward recomputes BN's output), so the layer
+  keeps one float tensor for the backward instead of two;
 - tensors saved for the backward that hold spikes are stored compactly: {0, 1} tensors at
   1 bit per element (``cbp_kernels.ops.bitpack``: 32 spikes per int32 word), small
   non-negative integers (SEW ADD sums) at 8 bits. The convolution's own saved input goes
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.bitpack import bitpack, bitunpack
+from .bn_neuron import batch_norm_neuron
 from .neuron import IF, LIF, PLIF
 from .packed import PackedConv2d
 
@@ -187,6 +191,8 @@ class LIFConv2d(nn.Conv2d):
             CBP's straight-through quantization; ``weight_scale`` is the per-layer scale c
             (default the paper's c = mean |W|).
         compact_spikes: store spikes saved for the backward at 1 bit per spike.
+        recompute_bn: in training with BN and a neuron, save only the conv output and recompute
+            BN's output in the backward (one float tensor per layer kept instead of two).
         backend: the neuron op's backend.
 
     Shapes: input ``[T, N, in_channels, H, W]`` (float32 / float16 / bfloat16), output
@@ -198,7 +204,8 @@ class LIFConv2d(nn.Conv2d):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=False, padding_mode="zeros", bn=True, neuron="lif", tau=2.0, v_threshold=1.0, v_reset=0.0,
                  surrogate="atan", alpha=None, detach_reset=False, decay_input=True, weight_levels=None,
-                 weight_scale=None, compact_spikes=True, backend="auto", device=None, dtype=None):
+                 weight_scale=None, compact_spikes=True, recompute_bn=True, backend="auto", device=None,
+                 dtype=None):
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode must be 'zeros', got {padding_mode!r}")
         if isinstance(neuron, nn.Module):
@@ -228,6 +235,7 @@ class LIFConv2d(nn.Conv2d):
         self.weight_levels = None if weight_levels is None else tuple(float(q) for q in weight_levels)
         self.weight_scale = weight_scale
         self.compact_spikes = compact_spikes
+        self.recompute_bn = recompute_bn
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``weight``, or its CBP quantization when
@@ -272,6 +280,8 @@ class LIFConv2d(nn.Conv2d):
             y = self._conv(frames, *self.folded_weight_bias(), packed)
         else:
             y = self._conv(frames, self.quantized_weight(), self.bias, packed)
+            if self.bn is not None and self.neuron is not None and self.recompute_bn and torch.is_grad_enabled():
+                return mark_spikes(batch_norm_neuron(y, self.bn, self.neuron, t))
             if self.bn is not None:
                 y = self.bn(y)
         y = y.view(t, n, *y.shape[1:])

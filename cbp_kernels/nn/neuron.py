@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.neuron import multistep_neuron
+from ..ops.neuron.op import prepare, run
 
 __all__ = ["IF", "LIF", "PLIF", "surrogate_name"]
 
@@ -48,14 +48,18 @@ class _Neuron(nn.Module):
     def _tau(self):
         return 2.0
 
+    def prepared(self, x_seq: torch.Tensor) -> tuple:
+        """``ops.neuron.op.prepare``'s checked (v_init, decay, params, backend) for the multi-step
+        input ``x_seq`` ``[T, *]`` with this module's settings and state (v_init: the state ``v``
+        when it fits x_seq, else the default)."""
+        v_init = self.v if self.v is not None and self.v.shape == x_seq.shape[1:] else None
+        return prepare(x_seq, v_init, neuron=self._neuron, tau=self._tau(), v_threshold=self.v_threshold,
+                       v_reset=self.v_reset, decay_input=self.decay_input, detach_reset=self.detach_reset,
+                       surrogate=self.surrogate, alpha=self.alpha, backend=self.backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_seq = x.unsqueeze(0) if self.step_mode == "s" else x
-        v_init = self.v if self.v is not None and self.v.shape == x_seq.shape[1:] else None
-        spike, self.v = multistep_neuron(
-            x_seq, v_init, neuron=self._neuron, tau=self._tau(), v_threshold=self.v_threshold, v_reset=self.v_reset,
-            decay_input=self.decay_input, detach_reset=self.detach_reset, surrogate=self.surrogate, alpha=self.alpha,
-            backend=self.backend,
-        )
+        spike, self.v = run(x_seq, *self.prepared(x_seq))
         return spike[0] if self.step_mode == "s" else spike
 
     def extra_repr(self) -> str:

@@ -156,6 +156,16 @@ def multistep_neuron(
     Returns:
         ``(spike_seq [T, *] in x's dtype, v_last [*] in float32, float64 for float64 input)``.
     """
+    return run(x_seq, *prepare(x_seq, v_init, neuron=neuron, tau=tau, v_threshold=v_threshold, v_reset=v_reset,
+                                decay_input=decay_input, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha,
+                                backend=backend))
+
+
+def prepare(x_seq, v_init=None, *, neuron="lif", tau=2.0, v_threshold=1.0, v_reset=0.0, decay_input=True,
+            detach_reset=False, surrogate="atan", alpha=None, backend="auto"):
+    """``multistep_neuron``'s checks (a clear error for every bad argument) and the arguments
+    ``run`` takes after ``x_seq``: (v_init, or an empty tensor for the default; decay k = 1/tau as a
+    0-dim tensor, differentiable when tau is; NeuronParams; the resolved backend)."""
     check_tensor("x_seq", x_seq, min_dim=1)
     if x_seq.shape[0] == 0:
         raise ValueError(f"x_seq must have T >= 1 timesteps, got shape {tuple(x_seq.shape)}")
@@ -184,11 +194,11 @@ def multistep_neuron(
     backend = resolve_backend(backend, "neuron_forward", x_seq.device, __package__)
     check_kernel_dtype(backend, x_seq.dtype)
     p = NeuronParams(v_threshold, v_reset, NEURONS[neuron], bool(decay_input), bool(detach_reset), SURROGATES[surrogate], alpha)
-    return run(x_seq, v_init, decay, p, backend)
+    return v_init, decay, p, backend
 
 
 def run(x_seq, v_init, decay, p: NeuronParams, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op on validated input (for layers that validated once, e.g. ``nn.PLIF``)."""
+    """The op on ``prepare``'s arguments (for layers that validated once)."""
     if backend == "reference":
         spike, v_last, _ = reference.forward(x_seq, v_init, decay, p)
         return spike, v_last
@@ -197,3 +207,23 @@ def run(x_seq, v_init, decay, p: NeuronParams, backend: str) -> tuple[torch.Tens
         p.detach_reset, p.surrogate, p.alpha, backend,
     )
     return spike, v_last
+
+
+def backward_from_input(grad_spike, grad_v_last, x_seq, v_init, decay, p: NeuronParams, backend: str,
+                        need_grad_decay: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's gradients (x_seq, v_init, decay) from its INPUT alone, for callers that saved x_seq
+    and not the forward's outputs (``cbp_kernels.nn.BatchNormNeuronFunction``). Arguments as
+    ``run``'s; ``grad_spike`` / ``grad_v_last`` may be None (zero). The cpu backend's backward
+    recomputes H from x_seq itself; the others rerun the forward for H and S first. No graph."""
+    grad_spike = torch.zeros_like(x_seq) if grad_spike is None else grad_spike.to(x_seq.dtype)
+    if grad_v_last is None:
+        grad_v_last = x_seq.new_empty(0, dtype=torch.float32)
+    if backend == "reference":
+        return reference.backward(grad_spike, grad_v_last, None, None, x_seq, v_init, decay, p, need_grad_decay)
+    args = (p.v_threshold, p.reset_value, p.soft_reset, p.kind, p.decay_input, p.detach_reset, p.surrogate, p.alpha)
+    if backend in _RECOMPUTE_H:
+        spike_seq = h_seq = x_seq.new_empty(0)
+    else:
+        spike_seq, _, h_seq = _neuron_forward(x_seq, v_init, decay, *args, backend)
+    return _neuron_backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, *args, backend,
+                            need_grad_decay)

@@ -1,0 +1,66 @@
+"""BatchNorm (training mode) followed by the multi-step neuron as ONE autograd node that saves
+only the BatchNorm's input.
+
+Unfused, a conv - BN - neuron layer keeps two float tensors per layer for the backward: BN
+keeps its input z, the neuron its input y = BN(z) (or H). Here the backward recomputes
+y = BN(z) from z with the same op as the forward (bitwise the same y, so the same spikes), runs
+the neuron's backward from y (``ops.neuron.op.backward_from_input``) and then BN's
+(``aten.native_batch_norm_backward``): one float tensor per layer, for one extra BN forward
+(mean, variance and normalization of z) in the backward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.neuron.op import backward_from_input, run
+from ..ops.neuron.params import NeuronParams
+
+__all__ = ["BatchNormNeuronFunction", "batch_norm_neuron"]
+
+
+class BatchNormNeuronFunction(torch.autograd.Function):
+    """(spike_seq, v_last) = neuron(BN(z)) with z ``[T*N, C, H, W]`` viewed as ``[T, N, C, H, W]``
+    for the neuron; BN in training mode (batch statistics; ``running_mean`` / ``running_var``,
+    when given, updated in place with ``momentum``). The neuron's arguments are those of
+    ``ops.neuron.op.run`` (decay k, v_init, NeuronParams, backend)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, decay, v_init, running_mean, running_var, momentum: float, eps: float,
+                steps: int, p: NeuronParams, backend: str):
+        y = torch.ops.aten.native_batch_norm(z, weight, bias, running_mean, running_var, True, momentum, eps)[0]
+        spike_seq, v_last = run(y.view(steps, -1, *y.shape[1:]), v_init, decay, p, backend)
+        ctx.save_for_backward(z, weight, bias, decay, v_init)
+        ctx.conf = (eps, steps, p, backend)
+        return spike_seq, v_last
+
+    @staticmethod
+    def backward(ctx, grad_spike, grad_v_last):
+        z, weight, bias, decay, v_init = ctx.saved_tensors
+        eps, steps, p, backend = ctx.conf
+        # y = BN(z) again: the forward's op on the same z, without touching the running statistics.
+        y, mean, invstd = torch.ops.aten.native_batch_norm(z, weight, bias, None, None, True, 0.0, eps)
+        grad_y, grad_v_init, grad_decay = backward_from_input(
+            grad_spike, grad_v_last, y.view(steps, -1, *y.shape[1:]), v_init, decay, p, backend,
+            ctx.needs_input_grad[3])
+        grad_z, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y.view_as(z), z, weight, None, None, mean, invstd, True, eps,
+            [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+             bias is not None and ctx.needs_input_grad[2]])
+        return (grad_z, grad_w, grad_b, grad_decay if ctx.needs_input_grad[3] else None,
+                grad_v_init if ctx.needs_input_grad[4] else None) + (None,) * 7
+
+
+def batch_norm_neuron(z: torch.Tensor, bn: nn.BatchNorm2d, neuron: nn.Module, steps: int) -> torch.Tensor:
+    """``neuron(bn(z).view(steps, -1, ...))`` in training mode through ``BatchNormNeuronFunction``:
+    the same numbers and side effects as the two modules (BN's running statistics and
+    ``num_batches_tracked`` updated once, the neuron's state ``v`` set to V[T-1]), one saved
+    float tensor. ``z``: ``[T*N, C, H, W]``; returns the spikes ``[T, N, C, H, W]``."""
+    momentum = 0.0
+    if bn.track_running_stats:  # as nn.BatchNorm2d.forward counts the step
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    v_init, decay, p, backend = neuron.prepared(z.view(steps, -1, *z.shape[1:]))
+    spike_seq, neuron.v = BatchNormNeuronFunction.apply(
+        z, bn.weight, bn.bias, decay, v_init, bn.running_mean, bn.running_var, momentum, bn.eps, steps, p, backend)
+    return spike_seq
