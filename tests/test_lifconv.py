@@ -148,26 +148,28 @@ def test_compact_saved_tensors_restores_exactly():
 LAYERS = 6
 
 
-def _stack(compact: bool):
+def _stack(in_channels: int, **layer_kw) -> torch.nn.Sequential:
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[LIFConv2d(3 if i == 0 else 16, 16, 3, padding=1, neuron="if",
-                                           compact_spikes=compact) for i in range(LAYERS)])
+    return torch.nn.Sequential(*[LIFConv2d(in_channels if i == 0 else 16, 16, 3, padding=1, **layer_kw)
+                                 for i in range(LAYERS)])
+
+
+def _peak_and_weight_grads(net: torch.nn.Sequential, x: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """Peak memory of one training step (forward + backward, CPU allocator events) and the grads."""
+
+    def step():
+        net(x).sum().backward()
+        for m in net:
+            m.reset()
+
+    return peak_memory(step), [m.weight.grad.clone() for m in net]
 
 
 def test_compact_spikes_lower_training_peak_memory():
-    """Peak memory of a training step (forward + backward, CPU allocator events)."""
     x = torch.rand(4, 2, 3, 24, 24)
     peaks, grads = {}, {}
     for compact in (False, True):
-        net = _stack(compact)
-
-        def step():
-            net(x).sum().backward()
-            for m in net:
-                m.reset()
-
-        peaks[compact] = peak_memory(step)
-        grads[compact] = [m.weight.grad.clone() for m in net]
+        peaks[compact], grads[compact] = _peak_and_weight_grads(_stack(3, neuron="if", compact_spikes=compact), x)
     spike_bytes = 4 * 2 * 16 * 24 * 24 * 4  # one layer's float32 spike tensor
     # The peak is at the end of the forward. Without packing, the spikes of every layer but the
     # last are held for the backward in float32; with it, in 1 bit, except the last layer's
@@ -224,17 +226,7 @@ def test_recompute_bn_lowers_training_peak_memory():
     x = (torch.rand(4, 2, 16, 24, 24) > 0.5).float()
     peaks, grads = {}, {}
     for recompute in (False, True):
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(*[LIFConv2d(16, 16, 3, padding=1, neuron="lif", recompute_bn=recompute)
-                                    for _ in range(LAYERS)])
-
-        def step():
-            net(x).sum().backward()
-            for m in net:
-                m.reset()
-
-        peaks[recompute] = peak_memory(step)
-        grads[recompute] = [m.weight.grad.clone() for m in net]
+        peaks[recompute], grads[recompute] = _peak_and_weight_grads(_stack(16, neuron="lif", recompute_bn=recompute), x)
     act_bytes = 4 * 2 * 16 * 24 * 24 * 4  # one layer's float32 activation
     saved = peaks[False] - peaks[True]
     assert saved >= (LAYERS - 1) * act_bytes, f"peak {peaks[True]} vs {peaks[False]} bytes"
