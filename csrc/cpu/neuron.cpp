@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/neuron_host.h"
 #include "common/neuron_math.h"
 
 namespace cbp {
@@ -251,14 +252,6 @@ void backward_kernel(const scalar_t* grad_spike, const float* grad_v_last, const
     case kTriangle: return with_surrogate(std::integral_constant<int, kTriangle>{});
     default: return with_surrogate(std::integral_constant<int, kPiecewiseQuadratic>{});
   }
-}
-
-// The data of an optional [N] float32 state (v_init, dL/dV[T-1]): null when it is empty (the
-// op's default, see load_state); `keep` holds the contiguous copy alive.
-const float* optional_state(const at::Tensor& state, at::Tensor& keep) {
-  if (state.numel() == 0) return nullptr;
-  keep = state.contiguous();
-  return keep.data_ptr<float>();
 }
 
 // Returns {S, V[T-1], H}; H is empty: the backward recomputes it from X (see the top).

@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "common/neuron_host.h"
 #include "cuda/neuron.cuh"
 #include "cuda/torch_cuda.h"
 
@@ -31,14 +32,6 @@ struct NeuronKernels<at::BFloat16> {
   static constexpr auto forward = neuron_forward_bf16;
   static constexpr auto backward = neuron_backward_bf16;
 };
-
-// The device data of an optional [N] float32 state: null when it is empty (the kernels then use
-// the op's default, see neuron.cuh); `keep` holds the contiguous copy alive.
-const float* optional_state(const at::Tensor& state, at::Tensor& keep) {
-  if (state.numel() == 0) return nullptr;
-  keep = state.contiguous();
-  return keep.data_ptr<float>();
-}
 
 unsigned int num_blocks(int64_t N) { return static_cast<unsigned int>((N + kNeuronThreads - 1) / kNeuronThreads); }
 
