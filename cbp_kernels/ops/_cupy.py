@@ -42,8 +42,9 @@ def _kernel(op: str, name: str, device_index: int):
 
 def _arg(value):
     """Tensors pass by address (a zero-copy CuPy view; 16-bit floats as int16, CuPy having no
-    bfloat16), None as a null pointer (8 zero bytes, a pointer parameter's size); everything else
-    must already be a NumPy scalar of the kernel's parameter type."""
+    bfloat16), None as a null pointer (8 zero bytes, a pointer parameter's size: CuPy itself would
+    pass None as 0xffffffff, cupy/cupy#9046); everything else must already be a NumPy scalar of
+    the kernel's parameter type."""
     if value is None:
         return numpy.uint64(0)
     if not isinstance(value, torch.Tensor):
