@@ -128,6 +128,21 @@ def test_kernels_many_column_blocks(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("T, n", [(64, 16384 + 200), (300, 2 * 128 + 3)])
+def test_long_sequences(device, T, n):
+    """Long T after short ones (the CPU kernel's per-thread buffer of T chunks of H grows), with
+    full and partial column chunks and several OpenMP work items: PLIF from a given v_init."""
+    x, v0 = _inputs((T, n), torch.float32, device, scale=0.8)
+    cfg = dict(neuron="plif", v_reset=0.0)
+    ref = _run(x, v0, "reference", cfg)
+    for b in kernel_backends(device):
+        out = _run(x, v0, b, cfg)
+        assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
+        for name, ga, gr in zip(["x", "v_init", "tau"], out[2], ref[2]):
+            assert_close(ga, gr, 1e-5, 1e-4 * (10 if name == "tau" else 1), f"{b} grad {name}")
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("surrogate", list(SURROGATES))
 def test_surrogates_far_from_threshold(device, surrogate):
     """Every surrogate where H - V_th is large (the CPU Sigmoid's own exp clamps its argument at
