@@ -142,6 +142,7 @@ def test_long_sequences(device, T, n):
             assert_close(ga, gr, 1e-5, 1e-4 * (10 if name == "tau" else 1), f"{b} grad {name}")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the Triton interpreter's exp: inf is right
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("surrogate", list(SURROGATES))
 def test_surrogates_far_from_threshold(device, surrogate):
