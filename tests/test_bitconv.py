@@ -385,11 +385,13 @@ def test_torch_compile_traces_the_ops():
 
 # --------------------------------------------------------------------- fused epilogue
 def _fused_backends():
-    """(device, backend) of the fused-epilogue tests: every backend running CPU tensors here
-    (triton under TRITON_INTERPRET=1), and the GPU backends, which skip without a CUDA device."""
-    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    """(device, backend) of the fused-epilogue tests: every backend of each device here (the
+    required ones always, see conftest.kernel_backends: triton on CPU tensors under
+    TRITON_INTERPRET=1; cuda and triton on a GPU, cupy where it is installed); the GPU ones skip
+    without a CUDA device."""
+    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     return [pytest.param("cpu", b, id=f"cpu-{b}") for b in backends_of("bitconv2d_lif")] + [
-        pytest.param("cuda", b, id=f"cuda-{b}", marks=no_gpu) for b in ("reference", "cuda", "cupy", "triton")
+        pytest.param("cuda", b, id=f"cuda-{b}", marks=no_gpu) for b in backends_of("bitconv2d_lif", "cuda")
     ]
 
 
@@ -401,8 +403,6 @@ def test_fused_lif_matches_the_composition_of_the_ops(device, backend, levels, n
     from cbp_kernels.ops import multistep_neuron
     from cbp_kernels.ops.bitconv import packed_conv2d_lif
 
-    if backend not in backends_of("bitconv2d_lif", device):  # the required ones are always listed
-        pytest.skip(f"the optional {backend} backend does not run {device} tensors here (install cupy)")
     # The Triton interpreter runs ~10 ms per tile step: small sizes keep it at a few seconds.
     interpreted = backend == "triton" and device == "cpu"
     T, N, C, H, W = (2, 1, 20, 5, 4) if interpreted else (3, 2, 40, 7, 6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
 
 import pytest
 import torch
@@ -334,10 +335,10 @@ def test_cuda_source_for_cupy_is_self_contained():
         cuda_source("no_such_op")
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH (the CUDA toolkit; CI has it)")
 def test_cupy_kernels_compile_standalone(tmp_path, monkeypatch):
     """Every kernel the cupy backend launches is defined by that self-contained source (nvcc
     stands in for NVRTC here: both compile it with no include path but the CUDA headers)."""
-    import shutil
     import subprocess
 
     from cbp_kernels.ops._cuda_source import cuda_source
@@ -345,8 +346,6 @@ def test_cupy_kernels_compile_standalone(tmp_path, monkeypatch):
     from cbp_kernels.ops.neuron import cupy as cupy_backend
 
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH (install the CUDA toolkit to run this check)")
     src = tmp_path / "neuron_rtc.cu"
     src.write_text(cuda_source("neuron"))
     ptx = tmp_path / "neuron_rtc.ptx"
@@ -436,6 +435,15 @@ for surrogate in ("atan", "sigmoid", "rectangle", "triangle", "piecewise_quadrat
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def _triton_has_nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not _triton_has_nvidia_backend(), reason="needs triton with its NVIDIA backend (the PyPI wheel)")
 def test_triton_kernels_compile_for_gpu():
     """The Triton kernels compile for sm_80 without a GPU (the interpreter tests skip the
     compiler), and the forward's PTX has no FMA: its spikes stay bitwise the reference's.
@@ -444,11 +452,6 @@ def test_triton_kernels_compile_for_gpu():
     import subprocess
     import sys
 
-    triton = pytest.importorskip("triton", reason="the triton backend needs triton")
-    from triton.backends import backends as triton_backends
-
-    if "nvidia" not in triton_backends:
-        pytest.skip("this triton has no NVIDIA backend (install triton's CUDA build)")
     if os.environ.get("TRITON_INTERPRET") != "1":
         _compile_triton_kernels_for_gpu()
         return
@@ -479,10 +482,11 @@ def _compile_triton_kernels_for_gpu():
 
     for dtype in ("*fp32", "*fp16", "*bf16"):
         for kind, soft, di in ((0, True, True), (1, False, True), (1, True, False)):
-            ptx = compile_(tk._neuron_forward_kernel, dtype, KIND=kind, SOFT_RESET=soft, DECAY_INPUT=di).asm["ptx"]
+            ptx = compile_(tk._neuron_forward_kernel, dtype, KIND=kind, SOFT_RESET=soft, DECAY_INPUT=di,
+                           HAS_V_INIT=kind == 1).asm["ptx"]
             assert "fma." not in ptx, f"forward {dtype} kind={kind}: FMA contraction changes the spikes"
     for surrogate in SURROGATES.values():
         compile_(tk._neuron_backward_kernel, "*fp32", KIND=1, SOFT_RESET=False, DECAY_INPUT=True, DETACH_RESET=False,
-                 SURROGATE=surrogate, NEED_GRAD_K=True)
+                 SURROGATE=surrogate, NEED_GRAD_K=True, HAS_V_INIT=True, HAS_GRAD_V_LAST=True)
     compile_(tk._neuron_backward_kernel, "*bf16", KIND=0, SOFT_RESET=True, DECAY_INPUT=False, DETACH_RESET=True,
-             SURROGATE=0, NEED_GRAD_K=False)
+             SURROGATE=0, NEED_GRAD_K=False, HAS_V_INIT=False, HAS_GRAD_V_LAST=False)
