@@ -17,27 +17,6 @@
 namespace cbp {
 namespace {
 
-template <typename scalar_t>
-struct ConstraintKernels;
-template <>
-struct ConstraintKernels<float> {
-  static constexpr auto pass = constraint_pass_f32;
-  static constexpr auto quantize = constraint_quantize_f32;
-  static constexpr auto multiplier_step = constraint_multiplier_step_f32;
-};
-template <>
-struct ConstraintKernels<at::Half> {
-  static constexpr auto pass = constraint_pass_f16;
-  static constexpr auto quantize = constraint_quantize_f16;
-  static constexpr auto multiplier_step = constraint_multiplier_step_f16;
-};
-template <>
-struct ConstraintKernels<at::BFloat16> {
-  static constexpr auto pass = constraint_pass_bf16;
-  static constexpr auto quantize = constraint_quantize_bf16;
-  static constexpr auto multiplier_step = constraint_multiplier_step_bf16;
-};
-
 // The launch table of csrc/cuda/constraint.cuh, built in pinned memory and sent in one
 // asynchronous copy: [numel | w | lambda | grad | lambda_grad] per layer, then (layer, start) per chunk
 // (the multiplier step passes exp_avgs / exp_avg_sqs as grads / lambda_grads).
@@ -82,8 +61,9 @@ at::Tensor constraint_pass_cuda(at::TensorList weights, at::TensorList lambdas, 
     const auto tab = table.contiguous();
     const int k = static_cast<int>(tab.size(2));
     CBP_DISPATCH_STORAGE(weights[0].scalar_type(), "constraint_pass_cuda", [&] {
-      ConstraintKernels<scalar_t>::pass<<<static_cast<unsigned int>(n_chunks), kConstraintThreads,
-                                          kConstraintRows * k * sizeof(float), c10::cuda::getCurrentCUDAStream()>>>(
+      const auto kernel = CBP_STORAGE_KERNEL(constraint_pass);
+      kernel<<<static_cast<unsigned int>(n_chunks), kConstraintThreads, kConstraintRows * k * sizeof(float),
+               c10::cuda::getCurrentCUDAStream()>>>(
           reinterpret_cast<const long long*>(meta.data_ptr<int64_t>()), static_cast<int>(weights.size()),
           tab.data_ptr<float>(), k, partial.data_ptr<double>());
     });
@@ -108,9 +88,9 @@ void constraint_multiplier_step_cuda(at::TensorList weights, at::TensorList lamb
   const auto h = scalars.contiguous();
   const int k = static_cast<int>(tab.size(2));
   CBP_DISPATCH_STORAGE(weights[0].scalar_type(), "constraint_multiplier_step_cuda", [&] {
-    ConstraintKernels<scalar_t>::multiplier_step<<<static_cast<unsigned int>(n_chunks), kConstraintThreads,
-                                                   kConstraintRows * k * sizeof(float),
-                                                   c10::cuda::getCurrentCUDAStream()>>>(
+    const auto kernel = CBP_STORAGE_KERNEL(constraint_multiplier_step);
+    kernel<<<static_cast<unsigned int>(n_chunks), kConstraintThreads, kConstraintRows * k * sizeof(float),
+             c10::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const long long*>(meta.data_ptr<int64_t>()), static_cast<int>(weights.size()),
         tab.data_ptr<float>(), k, h.data_ptr<float>());
   });
@@ -130,8 +110,8 @@ at::Tensor constraint_quantize_cuda(const at::Tensor& w, const at::Tensor& table
   const int k = static_cast<int>(tab.size(2));
   const auto blocks = static_cast<unsigned int>(std::min<int64_t>((n + kConstraintThreads - 1) / kConstraintThreads, 65535));
   CBP_DISPATCH_STORAGE(x.scalar_type(), "constraint_quantize_cuda", [&] {
-    ConstraintKernels<scalar_t>::quantize<<<blocks, kConstraintThreads, kConstraintRows * k * sizeof(float),
-                                            c10::cuda::getCurrentCUDAStream()>>>(
+    const auto kernel = CBP_STORAGE_KERNEL(constraint_quantize);
+    kernel<<<blocks, kConstraintThreads, kConstraintRows * k * sizeof(float), c10::cuda::getCurrentCUDAStream()>>>(
         device_ptr<scalar_t>(x), device_ptr<scalar_t>(out),
         tab.data_ptr<float>(), k, n);
   });

@@ -14,25 +14,6 @@
 namespace cbp {
 namespace {
 
-// The extern "C" kernels of one storage type.
-template <typename scalar_t>
-struct NeuronKernels;
-template <>
-struct NeuronKernels<float> {
-  static constexpr auto forward = neuron_forward_f32;
-  static constexpr auto backward = neuron_backward_f32;
-};
-template <>
-struct NeuronKernels<at::Half> {
-  static constexpr auto forward = neuron_forward_f16;
-  static constexpr auto backward = neuron_backward_f16;
-};
-template <>
-struct NeuronKernels<at::BFloat16> {
-  static constexpr auto forward = neuron_forward_bf16;
-  static constexpr auto backward = neuron_backward_bf16;
-};
-
 unsigned int num_blocks(int64_t N) { return static_cast<unsigned int>((N + kNeuronThreads - 1) / kNeuronThreads); }
 
 std::vector<at::Tensor> neuron_forward_cuda(const at::Tensor& x_seq, const at::Tensor& v_init,
@@ -51,7 +32,8 @@ std::vector<at::Tensor> neuron_forward_cuda(const at::Tensor& x_seq, const at::T
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float vr = soft_reset ? 0.0f : static_cast<float>(v_reset);
   CBP_DISPATCH_STORAGE(x.scalar_type(), "neuron_forward_cuda", [&] {
-    NeuronKernels<scalar_t>::forward<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
+    const auto kernel = CBP_STORAGE_KERNEL(neuron_forward);
+    kernel<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
         device_ptr<scalar_t>(x), v0_data, k.data_ptr<float>(), device_ptr<scalar_t>(spike),
         v_last.data_ptr<float>(), device_ptr<scalar_t>(h_seq), T, N, static_cast<float>(v_threshold), vr,
         static_cast<int>(kind), soft_reset, decay_input);
@@ -83,7 +65,8 @@ std::vector<at::Tensor> neuron_backward_cuda(const at::Tensor& grad_spike, const
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float vr = soft_reset ? 0.0f : static_cast<float>(v_reset);
   CBP_DISPATCH_STORAGE(h.scalar_type(), "neuron_backward_cuda", [&] {
-    NeuronKernels<scalar_t>::backward<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
+    const auto kernel = CBP_STORAGE_KERNEL(neuron_backward);
+    kernel<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
         device_ptr<scalar_t>(gs), gvl_data, device_ptr<scalar_t>(h), device_ptr<scalar_t>(s),
         need_grad_decay ? device_ptr<scalar_t>(x) : nullptr, v0_data, k.data_ptr<float>(),
         device_ptr<scalar_t>(grad_x), v0_data != nullptr ? grad_v_init.data_ptr<float>() : nullptr, grad_decay.data_ptr<float>(), T, N,

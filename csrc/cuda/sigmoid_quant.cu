@@ -16,25 +16,6 @@ constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-// The extern "C" kernels of one storage type.
-template <typename scalar_t>
-struct SigmoidKernels;
-template <>
-struct SigmoidKernels<float> {
-  static constexpr auto forward = sigmoid_quant_forward_f32;
-  static constexpr auto backward = sigmoid_quant_backward_f32;
-};
-template <>
-struct SigmoidKernels<at::Half> {
-  static constexpr auto forward = sigmoid_quant_forward_f16;
-  static constexpr auto backward = sigmoid_quant_backward_f16;
-};
-template <>
-struct SigmoidKernels<at::BFloat16> {
-  static constexpr auto forward = sigmoid_quant_forward_bf16;
-  static constexpr auto backward = sigmoid_quant_backward_bf16;
-};
-
 // The sum of sigmoids both kernels evaluate: alpha, beta (float32 on the device), the
 // temperature, the sigmoids' gaps and midpoints, and the offset.
 struct SigmoidSum {
@@ -59,7 +40,8 @@ at::Tensor forward_cuda(const at::Tensor& w, const at::Tensor& alpha, const at::
   auto y = at::empty_like(wc);
   const int64_t n = wc.numel();
   CBP_DISPATCH_STORAGE(wc.scalar_type(), "sigmoid_quant_forward_cuda", [&] {
-    SigmoidKernels<scalar_t>::forward<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const auto kernel = CBP_STORAGE_KERNEL(sigmoid_quant_forward);
+    kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         device_ptr<scalar_t>(wc), device_ptr<scalar_t>(y), n, q.alpha, q.beta, q.temperature, q.gaps, q.mids,
         q.n_sig, q.offset);
   });
@@ -78,7 +60,8 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y, const at::Tensor
   auto grad_b = at::zeros({}, beta.options());
   const int64_t n = wc.numel();
   CBP_DISPATCH_STORAGE(wc.scalar_type(), "sigmoid_quant_backward_cuda", [&] {
-    SigmoidKernels<scalar_t>::backward<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const auto kernel = CBP_STORAGE_KERNEL(sigmoid_quant_backward);
+    kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         device_ptr<scalar_t>(gy), device_ptr<scalar_t>(wc), device_ptr<scalar_t>(grad_w), grad_a.data_ptr<float>(),
         grad_b.data_ptr<float>(), n, q.alpha, q.beta, q.temperature, q.gaps, q.mids, q.n_sig, q.offset);
   });

@@ -19,6 +19,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 namespace cbp {
 
 // A storage dtype as the extern "C" kernels see it: float, __half, __nv_bfloat16.
@@ -40,6 +42,18 @@ auto* device_ptr(const at::Tensor& t) {
   return reinterpret_cast<typename DeviceType<scalar_t>::type*>(t.data_ptr<scalar_t>());
 }
 
+// Of the three instantiations of one extern "C" kernel, the one for storage dtype scalar_t.
+template <typename scalar_t, typename F32, typename F16, typename BF16>
+constexpr auto storage_kernel(F32 f32, F16 f16, BF16 bf16) {
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    return f16;
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return bf16;
+  } else {
+    return f32;
+  }
+}
+
 }  // namespace cbp
 
 // AT_DISPATCH over the storage dtypes the kernels exist for (the ops send float64 to the
@@ -48,3 +62,7 @@ auto* device_ptr(const at::Tensor& t) {
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                      \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                   \
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// The kernel NAME_f32 / NAME_f16 / NAME_bf16 for the lambda's scalar_t (inside CBP_DISPATCH_STORAGE):
+//   const auto kernel = CBP_STORAGE_KERNEL(neuron_forward); kernel<<<grid, block, 0, stream>>>(...);
+#define CBP_STORAGE_KERNEL(NAME) ::cbp::storage_kernel<scalar_t>(NAME##_f32, NAME##_f16, NAME##_bf16)
