@@ -69,7 +69,8 @@ std::vector<at::Tensor> neuron_backward_cuda(const at::Tensor& grad_spike, const
     kernel<<<num_blocks(N), kNeuronThreads, 0, stream>>>(
         device_ptr<scalar_t>(gs), gvl_data, device_ptr<scalar_t>(h), device_ptr<scalar_t>(s),
         need_grad_decay ? device_ptr<scalar_t>(x) : nullptr, v0_data, k.data_ptr<float>(),
-        device_ptr<scalar_t>(grad_x), v0_data != nullptr ? grad_v_init.data_ptr<float>() : nullptr, grad_decay.data_ptr<float>(), T, N,
+        device_ptr<scalar_t>(grad_x), v0_data != nullptr ? grad_v_init.data_ptr<float>() : nullptr,
+        grad_decay.data_ptr<float>(), T, N,
         static_cast<float>(v_threshold), vr, static_cast<int>(kind), soft_reset, decay_input, detach_reset,
         static_cast<int>(surrogate), static_cast<float>(alpha), need_grad_decay);
   });

@@ -45,7 +45,8 @@ def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p:
     grad_decay = torch.zeros(1, dtype=torch.float32, device=h.device)
     _launch("backward", h.dtype, h.device, N, (
         gs, gvl, h, s, x, v0, decay.reshape(1).float(),
-        grad_x, None if v0 is None else grad_v_init, grad_decay, np.int64(T), np.int64(N), np.float32(p.v_threshold), np.float32(p.reset_value),
+        grad_x, None if v0 is None else grad_v_init, grad_decay, np.int64(T), np.int64(N),
+        np.float32(p.v_threshold), np.float32(p.reset_value),
         np.int32(p.kind), np.int32(p.soft_reset), np.int32(p.decay_input), np.int32(p.detach_reset),
         np.int32(p.surrogate), np.float32(p.alpha), np.int32(need_grad_decay),
     ))

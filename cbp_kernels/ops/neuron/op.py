@@ -29,6 +29,20 @@ def _impl(backend: str):
     return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
 
 
+def _op_args(p: NeuronParams) -> tuple:
+    """The custom ops' flat parameter arguments for ``p`` (``_params`` inverts it)."""
+    return p.v_threshold, p.reset_value, p.soft_reset, p.kind, p.decay_input, p.detach_reset, p.surrogate, p.alpha
+
+
+def _output_grads(grad_spike, grad_v_last, spike_like: torch.Tensor):
+    """The backward's output gradients with autograd's None made the kernels' defaults: dL/dS
+    zeros in ``spike_like``'s shape and dtype, dL/dV[T-1] an empty tensor (read as 0)."""
+    grad_spike = torch.zeros_like(spike_like) if grad_spike is None else grad_spike.to(spike_like.dtype)
+    if grad_v_last is None:
+        grad_v_last = spike_like.new_empty(0, dtype=torch.float32)
+    return grad_spike, grad_v_last
+
+
 def _params(v_threshold, v_reset, soft_reset, kind, decay_input, detach_reset, surrogate, alpha):
     return NeuronParams(v_threshold, None if soft_reset else v_reset, kind, decay_input, detach_reset, surrogate, alpha)
 
@@ -85,9 +99,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_spike, grad_v_last, _grad_h):
     h_seq, spike_seq, x_saved, v_init, decay = ctx.saved_tensors
-    grad_spike = torch.zeros_like(spike_seq) if grad_spike is None else grad_spike.to(spike_seq.dtype)
-    if grad_v_last is None:  # V[T-1] unused: an empty tensor, read as dL/dV[T-1] = 0
-        grad_v_last = spike_seq.new_empty(0, dtype=torch.float32)
+    grad_spike, grad_v_last = _output_grads(grad_spike, grad_v_last, spike_seq)
     grad_x, grad_v, grad_k = _neuron_backward(
         grad_spike, grad_v_last, h_seq, spike_seq, x_saved, v_init, decay, *ctx.args, ctx.need_grad_decay
     )
@@ -202,10 +214,7 @@ def run(x_seq, v_init, decay, p: NeuronParams, backend: str) -> tuple[torch.Tens
     if backend == "reference":
         spike, v_last, _ = reference.forward(x_seq, v_init, decay, p)
         return spike, v_last
-    spike, v_last, _ = _neuron_forward(
-        x_seq, v_init, decay, p.v_threshold, p.reset_value, p.soft_reset, p.kind, p.decay_input,
-        p.detach_reset, p.surrogate, p.alpha, backend,
-    )
+    spike, v_last, _ = _neuron_forward(x_seq, v_init, decay, *_op_args(p), backend)
     return spike, v_last
 
 
@@ -215,12 +224,10 @@ def backward_from_input(grad_spike, grad_v_last, x_seq, v_init, decay, p: Neuron
     and not the forward's outputs (``cbp_kernels.nn.BatchNormNeuronFunction``). Arguments as
     ``run``'s; ``grad_spike`` / ``grad_v_last`` may be None (zero). The cpu backend's backward
     recomputes H from x_seq itself; the others rerun the forward for H and S first. No graph."""
-    grad_spike = torch.zeros_like(x_seq) if grad_spike is None else grad_spike.to(x_seq.dtype)
-    if grad_v_last is None:
-        grad_v_last = x_seq.new_empty(0, dtype=torch.float32)
+    grad_spike, grad_v_last = _output_grads(grad_spike, grad_v_last, x_seq)
     if backend == "reference":
         return reference.backward(grad_spike, grad_v_last, None, None, x_seq, v_init, decay, p, need_grad_decay)
-    args = (p.v_threshold, p.reset_value, p.soft_reset, p.kind, p.decay_input, p.detach_reset, p.surrogate, p.alpha)
+    args = _op_args(p)
     if backend in _RECOMPUTE_H:
         spike_seq = h_seq = x_seq.new_empty(0)
     else:
