@@ -1,6 +1,6 @@
 """cbp_kernels: fused kernels and the CBP quantizer for quantized spiking neural networks."""
 from . import models, nn, ops, quant
-from ._backend import BACKENDS, backends
+from .ops._backend import BACKENDS, backends
 from .export import load_packed, save_packed
 from .memory import memory_report
 from .nn import LIFConv2d, convert

@@ -237,18 +237,6 @@ def test_pass_optional_outputs_and_nonfinite(backend):
     assert not torch.isfinite(constraint_pass(weights, lambdas, lv, scales, 2, backend=backend)[1])
 
 
-def test_custom_ops_opcheck():
-    weights, lambdas, scales = _layers(torch.float32, sizes=[(5,), (17,)])
-    table = R.level_table(_t(TERNARY), scales, 2.0)
-    grads = [torch.zeros_like(w) for w in weights]
-    lgrads = [torch.zeros_like(w) for w in weights]
-    for b in ["reference"] + _backends():
-        torch.library.opcheck(torch.ops.cbp_kernels.constraint_pass.default, (weights, lambdas, table, grads, lgrads, b))
-    w = torch.randn(9, 4, requires_grad=True)
-    for b in ["reference"] + _backends(op="constraint_quantize"):
-        torch.library.opcheck(torch.ops.cbp_kernels.quantize.default, (w, table[:1], b))
-
-
 # --- bad input ------------------------------------------------------------------------------
 
 def _good():
@@ -477,13 +465,7 @@ def test_multiplier_step_bad_input_changes_nothing(change, error, match):
     _step_call(_step_args())  # the same call with good arguments goes through
 
 
-def test_multiplier_step_opcheck_and_float64_needs_reference():
-    weights, lambdas, scales = _layers(torch.float32, sizes=[(5,), (17,)])
-    table = R.level_table(_t(TERNARY), scales, 2.0)
-    scalars = R.adam_scalars(2, 0.01, (0.9, 0.999), 1e-8, 0.01, True)
-    state = [[torch.rand_like(w) for w in weights] for _ in range(3)]
-    for b in ["reference"] + _backends(op="constraint_multiplier_step"):
-        torch.library.opcheck(torch.ops.cbp_kernels.multiplier_step.default, (weights, *state, table, scalars, b))
+def test_multiplier_step_float64_needs_reference():
     for b in _backends(op="constraint_multiplier_step"):
         x = [torch.zeros(3, dtype=torch.float64)]
         with pytest.raises(TypeError, match="float64"):

@@ -303,6 +303,39 @@ def test_pack_matches_eval_forward(levels, neuron):
         LIFConv2d(2, 2, 3).pack()
 
 
+@pytest.mark.parametrize("neuron_type,kw", [("if", {}), ("lif", {"tau": 1.7, "decay_input": False}),
+                                           ("lif", {"v_reset": None}), ("plif", {"v_reset": -0.25})])
+def test_packed_layer_is_the_fused_op_equal_to_the_unfused_chain(neuron_type, kw, monkeypatch):
+    """``pack()`` runs ONE ``packed_conv2d_lif`` (no float popcount conv: ``packed_conv2d`` is never
+    called), whose spikes are bit for bit the unfused chain's: ``PackedConv2d`` -> per-channel
+    affine -> the neuron module (a power-of-two weight scale, so c * scale * gain rounds the same
+    both ways)."""
+    import cbp_kernels.nn.packed as packed_module
+
+    torch.manual_seed(0)
+    m = LIFConv2d(16, 40, 3, padding=1, bias=True, neuron=neuron_type, weight_levels=(-1, 0, 1), weight_scale=0.5,
+                  **kw)
+    _randomize_bn(m.bn)
+    with torch.no_grad():
+        m.weight.uniform_(-1, 1)  # on -0.5, 0 and 0.5 once quantized
+        if neuron_type == "plif":
+            m.neuron.w.fill_(0.3)  # tau = 1 / sigmoid(0.3), not a round number
+    packed = m.eval().pack()
+    x = (torch.rand(4, 2, 16, 7, 9) > 0.6).float()
+    with torch.no_grad():
+        chain_neuron = copy.deepcopy(m.neuron)
+        chain_neuron.reset()
+        want = chain_neuron(packed.conv(x) * packed.gain.view(-1, 1, 1) + packed.shift.view(-1, 1, 1))
+
+        def no_float_conv(*args, **kwargs):
+            raise AssertionError("the packed LIF layer ran the unfused popcount conv")
+
+        monkeypatch.setattr(packed_module, "packed_conv2d", no_float_conv)
+        got = packed(x)
+    assert 0 < want.mean() < 1, "the case must fire some neurons and not all"
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_convert_replaces_spikingjelly_layers():
     torch.manual_seed(0)
 

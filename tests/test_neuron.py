@@ -236,37 +236,6 @@ def test_against_spikingjelly(cfg, sj_surrogate, ours):
         assert_close(gm, gs, 1e-5, 1e-4, "grad w (PLIF) vs SpikingJelly")
 
 
-def test_compile_fullgraph_no_graph_break():
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            s, _ = multistep_neuron(self.fc(x), neuron="lif", backend="cpu")
-            return s.mean(0).sum()
-
-    net = Net()
-    x = torch.randn(4, 3, 8)
-    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
-    out = compiled(x)
-    out.backward()
-    g_compiled = net.fc.weight.grad.clone()
-    net.zero_grad()
-    net(x).backward()
-    assert_close(out, net(x), 1e-6, 1e-6, "compiled output")
-    assert_close(g_compiled, net.fc.weight.grad, 1e-6, 1e-5, "compiled grad")
-
-
-def test_opcheck():
-    from cbp_kernels.ops.neuron.op import _neuron_forward
-
-    x = torch.randn(3, 5, requires_grad=True)
-    args = (x, torch.zeros(5), torch.tensor(0.5), 1.0, 0.0, False, 1, True, False, 0, 2.0, "cpu")
-    torch.library.opcheck(_neuron_forward, args)
-
-
 @settings(max_examples=25, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),

@@ -19,12 +19,13 @@ What it does differently from that composition (same numbers, less memory and ti
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import quantize
+from ..ops.bitconv import pack_spikes, packed_conv2d_lif
 from ..ops.bitpack import bitpack, bitunpack
 from .bn_neuron import batch_norm_neuron
 from .neuron import IF, LIF, PLIF
@@ -242,8 +243,6 @@ class LIFConv2d(nn.Conv2d):
         ``weight_levels`` is set."""
         if self.weight_levels is None:
             return self.weight
-        from ..ops import quantize  # noqa: PLC0415  (the quantizer op lives below nn/)
-
         scale = self.weight_scale if self.weight_scale is not None else self.weight.detach().abs().mean()
         levels = torch.tensor(sorted(self.weight_levels), dtype=torch.float32, device=self.weight.device)
         return quantize(self.weight, levels, scale)
@@ -298,10 +297,10 @@ class LIFConv2d(nn.Conv2d):
 
     @torch.no_grad()
     def pack(self, levels: str | None = None, backend: str = "auto") -> "PackedLIFConv2d":
-        """The popcount inference form of this layer (binary or ternary weights): a
-        ``PackedConv2d`` of the quantized weight (1 or 2 bits per weight), the BatchNorm's
-        running statistics as a per-channel affine after it, and a copy of the neuron.
-        Its input must be {0, 1} spikes. ``levels`` (``"binary"`` / ``"ternary"``) defaults
+        """The popcount inference form of this layer (binary or ternary weights), a
+        ``PackedLIFConv2d``: a ``PackedConv2d`` of the quantized weight (1 or 2 bits per
+        weight), the BatchNorm's running statistics as a per-channel affine after it and the
+        neuron, run as one fused ``ops.packed_conv2d_lif``. Its input must be {0, 1} spikes. ``levels`` (``"binary"`` / ``"ternary"``) defaults
         to ``weight_levels``, or to the level set of CBP's quantization (``CBPQuantizer``
         turns this layer into a ``QuantizedLayer`` with a ``levels`` buffer); give it for a
         float layer whose weights already sit on scale * levels."""
@@ -325,10 +324,19 @@ class LIFConv2d(nn.Conv2d):
             bias = torch.zeros_like(bn.running_mean) if self.bias is None else self.bias
             shift = (bias - bn.running_mean) * gain + (0 if bn.bias is None else bn.bias)
         conv = PackedConv2d.from_float(plain, levels, backend=backend)
-        neuron = None if self.neuron is None else copy.deepcopy(self.neuron)
-        if neuron is not None:
-            neuron.reset()
-        return PackedLIFConv2d(conv, gain, shift, neuron).eval()
+        return PackedLIFConv2d(conv, gain, shift, self._fused_neuron()).eval()
+
+    def _fused_neuron(self) -> dict | None:
+        """The neuron's arguments of ``ops.packed_conv2d_lif`` (PLIF: a LIF with its current tau)."""
+        n = self.neuron
+        if n is None:
+            return None
+        kw = dict(neuron="if" if self.neuron_type == "if" else "lif", v_threshold=float(n.v_threshold),
+                  v_reset=None if n.v_reset is None else float(n.v_reset))
+        if self.neuron_type != "if":
+            # PLIF's tau = 1 / sigmoid(w) in float32, as its own forward computes it
+            kw.update(tau=float(n._tau()), decay_input=bool(n.decay_input))
+        return kw
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", bn={self.bn is not None}, neuron={self.neuron_type}"
@@ -338,28 +346,60 @@ class LIFConv2d(nn.Conv2d):
 
 
 class PackedLIFConv2d(nn.Module):
-    """``LIFConv2d.pack()``: popcount convolution of {0, 1} spikes with the packed quantized
-    weight, y = gain * conv(x, Q) + shift per output channel (BatchNorm and bias), then the
-    neuron. Input ``[T, N, C, H, W]`` spikes; output as ``LIFConv2d``'s (float32). Inference
-    only: no gradient reaches the packed weight."""
+    """``LIFConv2d.pack()``: the popcount inference form of the layer, one fused
+    ``ops.packed_conv2d_lif`` per call: the convolution of {0, 1} spikes with the packed
+    quantized weight, y = c * scale * gain + shift per output channel (the BatchNorm's running
+    statistics and the conv bias folded in), the IF / LIF neuron over T (PLIF with its learned
+    tau) and the packing of its spikes; no float activation is written.
+
+    Input ``[T, N, C, H, W]`` {0, 1} spikes; output float32 spikes ``[T, N, O, OH, OW]``
+    (channels-last memory); ``forward_packed`` takes and returns packed spike words, for a
+    chain of packed layers. Each call starts from V = v_reset (the state after ``reset()``),
+    so a sequence is given whole, not step by step. ``neuron=None`` (conv + BN only): the
+    float ``gain * conv + shift``. Inference only: no gradient.
+
+    Args:
+        conv: the ``PackedConv2d`` of the quantized weight (no bias).
+        gain, shift: float32 ``[O]`` per-channel affine after the conv, or None (1 / 0).
+        neuron: the fused op's neuron arguments (``neuron``, ``tau``, ``v_threshold``,
+            ``v_reset``, ``decay_input``; see ``packed_conv2d_lif``), or None.
+    """
 
     def __init__(self, conv: PackedConv2d, gain: torch.Tensor | None, shift: torch.Tensor | None,
-                 neuron: nn.Module | None):
+                 neuron: dict | None):
         super().__init__()
-        self.conv, self.neuron = conv, neuron
+        if neuron is not None and conv.groups > 1 and (conv.weight_shape[0] // conv.groups) % 32:
+            raise ValueError(f"the fused packed layer needs out_channels / groups to be a multiple of 32 with "
+                             f"groups > 1, got {conv.weight_shape[0]} / {conv.groups}")
+        self.conv, self.neuron = conv, None if neuron is None else dict(neuron)
         self.register_buffer("gain", None if gain is None else gain.detach().float().clone())
         self.register_buffer("shift", None if shift is None else shift.detach().float().clone())
+
+    def forward_packed(self, spikes_packed: torch.Tensor, T: int) -> torch.Tensor:
+        """int32 ``[T*N, H, W, words]`` packed spikes (``pack_spikes``, t major) -> int32
+        ``[T*N, OH, OW, ceil(O/32)]``, the input format of the next packed layer."""
+        c = self.conv
+        scale = c.weight_scale if self.gain is None else c.weight_scale * self.gain  # y = c * scale * gain + shift
+        spikes, _ = packed_conv2d_lif(spikes_packed, c.weight, T, scale.expand(c.weight_shape[0]).contiguous(),
+                                      self.shift, c.stride, c.padding, c.dilation, c.groups, backend=c.backend,
+                                      **self.neuron)
+        return spikes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:
             raise ValueError(f"expected spikes [T, N, C, H, W], got shape {tuple(x.shape)}")
-        y = self.conv(x)
-        if self.gain is not None:
-            y = y * self.gain.view(-1, 1, 1)
-        if self.shift is not None:
-            y = y + self.shift.view(-1, 1, 1)
-        return y if self.neuron is None else mark_spikes(self.neuron(y))
+        if self.neuron is None:
+            y = self.conv(x)
+            y = y if self.gain is None else y * self.gain.view(-1, 1, 1)
+            return y if self.shift is None else y + self.shift.view(-1, 1, 1)
+        T, N = x.shape[:2]
+        words = self.forward_packed(pack_spikes(x.flatten(0, 1).movedim(1, -1), self.conv.groups,
+                                                backend=self.conv.backend), T)
+        spikes = bitunpack(words, -1, self.conv.weight_shape[0], backend=self.conv.backend)
+        return mark_spikes(spikes.unflatten(0, (T, N)).movedim(-1, 2))
 
     def reset(self) -> None:
-        if self.neuron is not None:
-            self.neuron.reset()
+        """Nothing to forget: every call starts from V = v_reset (kept for ``reset_net``)."""
+
+    def extra_repr(self) -> str:
+        return f"neuron={self.neuron}"

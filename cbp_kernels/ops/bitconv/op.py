@@ -10,11 +10,9 @@ channels are packed on their own: ``bitpack(x.unflatten(-1, (groups, C // groups
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from ..._backend import resolve_backend
+from .._backend import call, kernels, resolve_backend
 from ..bitpack import WORD_BITS, packed_size
 from ..bitpack.op import pack_along
 from ..neuron.params import NEURONS, NeuronParams
@@ -24,24 +22,38 @@ from .weight import PackedWeight
 
 __all__ = ["packed_conv2d", "packed_conv2d_lif", "packed_linear", "pack_spikes"]
 
-_BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
-
-
-def _impl(backend: str):
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
-
-
-@torch.library.custom_op("cbp_kernels::bitconv2d", mutates_args=())
-def _bitconv2d(
+def _conv2d(
     x: torch.Tensor, planes: torch.Tensor, scale: float, bias: torch.Tensor | None, stride: list[int],
     padding: list[int], dilation: list[int], groups: int, backend: str,
 ) -> torch.Tensor:
-    return _impl(backend).conv2d(x, planes, scale, bias, stride, padding, dilation, groups)
+    return kernels(__package__, backend).conv2d(x, planes, scale, bias, stride, padding, dilation, groups)
+
+
+_bitconv2d = torch.library.custom_op("cbp_kernels::bitconv2d", _conv2d, mutates_args=())
 
 
 @_bitconv2d.register_fake
 def _(x, planes, scale, bias, stride, padding, dilation, groups, backend):
     return reference.Geometry.of(x, planes, stride, padding, dilation, groups).empty_output(x)
+
+
+def _conv2d_lif(
+    x: torch.Tensor, planes: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, stride: list[int],
+    padding: list[int], dilation: list[int], groups: int, T: int, decay: float, v_threshold: float,
+    v_reset: float | None, kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # the neuron's scalars are NeuronParams' fields in order (p.fields()): NeuronParams(*them) is p
+    p = NeuronParams(v_threshold, v_reset, kind, decay_input, detach_reset, surrogate, alpha)
+    return kernels(__package__, backend).conv2d_lif(x, planes, mul, add, stride, padding, dilation, groups, T, decay, p)
+
+
+_bitconv2d_lif = torch.library.custom_op("cbp_kernels::bitconv2d_lif", _conv2d_lif, mutates_args=())
+
+
+@_bitconv2d_lif.register_fake
+def _(x, planes, mul, add, stride, padding, dilation, groups, T, *args):
+    return reference.Geometry.of(x, planes, stride, padding, dilation, groups).empty_lif_outputs(x, T)
 
 
 def _pair(name: str, value, minimum: int) -> list[int]:
@@ -154,12 +166,8 @@ def _check_conv(spikes_packed, w: PackedWeight, stride, padding, dilation, group
 
 
 def run(x, w: PackedWeight, bias, stride, padding, dilation, groups: int, backend: str) -> torch.Tensor:
-    """The op on validated input (for layers that validated once). Eager calls go straight
-    to the backend (the custom op's Python dispatch costs ~0.1 ms, 10% of a SEW-ResNet-18
-    layer); torch.compile traces the custom op."""
-    if torch.compiler.is_compiling():
-        return _bitconv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups, backend)
-    return _impl(backend).conv2d(x, w.planes, w.scale, bias, stride, padding, dilation, groups)
+    """The op on validated input (for layers that validated once)."""
+    return call(_bitconv2d, _conv2d, x, w.planes, w.scale, bias, stride, padding, dilation, groups, backend)
 
 
 def packed_conv2d_lif(
@@ -227,11 +235,11 @@ def packed_conv2d_lif(
         raise ValueError(f"v_threshold ({v_threshold}) must be greater than v_reset ({v_reset})")
     if neuron == "lif" and not check_finite("tau", tau) > 1:
         raise ValueError(f"tau must be > 1 for LIF neurons, got {tau}")
-    decay = 1.0 if neuron == "if" else float(torch.tensor(1.0 / tau, dtype=torch.float32))
+    decay = 1.0 if neuron == "if" else 1.0 / tau  # k = 1/tau, rounded to float32 by every backend
     p = NeuronParams(v_threshold, v_reset, NEURONS[neuron], bool(decay_input))
     backend = resolve_backend(backend, "bitconv2d_lif", dev, __package__)
-    return _impl(backend).conv2d_lif(spikes_packed.contiguous(), w.planes, mul.contiguous(), add.contiguous(), stride,
-                                     padding, dilation, groups, T, decay, p)
+    return call(_bitconv2d_lif, _conv2d_lif, spikes_packed.contiguous(), w.planes, mul.contiguous(), add.contiguous(),
+                stride, padding, dilation, groups, T, decay, *p.fields(), backend)
 
 
 def packed_linear(

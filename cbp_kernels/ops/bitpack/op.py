@@ -8,11 +8,9 @@ held in **int32** tensors (the same 32 bits as uint32; torch has few uint32 ops)
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from ..._backend import resolve_backend
+from .._backend import call, kernels, resolve_backend
 from ..utils import check_finite
 from .reference import WORD_BITS
 
@@ -21,21 +19,16 @@ __all__ = ["bitpack", "bitunpack", "packed_size", "WORD_BITS", "SPIKE_DTYPES"]
 # Dtypes a {0,1} tensor may have on input to ``bitpack`` and on output of ``bitunpack``.
 SPIKE_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
-
-
-def _impl(backend: str):
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
-
-
 def packed_size(size: int) -> int:
     """Words that hold ``size`` bits: ceil(size / 32)."""
     return -(-int(size) // WORD_BITS)
 
 
-@torch.library.custom_op("cbp_kernels::bitpack", mutates_args=())
-def _bitpack(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend).pack(x)
+def _pack(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels(__package__, backend).pack(x)
+
+
+_bitpack = torch.library.custom_op("cbp_kernels::bitpack", _pack, mutates_args=())
 
 
 @_bitpack.register_fake
@@ -44,9 +37,11 @@ def _(x, backend):
     return words, x.new_empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("cbp_kernels::bitunpack", mutates_args=())
-def _bitunpack(words: torch.Tensor, size: int, dtype: torch.dtype, backend: str) -> torch.Tensor:
-    return _impl(backend).unpack(words, size, dtype)
+def _unpack(words: torch.Tensor, size: int, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    return kernels(__package__, backend).unpack(words, size, dtype)
+
+
+_bitunpack = torch.library.custom_op("cbp_kernels::bitunpack", _unpack, mutates_args=())
 
 
 @_bitunpack.register_fake
@@ -106,8 +101,7 @@ def pack_along(x, dim, *, threshold=None, backend: str = "auto", name: str) -> t
     # [B, R, C]: a view whenever the leading dims merge (e.g. NCHW packed along C), so the
     # kernel reads the strided values without a copy.
     x3 = moved.reshape(1, 1, -1) if moved.dim() == 1 else moved.flatten(1, -2) if moved.dim() > 2 else moved.unsqueeze(0)
-    # Eager calls skip the custom op's Python dispatch (as packed_conv2d does); compile traces it.
-    words, bad = _bitpack(x3, backend) if torch.compiler.is_compiling() else _impl(backend).pack(x3)
+    words, bad = call(_bitpack, _pack, x3, backend)
     if not torch.compiler.is_compiling() and bool(bad):
         _raise_non_binary(name, x)
     return words.reshape(*moved.shape[:-1], words.shape[-1]).movedim(-1, dim)
@@ -140,8 +134,5 @@ def bitunpack(
     backend = resolve_backend(backend, "bitunpack", words.device, __package__)
     moved = words.movedim(dim, -1)
     rows = moved.reshape(-1, moved.shape[-1]).contiguous()
-    if torch.compiler.is_compiling():
-        out = _bitunpack(rows, size, dtype, backend)
-    else:
-        out = _impl(backend).unpack(rows, size, dtype)
+    out = call(_bitunpack, _unpack, rows, size, dtype, backend)
     return out.reshape(*moved.shape[:-1], size).movedim(-1, dim)

@@ -14,27 +14,19 @@ one table of per-layer constants built there (``level_table``).
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
 
-from ..._backend import resolve_backend
+from .._backend import kernels, resolve_backend
 from ..utils import check_finite, check_kernel_dtype, check_same_device, check_tensor
 from .reference import adam_scalars, compute_dtype, level_table
 
 __all__ = ["quantize", "constraint_pass", "multiplier_step"]
 
-_BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
-
-
-def _impl(backend: str):
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
-
-
 @torch.library.custom_op("cbp_kernels::quantize", mutates_args=())
 def _quantize(w: torch.Tensor, table: torch.Tensor, backend: str) -> torch.Tensor:
-    return _impl(backend).quantize(w, table)
+    return kernels(__package__, backend).quantize(w, table)
 
 
 @_quantize.register_fake
@@ -54,7 +46,7 @@ def _constraint_pass(
     weights: list[torch.Tensor], lambdas: list[torch.Tensor], table: torch.Tensor,
     grads: list[torch.Tensor], lambda_grads: list[torch.Tensor], backend: str,
 ) -> torch.Tensor:
-    return _impl(backend).constraint_pass(weights, lambdas, table, grads, lambda_grads)
+    return kernels(__package__, backend).constraint_pass(weights, lambdas, table, grads, lambda_grads)
 
 
 @_constraint_pass.register_fake
@@ -67,7 +59,7 @@ def _multiplier_step(
     weights: list[torch.Tensor], lambdas: list[torch.Tensor], exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor], table: torch.Tensor, scalars: torch.Tensor, backend: str,
 ) -> None:
-    _impl(backend).multiplier_step(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars)
+    kernels(__package__, backend).multiplier_step(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars)
 
 
 @_multiplier_step.register_fake

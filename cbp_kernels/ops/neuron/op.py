@@ -11,27 +11,14 @@ traffic).
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from ..._backend import resolve_backend
+from .._backend import kernels, resolve_backend
 from ..utils import check_choice, check_finite, check_kernel_dtype, check_same_device, check_tensor
 from . import reference
 from .params import DEFAULT_ALPHA, NEURONS, SURROGATES, NeuronParams
 
 __all__ = ["multistep_neuron"]
-
-_BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
-
-
-def _impl(backend: str):
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
-
-
-def _op_args(p: NeuronParams) -> tuple:
-    """The custom ops' flat parameter arguments for ``p`` (``_params`` inverts it)."""
-    return p.v_threshold, p.reset_value, p.soft_reset, p.kind, p.decay_input, p.detach_reset, p.surrogate, p.alpha
 
 
 def _output_grads(grad_spike, grad_v_last, spike_like: torch.Tensor):
@@ -43,17 +30,14 @@ def _output_grads(grad_spike, grad_v_last, spike_like: torch.Tensor):
     return grad_spike, grad_v_last
 
 
-def _params(v_threshold, v_reset, soft_reset, kind, decay_input, detach_reset, surrogate, alpha):
-    return NeuronParams(v_threshold, None if soft_reset else v_reset, kind, decay_input, detach_reset, surrogate, alpha)
-
-
 @torch.library.custom_op("cbp_kernels::neuron_forward", mutates_args=())
 def _neuron_forward(
-    x_seq: torch.Tensor, v_init: torch.Tensor, decay: torch.Tensor, v_threshold: float, v_reset: float,
-    soft_reset: bool, kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float, backend: str,
+    x_seq: torch.Tensor, v_init: torch.Tensor, decay: torch.Tensor, v_threshold: float, v_reset: float | None,
+    kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _params(v_threshold, v_reset, soft_reset, kind, decay_input, detach_reset, surrogate, alpha)
-    return _impl(backend).forward(x_seq, v_init, decay, p)
+    # the scalars are NeuronParams' fields in order (p.fields()): NeuronParams(*them) is p
+    p = NeuronParams(v_threshold, v_reset, kind, decay_input, detach_reset, surrogate, alpha)
+    return kernels(__package__, backend).forward(x_seq, v_init, decay, p)
 
 
 # Backends whose forward saves no H (returned empty): their backward recomputes it from x_seq.
@@ -70,12 +54,12 @@ def _(x_seq, v_init, decay, *args):
 @torch.library.custom_op("cbp_kernels::neuron_backward", mutates_args=())
 def _neuron_backward(
     grad_spike: torch.Tensor, grad_v_last: torch.Tensor, h_seq: torch.Tensor, spike_seq: torch.Tensor,
-    x_seq: torch.Tensor, v_init: torch.Tensor, decay: torch.Tensor, v_threshold: float, v_reset: float,
-    soft_reset: bool, kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float,
-    backend: str, need_grad_decay: bool,
+    x_seq: torch.Tensor, v_init: torch.Tensor, decay: torch.Tensor, v_threshold: float, v_reset: float | None,
+    kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float, backend: str,
+    need_grad_decay: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _params(v_threshold, v_reset, soft_reset, kind, decay_input, detach_reset, surrogate, alpha)
-    return _impl(backend).backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p, need_grad_decay)
+    p = NeuronParams(v_threshold, v_reset, kind, decay_input, detach_reset, surrogate, alpha)
+    return kernels(__package__, backend).backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p, need_grad_decay)
 
 
 @_neuron_backward.register_fake
@@ -214,7 +198,7 @@ def run(x_seq, v_init, decay, p: NeuronParams, backend: str) -> tuple[torch.Tens
     if backend == "reference":
         spike, v_last, _ = reference.forward(x_seq, v_init, decay, p)
         return spike, v_last
-    spike, v_last, _ = _neuron_forward(x_seq, v_init, decay, *_op_args(p), backend)
+    spike, v_last, _ = _neuron_forward(x_seq, v_init, decay, *p.fields(), backend)
     return spike, v_last
 
 
@@ -227,7 +211,7 @@ def backward_from_input(grad_spike, grad_v_last, x_seq, v_init, decay, p: Neuron
     grad_spike, grad_v_last = _output_grads(grad_spike, grad_v_last, x_seq)
     if backend == "reference":
         return reference.backward(grad_spike, grad_v_last, None, None, x_seq, v_init, decay, p, need_grad_decay)
-    args = _op_args(p)
+    args = p.fields()
     if backend in _RECOMPUTE_H:
         spike_seq = h_seq = x_seq.new_empty(0)
     else:

@@ -1,8 +1,10 @@
 """The neuron's non-tensor parameters, validated once by ``op.multistep_neuron`` and passed
-as they are to every backend."""
+whole to every backend. The custom ops' schemas take its fields in their order
+(``p.fields()``) and give the backends ``NeuronParams(*fields)``: the identity, no field is
+derived or renamed on the way."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 NEURONS = {"if": 0, "lif": 1, "plif": 1}  # PLIF runs the LIF kernel; its decay gets a gradient
 SURROGATES = {"atan": 0, "sigmoid": 1, "rectangle": 2, "triangle": 3, "piecewise_quadratic": 4}
@@ -21,6 +23,10 @@ class NeuronParams:
     detach_reset: bool = False
     surrogate: int = 0  # SURROGATES value
     alpha: float = 2.0
+
+    def fields(self) -> tuple:
+        """The fields in order: the custom ops' scalar arguments (``NeuronParams(*p.fields()) == p``)."""
+        return astuple(self)
 
     @property
     def soft_reset(self) -> bool:

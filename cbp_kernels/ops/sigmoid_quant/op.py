@@ -2,28 +2,23 @@
 op with its fake and its autograd (one kernel launch forward, one backward)."""
 from __future__ import annotations
 
-import importlib
+import math
 
 import torch
 
-from ..._backend import resolve_backend
+from .._backend import kernels, resolve_backend
 from ..utils import check_finite, check_kernel_dtype, check_same_device, check_tensor
 from . import reference
 
 __all__ = ["sigmoid_quantize", "sigmoid_hard_quantize", "level_table"]
 
-_BACKEND_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
 MAX_LEVELS = 17
-
-
-def _impl(backend: str):
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
 
 
 @torch.library.custom_op("cbp_kernels::sigmoid_quant", mutates_args=())
 def _sigmoid_quant(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, gaps: torch.Tensor, mids: torch.Tensor,
                    offset: float, temperature: float, backend: str) -> torch.Tensor:
-    return _impl(backend).forward(w, alpha, beta, gaps, mids, offset, temperature)
+    return kernels(__package__, backend).forward(w, alpha, beta, gaps, mids, offset, temperature)
 
 
 @_sigmoid_quant.register_fake
@@ -35,7 +30,7 @@ def _(w, *args):
 def _sigmoid_quant_backward(grad_y: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                             gaps: torch.Tensor, mids: torch.Tensor, offset: float, temperature: float,
                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _impl(backend).backward(grad_y, w, alpha, beta, gaps, mids, offset, temperature)
+    grads = kernels(__package__, backend).backward(grad_y, w, alpha, beta, gaps, mids, offset, temperature)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -65,16 +60,18 @@ def level_table(levels, device=None) -> tuple[torch.Tensor, torch.Tensor, float]
     The sigmoid sum's outputs are -o + (partial sums of the gaps); they land on the levels
     exactly when the set is symmetric about 0 (binary, ternary, {-3,-1,1,3}, ...).
     """
-    q = torch.as_tensor(levels, dtype=torch.float64).flatten()
-    if q.numel() < 2 or q.numel() > MAX_LEVELS:
-        raise ValueError(f"levels must hold 2 to {MAX_LEVELS} values, got {q.tolist()}")
-    if not torch.isfinite(q).all() or not bool((q[1:] > q[:-1]).all()):
-        raise ValueError(f"levels must be finite, sorted and without duplicates, got {q.tolist()}")
-    if not torch.allclose(q, -q.flip(0)):
-        raise ValueError(f"the sigmoid-sum quantizer needs levels symmetric about 0, got {q.tolist()}")
-    gaps = q[1:] - q[:-1]
-    mids = (q[1:] + q[:-1]) / 2
-    return gaps.float().to(device), mids.float().to(device), float(gaps.sum() / 2)
+    # checked as Python floats, so torch.compile traces a level list given as constants
+    values = [float(v) for v in (levels.flatten().tolist() if isinstance(levels, torch.Tensor) else levels)]
+    if len(values) < 2 or len(values) > MAX_LEVELS:
+        raise ValueError(f"levels must hold 2 to {MAX_LEVELS} values, got {values}")
+    if not all(math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"levels must be finite, sorted and without duplicates, got {values}")
+    if any(abs(a + b) > 1e-8 + 1e-5 * abs(b) for a, b in zip(values, reversed(values))):  # torch.allclose's rule
+        raise ValueError(f"the sigmoid-sum quantizer needs levels symmetric about 0, got {values}")
+    gaps = [b - a for a, b in zip(values, values[1:])]
+    mids = [(a + b) / 2 for a, b in zip(values, values[1:])]
+    return (torch.tensor(gaps, dtype=torch.float32, device=device), torch.tensor(mids, dtype=torch.float32, device=device),
+            sum(gaps) / 2)
 
 
 def _check_scalar_param(name, t, w):
@@ -94,7 +91,7 @@ def _checked_biases(biases, mids: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     if biases.shape != mids.shape:
         raise ValueError(f"biases must hold {mids.numel()} values (one per gap between levels), got shape "
                          f"{tuple(biases.shape)}")
-    if biases.numel() > 1 and not bool((biases[1:] > biases[:-1]).all()):
+    if biases.numel() > 1 and not torch.compiler.is_compiling() and not bool((biases[1:] > biases[:-1]).all()):
         raise ValueError(f"biases must be increasing, got {biases.tolist()}")
     return biases.float()
 

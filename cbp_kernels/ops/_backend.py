@@ -1,4 +1,6 @@
-"""Loads the compiled extension defensively and tells which backends run on this machine.
+"""Loads the compiled extension defensively, tells which backends run on this machine, and
+holds the ONE dispatch of every op (``resolve_backend`` picks a backend, ``kernels`` is its
+module, ``call`` runs a kernel through the op's torch.library custom op or directly).
 
 Backends, by name (every op has the same ones, with one signature):
 - ``reference``: plain PyTorch, the specification; always there.
@@ -6,19 +8,27 @@ Backends, by name (every op has the same ones, with one signature):
 - ``cuda``: CUDA C++ kernels of the same extension, when it was built with CUDA.
 - ``cupy``: the same CUDA sources compiled at run time by CuPy (``cupy.RawModule``).
 - ``triton``: Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``.
+
+Each op package ``cbp_kernels.ops.<op>`` holds one module per backend with the same
+functions (``reference.py``, ``compiled.py`` for both ``cpu`` and ``cuda``, ``cupy.py``,
+``triton.py``) and its ``op.py``: the public function (validation once), the custom op whose
+body is ``kernels(package, backend).<fn>(...)``, its fake and autograd.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
 
 import torch
 
-__all__ = ["backends", "has_kernel", "resolve_backend", "BACKENDS"]
+__all__ = ["backends", "call", "has_kernel", "kernels", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("reference", "cpu", "cuda", "cupy", "triton")
+# The module of an op package that holds each backend's functions.
+_MODULES = {"reference": "reference", "cpu": "compiled", "cuda": "compiled", "cupy": "cupy", "triton": "triton"}
 
 # Preference per tensor device when ``backend="auto"`` (fastest first).
 _AUTO_ORDER = {"cuda": ("cuda", "cupy", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -119,3 +129,18 @@ def resolve_backend(requested: str, op: str, device: torch.device, package: str 
             + (f"; the extension cbp_kernels._C did not load: {why}" if why else "")
         )
     return requested
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(package: str, backend: str):
+    """The module of ``package`` (an op package, ``cbp_kernels.ops.<op>``) holding ``backend``'s
+    functions, imported on first use (triton / cupy are imported only when they run)."""
+    return importlib.import_module(f"{package}.{_MODULES[backend]}")
+
+
+def call(op, body, *args):
+    """Runs an inference op (no autograd) given its torch.library custom op ``op`` and the
+    function ``body`` that ``op`` wraps: torch.compile traces ``op``; eager calls run ``body``
+    itself, skipping the custom op's Python dispatch (~0.1 ms, 10% of a SEW-ResNet-18 popcount
+    layer). Both run the same code."""
+    return op(*args) if torch.compiler.is_compiling() else body(*args)
