@@ -10,6 +10,11 @@ recorded CPU results ran with OMP_NUM_THREADS=1: this 2-core machine is shared, 
 threads competing with other processes make multi-threaded timings meaningless here.
 The spikes saved for the backward are the same values in both models: cbp_kernels stores them
 at 1 bit (8 for SEW ADD sums), SpikingJelly at 32.
+
+``test_packed_inference``: inference of packed SEW-ResNet-18 (224x224) and 7B-Net (DVS
+128x128), binary weights on every spiking conv, T=4, the fused packed LIF layers
+(``LIFConv2d.pack()``: one ``packed_conv2d_lif`` each) against the unfused chain (popcount
+conv, float affine, neuron module): samples/s and peak memory.
 """
 from __future__ import annotations
 
@@ -61,5 +66,79 @@ def test_sew_resnet18_train_step(benchmark, provider):
     peak = peak_memory(step, DEVICE)
     run(benchmark, step, device=DEVICE, rounds=ROUNDS, warmup=1, provider=provider, batch=BATCH, T=T,
         image=SIZE, peak_memory_bytes=peak)
+    mean = benchmark.stats.stats.mean
+    benchmark.extra_info.update(samples_per_s=BATCH / mean, device=device_name(DEVICE), threads=torch.get_num_threads())
+
+
+# ------------------------------------------------------------------ packed inference
+class _UnfusedPackedLIFConv2d(torch.nn.Module):
+    """A packed LIF layer as the library ran it before the fused op: ``PackedConv2d`` (float
+    output), the per-channel affine in float, then the neuron module (float activations)."""
+
+    def __init__(self, packed):
+        super().__init__()
+        from cbp_kernels.nn import IF, LIF
+
+        kw = dict(packed.neuron)
+        kind = kw.pop("neuron")
+        self.conv, self.gain, self.shift = packed.conv, packed.gain, packed.shift
+        self.neuron = IF(step_mode="m", **kw) if kind == "if" else LIF(step_mode="m", **kw)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y if self.gain is None else y * self.gain.view(-1, 1, 1)
+        return self.neuron(y if self.shift is None else y + self.shift.view(-1, 1, 1))
+
+    def reset(self):
+        self.neuron.reset()
+
+
+PACKED_MODELS = {  # name -> (builder, input [C, H, W])
+    "sew_resnet18": (lambda: models.sew_resnet18(cnf="ADD", num_classes=CLASSES), (3, SIZE, SIZE)),
+    "seven_b_net": (lambda: models.seven_b_net(cnf="ADD"), (2, 128, 128)),
+}
+
+
+def _packed_model(name: str, fused: bool):
+    """``name`` with binary weights on its spiking LIFConv2d layers (all but the stem, which
+    reads the analog input), packed by ``pack_model`` (fused: ``PackedLIFConv2d``, one
+    ``packed_conv2d_lif`` per layer), or with each packed layer run as the unfused chain."""
+    from cbp_kernels.export import pack_model
+    from cbp_kernels.nn import LIFConv2d
+
+    torch.manual_seed(0)
+    builder, shape = PACKED_MODELS[name]
+    net = builder().eval()
+    convs = [n for n, m in net.named_modules() if isinstance(m, LIFConv2d)][1:]
+    with torch.no_grad():
+        for n in convs:
+            w = net.get_submodule(n).weight
+            w.copy_(torch.where(w >= 0, 1.0, -1.0) * w.abs().mean())
+    pack_model(net, dict.fromkeys(convs, "binary"))
+    if not fused:
+        for n in convs:
+            net.set_submodule(n, _UnfusedPackedLIFConv2d(net.get_submodule(n)))
+    return net.to(DEVICE), shape
+
+
+@pytest.mark.parametrize("provider", ["fused", "unfused"])
+@pytest.mark.parametrize("model", list(PACKED_MODELS))
+def test_packed_inference(benchmark, model, provider):
+    """Inference of the packed model (binary spiking convs, T=4): ``fused`` runs one
+    ``packed_conv2d_lif`` per LIF conv (no float activation), ``unfused`` the popcount conv,
+    a float affine and the neuron (tests/test_lifconv.py checks one layer of each against the
+    other, bit for bit with a power-of-two scale)."""
+    net, shape = _packed_model(model, provider == "fused")
+    x = torch.rand(T, BATCH, *shape, device=DEVICE)
+
+    @torch.no_grad()
+    def infer():
+        out = net(x)
+        net.reset()
+        return out
+
+    peak = peak_memory(infer, DEVICE)
+    run(benchmark, infer, device=DEVICE, rounds=ROUNDS, warmup=1, model=model, provider=provider, batch=BATCH, T=T,
+        peak_memory_bytes=peak)
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(samples_per_s=BATCH / mean, device=device_name(DEVICE), threads=torch.get_num_threads())
