@@ -447,6 +447,19 @@ def test_rescale_thresholds_hand_checked():
         rescale_thresholds([(nn.Linear(1, 1), _Neuron(0.0))])
 
 
+def test_step_clamps_quantized_weights_to_weight_clip():
+    """After each step every quantized weight lies in [-weight_clip, weight_clip] (the paper's
+    clamp to [-1, 1]) and the step pushed some to the bound; the excluded first and last layers
+    are not clamped."""
+    torch.manual_seed(0)
+    model = _mlp()
+    q = CBPQuantizer(model, "binary", config=_cfg(lr=50.0, weight_clip=0.5), backend=BACKEND)
+    q.step(-model(torch.randn(32, 8)).abs().sum())  # clipped gradients of 1 times lr 50: far past 0.5
+    quantized = torch.cat([w.detach().flatten() for w in q.weights])
+    assert len(q.weights) == 2 and float(quantized.abs().max()) == 0.5
+    assert float(model[0].weight.detach().abs().max()) > 0.5  # excluded: not clamped
+
+
 def test_calibration_config_trains_clamped_biases():
     torch.manual_seed(0)
     lin = [nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)]
