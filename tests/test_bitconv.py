@@ -1,5 +1,6 @@
-"""bitpack / bitunpack, the packed weight format, packed_conv2d / packed_linear (every
-backend bit for bit against the reference and F.conv2d) and PackedConv2d / PackedLinear."""
+"""The packed weight format, packed_conv2d / packed_linear / packed_conv2d_lif (every backend
+bit for bit against the reference and F.conv2d) and PackedConv2d / PackedLinear
+(bitpack / bitunpack: test_bitpack.py)."""
 from __future__ import annotations
 
 import itertools
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbp_kernels.nn import PackedConv2d, PackedLinear
-from cbp_kernels.ops import bitpack, bitunpack, pack_spikes, pack_weight, packed_conv2d, packed_linear, unpack_weight
+from cbp_kernels.ops import bitpack, pack_spikes, pack_weight, packed_conv2d, packed_linear, unpack_weight
 from cbp_kernels.ops.bitconv import PackedWeight, infer_levels
 
 from conftest import devices, kernel_backends
@@ -20,8 +21,7 @@ from conftest import devices, kernel_backends
 
 def backends_of(op: str, device: str = "cpu") -> list[str]:
     """Every backend of ``op`` that runs on ``device`` here, the reference included."""
-    package = "cbp_kernels.ops.bitpack" if op.startswith("bit") and "conv" not in op else "cbp_kernels.ops.bitconv"
-    return ["reference"] + kernel_backends(device, op, package)
+    return ["reference"] + kernel_backends(device, op, "cbp_kernels.ops.bitconv")
 
 
 # The CPU kernel's paths, each forced by environment variables (a path the CPU lacks falls
@@ -51,73 +51,6 @@ def _spec(x, q, scale, bias, stride, padding, dilation, groups):
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     return out.permute(0, 2, 3, 1)
-
-
-# ------------------------------------------------------------------------------- bitpack
-@pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_bitpack_round_trip_every_backend(device, dtype):
-    for size, dim in [(1, 0), (31, 1), (32, -1), (33, 1), (65, -1), (257, 0)]:
-        shape = [3, 4, 2]
-        shape[dim] = size
-        x = _spikes(shape, device=device).to(dtype)
-        ref = bitpack(x, dim, backend="reference")
-        assert ref.dtype == torch.int32 and ref.shape[dim] == -(-size // 32)
-        for b in backends_of("bitpack", device):
-            words = bitpack(x, dim, backend=b)
-            assert torch.equal(words, ref), f"{b}: words differ from the reference (size {size}, dim {dim})"
-            back = bitunpack(words, dim, size, dtype, backend=b)
-            assert back.dtype == dtype and torch.equal(back, x), f"{b}: round trip failed (size {size}, dim {dim})"
-
-
-@pytest.mark.parametrize("backend", backends_of("bitpack"))
-def test_bitpack_bit_order_lsb_first_zero_padded(backend):
-    x = torch.zeros(2, 70)
-    x[0, 0] = x[0, 33] = x[0, 69] = 1  # word 0 bit 0, word 1 bit 1, word 2 bit 5
-    x[1, 31] = 1  # the sign bit of word 0
-    words = bitpack(x, -1, backend=backend)
-    assert words.tolist() == [[1, 2, 32], [-(2**31), 0, 0]]
-
-
-@pytest.mark.parametrize("no_avx512", ["0", "1"])
-@pytest.mark.parametrize("dim", [1, -1], ids=["nchw", "nhwc"])
-def test_bitpack_cpu_paths_and_fused_value_check(no_avx512, dim, monkeypatch):
-    """The CPU pack reads NCHW (pixels contiguous) and NHWC (channels contiguous) float32
-    without a copy, and counts non-binary values in the same pass: each path must refuse them."""
-    monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx512)
-    x = _spikes((2, 37, 5, 7))  # 35 pixels: not a multiple of 16
-    x = x if dim == 1 else x.permute(0, 2, 3, 1).contiguous()
-    assert torch.equal(bitpack(x, dim, backend="cpu"), bitpack(x, dim, backend="reference"))
-    for value in [0.5, float("nan"), -1.0]:
-        bad = x.clone()
-        bad[1, 3, 4, 2] = value
-        with pytest.raises(ValueError, match="only 0 and 1"):
-            bitpack(bad, dim, backend="cpu")
-
-
-def test_bitpack_threshold_and_non_contiguous():
-    h = torch.randn(5, 40, 3)
-    spikes = (h >= 0.3).float()
-    assert torch.equal(bitpack(h, 1, threshold=0.3), bitpack(spikes, 1))
-    x = _spikes((40, 5)).t()  # non-contiguous
-    assert torch.equal(bitpack(x, 1), bitpack(x.contiguous(), 1))
-
-
-def test_bitpack_bad_input():
-    with pytest.raises(ValueError, match="only 0 and 1"):
-        bitpack(torch.tensor([0.0, 1.0, 0.5]))
-    with pytest.raises(ValueError, match="only 0 and 1"):
-        bitpack(torch.tensor([0, 2], dtype=torch.uint8))
-    with pytest.raises(TypeError, match="dtype"):
-        bitpack(torch.tensor([0, 1], dtype=torch.int64))
-    with pytest.raises(ValueError, match="dim"):
-        bitpack(torch.zeros(3, 4), dim=2)
-    with pytest.raises(ValueError, match="size"):
-        bitunpack(torch.zeros(3, 2, dtype=torch.int32), -1, 70)
-    with pytest.raises(TypeError, match="int32"):
-        bitunpack(torch.zeros(3, 2), -1, 40)
-    with pytest.raises(ValueError, match="finite"):
-        bitpack(torch.zeros(3), threshold=float("nan"))
 
 
 # ------------------------------------------------------------------------- weight format
