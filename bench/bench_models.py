@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from harness import device_name, peak_memory, run
 
 from cbp_kernels import models
-from cbp_kernels.models.interop import load_checkpoint, spikingjelly_model_zoo
+from cbp_kernels.models.interop import load_checkpoint
+from peers import spikingjelly_model_zoo
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 32 if DEVICE == "cuda" else 1

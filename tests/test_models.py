@@ -14,8 +14,8 @@ import torch
 
 import cbp_kernels
 from cbp_kernels import memory_report, models
-from cbp_kernels.models.interop import (CheckpointError, load_checkpoint, save_spikingjelly, spikingjelly_model_zoo,
-                                        to_spikingjelly)
+from bench.peers import spikingjelly_model_zoo
+from cbp_kernels.models.interop import CheckpointError, load_checkpoint, save_spikingjelly, to_spikingjelly
 
 from conftest import assert_close
 

@@ -29,8 +29,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "from_original", "from_spikingjelly", "to_spikingjelly", "load_checkpoint",
-           "save_spikingjelly", "spikingjelly_model_zoo", "LAYOUTS"]
+__all__ = ["CheckpointError", "to_spikingjelly", "load_checkpoint", "save_spikingjelly", "LAYOUTS"]
 
 LAYOUTS = ("auto", "cbp", "spikingjelly", "original")
 
@@ -103,16 +102,6 @@ def _unwrap(checkpoint) -> dict[str, torch.Tensor]:
     return dict(checkpoint)
 
 
-def from_original(checkpoint) -> dict[str, torch.Tensor]:
-    """The original SEW-ResNet repository's layout -> SpikingJelly's (see the module docstring)."""
-    return _rename(_unwrap(checkpoint), _ORIGINAL_TO_SJ)
-
-
-def from_spikingjelly(checkpoint) -> dict[str, torch.Tensor]:
-    """SpikingJelly ``sew_resnet*`` / ``spiking_resnet*`` layout -> ``SEWResNet``'s."""
-    return _rename(_unwrap(checkpoint), _SJ_TO_CBP)
-
-
 def to_spikingjelly(model_or_state) -> dict[str, torch.Tensor]:
     """``SEWResNet`` (or its state dict) -> a state dict SpikingJelly's model loads."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
@@ -161,31 +150,3 @@ def load_checkpoint(model: nn.Module, checkpoint, layout: str = "auto") -> nn.Mo
 def save_spikingjelly(model: nn.Module, path) -> None:
     """Saves ``model``'s weights in SpikingJelly's layout (``torch.save`` of the state dict)."""
     torch.save(to_spikingjelly(model), path)
-
-
-def spikingjelly_model_zoo():
-    """SpikingJelly 2.0's ``activation_based.model`` package with ``sew_resnet`` and
-    ``spiking_resnet`` imported, to build its models for comparison. Those modules import
-    ``load_state_dict_from_url`` from torchvision (for pretrained downloads only); when
-    torchvision is not installed, stub modules providing ``torch.hub.load_state_dict_from_url``
-    stand in during the import and are removed afterwards."""
-    import importlib  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    import types  # noqa: PLC0415
-
-    names = ("torchvision", "torchvision.models", "torchvision.models.utils")
-    added = []
-    if importlib.util.find_spec("torchvision") is None:
-        for name in names:
-            if name not in sys.modules:
-                sys.modules[name] = types.ModuleType(name)
-                added.append(name)
-        sys.modules["torchvision.models.utils"].load_state_dict_from_url = torch.hub.load_state_dict_from_url
-    try:
-        zoo = importlib.import_module("spikingjelly.activation_based.model")
-        importlib.import_module("spikingjelly.activation_based.model.sew_resnet")
-        importlib.import_module("spikingjelly.activation_based.model.spiking_resnet")
-    finally:
-        for name in added:
-            del sys.modules[name]
-    return zoo
