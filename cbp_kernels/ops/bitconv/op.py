@@ -1,6 +1,8 @@
-"""The public bit-packed convolution / linear ops: validation, backend choice and the
-torch.library custom op (with a fake implementation for torch.compile). Inference ops:
-no gradient flows through them.
+"""The public bit-packed convolution ops: validation, backend choice and their two
+torch.library custom ops with fakes (so torch.compile traces them): ``cbp_kernels::bitconv2d``
+(``packed_conv2d``; ``packed_linear`` is it on 1x1 pixels) and ``cbp_kernels::bitconv2d_lif``
+(``packed_conv2d_lif``). Eager calls run the backend directly (``_backend.call``). Inference
+ops: int32 inputs, no autograd.
 
 Layout: spikes NHWC packed along C (``bitpack(x_nhwc, -1)``), time folded into the batch
 ([T*N, H, W, Cw]); output float32 NHWC [N, OH, OW, O]. For ``groups > 1`` each group's

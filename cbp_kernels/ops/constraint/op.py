@@ -24,7 +24,7 @@ from .reference import adam_scalars, compute_dtype, level_table
 
 __all__ = ["quantize", "constraint_pass", "multiplier_step"]
 
-@torch.library.custom_op("cbp_kernels::quantize", mutates_args=())
+@torch.library.custom_op("cbp_kernels::constraint_quantize", mutates_args=())
 def _quantize(w: torch.Tensor, table: torch.Tensor, backend: str) -> torch.Tensor:
     return kernels(__package__, backend).quantize(w, table)
 
@@ -38,7 +38,7 @@ def _quantize_backward(ctx, grad):
     return grad, None, None  # straight-through: dQ/dw = 1
 
 
-torch.library.register_autograd("cbp_kernels::quantize", _quantize_backward)
+torch.library.register_autograd("cbp_kernels::constraint_quantize", _quantize_backward)
 
 
 @torch.library.custom_op("cbp_kernels::constraint_pass", mutates_args=("grads", "lambda_grads"))
@@ -54,7 +54,7 @@ def _(weights, lambdas, table, grads, lambda_grads, backend):
     return weights[0].new_empty(2, dtype=torch.float64)
 
 
-@torch.library.custom_op("cbp_kernels::multiplier_step", mutates_args=("lambdas", "exp_avgs", "exp_avg_sqs"))
+@torch.library.custom_op("cbp_kernels::constraint_multiplier_step", mutates_args=("lambdas", "exp_avgs", "exp_avg_sqs"))
 def _multiplier_step(
     weights: list[torch.Tensor], lambdas: list[torch.Tensor], exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor], table: torch.Tensor, scalars: torch.Tensor, backend: str,

@@ -15,7 +15,7 @@ __all__ = ["sigmoid_quantize", "sigmoid_hard_quantize", "level_table"]
 MAX_LEVELS = 17
 
 
-@torch.library.custom_op("cbp_kernels::sigmoid_quant", mutates_args=())
+@torch.library.custom_op("cbp_kernels::sigmoid_quant_forward", mutates_args=())
 def _sigmoid_quant(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, gaps: torch.Tensor, mids: torch.Tensor,
                    offset: float, temperature: float, backend: str) -> torch.Tensor:
     return kernels(__package__, backend).forward(w, alpha, beta, gaps, mids, offset, temperature)
@@ -51,7 +51,7 @@ def _backward(ctx, grad_y):
     return grad_w, grad_a, grad_b, None, None, None, None, None
 
 
-torch.library.register_autograd("cbp_kernels::sigmoid_quant", _backward, setup_context=_setup_context)
+torch.library.register_autograd("cbp_kernels::sigmoid_quant_forward", _backward, setup_context=_setup_context)
 
 
 def level_table(levels, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
