@@ -1,5 +1,7 @@
-"""BatchNorm (training mode) followed by the multi-step neuron as ONE autograd node that saves
-only the BatchNorm's input.
+"""The BatchNorm of the spiking layers: ``fold_batch_norm``, the ONE eval-mode fold of a
+BatchNorm into the per-channel affine after a conv / linear layer (LIFConv2d's eval forward and
+``pack()``, CQ's ``fuse_bn``), and BatchNorm (training mode) followed by the multi-step neuron
+as ONE autograd node that saves only the BatchNorm's input.
 
 Unfused, a conv - BN - neuron layer keeps two float tensors per layer for the backward: BN
 keeps its input z, the neuron its input y = BN(z) (or H). Here the backward recomputes
@@ -16,7 +18,20 @@ from torch import nn
 from ..ops.neuron.op import backward_from_input, run
 from ..ops.neuron.params import NeuronParams
 
-__all__ = ["BatchNormNeuronFunction", "batch_norm_neuron"]
+__all__ = ["BatchNormNeuronFunction", "batch_norm_neuron", "fold_batch_norm"]
+
+
+def fold_batch_norm(bn: nn.modules.batchnorm._BatchNorm, bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gain, shift)`` ``[C]`` with ``bn(y + bias) = y * gain + shift`` per channel, from the
+    running statistics (eval mode): gain = gamma / sqrt(var + eps), shift = (bias - mean) * gain
+    + beta (gamma = 1, beta = 0 without affine; bias None: 0). A layer's weight folds as
+    ``W * gain`` along its output channels. Differentiable in gamma, beta and bias."""
+    gain = torch.rsqrt(bn.running_var + bn.eps)
+    gain = gain if bn.weight is None else bn.weight * gain
+    shift = -bn.running_mean if bias is None else bias - bn.running_mean
+    shift = shift * gain
+    return gain, shift if bn.bias is None else shift + bn.bias
 
 
 class BatchNormNeuronFunction(torch.autograd.Function):

@@ -27,7 +27,7 @@ from torch import nn
 from ..ops import quantize
 from ..ops.bitconv import pack_spikes, packed_conv2d_lif
 from ..ops.bitpack import bitpack, bitunpack
-from .bn_neuron import batch_norm_neuron
+from .bn_neuron import batch_norm_neuron, fold_batch_norm
 from .neuron import IF, LIF, PLIF
 from .packed import PackedConv2d
 
@@ -252,12 +252,8 @@ class LIFConv2d(nn.Conv2d):
         weight, bias = self.quantized_weight(), self.bias
         if self.bn is None:
             return weight, bias
-        bn = self.bn
-        inv_std = torch.rsqrt(bn.running_var + bn.eps)
-        gamma = inv_std if bn.weight is None else bn.weight * inv_std
-        beta = torch.zeros_like(bn.running_mean) if bn.bias is None else bn.bias
-        bias0 = torch.zeros_like(bn.running_mean) if bias is None else bias
-        return weight * gamma.view(-1, 1, 1, 1), beta + (bias0 - bn.running_mean) * gamma
+        gain, shift = fold_batch_norm(self.bn, bias)
+        return weight * gain.view(-1, 1, 1, 1), shift
 
     def _conv(self, x, weight, bias, packed):
         if self.compact_spikes and torch.is_grad_enabled():
@@ -316,13 +312,7 @@ class LIFConv2d(nn.Conv2d):
         plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                           self.dilation, self.groups, bias=False, device=self.weight.device)
         plain.weight.copy_(self.quantized_weight())
-        gain, shift = None, self.bias
-        if self.bn is not None:
-            bn = self.bn
-            gain = torch.rsqrt(bn.running_var + bn.eps)
-            gain = gain if bn.weight is None else bn.weight * gain
-            bias = torch.zeros_like(bn.running_mean) if self.bias is None else self.bias
-            shift = (bias - bn.running_mean) * gain + (0 if bn.bias is None else bn.bias)
+        gain, shift = (None, self.bias) if self.bn is None else fold_batch_norm(self.bn, self.bias)
         conv = PackedConv2d.from_float(plain, levels, backend=backend)
         return PackedLIFConv2d(conv, gain, shift, self._fused_neuron()).eval()
 

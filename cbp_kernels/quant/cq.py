@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from ..nn.bn_neuron import fold_batch_norm
 from ..ops import multistep_neuron
 from .trainer import QuantTrainer
 
@@ -60,11 +61,10 @@ def fuse_bn(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d) -
     if layer.weight.shape[0] != bn.num_features:
         raise ValueError(f"BatchNorm has {bn.num_features} features but the layer has {layer.weight.shape[0]} outputs")
     fused = copy.deepcopy(layer)
-    factor = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bn.running_mean)
     with torch.no_grad():
-        fused.weight.copy_(layer.weight * factor.view(-1, *([1] * (layer.weight.dim() - 1))))
-        fused.bias = nn.Parameter((bias - bn.running_mean) * factor + bn.bias.detach())
+        gain, shift = fold_batch_norm(bn, layer.bias)
+        fused.weight.copy_(layer.weight * gain.view(-1, *([1] * (layer.weight.dim() - 1))))
+        fused.bias = nn.Parameter(shift)
     return fused
 
 
