@@ -5,10 +5,10 @@
 // then out = float(c) * scale + bias[o] (float32, two roundings), output NHWC float32.
 //
 // Three paths, chosen at run time:
-// - AMX-INT8 (when the CPU has it, Linux grants the tile state and CBP_KERNELS_NO_AMX is
-//   not 1): the same counts as an int8 matrix product, spikes unpacked to bytes {0, 1} and
+// - AMX-INT8 (when the CPU has it, Linux grants the tile state and cpu/isa.h allows it,
+//   not with CBP_KERNELS_NO_AMX=1): the same counts as an int8 matrix product, spikes unpacked to bytes {0, 1} and
 //   weights to {-1, 0, 1} (bitconv_amx.cpp);
-// - AVX-512 VPOPCNTDQ (when the CPU has it and CBP_KERNELS_NO_AVX512 is not set to 1):
+// - AVX-512 VPOPCNTDQ (when the CPU has it and cpu/isa.h allows AVX-512):
 //   vectorised over 16 output channels per 512-bit register. The weights are re-laid out
 //   per call to [P][G][O-block of 16][K][16] (K = KH*KW*Wg words), so one K step loads one
 //   register per 16 output channels and broadcasts one input word per pixel. A register

@@ -37,9 +37,9 @@ namespace bitconv_cpu {
 constexpr int64_t kAmxMinPixels = 128;
 
 // True when the layer has kAmxMinPixels, the CPU has AMX-INT8, Linux grants this process the
-// tile state and CBP_KERNELS_NO_AMX is not 1 (set, it tests the AVX-512 path).
+// tile state and cpu/isa.h allows AMX (CBP_KERNELS_NO_AMX=1 tests the AVX-512 path).
 bool use_amx(const BitConvGeometry& g) {
-  if (g.N * g.OH * g.OW < kAmxMinPixels || env_is_one("CBP_KERNELS_NO_AMX") || !use_avx512() ||
+  if (g.N * g.OH * g.OW < kAmxMinPixels || !amx_allowed() || !use_avx512() ||
       !__builtin_cpu_supports("avx512bw"))
     return false;
 #ifdef __linux__

@@ -29,6 +29,7 @@
 
 #include "common/bitconv_host.h"
 #include "common/neuron_math.h"
+#include "cpu/isa.h"
 
 
 namespace cbp {
@@ -41,15 +42,9 @@ constexpr int kMaxJ = 4;      // 16-channel blocks per register block
 // 512 channels 3x3, in L1) and still give 2 cores hundreds of items on SEW-ResNet layer4.
 constexpr int64_t kSuper = 8;
 
-inline bool env_is_one(const char* name) {
-  const char* value = std::getenv(name);
-  return value != nullptr && std::strcmp(value, "1") == 0;
-}
-
 inline bool use_avx512() {
 #ifdef CBP_HAVE_X86
-  if (env_is_one("CBP_KERNELS_NO_AVX512")) return false;
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+  return avx512_allowed() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
 #else
   return false;
 #endif

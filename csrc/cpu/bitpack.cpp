@@ -5,7 +5,7 @@
 // The pack also counts the values other than 0 and 1 in the same pass; the caller
 // (cbp_kernels/ops/bitpack/op.py) raises when the count is not 0. float32 input with
 // contiguous channels (NHWC) or contiguous pixels (NCHW) takes AVX-512 paths (run-time
-// check; CBP_KERNELS_NO_AVX512=1 forces the generic loop).
+// check; the generic loop where cpu/isa.h disallows AVX-512, e.g. CBP_KERNELS_NO_AVX512=1).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+
+#include "cpu/isa.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -49,11 +51,7 @@ int64_t pack_generic(const scalar_t* x, uint32_t* out, int64_t B, int64_t R, int
 #if defined(__x86_64__) || defined(_M_X64)
 #define CBP_AVX512F __attribute__((target("avx512f")))
 
-bool has_avx512f() {
-  const char* off = std::getenv("CBP_KERNELS_NO_AVX512");
-  if (off != nullptr && std::strcmp(off, "1") == 0) return false;
-  return __builtin_cpu_supports("avx512f");
-}
+bool has_avx512f() { return avx512_allowed() && __builtin_cpu_supports("avx512f"); }
 
 // float32, channels contiguous (sc == 1, e.g. NHWC): 16 channels -> one 16-bit compare mask,
 // two masks -> one word.

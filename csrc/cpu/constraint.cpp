@@ -19,11 +19,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "common/constraint_math.h"
+#include "cpu/isa.h"
 
 namespace cbp {
 namespace {
@@ -37,8 +36,6 @@ struct Chunk {
 };
 
 // The instruction sets the chunk loop is compiled for (the best one the CPU has runs).
-enum class Isa { kBase, kAvx2, kAvx512 };
-
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CBP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define CBP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -64,16 +61,8 @@ Isa hardware_isa() {
 #endif
 }
 
-// The best instruction set the CPU has, capped by CBP_KERNELS_CPU_ISA ("avx2" or "base"; read
-// per call, so the tests run every path on one machine).
-Isa cpu_isa() {
-  const Isa hw = hardware_isa();
-  const char* cap = std::getenv("CBP_KERNELS_CPU_ISA");
-  if (cap == nullptr) return hw;
-  const std::string name(cap);
-  const Isa wanted = name == "base" ? Isa::kBase : name == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
-  return std::min(hw, wanted);
-}
+// The best instruction set the CPU has, capped by the environment (cpu/isa.h).
+Isa cpu_isa() { return std::min(hardware_isa(), isa_cap()); }
 
 // Runs f() compiled for the given instruction set: f is an always-inline lambda, so each
 // clone below inlines and vectorises it for its own target. Measured on a Xeon with AVX-512,

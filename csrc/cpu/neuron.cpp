@@ -18,6 +18,7 @@
 
 #include "common/neuron_host.h"
 #include "common/neuron_math.h"
+#include "cpu/isa.h"
 
 namespace cbp {
 namespace {
@@ -38,13 +39,6 @@ constexpr int64_t kBackwardChunk = 128;
 template <int64_t W>
 using Fixed = std::integral_constant<int64_t, W>;
 
-NeuronParams make_params(double v_threshold, double v_reset, bool soft_reset, int64_t kind,
-                         bool decay_input, bool detach_reset, int64_t surrogate, double alpha) {
-  return NeuronParams{static_cast<float>(v_threshold), soft_reset ? 0.0f : static_cast<float>(v_reset),
-                      static_cast<int>(kind), soft_reset, decay_input, detach_reset,
-                      static_cast<int>(surrogate), static_cast<float>(alpha)};
-}
-
 // The kernels' bodies are written once (always_inline) and instantiated twice: portable, and
 // for AVX-512 (target attribute, chosen at run time), where the column loops become 16-wide.
 // The surrogate is a template argument so the backward's column loop has no switch in it;
@@ -55,12 +49,11 @@ NeuronParams make_params(double v_threshold, double v_reset, bool soft_reset, in
 #define CBP_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 #define CBP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
 
-// True when the CPU has AVX-512 and CBP_KERNELS_NO_AVX512 is unset (set, it tests the portable path).
+// True when the CPU has AVX-512 (F, BW, VL, DQ) and cpu/isa.h allows it.
 bool use_avx512() {
-  static const bool use = std::getenv("CBP_KERNELS_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq");
-  return use;
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has && avx512_allowed();
 }
 
 // The chunk's slice of an optional [N] state vector: state[start..start+len) into out, or
@@ -259,7 +252,8 @@ void backward_kernel(const scalar_t* grad_spike, const float* grad_v_last, const
 std::vector<at::Tensor> neuron_forward(const at::Tensor& x_seq, const at::Tensor& v_init,
                                        const at::Tensor& decay, double v_threshold, double v_reset,
                                        bool soft_reset, int64_t kind, bool decay_input) {
-  const auto p = make_params(v_threshold, v_reset, soft_reset, kind, decay_input, false, 0, 1.0);
+  const auto p = neuron_params(static_cast<float>(v_threshold), static_cast<float>(v_reset), static_cast<int>(kind),
+                               soft_reset, decay_input, false, 0, 1.0f);
   const int64_t T = x_seq.size(0);
   const int64_t N = x_seq.numel() / T;
   auto x = x_seq.contiguous();
@@ -286,7 +280,9 @@ std::vector<at::Tensor> neuron_backward(const at::Tensor& grad_spike, const at::
                                         int64_t surrogate, double alpha, bool need_grad_decay) {
   TORCH_CHECK(x_seq.sizes() == grad_spike.sizes(), "neuron_backward (cpu) recomputes H from x_seq: it must be the "
               "forward's input [T, *], got shape ", x_seq.sizes(), " for grad_spike ", grad_spike.sizes());
-  const auto p = make_params(v_threshold, v_reset, soft_reset, kind, decay_input, detach_reset, surrogate, alpha);
+  const auto p = neuron_params(static_cast<float>(v_threshold), static_cast<float>(v_reset), static_cast<int>(kind),
+                               soft_reset, decay_input, detach_reset, static_cast<int>(surrogate),
+                               static_cast<float>(alpha));
   const int64_t T = x_seq.size(0);
   const int64_t N = x_seq.numel() / T;
   auto gs = grad_spike.contiguous();
