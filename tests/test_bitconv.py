@@ -15,7 +15,7 @@ from cbp_kernels.nn import PackedConv2d, PackedLinear
 from cbp_kernels.ops import bitpack, bitunpack, pack_spikes, pack_weight, packed_conv2d, packed_linear, unpack_weight
 from cbp_kernels.ops.bitconv import PackedWeight, infer_levels
 
-from conftest import devices, kernel_backends
+from conftest import device_backends, devices, gpu, kernel_backends
 
 
 def backends_of(op: str, device: str = "cpu") -> list[str]:
@@ -70,9 +70,9 @@ def test_bitpack_round_trip_every_backend(device, dtype):
             assert back.dtype == dtype and torch.equal(back, x), f"{b}: round trip failed (size {size}, dim {dim})"
 
 
-@pytest.mark.parametrize("backend", backends_of("bitpack"))
-def test_bitpack_bit_order_lsb_first_zero_padded(backend):
-    x = torch.zeros(2, 70)
+@pytest.mark.parametrize("device,backend", device_backends("bitpack", "cbp_kernels.ops.bitpack", reference=True))
+def test_bitpack_bit_order_lsb_first_zero_padded(device, backend):
+    x = torch.zeros(2, 70, device=device)
     x[0, 0] = x[0, 33] = x[0, 69] = 1  # word 0 bit 0, word 1 bit 1, word 2 bit 5
     x[1, 31] = 1  # the sign bit of word 0
     words = bitpack(x, -1, backend=backend)
@@ -217,6 +217,7 @@ def test_conv_bit_exact_triton(levels, case):
     _run_case(case, levels, ["triton"])
 
 
+@gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 @pytest.mark.parametrize("tensor_cores", ["1", "0"])
@@ -384,18 +385,10 @@ def test_torch_compile_traces_the_ops():
 
 
 # --------------------------------------------------------------------- fused epilogue
-def _fused_backends():
-    """(device, backend) of the fused-epilogue tests: every backend of each device here (the
-    required ones always, see conftest.kernel_backends: triton on CPU tensors under
-    TRITON_INTERPRET=1; cuda and triton on a GPU, cupy where it is installed); the GPU ones skip
-    without a CUDA device."""
-    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-    return [pytest.param("cpu", b, id=f"cpu-{b}") for b in backends_of("bitconv2d_lif")] + [
-        pytest.param("cuda", b, id=f"cuda-{b}", marks=no_gpu) for b in backends_of("bitconv2d_lif", "cuda")
-    ]
-
-
-@pytest.mark.parametrize("device,backend", _fused_backends())
+# (device, backend) of the fused-epilogue tests: every backend of each device here (the required
+# ones always, see conftest.kernel_backends: triton on CPU tensors under TRITON_INTERPRET=1; cuda
+# and triton on a GPU, cupy where it is installed).
+@pytest.mark.parametrize("device,backend", device_backends("bitconv2d_lif", "cbp_kernels.ops.bitconv", reference=True))
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 @pytest.mark.parametrize("neuron,v_reset", [("lif", 0.0), ("lif", None), ("if", -0.5)])
 def test_fused_lif_matches_the_composition_of_the_ops(device, backend, levels, neuron, v_reset, monkeypatch):

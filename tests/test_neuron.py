@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from cbp_kernels.ops import multistep_neuron
 from cbp_kernels.ops.neuron import SURROGATES
 
-from conftest import GRAD_TOL, assert_close, devices, kernel_backends
+from conftest import GRAD_TOL, assert_close, devices, kernel_backends, needs_spikingjelly
 
 CONFIGS = [
     dict(neuron=n, v_reset=vr, detach_reset=dr, decay_input=di)
@@ -25,17 +25,18 @@ CONFIGS = [
 
 def _run(x, v0, backend, cfg, tau=None, use_v_last=True):
     """Forward + backward with fixed random output weights (on the spikes, and on V[T-1] when
-    ``use_v_last``); returns outputs and grads."""
+    ``use_v_last``); returns outputs and grads. Every tensor on x's device (the weights drawn
+    on the CPU, the same on every device)."""
     x = x.detach().clone().requires_grad_()
     v0 = None if v0 is None else v0.detach().clone().requires_grad_()
     kw = dict(cfg)
     if kw.get("neuron") == "plif":
-        tau = torch.tensor(tau or 2.5, requires_grad=True)
+        tau = torch.tensor(tau or 2.5, device=x.device, requires_grad=True)
         kw["tau"] = tau
     spike, v_last = multistep_neuron(x, v0, backend=backend, **kw)
     g = torch.Generator().manual_seed(1)
-    ws = torch.randn(spike.shape, generator=g).to(spike.dtype)
-    wv = torch.randn(v_last.shape, generator=g).to(v_last.dtype)
+    ws = torch.randn(spike.shape, generator=g).to(spike.device, spike.dtype)
+    wv = torch.randn(v_last.shape, generator=g).to(v_last.device, v_last.dtype)
     loss = (spike * ws).float().sum()
     (loss + (v_last * wv).sum() if use_v_last else loss).backward()
     grads = [x.grad, None if v0 is None else v0.grad, None if not isinstance(tau, torch.Tensor) else tau.grad]
@@ -56,13 +57,16 @@ def test_kernels_match_reference_float32(device, cfg, surrogate):
     x, v0 = _inputs((5, 3, 37), torch.float32, device)
     cfg = dict(cfg, surrogate=surrogate)
     ref = _run(x, v0, "reference", cfg)
-    for b in backends:
-        out = _run(x, v0, b, cfg)
+    outs = {b: _run(x, v0, b, cfg) for b in backends}
+    for b, out in outs.items():
         assert torch.equal(out[0], ref[0]), f"{b}: spikes differ from the reference"
         assert_close(out[1], ref[1], 1e-6, 1e-6, f"{b} v_last")
         for name, ga, gr in zip(["x", "v_init", "tau"], out[2], ref[2]):
             if gr is not None:
                 assert_close(ga, gr, 1e-5, 1e-4, f"{b} grad {name}")
+    if "cuda" in outs and "triton" in outs:  # the same float32 ops (IEEE division, expf, no FMA)
+        for name, ga, gc in zip(["x", "v_init"], outs["triton"][2], outs["cuda"][2]):
+            assert torch.equal(ga, gc), f"triton's grad {name} differs from the cuda kernel's"
 
 
 @pytest.mark.parametrize("device", devices())
@@ -210,8 +214,8 @@ def _sj_node(cfg, surrogate_cls):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("sj_surrogate,ours", [("ATan", "atan"), ("Sigmoid", "sigmoid")])
+@needs_spikingjelly
 def test_against_spikingjelly(cfg, sj_surrogate, ours):
-    pytest.importorskip("spikingjelly", reason="spikingjelly 2.0 is the test peer: make setup installs it")
     from cbp_kernels import nn as cnn
 
     sj = _sj_node(cfg, sj_surrogate)
