@@ -5,8 +5,10 @@ On a GPU every kernel is compiled without FMA contraction (``enable_fp_fusion=Fa
 ``a * b + c`` rounds twice, as the reference and the CUDA kernels, built with ``--fmad=false``)
 and divides and exponentiates as the CUDA kernels do: IEEE division (``div_rn``, not the
 ``div.full.f32`` approximation of Triton's ``/``) and libdevice's ``expf`` (not ``tl.exp``'s
-``ex2.approx``). Under ``TRITON_INTERPRET=1`` (CPU tensors, the tests) libdevice does not run:
-``USE_LIBDEVICE=False`` selects numpy's exp there and the SWAR bit count of ``bitconv``.
+``ex2.approx``; Triton links libdevice with its flush-to-zero branch, so an e^x below 2^-126
+is 0, which no caller can tell apart: each adds it to 1). Under ``TRITON_INTERPRET=1`` (CPU
+tensors, the tests) libdevice does not run: ``USE_LIBDEVICE=False`` selects numpy's exp there
+and the SWAR bit count of ``bitconv``.
 ``tests/test_triton_aot.py`` compiles every launch for sm_80 / sm_90 and reads the PTX.
 """
 from __future__ import annotations
