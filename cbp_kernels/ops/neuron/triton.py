@@ -4,10 +4,11 @@ Each program owns ``BLOCK`` columns of the ``[T, N]`` input (N = all trailing di
 time inside the kernel with the membrane state in registers. The float32 math and its
 operation order are those of csrc/common/neuron_math.h (the Triton functions below mirror
 it one to one), compiled without FMA contraction, with IEEE division and libdevice's expf on
-a GPU (ops/_triton.py): the spikes and V[T-1] are bitwise those of the reference in float32,
-and the gradients those of the CUDA kernel (PLIF's dL/dk up to the order of its float64 sum of
-per-program partials); against the reference's torch ops the gradients agree within 1e-5
-absolute, 1e-4 relative (tests/test_neuron.py). Storage float32 / float16 / bfloat16, state float32.
+a GPU (ops/_triton.py): the spikes are bitwise those of the reference in float32 and the
+gradients those of the CUDA kernel (PLIF's dL/dk up to its summation order: per-program
+float32 partials added in float64); against the reference's torch ops the gradients agree
+within 1e-5 absolute, 1e-4 relative (tests/test_neuron.py). Storage float32 / float16 /
+bfloat16, state float32.
 Same signature as ``reference``; runs on CUDA tensors, and on CPU tensors under
 ``TRITON_INTERPRET=1``.
 """
