@@ -1,44 +1,84 @@
 #!/usr/bin/env bash
-# Everything a GPU machine is needed for, in as few calls as possible: build the extension
-# with CUDA, run the test suite there (every cuda / cupy / triton-on-GPU case un-skips), then
-# the benchmark suites. Run from the repository root on the GPU machine:
+# The prepared GPU check: one call tests, one benches. Run from the repository root on a GPU
+# machine (16 cores, one H100: torch with CUDA, triton, cupy, pytest-timeout, pytest-xdist):
 #
-#   bash bench/gpu_session.sh test  OUTDIR   # build + tests        (~5 min on 16 cores)
-#   bash bench/gpu_session.sh bench OUTDIR   # build + benchmarks   (~5 min)
+#   bash bench/gpu_session.sh test  OUTDIR   # build + the GPU test cases   (under 8 min)
+#   bash bench/gpu_session.sh bench OUTDIR   # build + the benchmark suites (under 9 min)
 #
-# OUTDIR receives the logs, `last.json` (pytest-benchmark) and the test report (junit XML).
-# Copy `last.json` to bench/results/ here and run `python bench/report.py`: it files the
-# numbers under bench/results/<gpu name>/ and rewrites REPORT.md.
-# The machine's own python3 (with a CUDA torch, triton and cupy) is used. SpikingJelly, the
-# peer of the tests and benchmarks, is pure Python: where it is missing, carry its wheel and
-# loguru's in .whl/ (pip download --no-deps spikingjelly==2.0.0 loguru -d .whl); they are
-# installed to /tmp/site without dependencies, so the machine's torch stays.
+# Both fail fast (exit 3, one line saying why) without a CUDA device in torch or a CUDA toolkit
+# (CUDA_HOME, else torch's own guess: nvcc on PATH, /usr/local/cuda), build the extension with
+# its CUDA kernels and stop unless cbp_kernels.backends() reports the cuda backend.
+# `test` runs only the cases marked `gpu` (every op test's cuda device: the cuda, cupy and
+# triton backends on CUDA tensors; pytest -m gpu), in parallel (pytest-xdist) with a per-test
+# timeout (pytest-timeout); OUTDIR gets gpu.txt, build.log, tests.log and tests.xml (junit).
+# `bench` writes bench.log and last.json (pytest-benchmark): copy last.json to bench/results/
+# here and run `python bench/report.py`, which files it under bench/results/<gpu name>/.
+#
+# SpikingJelly (the tests' and benchmarks' peer) and loguru are not in the machine's image:
+# carry their wheels in .whl/ (git-ignored; `echo /.whl/ >> .git/info/exclude`), fetched
+# for the machine's Python 3.12 on manylinux x86-64 with
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl spikingjelly==2.0.0 loguru==0.7.3
+#
+# They are installed to /tmp/site without dependencies, so the machine's torch stays; without
+# them the cases that need SpikingJelly skip (marker needs_spikingjelly), the rest run.
 set -euo pipefail
-what=${1:?usage: gpu_session.sh test|bench OUTDIR}
-out=${2:?usage: gpu_session.sh test|bench OUTDIR}
-mkdir -p "$out"
+usage="usage: bash bench/gpu_session.sh test|bench OUTDIR"
+what=${1:?$usage}
+out=${2:?$usage}
+case "$what" in test | bench) ;; *) echo "gpu_session.sh: unknown step '$what' ($usage)" >&2; exit 2 ;; esac
 PY=${PY:-python3}
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+fail() { echo "gpu_session.sh: $*" >&2; exit 3; }
 
+# ---- fail fast: a CUDA device in torch, a CUDA toolkit to build with
+"$PY" -c "import torch" 2>/dev/null || fail "$PY has no torch (set PY to the python that holds a CUDA torch)"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || fail "torch.cuda is not available ($("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')): this step needs a CUDA GPU"
+CUDA_HOME=${CUDA_HOME:-$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)}
+[[ -n "$CUDA_HOME" && -x "$CUDA_HOME/bin/nvcc" ]] \
+  || fail "no CUDA toolkit: CUDA_HOME is unset (or has no bin/nvcc) and torch found none; export CUDA_HOME=/path/to/cuda"
+export CUDA_HOME
+
+mkdir -p "$out"
+unset TRITON_INTERPRET  # Triton compiles for the GPU here
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 if compgen -G ".whl/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-$PY setup.py -q build_ext --inplace 2>&1 | tail -n 20 | tee "$out/build.log"
-$PY -c "import cbp_kernels, torch; print(torch.__version__, cbp_kernels.backends())" | tee -a "$out/build.log"
+# ---- build with CUDA, then insist on the cuda backend
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt" || true
+"$PY" setup.py -q build_ext --inplace >"$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; fail "the build failed (build.log)"; }
+if ! "$PY" - <<'EOF' 2>&1 | tee -a "$out/build.log"; then fail "the extension has no CUDA kernels (build.log)"; fi
+import torch, cbp_kernels
+from cbp_kernels._backend import _load_extension
+table = cbp_kernels.backends()
+print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(), "backends:", table)
+assert table.get("cuda", {}).get("cuda"), f"no cuda backend after the build: {table}; extension: {_load_extension()}"
+EOF
 
+# ---- the step, ended (SIGINT: the logs and junit are still written) so that the whole call,
+# build included, stays under DEADLINE seconds: 450 for test (8 min asked), 510 for bench (9)
+deadline=${DEADLINE:-$([[ $what == test ]] && echo 450 || echo 510)}
+left=$((deadline - SECONDS))
+((left > 60)) || fail "the build took ${SECONDS} s: no time left for $what under ${deadline} s"
+set +e
 case "$what" in
   test)
     # -rs lists every skip with its reason: on a GPU only the conditions a GPU cannot lift remain.
-    $PY -m pytest -q -rs -p no:cacheprovider tests --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
+    timeout --signal=INT --kill-after=20 $left \
+      "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider -n ${XDIST_WORKERS:-8} --timeout=${TEST_TIMEOUT:-150} \
+      --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
     ;;
   bench)
-    $PY -m pytest -q -p no:cacheprovider bench/bench_*.py --benchmark-json="$out/last.json" 2>&1 | tee "$out/bench.log"
-    ;;
-  *)
-    echo "unknown step $what (test or bench)" >&2
-    exit 2
+    timeout --signal=INT --kill-after=20 $left \
+      "$PY" -m pytest bench/bench_*.py -q -p no:cacheprovider --timeout=${BENCH_TIMEOUT:-240} \
+      --benchmark-json="$out/last.json" 2>&1 | tee "$out/bench.log"
     ;;
 esac
+rc=${PIPESTATUS[0]}
+[[ $rc -eq 124 ]] && echo "gpu_session.sh: $what stopped at its time limit (see $out)" >&2
+exit "$rc"

@@ -1,6 +1,7 @@
 """Shared test helpers: the backends to test on this machine and a verbose allclose."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -31,8 +32,27 @@ def kernel_backends(device: str = "cpu", op: str = "neuron_forward", package: st
     return [b for b in cbp_kernels.BACKENDS if b != "reference" and (avail.get(b) or b in required)]
 
 
-def devices() -> list[str]:
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# A case on a CUDA device: ``pytest -m gpu`` runs those alone (bench/gpu_session.sh).
+gpu = pytest.mark.gpu
+
+# Where SpikingJelly 2.0 is the oracle; collection never imports it (the GPU machine's image lacks it).
+needs_spikingjelly = pytest.mark.skipif(
+    importlib.util.find_spec("spikingjelly") is None,
+    reason="needs spikingjelly 2.0, the oracle here (make setup installs it; bench/gpu_session.sh from .whl/)")
+
+
+def devices() -> list:
+    """The devices of the op tests: cpu, and cuda (marked ``gpu``) where a CUDA device is present.
+    Every tensor a test makes goes on its ``device``."""
+    return ["cpu"] + ([pytest.param("cuda", marks=gpu)] if torch.cuda.is_available() else [])
+
+
+def device_backends(op: str, package: str, reference: bool = False) -> list:
+    """``(device, backend)`` parameters: ``kernel_backends`` of each of ``devices()`` (and the
+    reference on each where ``reference``), ids ``device-backend``, the cuda ones marked ``gpu``."""
+    return [pytest.param(d, b, id=f"{d}-{b}", marks=[gpu] if d == "cuda" else [])
+            for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+            for b in (["reference"] if reference else []) + kernel_backends(d, op, package)]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "") -> None:
@@ -53,6 +73,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: a case on a CUDA device (bench/gpu_session.sh runs pytest -m gpu)")
 
 
 def pytest_report_header(config):

@@ -16,7 +16,7 @@ from cbp_kernels.nn import PackedConv2d, PackedLinear
 from cbp_kernels.ops import bitpack, pack_spikes, pack_weight, packed_conv2d, packed_linear, unpack_weight
 from cbp_kernels.ops.bitconv import PackedWeight, infer_levels
 
-from conftest import devices, kernel_backends
+from conftest import device_backends, devices, gpu, kernel_backends
 
 
 def backends_of(op: str, device: str = "cpu") -> list[str]:
@@ -150,6 +150,7 @@ def test_conv_bit_exact_triton(levels, case):
     _run_case(case, levels, ["triton"])
 
 
+@gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 @pytest.mark.parametrize("tensor_cores", ["1", "0"])
@@ -301,18 +302,10 @@ def test_packed_linear_module():
 
 
 # --------------------------------------------------------------------- fused epilogue
-def _fused_backends():
-    """(device, backend) of the fused-epilogue tests: every backend of each device here (the
-    required ones always, see conftest.kernel_backends: triton on CPU tensors under
-    TRITON_INTERPRET=1; cuda and triton on a GPU, cupy where it is installed); the GPU ones skip
-    without a CUDA device."""
-    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-    return [pytest.param("cpu", b, id=f"cpu-{b}") for b in backends_of("bitconv2d_lif")] + [
-        pytest.param("cuda", b, id=f"cuda-{b}", marks=no_gpu) for b in backends_of("bitconv2d_lif", "cuda")
-    ]
-
-
-@pytest.mark.parametrize("device,backend", _fused_backends())
+# (device, backend) of the fused-epilogue tests: every backend of each device here (the required
+# ones always, see conftest.kernel_backends: triton on CPU tensors under TRITON_INTERPRET=1; cuda
+# and triton on a GPU, cupy where it is installed).
+@pytest.mark.parametrize("device,backend", device_backends("bitconv2d_lif", "cbp_kernels.ops.bitconv", reference=True))
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 @pytest.mark.parametrize("neuron,v_reset", [("lif", 0.0), ("lif", None), ("if", -0.5)])
 def test_fused_lif_matches_the_composition_of_the_ops(device, backend, levels, neuron, v_reset, monkeypatch):

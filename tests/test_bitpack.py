@@ -8,7 +8,7 @@ import torch
 
 from cbp_kernels.ops import bitpack, bitunpack
 
-from conftest import devices, kernel_backends
+from conftest import device_backends, devices, kernel_backends
 
 
 def _backends(device: str = "cpu") -> list[str]:
@@ -36,9 +36,9 @@ def test_bitpack_round_trip_every_backend(device, dtype):
             assert back.dtype == dtype and torch.equal(back, x), f"{b}: round trip failed (size {size}, dim {dim})"
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_bitpack_bit_order_lsb_first_zero_padded(backend):
-    x = torch.zeros(2, 70)
+@pytest.mark.parametrize("device,backend", device_backends("bitpack", "cbp_kernels.ops.bitpack", reference=True))
+def test_bitpack_bit_order_lsb_first_zero_padded(device, backend):
+    x = torch.zeros(2, 70, device=device)
     x[0, 0] = x[0, 33] = x[0, 69] = 1  # word 0 bit 0, word 1 bit 1, word 2 bit 5
     x[1, 31] = 1  # the sign bit of word 0
     words = bitpack(x, -1, backend=backend)

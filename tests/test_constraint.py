@@ -12,14 +12,22 @@ import torch
 from cbp_kernels.ops import constraint_pass, multiplier_step, quantize
 from cbp_kernels.ops.constraint import reference as R
 
-from conftest import assert_close, devices, kernel_backends
+from conftest import assert_close, device_backends, devices, kernel_backends
 
 BINARY, TERNARY, FOUR = [-1.0, 1.0], [-1.0, 0.0, 1.0], [-2.0, -1.0, 0.0, 1.0]
 GS = [1, 2, 3, 10, 20]
 
 
+PACKAGE = "cbp_kernels.ops.constraint"
+
+
 def _backends(device="cpu", op="constraint_pass"):
-    return kernel_backends(device, op, "cbp_kernels.ops.constraint")
+    return kernel_backends(device, op, PACKAGE)
+
+
+def _interpreted(device, backend) -> bool:
+    """Triton on CPU tensors: its interpreter rounds float32 -> bfloat16 by truncation."""
+    return backend == "triton" and device == "cpu"
 
 
 def _t(values, dtype=torch.float32):
@@ -119,28 +127,30 @@ def test_reference_float64_gradient_is_the_finite_difference_away_from_kinks():
 
 # --- quantize -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference"] + _backends(op="constraint_quantize"))
-def test_quantize_ties_levels_and_ste(backend):
-    lv = _t(FOUR)
-    s = torch.tensor(0.5)
+@pytest.mark.parametrize("device,backend", device_backends("constraint_quantize", PACKAGE, reference=True))
+def test_quantize_ties_levels_and_ste(device, backend):
+    lv = _t(FOUR).to(device)
+    s = torch.tensor(0.5, device=device)
     w = torch.tensor([-3, -1, -0.75, -0.7, -0.25, -0.2, 0, 0.1, 0.25, 0.3, 0.5, 9, float("inf"), float("-inf")])
-    w = w.requires_grad_()
+    w = w.to(device).requires_grad_()
     q = quantize(w, lv, s, backend=backend)
     # midpoints -0.75, -0.25, 0.25: a tie goes to the upper level
     assert q.tolist() == [-1, -1, -0.5, -0.5, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 0.5, -1]
-    g = torch.randn(w.shape)
+    g = torch.randn(w.shape, device=device)
     q.backward(g)
     assert torch.equal(w.grad, g)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_quantize_kernels_match_reference(dtype):
-    w = (torch.randn(3, 257, 5) * 0.8).to(dtype)[:, ::2]  # non-contiguous input is allowed
+def test_quantize_kernels_match_reference(device, dtype):
+    w = (torch.randn(3, 257, 5, device=device) * 0.8).to(dtype)[:, ::2]  # non-contiguous input is allowed
+    scale = torch.tensor(0.37, device=device)
     for levels in (BINARY, TERNARY, FOUR):
-        ref = quantize(w, _t(levels), torch.tensor(0.37), backend="reference")
+        ref = quantize(w, _t(levels), scale, backend="reference")
         assert ref.dtype == dtype and ref.shape == w.shape
-        for b in _backends(op="constraint_quantize"):
-            assert torch.equal(quantize(w, _t(levels), torch.tensor(0.37), backend=b), ref), b
+        for b in _backends(device, op="constraint_quantize"):
+            assert torch.equal(quantize(w, _t(levels), scale, backend=b), ref), b
 
 
 # --- the fused pass -------------------------------------------------------------------------
@@ -222,10 +232,10 @@ def test_cpu_kernels_every_instruction_set(monkeypatch, isa):
         assert all(torch.equal(a, b) for xs, ys in zip(got, want) for a, b in zip(xs, ys)), f"{isa}: multiplier step"
 
 
-@pytest.mark.parametrize("backend", ["reference"] + _backends())
-def test_pass_optional_outputs_and_nonfinite(backend):
-    weights, lambdas, scales = _layers(torch.float32, sizes=[(5,), (40,)])
-    lv = _t(BINARY)
+@pytest.mark.parametrize("device,backend", device_backends("constraint_pass", PACKAGE, reference=True))
+def test_pass_optional_outputs_and_nonfinite(device, backend):
+    weights, lambdas, scales = _layers(torch.float32, device, sizes=[(5,), (40,)])
+    lv = _t(BINARY).to(device)
     before = [w.clone() for w in weights]
     lag, free = constraint_pass(weights, lambdas, lv, scales, 2, backend=backend)
     full, _, _ = _pass(backend, weights, lambdas, BINARY, scales, 2, torch.float32)
@@ -380,17 +390,25 @@ def _torch_ascend(per_step, lambdas0, levels, scales, g, decoupled, kw, foreach)
     return lambdas, [opt.state[lam]["exp_avg"] for lam in lambdas], [opt.state[lam]["exp_avg_sq"] for lam in lambdas]
 
 
+def _to(device, per_step, lambdas0, scales):
+    """The multiplier-step inputs of ``_weights_per_step`` on ``device``."""
+    return [[w.to(device) for w in ws] for ws in per_step], [lam.to(device) for lam in lambdas0], scales.to(device)
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("g", [1, 20])
 @pytest.mark.parametrize("name,decoupled,kw", ADAM_CASES, ids=[c[0] for c in ADAM_CASES])
-def test_multiplier_step_matches_reference_and_torch_adam(name, decoupled, kw, g):
+def test_multiplier_step_matches_reference_and_torch_adam(device, name, decoupled, kw, g):
     per_step, lambdas0, scales = _weights_per_step(torch.float32, 4, g=g)
     ref = _ascend("reference", per_step, lambdas0, TERNARY, scales, g, decoupled, kw)
     assert any(not torch.equal(a, b) for a, b in zip(ref[0], lambdas0)), "the step must move lambda"
-    # every kernel: bit for bit the reference (one rounding per operation, no FMA, IEEE sqrt)
-    for b in _backends(op="constraint_multiplier_step"):
-        got = _ascend(b, per_step, lambdas0, TERNARY, scales, g, decoupled, kw)
+    # every kernel on every device: bit for bit the CPU reference (one rounding per operation,
+    # no FMA, IEEE division and sqrt)
+    for b in _backends(device, op="constraint_multiplier_step"):
+        steps, lambdas, device_scales = _to(device, per_step, lambdas0, scales)
+        got = _ascend(b, steps, lambdas, TERNARY, device_scales, g, decoupled, kw)
         for what, xs, ys in zip(("lambda", "exp_avg", "exp_avg_sq"), got, ref):
-            assert all(torch.equal(x, y) for x, y in zip(xs, ys)), f"{b}: {what} differs from the reference"
+            assert all(torch.equal(x.cpu(), y) for x, y in zip(xs, ys)), f"{b}: {what} differs from the reference"
     # torch's optimizer, both its paths (they agree with each other on CPU): the same arithmetic
     # up to its FMAs (lerp, addcmul, add with alpha) and its float32 sqrt, which is not always
     # correctly rounded. Measured after 4 steps: 62-98% of the elements bit-identical, the rest
@@ -402,17 +420,19 @@ def test_multiplier_step_matches_reference_and_torch_adam(name, decoupled, kw, g
                 assert_close(x, y, 4e-8, 12 * torch.finfo(torch.float32).eps, f"foreach={foreach} {what}[{i}]")
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_multiplier_step_16_bit_storage(dtype):
+def test_multiplier_step_16_bit_storage(device, dtype):
     """lambda, m and v stored in the weights' dtype, float32 arithmetic, one rounding per store:
-    the C++ kernel bit for bit; the Triton interpreter rounds float32 -> bfloat16 by truncation,
-    which after 3 steps leaves it a few bfloat16 ulp away."""
+    every kernel bit for bit but the Triton interpreter, which rounds float32 -> bfloat16 by
+    truncation: after 3 steps it is a few bfloat16 ulp away."""
     per_step, lambdas0, scales = _weights_per_step(dtype, 3, sizes=[(1,), (31,), (4097,), (3, 5, 7)])
     ref = _ascend("reference", per_step, lambdas0, FOUR, scales, 2, True, dict(weight_decay=0.1))
     assert all(t.dtype == dtype for ts in ref for t in ts)
-    for b in _backends(op="constraint_multiplier_step"):
-        got = _ascend(b, per_step, lambdas0, FOUR, scales, 2, True, dict(weight_decay=0.1))
-        ulps = 0 if b == "cpu" or dtype == torch.float16 else 4 * torch.finfo(dtype).eps
+    for b in _backends(device, op="constraint_multiplier_step"):
+        steps, lambdas, device_scales = _to(device, per_step, lambdas0, scales)
+        got = _ascend(b, steps, lambdas, FOUR, device_scales, 2, True, dict(weight_decay=0.1))
+        ulps = 4 * torch.finfo(dtype).eps if _interpreted(device, b) and dtype == torch.bfloat16 else 0
         for what, xs, ys in zip(("lambda", "exp_avg", "exp_avg_sq"), got, ref):
             for i, (x, y) in enumerate(zip(xs, ys)):
                 assert_close(x, y, 1e-30, ulps, f"{b} {what}[{i}]")

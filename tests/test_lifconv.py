@@ -8,20 +8,24 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from spikingjelly.activation_based import functional, layer, neuron, surrogate
-
 from bench.harness import peak_memory
 from cbp_kernels import LIFConv2d, convert
 from cbp_kernels.nn import IF, LIF, PLIF
 from cbp_kernels.nn.lifconv import SpikeConv2dFunction, compact_saved_tensors
 
-from conftest import GRAD_TOL, assert_close, kernel_backends
+from conftest import GRAD_TOL, assert_close, kernel_backends, needs_spikingjelly
 
-SJ_NEURONS = {"if": neuron.IFNode, "lif": neuron.LIFNode, "plif": neuron.ParametricLIFNode}
+def _sj():
+    """SpikingJelly 2.0's (functional, layer, neuron, surrogate): the oracle of the tests marked
+    ``needs_spikingjelly``, imported by them only (collection does not need it)."""
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+    return functional, layer, neuron, surrogate
 
 
 def _sj_composition(ours: LIFConv2d, v_reset, detach_reset):
     """The SpikingJelly modules LIFConv2d replaces, with ours' weights."""
+    _, layer, neuron, surrogate = _sj()
     conv = layer.Conv2d(ours.in_channels, ours.out_channels, ours.kernel_size, ours.stride, ours.padding,
                         ours.dilation, ours.groups, bias=ours.bias is not None, step_mode="m")
     conv.load_state_dict({k: v for k, v in ours.state_dict().items() if k in ("weight", "bias")})
@@ -30,7 +34,7 @@ def _sj_composition(ours: LIFConv2d, v_reset, detach_reset):
     kw = dict(v_reset=v_reset, detach_reset=detach_reset, surrogate_function=surrogate.ATan(), step_mode="m")
     if ours.neuron_type == "lif":
         kw["tau"] = 2.0
-    sn = SJ_NEURONS[ours.neuron_type](**kw)
+    sn = {"if": neuron.IFNode, "lif": neuron.LIFNode, "plif": neuron.ParametricLIFNode}[ours.neuron_type](**kw)
     return torch.nn.Sequential(conv, bn, sn)
 
 
@@ -53,7 +57,9 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['neuron']}-vr{c['v_reset']}-s{c['stride']}-g{c['groups']}")
 @pytest.mark.parametrize("spiking_input", [True, False])
+@needs_spikingjelly
 def test_matches_spikingjelly_training_and_eval(case, spiking_input):
+    functional = _sj()[0]
     case = dict(case)
     v_reset, detach_reset = case.pop("v_reset"), case.pop("detach_reset")
     ours = LIFConv2d(4, 6, 3, v_reset=v_reset, detach_reset=detach_reset, **case)
@@ -336,7 +342,9 @@ def test_packed_layer_is_the_fused_op_equal_to_the_unfused_chain(neuron_type, kw
     assert got.shape == want.shape and torch.equal(got, want)
 
 
+@needs_spikingjelly
 def test_convert_replaces_spikingjelly_layers():
+    functional, layer, neuron, surrogate = _sj()
     torch.manual_seed(0)
 
     class Net(torch.nn.Module):

@@ -17,7 +17,7 @@ from cbp_kernels import memory_report, models
 from bench.peers import spikingjelly_model_zoo
 from cbp_kernels.models.interop import CheckpointError, load_checkpoint, save_spikingjelly, to_spikingjelly
 
-from conftest import assert_close
+from conftest import assert_close, needs_spikingjelly
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,7 @@ def _compare(ours, theirs, sj, x):
 
 
 @pytest.mark.parametrize("cnf", ["ADD", "IAND"])
+@needs_spikingjelly
 def test_sew_resnet18_matches_spikingjelly(sj, cnf):
     torch.manual_seed(0)
     theirs = _randomize(_sj_model(sj, "sew_resnet18", cnf=cnf, num_classes=10))
@@ -81,6 +82,7 @@ def test_sew_resnet18_matches_spikingjelly(sj, cnf):
     _compare(ours, theirs, sj, torch.rand(2, 1, 3, 32, 32) * 2)
 
 
+@needs_spikingjelly
 def test_spiking_resnet18_matches_spikingjelly(sj):
     torch.manual_seed(1)
     theirs = _randomize(_sj_model(sj, "spiking_resnet18", num_classes=10))
@@ -88,6 +90,7 @@ def test_spiking_resnet18_matches_spikingjelly(sj):
     _compare(ours, theirs, sj, torch.rand(2, 1, 3, 32, 32) * 2)
 
 
+@needs_spikingjelly
 def test_convert_spikingjelly_sew_resnet(sj):
     """convert() on SpikingJelly's own SEW-ResNet-18: every conv-BN-IF chain fused (the
     downsample's conv-BN with its downsample_sn), same outputs and gradients."""
@@ -108,6 +111,7 @@ def test_convert_spikingjelly_sew_resnet(sj):
 
 @pytest.mark.parametrize("name", ["sew_resnet18", "sew_resnet34", "sew_resnet50", "sew_resnet101", "sew_resnet152",
                                   "spiking_resnet50"])
+@needs_spikingjelly
 def test_every_depth_has_spikingjellys_tensors(sj, name):
     """Structure check without running: the same tensor names and shapes as SpikingJelly's."""
     with torch.device("meta"):
@@ -118,6 +122,7 @@ def test_every_depth_has_spikingjellys_tensors(sj, name):
     assert a == b
 
 
+@needs_spikingjelly
 def test_spikingjelly_round_trip(sj, tmp_path):
     torch.manual_seed(2)
     ours = _randomize(models.sew_resnet18(num_classes=5))
@@ -145,6 +150,7 @@ def _as_original(sj_state, spiking_resnet=False):
 
 
 @pytest.mark.parametrize("spiking_resnet", [False, True])
+@needs_spikingjelly
 def test_original_repository_checkpoint(sj, tmp_path, spiking_resnet):
     torch.manual_seed(3)
     name = "spiking_resnet18" if spiking_resnet else "sew_resnet18"

@@ -9,15 +9,16 @@ The fused epilogue (``conv2d_lif``) shares that count (``_count``): a program ow
 spike word (32 channels) of BLOCK_P pixels and walks the T timesteps inside.
 Bit count: libdevice ``popc`` on a GPU; under ``TRITON_INTERPRET=1`` neither libdevice nor
 inline asm runs, so the constexpr flag ``USE_LIBDEVICE=False`` selects a SWAR count.
+Grids are 1-D (program = pixel block + output-channel block * pixel blocks), pixel indices
+int64: no limit from grid.y (65535) and no int32 overflow past 2^31 output values.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._triton import LAUNCH_OPTIONS, grid, use_libdevice
 from ..bitpack import WORD_BITS
 from ..neuron.params import NeuronParams
 from ..neuron.triton import _charge, _reset
@@ -76,29 +77,36 @@ def _count(
 
 
 @triton.jit
+def _tile(P, OH, OW, Og, p_blocks, o_blocks, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
+    """This program's tile: BLOCK_P pixels (index q (int64), n, oh, ow, mask) of the P = N*OH*OW
+    and BLOCK_O channels (o, mask) of group grp; column = grp * o_blocks + channel block."""
+    pid = tl.program_id(0)
+    column = pid // p_blocks
+    grp = column // o_blocks
+    ol = (column % o_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    q = (pid % p_blocks).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = (q // (OH * OW)).to(tl.int32)
+    oh = ((q // OW) % OH).to(tl.int32)
+    ow = (q % OW).to(tl.int32)
+    return column, grp, q, n, oh, ow, q < P, grp * Og + ol, ol < Og
+
+
+@triton.jit
 def _bitconv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, scale,
-    N, H, W, OH, OW, O, Og, Cw, Wg, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, o_blocks,
+    P, H, W, OH, OW, O, Og, Cw, Wg, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p_blocks, o_blocks,
     HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """out[pixel, o] = float32(c) * scale (+ bias[o]) on a [BLOCK_P, BLOCK_O] tile of one group."""
-    grp = tl.program_id(1) // o_blocks
-    ol = (tl.program_id(1) % o_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = ol < Og
-    o = grp * Og + ol
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = pix < N * OH * OW
-    n = pix // (OH * OW)
-    oh = (pix // OW) % OH
-    ow = pix % OW
+    _, grp, pix, n, oh, ow, pmask, o, omask = _tile(P, OH, OW, Og, p_blocks, o_blocks, BLOCK_P, BLOCK_O)
     acc = _count(x_ptr, w_ptr, n, oh, ow, pmask, grp, o, omask, H, W, O, Cw, Wg, KH, KW,
                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TERNARY, USE_LIBDEVICE, BLOCK_P, BLOCK_O)
     out = acc.to(tl.float32) * scale
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + o, mask=omask, other=0.0)[None, :]
-    tl.store(out_ptr + pix[:, None].to(tl.int64) * O + o[None, :], out, mask=pmask[:, None] & omask[None, :])
+    tl.store(out_ptr + pix[:, None] * O + o[None, :], out, mask=pmask[:, None] & omask[None, :])
 
 
 @triton.jit
@@ -108,31 +116,23 @@ def _bit_or(a, b):
 
 @triton.jit(do_not_specialize=["T", "Nb"])
 def _bitconv_lif_kernel(
-    x_ptr, w_ptr, mul_ptr, add_ptr, spike_ptr, v_last_ptr, T, Nb, decay, v_threshold, v_reset,
-    H, W, OH, OW, O, Og, Cw, Wg, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, o_blocks, Wo,
+    x_ptr, w_ptr, mul_ptr, add_ptr, spike_ptr, v_last_ptr, T, Nb, Q, decay, v_threshold, v_reset,
+    H, W, OH, OW, O, Og, Cw, Wg, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p_blocks, o_blocks, Wo,
     KIND: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     TERNARY: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    """Fused epilogue: a program owns the output spike word pid(1) (channels o = 32 * pid(1) + j,
+    """Fused epilogue: a program owns the output spike word `column` (channels o = 32 * column + j,
     BLOCK_O = 32, in one group) of BLOCK_P pixels q = (n, oh, ow) of the Nb samples, and walks
     time inside with the membrane V in registers (from V_reset): for t = 0..T-1, on image t * Nb + n,
         y = float32(c) * mul[o] + add[o];  H = charge(V, y);  S = (H - V_th >= 0);  V = reset(H, S)
-    (ops/neuron/triton.py's helpers), spikes[t * Q + q, pid(1)] = OR_j S_j << j (Q = Nb*OH*OW);
+    (ops/neuron/triton.py's helpers), spikes[t * Q + q, column] = OR_j S_j << j (Q = Nb*OH*OW);
     v_last[q, o] = V after t = T - 1. No float activation is written."""
-    grp = tl.program_id(1) // o_blocks
-    ol = (tl.program_id(1) % o_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = ol < Og
-    o = grp * Og + ol
-    Q = Nb * OH * OW
-    q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = q < Q
-    n = q // (OH * OW)
-    oh = (q // OW) % OH
-    ow = q % OW
+    column, grp, q, n, oh, ow, pmask, o, omask = _tile(Q, OH, OW, Og, p_blocks, o_blocks, BLOCK_P, BLOCK_O)
     mul = tl.load(mul_ptr + o, mask=omask, other=0.0)[None, :]
     add = tl.load(add_ptr + o, mask=omask, other=0.0)[None, :]
     bit = (tl.full([BLOCK_O], 1, tl.uint32) << tl.arange(0, BLOCK_O).to(tl.uint32))[None, :]
     v = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32) + v_reset
+    row = q  # int64 spike row t * Q + q
     for t in range(T):
         c = _count(x_ptr, w_ptr, n + t * Nb, oh, ow, pmask, grp, o, omask, H, W, O, Cw, Wg, KH, KW,
                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TERNARY, USE_LIBDEVICE, BLOCK_P, BLOCK_O)
@@ -140,16 +140,9 @@ def _bitconv_lif_kernel(
         s = tl.where(h - v_threshold >= 0.0, 1.0, 0.0)
         v = _reset(h, s, v_threshold, v_reset, SOFT_RESET)
         word = tl.reduce(tl.where((s != 0.0) & omask[None, :], bit, 0), 1, _bit_or)
-        tl.store(spike_ptr + (q.to(tl.int64) + t * Q) * Wo + tl.program_id(1), word.to(tl.int32, bitcast=True),
-                 mask=pmask)
-    tl.store(v_last_ptr + q[:, None].to(tl.int64) * O + o[None, :], v, mask=pmask[:, None] & omask[None, :])
-
-
-def _launch_options(x: torch.Tensor) -> tuple[bool, dict]:
-    """(USE_LIBDEVICE, compile options): libdevice popc on a GPU, the SWAR count when
-    interpreted; enable_fp_fusion=False keeps every mul + add two roundings (no FMA), as the spec."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return x.is_cuda and not interpreted, ({} if interpreted else {"enable_fp_fusion": False})
+        tl.store(spike_ptr + row * Wo + column, word.to(tl.int32, bitcast=True), mask=pmask)
+        row += Q
+    tl.store(v_last_ptr + q[:, None] * O + o[None, :], v, mask=pmask[:, None] & omask[None, :])
 
 
 def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -157,15 +150,14 @@ def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int
     out = g.empty_output(x)
     if out.numel() == 0:
         return out
-    o_blocks = triton.cdiv(g.out_per_group, _BLOCK_O)
-    grid = (triton.cdiv(g.N * g.OH * g.OW, _BLOCK_P), groups * o_blocks)
-    use_libdevice, extra = _launch_options(x)
-    _bitconv_kernel[grid](
+    P = g.N * g.OH * g.OW
+    p_blocks, o_blocks = triton.cdiv(P, _BLOCK_P), triton.cdiv(g.out_per_group, _BLOCK_O)
+    _bitconv_kernel[grid(p_blocks * groups * o_blocks)](
         x, planes, out if bias is None else bias, out, float(scale),
-        g.N, g.H, g.W, g.OH, g.OW, out.shape[-1], g.out_per_group, x.shape[-1], g.words_per_group, g.KH, g.KW,
-        *stride, *padding, *dilation, o_blocks,
-        HAS_BIAS=bias is not None, TERNARY=g.planes == 2, USE_LIBDEVICE=use_libdevice,
-        BLOCK_P=_BLOCK_P, BLOCK_O=_BLOCK_O, **extra,
+        P, g.H, g.W, g.OH, g.OW, out.shape[-1], g.out_per_group, x.shape[-1], g.words_per_group, g.KH, g.KW,
+        *stride, *padding, *dilation, p_blocks, o_blocks,
+        HAS_BIAS=bias is not None, TERNARY=g.planes == 2, USE_LIBDEVICE=use_libdevice(),
+        BLOCK_P=_BLOCK_P, BLOCK_O=_BLOCK_O, **LAUNCH_OPTIONS,
     )
     return out
 
@@ -175,14 +167,14 @@ def conv2d_lif(x, planes, mul, add, stride, padding, dilation, groups: int, T: i
     spikes, v_last = g.empty_lif_outputs(x, T)
     if v_last.numel() == 0:
         return spikes, v_last
-    o_blocks = triton.cdiv(g.out_per_group, WORD_BITS)  # one program column per output word
     Nb = g.N // T
-    use_libdevice, extra = _launch_options(x)
-    _bitconv_lif_kernel[(triton.cdiv(Nb * g.OH * g.OW, _BLOCK_P), groups * o_blocks)](
-        x, planes, mul, add, spikes, v_last, T, Nb, float(decay), p.v_threshold, p.reset_value,
+    Q = Nb * g.OH * g.OW
+    p_blocks, o_blocks = triton.cdiv(Q, _BLOCK_P), triton.cdiv(g.out_per_group, WORD_BITS)  # a column per word
+    _bitconv_lif_kernel[grid(p_blocks * groups * o_blocks)](
+        x, planes, mul, add, spikes, v_last, T, Nb, Q, float(decay), p.v_threshold, p.reset_value,
         g.H, g.W, g.OH, g.OW, v_last.shape[-1], g.out_per_group, x.shape[-1], g.words_per_group, g.KH, g.KW,
-        *stride, *padding, *dilation, o_blocks, spikes.shape[-1],
+        *stride, *padding, *dilation, p_blocks, o_blocks, spikes.shape[-1],
         KIND=p.kind, SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, TERNARY=g.planes == 2,
-        USE_LIBDEVICE=use_libdevice, BLOCK_P=_BLOCK_P, BLOCK_O=WORD_BITS, **extra,
+        USE_LIBDEVICE=use_libdevice(), BLOCK_P=_BLOCK_P, BLOCK_O=WORD_BITS, **LAUNCH_OPTIONS,
     )
     return spikes, v_last

@@ -2,6 +2,8 @@
 
 One program packs a [BLOCK_R, BLOCK_W] tile of words: it loads the 32 values of each word,
 shifts value b to bit b and ORs them (a reduction), so word = OR_b (x[32w + b] != 0) << b.
+Grids are 1-D (program = word block + row block * word blocks) and column indices int64, so a
+row of any length packs (grid.y would stop at 65535 blocks, int32 columns at 2^31 values).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import LAUNCH_OPTIONS, grid
 from .reference import WORD_BITS, count_non_binary
 
 # Tile of words per program (rows x words): small enough for the interpreter's CPU tests,
@@ -23,9 +26,10 @@ def _or(a, b):
 
 
 @triton.jit
-def _pack_kernel(x_ptr, out_ptr, R, C, Wc, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    words = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+def _pack_kernel(x_ptr, out_ptr, R, C, Wc, w_blocks, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid // w_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    words = (pid % w_blocks).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
     bits = tl.arange(0, 32)
     cols = words[:, None] * 32 + bits[None, :]  # [BLOCK_W, 32]
     mask = (rows[:, None, None] < R) & (cols[None, :, :] < C)
@@ -37,9 +41,10 @@ def _pack_kernel(x_ptr, out_ptr, R, C, Wc, BLOCK_R: tl.constexpr, BLOCK_W: tl.co
 
 
 @triton.jit
-def _unpack_kernel(w_ptr, out_ptr, R, Wc, size, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _unpack_kernel(w_ptr, out_ptr, R, Wc, size, c_blocks, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid // c_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % c_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < size)
     words = tl.load(w_ptr + rows[:, None].to(tl.int64) * Wc + cols[None, :] // 32, mask=mask, other=0)
     bit = (words.to(tl.uint32, bitcast=True) >> (cols[None, :] % 32).to(tl.uint32)) & 1
@@ -57,8 +62,9 @@ def _pack_rows(x: torch.Tensor) -> torch.Tensor:
     words = -(-size // WORD_BITS)
     out = torch.empty(rows, words, dtype=torch.int32, device=x.device)
     if out.numel():
-        grid = (triton.cdiv(rows, _BLOCK_R), triton.cdiv(words, _BLOCK_W))
-        _pack_kernel[grid](x, out, rows, size, words, BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W)
+        w_blocks = triton.cdiv(words, _BLOCK_W)
+        _pack_kernel[grid(triton.cdiv(rows, _BLOCK_R) * w_blocks)](
+            x, out, rows, size, words, w_blocks, BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W, **LAUNCH_OPTIONS)
     return out
 
 
@@ -67,6 +73,8 @@ def unpack(words: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
     # Bits are written as uint8 and cast after (the interpreter stores bfloat16 wrongly).
     out = torch.empty(rows, size, dtype=torch.uint8, device=words.device)
     if out.numel():
-        grid = (triton.cdiv(rows, _BLOCK_R), triton.cdiv(size, _BLOCK_W * WORD_BITS))
-        _unpack_kernel[grid](words, out, rows, words.shape[1], size, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_W * WORD_BITS)
+        c_blocks = triton.cdiv(size, _BLOCK_W * WORD_BITS)
+        _unpack_kernel[grid(triton.cdiv(rows, _BLOCK_R) * c_blocks)](
+            words, out, rows, words.shape[1], size, c_blocks, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_W * WORD_BITS,
+            **LAUNCH_OPTIONS)
     return out.to(dtype)

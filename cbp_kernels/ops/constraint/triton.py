@@ -9,7 +9,10 @@ in float64 on the host side of the launch, in program order (deterministic).
 ``multiplier_step`` is ONE launch over the same chunks (exp_avg / exp_avg_sq in the grad /
 lambda_grad columns of the launch table): cs(w; g), then the Adam / AdamW ascent of
 csrc/common/constraint_math.h ``multiplier_adam``, IEEE division and sqrt (``div_rn``,
-``sqrt_rn``) and no FMA contraction (``enable_fp_fusion=False``), as the other backends.
+``sqrt_rn``), as the other backends.
+
+Every launch compiles without FMA contraction (ops/_triton.py): the pass's ``grad + lam * slope``
+and the step's updates round as the reference's, bit for bit in float32.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import LAUNCH_OPTIONS, grid
 from ._chunks import launch_table
 
 # Weights per program: 1024 float32 = 4 KiB per stream; a common memory-bound block size
@@ -44,7 +48,7 @@ def _select(x, table_row, K: tl.constexpr):
 @triton.jit
 def _chunk(meta, L, N_CHUNKS, BLOCK: tl.constexpr):
     """(layer, offsets, mask) of this program's chunk of the launch table (_chunks.py)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     layer = tl.load(meta + 5 * L + pid)
     offs = tl.load(meta + 5 * L + N_CHUNKS + pid) + tl.arange(0, BLOCK)
     return layer, offs, offs < tl.load(meta + layer)
@@ -63,7 +67,7 @@ def _constraint_pass_kernel(
     DTYPE: tl.constexpr, K: tl.constexpr, GRAD: tl.constexpr, LGRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # sum lam*cs(w; g), sum cs(w); grad += lam * dcs/dw; lambda_grad = cs(w; g)   (meta: _chunks.py)
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     layer, offs, mask = _chunk(meta, L, N_CHUNKS, BLOCK)
     w_ptr = _column(meta, L, layer, 1, DTYPE)
     lam_ptr = _column(meta, L, layer, 2, DTYPE)
@@ -124,7 +128,7 @@ def _multiplier_step_kernel(meta, table, scalars, L, N_CHUNKS, DTYPE: tl.constex
 @triton.jit
 def _quantize_kernel(w, out, table, n, K: tl.constexpr, BLOCK: tl.constexpr):
     # out = l_k, k = #{j : w >= m_j}
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(w + offs, mask=mask, other=0.0)
     q, _ = _select(x.to(tl.float32), table, K)
@@ -135,10 +139,10 @@ def constraint_pass(weights, lambdas, table, grads, lambda_grads):
     meta, n_chunks = launch_table(weights, lambdas, grads, lambda_grads, BLOCK)
     partial = torch.zeros(max(n_chunks, 1), 2, dtype=torch.float32, device=weights[0].device)
     if n_chunks:
-        _constraint_pass_kernel[(n_chunks,)](
+        _constraint_pass_kernel[grid(n_chunks)](
             meta, table.contiguous(), partial, len(weights), n_chunks,
             DTYPE=_TL_DTYPES[weights[0].dtype], K=table.shape[2], GRAD=bool(grads), LGRAD=bool(lambda_grads),
-            BLOCK=BLOCK,
+            BLOCK=BLOCK, **LAUNCH_OPTIONS,
         )
     return partial.double().sum(0)
 
@@ -146,9 +150,9 @@ def constraint_pass(weights, lambdas, table, grads, lambda_grads):
 def multiplier_step(weights, lambdas, exp_avgs, exp_avg_sqs, table, scalars):
     meta, n_chunks = launch_table(weights, lambdas, exp_avgs, exp_avg_sqs, BLOCK)
     if n_chunks:
-        _multiplier_step_kernel[(n_chunks,)](
+        _multiplier_step_kernel[grid(n_chunks)](
             meta, table.contiguous(), scalars.contiguous(), len(weights), n_chunks,
-            DTYPE=_TL_DTYPES[weights[0].dtype], K=table.shape[2], BLOCK=BLOCK, enable_fp_fusion=False,
+            DTYPE=_TL_DTYPES[weights[0].dtype], K=table.shape[2], BLOCK=BLOCK, **LAUNCH_OPTIONS,
         )
 
 
@@ -157,5 +161,6 @@ def quantize(w, table):
     out = torch.empty_like(x)
     n = x.numel()
     if n:
-        _quantize_kernel[(triton.cdiv(n, BLOCK),)](x, out, table.contiguous(), n, K=table.shape[2], BLOCK=BLOCK)
+        _quantize_kernel[grid(triton.cdiv(n, BLOCK))](x, out, table.contiguous(), n, K=table.shape[2], BLOCK=BLOCK,
+                                                      **LAUNCH_OPTIONS)
     return out

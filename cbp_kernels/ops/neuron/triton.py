@@ -3,8 +3,12 @@
 Each program owns ``BLOCK`` columns of the ``[T, N]`` input (N = all trailing dims) and walks
 time inside the kernel with the membrane state in registers. The float32 math and its
 operation order are those of csrc/common/neuron_math.h (the Triton functions below mirror
-it one to one), and the kernels are compiled without FMA contraction, so the spikes are
-bitwise those of the reference in float32. Storage float32 / float16 / bfloat16, state float32.
+it one to one), compiled without FMA contraction, with IEEE division and libdevice's expf on
+a GPU (ops/_triton.py): the spikes are bitwise those of the reference in float32 and the
+gradients those of the CUDA kernel (PLIF's dL/dk up to its summation order: per-program
+float32 partials added in float64); against the reference's torch ops the gradients agree
+within 1e-5 absolute, 1e-4 relative (tests/test_neuron.py). Storage float32 / float16 /
+bfloat16, state float32.
 Same signature as ``reference``; runs on CUDA tensors, and on CPU tensors under
 ``TRITON_INTERPRET=1``.
 """
@@ -14,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import LAUNCH_OPTIONS, exp, grid, use_libdevice
 from .layout import backward_buffers, forward_buffers
 from .params import NeuronParams
 
@@ -47,16 +52,16 @@ def _reset(h, s, v_threshold, v_reset, SOFT_RESET: tl.constexpr):
 
 
 @triton.jit
-def _surrogate_grad(x, alpha, SURROGATE: tl.constexpr):
+def _surrogate_grad(x, alpha, SURROGATE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """surrogate_grad: sg'(x) at x = H - V_th (atan, sigmoid, rectangle, triangle, piecewise quadratic)."""
     if SURROGATE == 0:
         z = 1.5707963267948966 * alpha * x
-        g = alpha * 0.5 / (1.0 + z * z)
+        g = tl.div_rn(alpha * 0.5, 1.0 + z * z)
     elif SURROGATE == 1:
-        sig = 1.0 / (1.0 + tl.exp(-alpha * x))
+        sig = tl.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp(-alpha * x, USE_LIBDEVICE))
         g = alpha * sig * (1.0 - sig)
     elif SURROGATE == 2:
-        g = tl.where(tl.abs(x) < 0.5 / alpha, alpha, 0.0)
+        g = tl.where(tl.abs(x) < tl.div_rn(tl.full(x.shape, 0.5, tl.float32), alpha), alpha, 0.0)
     elif SURROGATE == 3:
         g = alpha * tl.maximum(0.0, 1.0 - tl.abs(x))
     else:
@@ -119,7 +124,7 @@ def _neuron_backward_kernel(
     grad_x_ptr, grad_v_init_ptr, grad_k_partial_ptr, T, N, v_threshold, v_reset, alpha,
     KIND: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
     SURROGATE: tl.constexpr, NEED_GRAD_K: tl.constexpr, HAS_V_INIT: tl.constexpr, HAS_GRAD_V_LAST: tl.constexpr,
-    BLOCK: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Reverse time loop: gH = gS sg'(H - V_th) + gV dV/dH; gX = gH dH/dX; gV[t-1] = gH dH/dV;
     PLIF: this program's sum over its columns and t of gH dH/dk (V[t-1] rebuilt from H[t-1], S[t-1]).
@@ -143,7 +148,7 @@ def _neuron_backward_kernel(
         off -= N
         h = tl.load(h_ptr + off, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(spike_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        sg = _surrogate_grad(h - v_threshold, alpha, SURROGATE)
+        sg = _surrogate_grad(h - v_threshold, alpha, SURROGATE, USE_LIBDEVICE)
         gs = tl.load(grad_spike_ptr + off, mask=mask, other=0.0).to(tl.float32)
         gh = gs * sg + gv * _reset_dv_dh(h, s, sg, v_threshold, v_reset, SOFT_RESET, DETACH_RESET)
         tl.store(grad_x_ptr + off, (gh * dh_dx).to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -170,10 +175,10 @@ def forward(x_seq, v_init, decay, p: NeuronParams):
     x, v0, spike, v_last, h = forward_buffers(x_seq, v_init)
     T, N = x.shape
     k = decay.reshape(1).float()
-    _neuron_forward_kernel[(triton.cdiv(N, BLOCK),)](
+    _neuron_forward_kernel[grid(triton.cdiv(N, BLOCK))](
         x, k if v0 is None else v0, k, spike, v_last, h, T, N, p.v_threshold,
         p.reset_value, KIND=p.kind, SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, HAS_V_INIT=v0 is not None,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )
     return spike.view(x_seq.shape), v_last.view(x_seq.shape[1:]), h.view(x_seq.shape)
 
@@ -183,15 +188,15 @@ def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p:
     gs, gvl, h, s, x, v0, grad_x, grad_v_init = backward_buffers(grad_spike, grad_v_last, h_seq, spike_seq, x_seq,
                                                                  v_init, need_grad_decay)
     T, N = h.shape
-    grid = triton.cdiv(N, BLOCK)
-    partial = torch.zeros(grid, dtype=torch.float32, device=h.device)
+    programs = triton.cdiv(N, BLOCK)
+    partial = torch.zeros(programs, dtype=torch.float32, device=h.device)
     k = decay.reshape(1).float()  # also the (unread) address of an absent state
-    _neuron_backward_kernel[(grid,)](
+    _neuron_backward_kernel[grid(programs)](
         gs, k if gvl is None else gvl, h, s, x, k if v0 is None else v0, k,
         grad_x, k if v0 is None else grad_v_init, partial, T, N, p.v_threshold, p.reset_value, p.alpha, KIND=p.kind,
         SOFT_RESET=p.soft_reset, DECAY_INPUT=p.decay_input, DETACH_RESET=p.detach_reset, SURROGATE=p.surrogate,
-        NEED_GRAD_K=need_grad_decay, HAS_V_INIT=v0 is not None, HAS_GRAD_V_LAST=gvl is not None, BLOCK=BLOCK,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        NEED_GRAD_K=need_grad_decay, HAS_V_INIT=v0 is not None, HAS_GRAD_V_LAST=gvl is not None,
+        USE_LIBDEVICE=use_libdevice(), BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )
     grad_decay = partial.double().sum().to(decay.dtype).reshape(decay.shape)
     return grad_x.view(h_seq.shape), grad_v_init.view(v_init.shape), grad_decay
