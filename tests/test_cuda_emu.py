@@ -123,6 +123,7 @@ extern "C" __global__ void deadlock(int* out) {
   if (threadIdx.x == 0) __syncthreads();
   else out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
 }
+extern "C" __global__ void past_end(int* out) { out[threadIdx.x] = 1; }
 extern "C" __global__ void exited_lane(int* out) {
   if (threadIdx.x == 5) return;
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, (int)threadIdx.x, 1);
@@ -142,11 +143,14 @@ def test_emulation_runs_blocks_as_a_gpu():
     assert torch.equal(out.view(-1, 4), want.int())
 
 
-@pytest.mark.parametrize("kernel, match", [("deadlock", "deadlock in block"), ("exited_lane", "lane 5 has exited")])
-def test_emulation_reports_kernel_errors(kernel, match):
+@pytest.mark.parametrize("kernel, size, match", [("deadlock", 64, "deadlock in block"),
+                                                 ("exited_lane", 64, "lane 5 has exited"),
+                                                 ("past_end", 63, r"wrote after a \(63,\) torch.int32 argument")])
+def test_emulation_reports_kernel_errors(kernel, size, match):
+    """A deadlock, a shuffle naming an exited lane, a write past a tensor's end: errors."""
     lib = _cuda_emu.library("rules", _RULES)
     with pytest.raises(RuntimeError, match=match):
-        lib(kernel, 1, 64, (torch.zeros(64, dtype=torch.int32),))
+        lib(kernel, 1, 64, (torch.zeros(size, dtype=torch.int32),))
 
 
 def _conversions():

@@ -84,11 +84,45 @@ class EmulatedKernels:
         index, params = self.params[name]
         if len(args) != len(params):
             raise TypeError(f"{name}: {len(args)} arguments for {len(params)} parameters")
-        keep = [_marshal(name, i, kind, size, value) for i, ((kind, size), value) in enumerate(zip(params, args))]
+        guards = _Guards()
+        keep = [_marshal(name, i, kind, size, guards(value)) for i, ((kind, size), value) in enumerate(zip(params, args))]
         argv = (ctypes.c_void_p * max(len(keep), 1))(*[ctypes.addressof(b) for b in keep])
         error = self.lib.cbp_emu_launch(index, _dim3(grid), _dim3(block), shared, argv).decode()
+        error = error or guards.restore()
         if error:
             raise RuntimeError(f"{self.op}.{name} (host emulation): {error}")
+
+
+class _Guards:
+    """Each contiguous tensor argument runs in a copy with GUARD bytes on both sides (the words
+    0x7fc1a5a5: a float32 NaN, a large int), copied back after the launch: a write past either
+    end of the tensor is an error, a read there poisons the result. (Addresses inside a launch
+    table, as the constraint kernels', point at the tensors themselves.)"""
+
+    GUARD = 256
+    PATTERN = torch.tensor([0x7FC1A5A5], dtype=torch.int32).view(torch.uint8).repeat(GUARD // 4)
+
+    def __init__(self):
+        self.copies = {}  # (address, bytes) -> (tensor, guarded copy)
+
+    def __call__(self, value):
+        if not isinstance(value, torch.Tensor) or not value.is_contiguous() or value.numel() == 0:
+            return value
+        data = value.reshape(-1).view(torch.uint8)
+        key = (value.data_ptr(), data.numel())  # one copy for a tensor passed twice
+        if key not in self.copies:
+            buf = torch.cat([self.PATTERN, data, self.PATTERN])
+            self.copies[key] = (value, buf)
+        return self.copies[key][1][self.GUARD:-self.GUARD]
+
+    def restore(self) -> str:
+        error = ""
+        for (_, nbytes), (tensor, buf) in self.copies.items():
+            tensor.reshape(-1).view(torch.uint8).copy_(buf[self.GUARD:-self.GUARD])
+            for side, guard in (("before", buf[: self.GUARD]), ("after", buf[-self.GUARD:])):
+                if not error and not torch.equal(guard, self.PATTERN):
+                    error = f"wrote {side} a {tuple(tensor.shape)} {tensor.dtype} argument ({nbytes} bytes)"
+        return error
 
 
 def _dim3(v) -> ctypes.Array:

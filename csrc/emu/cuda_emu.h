@@ -7,7 +7,8 @@
 // Execution model, as on a GPU: the blocks of a launch run one after another; the threads of
 // a block run cooperatively, one fiber (ucontext) per CUDA thread, switching only at
 // __syncthreads and warp collectives (__shfl_*_sync, the mma.sync of mma_b1_and_popc), so
-// shared memory, barriers and shuffles behave as on a device:
+// shared memory, barriers and shuffles behave as on a device (between two sync points the
+// threads run in thread order, then in reverse order, alternately: a missing barrier shows):
 //   __syncthreads   waits until every thread of the block that has not exited is waiting;
 //   warp collective waits until every lane of its mask is waiting at a collective; a lane of
 //                   the mask that has exited (or does not exist) is an error of the kernel.
@@ -195,9 +196,10 @@ inline void run_block(Launch* L) {
     f.ctx.uc_link = &L->scheduler;
     makecontext(&f.ctx, fiber_main, 0);
   }
-  for (;;) {
+  for (bool reverse = false;; reverse = !reverse) {  // each pass the other way: no order is favoured
     bool ran = false;
-    for (int i = 0; i < L->threads; ++i) {
+    for (int j = 0; j < L->threads; ++j) {
+      const int i = reverse ? L->threads - 1 - j : j;
       if (L->fibers[i].state != State::Runnable) continue;
       L->current = &L->fibers[i];
       swapcontext(&L->scheduler, &L->fibers[i].ctx);
