@@ -23,7 +23,7 @@ import torch
 
 import cbp_kernels._C  # noqa: F401  (the CPU kernels, the bitwise oracle of the backward passes)
 from cbp_kernels.ops import _cuda_emu, _cupy
-from cbp_kernels.ops._cuda_source import csrc_root, cuda_source
+from cbp_kernels.ops._cuda_source import cuda_source
 from cbp_kernels.ops.bitconv import cupy as bitconv_cupy
 from cbp_kernels.ops.bitconv import reference as bitconv_ref
 from cbp_kernels.ops.bitconv.weight import pack_weight
@@ -378,13 +378,15 @@ def test_bitconv_kernels(conv, levels):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
-def test_bitconv_kernels_use_no_local_memory():
-    """ptxas -v for sm_80 and sm_90: no kernel of csrc/cuda/bitconv.cuh has a stack frame or
-    spills (the mma kernel's accumulators are registers: unrolled loops, constant indices)."""
-    done = subprocess.run(["nvcc", "-std=c++17", "--fmad=false", "-x", "cu", "-c", "-o", "/dev/null",
-                           f"-I{csrc_root()}", "-Xptxas", "-v", "-gencode", "arch=compute_80,code=sm_80",
-                           "-gencode", "arch=compute_90,code=sm_90", str(csrc_root() / "cuda" / "bitconv.cuh")],
-                          capture_output=True, text=True)
+def test_bitconv_kernels_use_no_local_memory(tmp_path):
+    """ptxas -v for sm_80 and sm_90 of the text the cupy backend compiles (no torch headers, no
+    include path): no kernel of csrc/cuda/bitconv.cuh has a stack frame or spills (the mma
+    kernel's accumulators are registers: unrolled loops, constant indices)."""
+    source = tmp_path / "bitconv.cu"
+    source.write_text(cuda_source("bitconv"))
+    done = subprocess.run(["nvcc", *_cupy.NVRTC_OPTIONS, "-c", "-o", str(tmp_path / "bitconv.o"), "-Xptxas", "-v",
+                           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+                           str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'\s*\n.*?\n\s*(\d+) bytes stack frame, "
                          r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
