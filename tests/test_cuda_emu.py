@@ -91,19 +91,6 @@ def test_host_build_compiles_the_source_cupy_hands_nvrtc(monkeypatch):
             assert hashlib.sha256(compiled.pop(name).encode()).hexdigest() == lib.source_sha256, (op, name)
 
 
-def test_marshalling_checks_the_kernel_parameter_types():
-    """Arguments are checked against the C++ parameters (as CuPy does not): count, kind, size."""
-    x = torch.zeros(4, 32, dtype=torch.uint8)
-    out = torch.zeros(4, 1, dtype=torch.int32)
-    good = (x, out, np.int64(4), np.int64(32), np.int64(1))
-    bitpack_cupy.launch("bitconv", "bitpack_u8_kernel", x.device, 1, 32, good)
-    for bad, match in [(good[:-1], "4 arguments for 5"), ((x, out, np.int32(4)) + good[3:], r"int32 \(i4\).*i8"),
-                       ((x, out, np.float64(4)) + good[3:], "f8.*i8"), ((np.int64(0),) + good[1:], "i8.*p8"),
-                       ((x, out, 4) + good[3:], "int is not")]:
-        with pytest.raises(TypeError, match=match):
-            _cuda_emu.launch("bitconv", "bitpack_u8_kernel", x.device, 1, 32, bad)
-
-
 # Kernels that exercise the emulation's rules (a GPU's): warp shuffles, shared memory across
 # warps, barriers; a deadlock and a shuffle with an exited lane are errors, not hangs.
 _RULES = r"""
@@ -113,17 +100,24 @@ extern "C" __global__ void shuffles(int* out) {
   const int down = __shfl_down_sync(0xffffffffu, (int)threadIdx.x, 3);
   const int xr = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 5);
   const int from = __shfl_sync(0xffffffffu, (int)threadIdx.x * 10, 31 - lane);
+  int solo = (int)threadIdx.x;  // lane 31 takes a collective of its own first
+  if (lane == 31) solo = __shfl_sync(0x80000000u, solo * 2, 31);
+  const int halves = lane < 16 ? __shfl_xor_sync(0x0000ffffu, solo, 1) : __shfl_xor_sync(0xffff0000u, solo, 2);
   if (lane == 0) per_warp[warp] = (int)blockIdx.x;
   __syncthreads();
   const int other = per_warp[(warp + 1) % (blockDim.x / 32)];
-  const int i = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
-  out[i] = down; out[i + 1] = xr; out[i + 2] = from; out[i + 3] = other;
+  const int i = 5 * (blockIdx.x * blockDim.x + threadIdx.x);
+  out[i] = down; out[i + 1] = xr; out[i + 2] = from; out[i + 3] = other; out[i + 4] = halves;
 }
 extern "C" __global__ void deadlock(int* out) {
   if (threadIdx.x == 0) __syncthreads();
   else out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
 }
 extern "C" __global__ void past_end(int* out) { out[threadIdx.x] = 1; }
+struct Pair { long long a, b; };
+extern "C" __global__ void params(int* out, long long n, float f, int k, Pair p) {
+  if (threadIdx.x < n) out[threadIdx.x] = (int)(f * k) + (int)(p.a * p.b);
+}
 extern "C" __global__ void exited_lane(int* out) {
   if (threadIdx.x == 5) return;
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, (int)threadIdx.x, 1);
@@ -132,15 +126,17 @@ extern "C" __global__ void exited_lane(int* out) {
 
 
 def test_emulation_runs_blocks_as_a_gpu():
-    """Shuffles read the named lane (their own value past the warp's end), shared memory
-    written by one warp is read by another after __syncthreads, blockIdx / blockDim are the launch's."""
+    """Shuffles read the named lane (their own value past the warp's end; two halves of a warp
+    with disjoint masks each among themselves, one lane after a collective of its own), shared memory written by one warp is read by
+    another after __syncthreads, blockIdx / blockDim are the launch's."""
     lib = _cuda_emu.library("rules", _RULES)
-    out = torch.full((2 * 96 * 4,), -1, dtype=torch.int32)
+    out = torch.full((2 * 96 * 5,), -1, dtype=torch.int32)
     lib("shuffles", 2, 96, (out,))
     t = torch.arange(2 * 96)
     tid, lane, block = t % 96, t % 32, t // 96
-    want = torch.stack([torch.where(lane + 3 < 32, tid + 3, tid), tid ^ 5, (tid - lane + 31 - lane) * 10, block], 1)
-    assert torch.equal(out.view(-1, 4), want.int())
+    want = torch.stack([torch.where(lane + 3 < 32, tid + 3, tid), tid ^ 5, (tid - lane + 31 - lane) * 10, block,
+                        torch.where(lane < 16, tid ^ 1, torch.where(lane == 29, 2 * (tid ^ 2), tid ^ 2))], 1)
+    assert torch.equal(out.view(-1, 5), want.int())
 
 
 @pytest.mark.parametrize("kernel, size, match", [("deadlock", 64, "deadlock in block"),
@@ -153,8 +149,26 @@ def test_emulation_reports_kernel_errors(kernel, size, match):
         lib(kernel, 1, 64, (torch.zeros(size, dtype=torch.int32),))
 
 
+def test_marshalling_checks_the_kernel_parameter_types():
+    """Arguments are checked against the C++ parameters (as CuPy does not): count, kind, size;
+    a NumPy structured scalar passes a struct by value, numpy.uint64(0) a null pointer."""
+    lib = _cuda_emu.library("rules", _RULES)
+    out = torch.zeros(8, dtype=torch.int32)
+    pair = np.array((3, 5), dtype=[("a", np.int64), ("b", np.int64)])[()]
+    good = (out, np.int64(8), np.float32(2.5), np.int32(4), pair)
+    lib("params", 1, 32, good)
+    assert torch.equal(out, torch.full((8,), 10 + 15, dtype=torch.int32))
+    for bad, match in [(good[:-1], "4 arguments for 5"), ((out, np.int32(8)) + good[2:], r"int32 \(i4\).*i8"),
+                       ((out, np.int64(8), np.float64(2.5)) + good[3:], "f8.*f4"), ((np.int64(0),) + good[1:], "i8.*p8"),
+                       ((out, 8) + good[2:], "int is not"), (good[:-1] + (np.int64(3),), "i8.*s16")]:
+        with pytest.raises(TypeError, match=match):
+            lib("params", 1, 32, bad)
+    with pytest.raises(TypeError, match="null pointer, the parameter is i8"):
+        lib("params", 1, 32, (out, None) + good[2:])
+
+
 def _conversions():
-    lib = _cuda_emu.kernels("bitconv").lib
+    lib = _cuda_emu.library("rules", _RULES).lib
     for name in ("cbp_emu_f32_to_f16", "cbp_emu_f16_to_f32", "cbp_emu_f32_to_bf16", "cbp_emu_bf16_to_f32"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     return lib

@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -65,16 +66,14 @@ enum class State { Runnable, AtBarrier, AtWarp, Done };
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  char* stack;
   uint3 tid;
   int linear;
   State state;
-  unsigned mask;   // the warp collective's mask while AtWarp
-  unsigned round;  // warp collectives taken so far (payload double buffering)
-};
-
-struct Warp {
-  unsigned char payload[2][kWarp][kPayload];
+  unsigned mask;                                // the warp collective's mask while AtWarp
+  unsigned char outbox[kPayload];               // what this lane posts to it
+  const unsigned char (*inbox)[kPayload];       // what the lanes posted, once released
+  unsigned char snapshot[kWarp][kPayload];      // the posts of a group whose lowest lane this is
 };
 
 // The launch in progress (one at a time per OS thread).
@@ -82,7 +81,6 @@ struct Launch {
   uint3 grid, block, block_idx;
   int threads;
   std::vector<Fiber> fibers;
-  std::vector<Warp> warps;
   std::vector<unsigned char> dynamic;
   ucontext_t scheduler;
   Fiber* current;
@@ -106,15 +104,13 @@ inline void yield(State s) {
 
 inline void syncthreads() { yield(State::AtBarrier); }
 
-// Posts this lane's payload, waits for the warp (mask), returns the round's buffer of the warp.
-inline unsigned char (*warp_exchange(unsigned mask, const void* value, size_t bytes))[kPayload] {
+// Posts this lane's payload, waits for the lanes of mask, returns what each of them posted.
+inline const unsigned char (*warp_exchange(unsigned mask, const void* value, size_t bytes))[kPayload] {
   Fiber* f = g_launch->current;
-  Warp& w = g_launch->warps[f->linear / kWarp];
-  const unsigned parity = f->round++ & 1u;
-  memcpy(w.payload[parity][f->linear % kWarp], value, bytes);
+  memcpy(f->outbox, value, bytes);
   f->mask = mask;
   yield(State::AtWarp);
-  return w.payload[parity];
+  return f->inbox;
 }
 
 inline int lane_id() { return g_launch->current->linear % kWarp; }
@@ -136,33 +132,41 @@ inline void fiber_main() {
   L->current->state = State::Done;
 }
 
+// Releases each group of lanes waiting at a warp collective whose mask they all reached with
+// that mask (a warp may hold several groups with disjoint masks, as independent thread
+// scheduling allows); the group's posts are copied to its lowest lane's snapshot, which every
+// member reads when it resumes (all released lanes run before the next release).
 inline bool release_warps() {
   Launch* L = g_launch;
   bool released = false;
   for (int w = 0; w * kWarp < L->threads; ++w) {
     const int first = w * kWarp, n = std::min(kWarp, L->threads - first);
-    unsigned mask = 0;
-    bool any = false;
-    for (int l = 0; l < n; ++l)
-      if (L->fibers[first + l].state == State::AtWarp) mask = L->fibers[first + l].mask, any = true;
-    if (!any) continue;
-    bool ready = true;
-    for (int l = 0; l < kWarp; ++l) {
-      if (!((mask >> l) & 1u)) continue;
-      if (l >= n || L->fibers[first + l].state == State::Done) {
-        char hex[16];
-        snprintf(hex, sizeof hex, "%08x", mask);
-        fail("warp collective with mask 0x" + std::string(hex) + " in warp " + std::to_string(w) + ": lane " +
-             std::to_string(l) + (l >= n ? " does not exist" : " has exited"));
-        ready = true;  // release anyway (each lane keeps its own value) so the launch ends
-        break;
+    for (int l0 = 0; l0 < n; ++l0) {
+      if (L->fibers[first + l0].state != State::AtWarp) continue;
+      const unsigned mask = L->fibers[first + l0].mask;
+      bool ready = true;
+      for (int l = 0; l < kWarp && ready; ++l) {
+        if (!((mask >> l) & 1u)) continue;
+        if (l >= n || L->fibers[first + l].state == State::Done) {
+          char hex[16];
+          snprintf(hex, sizeof hex, "%08x", mask);
+          fail("warp collective with mask 0x" + std::string(hex) + " in warp " + std::to_string(w) + ": lane " +
+               std::to_string(l) + (l >= n ? " does not exist" : " has exited"));
+          break;  // released anyway (each lane keeps its own value), so that the launch ends
+        }
+        ready = L->fibers[first + l].state == State::AtWarp && L->fibers[first + l].mask == mask;
       }
-      if (L->fibers[first + l].state != State::AtWarp) ready = false;
+      if (!ready) continue;
+      Fiber& owner = L->fibers[first + l0];
+      for (int l = 0; l < n; ++l) {
+        Fiber& f = L->fibers[first + l];
+        if (f.state != State::AtWarp || (f.mask != mask && l != l0)) continue;
+        memcpy(owner.snapshot[l], f.outbox, kPayload);
+        f.inbox = owner.snapshot;
+        f.state = State::Runnable;
+      }
+      released = true;
     }
-    if (!ready) continue;
-    for (int l = 0; l < n; ++l)
-      if (L->fibers[first + l].state == State::AtWarp) L->fibers[first + l].state = State::Runnable;
-    released = true;
   }
   return released;
 }
@@ -189,10 +193,9 @@ inline void run_block(Launch* L) {
              static_cast<unsigned>(i / (L->block.x * L->block.y))};
     f.linear = i;
     f.state = State::Runnable;
-    f.round = 0;
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &L->scheduler;
     makecontext(&f.ctx, fiber_main, 0);
   }
@@ -233,8 +236,10 @@ inline std::string launch(void (*body)(void* const*), void* const* args, uint3 g
   if (shared > 227 * 1024) return "dynamic shared memory of " + std::to_string(shared) + " bytes";
   L.threads = static_cast<int>(threads);
   L.fibers.resize(L.threads);
-  for (Fiber& f : L.fibers) f.stack.resize(kStackBytes);
-  L.warps.resize((L.threads + kWarp - 1) / kWarp);
+  // Fiber stacks, kept for later launches on this OS thread; not zeroed: untouched pages cost nothing.
+  static thread_local std::vector<std::unique_ptr<char[]>> stacks;
+  while (stacks.size() < L.fibers.size()) stacks.emplace_back(new char[kStackBytes]);
+  for (size_t i = 0; i < L.fibers.size(); ++i) L.fibers[i].stack = stacks[i].get();
   L.dynamic.resize(shared);
   L.body = body;
   L.args = args;
