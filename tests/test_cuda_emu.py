@@ -81,7 +81,8 @@ def test_host_build_compiles_the_source_cupy_hands_nvrtc(monkeypatch):
         __enter__ = lambda self: self
         __exit__ = lambda self, *exc: None
 
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule, cuda=types.SimpleNamespace(Device=Device)))
+    fake = types.SimpleNamespace(RawModule=RawModule, cuda=types.SimpleNamespace(Device=Device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(_cupy, "_nvrtc_options", lambda: _cupy.NVRTC_OPTIONS)
     for op in OPS:
         lib = _cuda_emu.kernels(op)
@@ -109,6 +110,16 @@ extern "C" __global__ void shuffles(int* out) {
   const int i = 5 * (blockIdx.x * blockDim.x + threadIdx.x);
   out[i] = down; out[i + 1] = xr; out[i + 2] = from; out[i + 3] = other; out[i + 4] = halves;
 }
+extern "C" __global__ void votes(int* out) {
+  const int lane = threadIdx.x % 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, lane % 3 == 0);
+  const int any = __any_sync(0xffffffffu, lane == 7), all = __all_sync(0xffffffffu, lane < 31);
+  __syncwarp();
+  const int up = __shfl_up_sync(0xffffffffu, lane, 2);
+  const int i = 5 * threadIdx.x;
+  out[i] = (int)ballot; out[i + 1] = any; out[i + 2] = all; out[i + 3] = up;
+  out[i + 4] = __float_as_int(__fdiv_rn(1.0f, (float)(lane + 3)));
+}
 extern "C" __global__ void deadlock(int* out) {
   if (threadIdx.x == 0) __syncthreads();
   else out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
@@ -127,8 +138,9 @@ extern "C" __global__ void exited_lane(int* out) {
 
 def test_emulation_runs_blocks_as_a_gpu():
     """Shuffles read the named lane (their own value past the warp's end; two halves of a warp
-    with disjoint masks each among themselves, one lane after a collective of its own), shared memory written by one warp is read by
-    another after __syncthreads, blockIdx / blockDim are the launch's."""
+    with disjoint masks each among themselves, one lane after a collective of its own), shared
+    memory written by one warp is read by another after __syncthreads, blockIdx / blockDim are
+    the launch's."""
     lib = _cuda_emu.library("rules", _RULES)
     out = torch.full((2 * 96 * 5,), -1, dtype=torch.int32)
     lib("shuffles", 2, 96, (out,))
@@ -136,6 +148,18 @@ def test_emulation_runs_blocks_as_a_gpu():
     tid, lane, block = t % 96, t % 32, t // 96
     want = torch.stack([torch.where(lane + 3 < 32, tid + 3, tid), tid ^ 5, (tid - lane + 31 - lane) * 10, block,
                         torch.where(lane < 16, tid ^ 1, torch.where(lane == 29, 2 * (tid ^ 2), tid ^ 2))], 1)
+    assert torch.equal(out.view(-1, 5), want.int())
+
+
+def test_emulation_votes_and_intrinsics():
+    """__ballot_sync / __any_sync / __all_sync / __syncwarp / __shfl_up_sync and __fdiv_rn."""
+    out = torch.zeros(64 * 5, dtype=torch.int32)
+    _cuda_emu.library("rules", _RULES)("votes", 1, 64, (out,))
+    lane = torch.arange(64) % 32
+    ballot = int(sum(1 << l for l in range(0, 32, 3)))
+    ones = torch.ones(64, dtype=torch.int64)
+    want = torch.stack([ones * (ballot - (1 << 32) if ballot >= 1 << 31 else ballot), ones, ones * 0,
+                        torch.where(lane >= 2, lane - 2, lane), (1.0 / (lane + 3).float()).view(torch.int32).long()], 1)
     assert torch.equal(out.view(-1, 5), want.int())
 
 
@@ -159,7 +183,8 @@ def test_marshalling_checks_the_kernel_parameter_types():
     lib("params", 1, 32, good)
     assert torch.equal(out, torch.full((8,), 10 + 15, dtype=torch.int32))
     for bad, match in [(good[:-1], "4 arguments for 5"), ((out, np.int32(8)) + good[2:], r"int32 \(i4\).*i8"),
-                       ((out, np.int64(8), np.float64(2.5)) + good[3:], "f8.*f4"), ((np.int64(0),) + good[1:], "i8.*p8"),
+                       ((out, np.int64(8), np.float64(2.5)) + good[3:], "f8.*f4"),
+                       ((np.int64(0),) + good[1:], "i8.*p8"),
                        ((out, 8) + good[2:], "int is not"), (good[:-1] + (np.int64(3),), "i8.*s16")]:
         with pytest.raises(TypeError, match=match):
             lib("params", 1, 32, bad)
@@ -188,9 +213,10 @@ def test_storage_conversions_round_to_nearest_even_as_torch(dtype):
     assert torch.equal(decoded[~expect.isnan()].view(torch.int32), expect[~expect.isnan()].view(torch.int32))
     finite = expect[expect.isfinite()].double().unique()
     mids = ((finite[1:] + finite[:-1]) / 2).float()
-    x = torch.cat([mids, torch.nextafter(mids, torch.full_like(mids, 1e30)), torch.nextafter(mids, torch.full_like(mids, -1e30)),
+    up, down = torch.full_like(mids, 1e30), torch.full_like(mids, -1e30)
+    x = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down),
                    torch.randn(20000) * torch.logspace(-40, 38, 20000),
-                   torch.tensor([65504.0, 65519.0, 65520.0, 1e6, -1e-30, 3e38, float("inf"), float("-inf"), float("nan")])])
+                   torch.tensor([65504.0, 65519.0, 65520.0, 1e6, -1e-30, 3e38, *map(float, ("inf", "-inf", "nan"))])])
     bits = torch.empty(x.numel(), dtype=torch.int16)
     getattr(lib, f"cbp_emu_f32_to_{tag}")(x.data_ptr(), bits.data_ptr(), x.numel())
     expect = x.to(dtype)
@@ -319,7 +345,8 @@ def test_sigmoid_quant_kernels(dtype):
     args = (w, alpha, beta, gaps, mids, offset, temperature)
     assert_close(sigmoid_cupy.forward(*args), sigmoid_ref.forward(*args), atol, rtol, "y")
     gy = torch.randn(w.shape).to(dtype)
-    for got, want, name in zip(sigmoid_cupy.backward(gy, *args), sigmoid_ref.backward(gy, *args), ("w", "alpha", "beta")):
+    grads = zip(sigmoid_cupy.backward(gy, *args), sigmoid_ref.backward(gy, *args), ("w", "alpha", "beta"))
+    for got, want, name in grads:
         assert_close(got.reshape(want.shape), want, atol * 10 if name != "w" else atol, rtol, f"grad_{name}")
 
 
@@ -404,7 +431,7 @@ def test_bitconv_kernels_use_no_local_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     reports = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'\s*\n.*?\n\s*(\d+) bytes stack frame, "
                          r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
-    assert {(name, arch) for name, arch, *_ in reports} >= {("bitconv_mma_kernel", "sm_80"), ("bitconv_mma_kernel", "sm_90")}
+    assert {(name, arch) for name, arch, *_ in reports} >= {("bitconv_mma_kernel", f"sm_{a}") for a in (80, 90)}
     assert len({name for name, *_ in reports}) == len(_cuda_emu.kernels("bitconv").params)
     local = [r for r in reports if r[2:] != ("0", "0", "0")]
     assert not local, f"local memory (kernel, arch, stack, spill stores, spill loads): {local}"

@@ -85,7 +85,8 @@ class EmulatedKernels:
         if len(args) != len(params):
             raise TypeError(f"{name}: {len(args)} arguments for {len(params)} parameters")
         guards = _Guards()
-        keep = [_marshal(name, i, kind, size, guards(value)) for i, ((kind, size), value) in enumerate(zip(params, args))]
+        keep = [_marshal(name, i, kind, size, guards(value))
+                for i, ((kind, size), value) in enumerate(zip(params, args))]
         argv = (ctypes.c_void_p * max(len(keep), 1))(*[ctypes.addressof(b) for b in keep])
         error = self.lib.cbp_emu_launch(index, _dim3(grid), _dim3(block), shared, argv).decode()
         error = error or guards.restore()
@@ -135,7 +136,8 @@ def _marshal(name: str, i: int, kind: str, size: int, value) -> ctypes.Array:
     where = f"{name}: argument {i}"
     if value is None or isinstance(value, torch.Tensor):
         if kind != "p":
-            raise TypeError(f"{where} is a {'null pointer' if value is None else 'tensor'}, the parameter is {kind}{size}")
+            what = "null pointer" if value is None else "tensor"
+            raise TypeError(f"{where} is a {what}, the parameter is {kind}{size}")
         if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             raise TypeError(f"{where}: the host emulation takes CPU tensors, got {value.device}")
         data = numpy.uint64(0 if value is None else value.data_ptr()).tobytes()

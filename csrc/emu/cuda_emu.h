@@ -47,6 +47,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __noinline__ __attribute__((noinline))
+#define __align__(n) __attribute__((aligned(n)))
+#define __constant__
 #define __shared__ static
 #define CBP_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::cbp_emu::dynamic_shared())
 
@@ -356,14 +359,96 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   const int lane = ::cbp_emu::lane_id(), src = lane ^ lane_mask;
   return ::cbp_emu::shfl_from(mask, v, (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : lane);
 }
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = ::cbp_emu::lane_id(), in = (lane & (width - 1)) - static_cast<int>(delta);
+  return ::cbp_emu::shfl_from(mask, v, in >= 0 ? lane - static_cast<int>(delta) : lane);
+}
+// Bit l of the ballot: lane l's predicate (lanes of mask).
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  const int mine = predicate != 0;
+  auto posts = ::cbp_emu::warp_exchange(mask, &mine, sizeof mine);
+  unsigned bits = 0;
+  for (int l = 0; l < ::cbp_emu::kWarp; ++l) {
+    int p;
+    memcpy(&p, posts[l], sizeof p);
+    if (((mask >> l) & 1u) && p) bits |= 1u << l;
+  }
+  return bits;
+}
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { __ballot_sync(mask, 0); }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+constexpr int warpSize = 32;
+using std::max;
+using std::min;
+
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
-// Blocks run one at a time and a block's threads only switch at barriers: plain adds are atomic.
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline unsigned __brev(unsigned v) {
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i) r |= ((v >> i) & 1u) << (31 - i);
+  return r;
+}
+// Correctly rounded float32 operations: the host's IEEE arithmetic (-ffp-contract=off).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+// Approximate on the device (a few ulp): the host's libm here, so not bitwise the device's.
+inline float __expf(float a) { return expf(a); }
+inline float __logf(float a) { return logf(a); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
+inline float __saturatef(float a) { return a != a ? 0.0f : a < 0.0f ? 0.0f : a > 1.0f ? 1.0f : a; }
+inline unsigned __float_as_uint(float a) { return __builtin_bit_cast(unsigned, a); }
+inline int __float_as_int(float a) { return __builtin_bit_cast(int, a); }
+inline float __uint_as_float(unsigned a) { return __builtin_bit_cast(float, a); }
+inline float __int_as_float(int a) { return __builtin_bit_cast(float, a); }
+inline long long __double_as_longlong(double a) { return __builtin_bit_cast(long long, a); }
+inline double __longlong_as_double(long long a) { return __builtin_bit_cast(double, a); }
+// Blocks run one at a time and a block's threads only switch at barriers: plain updates are
+// atomic. Each returns the old value.
+namespace cbp_emu {
+template <typename T, typename F>
+T atomic_update(T* p, F f) {
+  const T old = *p;
+  *p = f(old);
+  return old;
+}
+}  // namespace cbp_emu
 template <typename T>
 T atomicAdd(T* p, T v) {
-  const T old = *p;
-  *p = old + v;
-  return old;
+  return ::cbp_emu::atomic_update(p, [v](T old) { return old + v; });
+}
+template <typename T>
+T atomicMax(T* p, T v) {
+  return ::cbp_emu::atomic_update(p, [v](T old) { return old < v ? v : old; });
+}
+template <typename T>
+T atomicMin(T* p, T v) {
+  return ::cbp_emu::atomic_update(p, [v](T old) { return v < old ? v : old; });
+}
+template <typename T>
+T atomicExch(T* p, T v) {
+  return ::cbp_emu::atomic_update(p, [v](T) { return v; });
+}
+template <typename T>
+T atomicCAS(T* p, T compare, T v) {
+  return ::cbp_emu::atomic_update(p, [compare, v](T old) { return old == compare ? v : old; });
 }
 
 struct __half {
@@ -373,6 +458,8 @@ struct __nv_bfloat16 {
   uint16_t bits;
 };
 inline float __half2float(__half h) { return ::cbp_emu::f16_bits_to_f32(h.bits); }
+inline __half __float2half(float f) { return {::cbp_emu::f32_to_f16_bits(f)}; }
+inline __nv_bfloat16 __float2bfloat16(float f) { return {::cbp_emu::f32_to_bf16_bits(f)}; }
 inline __half __float2half_rn(float f) { return {::cbp_emu::f32_to_f16_bits(f)}; }
 inline float __bfloat162float(__nv_bfloat16 b) { return ::cbp_emu::bf16_bits_to_f32(b.bits); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {::cbp_emu::f32_to_bf16_bits(f)}; }
