@@ -364,7 +364,7 @@ def test_bitpack_kernels(rows, size):
 
 
 CONVS = [  # N, C, H, W, O, K, stride, padding, dilation, groups
-    (2, 3, 5, 7, 5, 3, (1, 1), (1, 1), (1, 1), 1),
+    (4, 3, 5, 7, 5, 3, (1, 1), (1, 1), (1, 1), 1),       # fused epilogue: T = 2 steps of 2 images
     (1, 70, 6, 5, 41, 3, (2, 1), (0, 2), (1, 1), 1),      # K = 9 * 3 words: not a multiple of 8
     (3, 64, 7, 7, 34, 3, (1, 2), (2, 1), (2, 1), 2),      # groups, dilation; Og = 17
     (1, 33, 9, 4, 40, 1, (1, 1), (0, 0), (1, 1), 1),      # 1x1; O = 40 over two channel tiles
@@ -409,7 +409,7 @@ def test_bitconv_kernels(conv, levels):
     assert torch.equal(_mma(x, planes, 0.37, None, stride, padding, dilation, groups),
                        bitconv_ref.conv2d(x, planes, 0.37, None, stride, padding, dilation, groups))
     if groups == 1 or (O // groups) % 32 == 0:
-        T = N if N > 1 else 1
+        T = 2 if N % 2 == 0 else N
         for soft, kind in [(False, NEURONS["lif"]), (True, NEURONS["if"])]:
             p = NeuronParams(v_threshold=0.8, v_reset=None if soft else 0.0, kind=kind, decay_input=not soft)
             mul, add = torch.rand(O) * 0.2, torch.randn(O) * 0.3

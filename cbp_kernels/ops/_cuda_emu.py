@@ -8,9 +8,9 @@ checkout's csrc/emu (not shipped in a wheel).
 The library of an op is built from exactly ``cuda_source(op)`` (its SHA-256 is compiled in:
 ``kernels(op).source_sha256``), once per content: the build directory is named by a hash of
 the source, the emulation headers and the compiler command, under ``$CBP_KERNELS_EMU_CACHE``
-(default ``~/.cache/cbp_kernels/cuda_emu``). Its extern "C" kernels are found in the
-preprocessed text (``__global__`` expands to a marker attribute there) and listed in a
-generated table; each call passes the addresses of its argument values, as cudaLaunchKernel,
+(default ``~/.cache/cbp_kernels/cuda_emu``, or the temp dir where that is not writable). Its
+extern "C" kernels are found in the preprocessed text (``__global__`` expands to a marker
+attribute there) and listed in a generated table; each call passes the addresses of its argument values, as cudaLaunchKernel,
 and the C++ parameter types, recovered from each kernel's type, are checked against the
 arguments (a tensor or None for a pointer, a NumPy scalar of the parameter's kind and size
 otherwise, a NumPy structured scalar of the struct's size), so no kernel signature is
@@ -44,7 +44,15 @@ def _cxx() -> str:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("CBP_KERNELS_EMU_CACHE", Path.home() / ".cache" / "cbp_kernels" / "cuda_emu"))
+    """$CBP_KERNELS_EMU_CACHE, else ~/.cache/cbp_kernels/cuda_emu, else (not writable) one under the temp dir."""
+    if "CBP_KERNELS_EMU_CACHE" in os.environ:
+        return Path(os.environ["CBP_KERNELS_EMU_CACHE"])
+    home = Path.home() / ".cache" / "cbp_kernels" / "cuda_emu"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home if os.access(home, os.W_OK) else Path(tempfile.gettempdir()) / "cbp_kernels_cuda_emu"
+    except OSError:
+        return Path(tempfile.gettempdir()) / "cbp_kernels_cuda_emu"
 
 
 def _compile_args(emu: Path, build: Path) -> list[str]:
