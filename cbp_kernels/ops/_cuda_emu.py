@@ -10,11 +10,12 @@ The library of an op is built from exactly ``cuda_source(op)`` (its SHA-256 is c
 the source, the emulation headers and the compiler command, under ``$CBP_KERNELS_EMU_CACHE``
 (default ``~/.cache/cbp_kernels/cuda_emu``, or the temp dir where that is not writable). Its
 extern "C" kernels are found in the preprocessed text (``__global__`` expands to a marker
-attribute there) and listed in a generated table; each call passes the addresses of its argument values, as cudaLaunchKernel,
-and the C++ parameter types, recovered from each kernel's type, are checked against the
-arguments (a tensor or None for a pointer, a NumPy scalar of the parameter's kind and size
-otherwise, a NumPy structured scalar of the struct's size), so no kernel signature is
-written here and a marshalling mistake is an error instead of garbage.
+attribute there) and listed in a generated table; each call passes the addresses of its
+argument values, as cudaLaunchKernel, and the C++ parameter types, recovered from each
+kernel's type, are checked against the arguments (a tensor or None for a pointer, a NumPy
+scalar of the parameter's kind and size otherwise, a NumPy structured scalar of the struct's
+size), so no kernel signature is written here and a marshalling mistake is an error instead
+of garbage.
 """
 from __future__ import annotations
 
