@@ -2,11 +2,16 @@
 // function body serves nvcc, NVRTC (the CuPy backends) and the host compiler.
 // CBP_UNROLL: unroll the next loop fully on the device (a constant trip count keeps its
 // arrays in registers); nothing for the host compiler.
+// CBP_DYNAMIC_SHARED(type, name): declares `name`, the block's dynamic shared memory as a
+// `type` array (the host emulation, csrc/emu/cuda_emu.h, defines its own).
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define CBP_HD __host__ __device__ __forceinline__
 #define CBP_UNROLL _Pragma("unroll")
+#ifndef CBP_DYNAMIC_SHARED
+#define CBP_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 #else
 #include <cmath>
 #define CBP_HD inline

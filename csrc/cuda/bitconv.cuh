@@ -61,6 +61,33 @@ extern "C" __global__ void bitconv_popc_kernel(const uint32_t* __restrict__ x, c
   out[i] = cbp::bitconv_epilogue(c, scale, bias ? bias[o] : 0.0f);
 }
 
+namespace cbp {
+
+#if !defined(CBP_HOST_EMULATION)  // the host emulation (csrc/emu/cuda_emu.h) follows the PTX fragment tables
+// d += A x B with AND+POPC products: mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc,
+// one warp (every lane calls it), the fragments of the layout described at bitconv_mma_kernel.
+__device__ __forceinline__ void mma_b1_and_popc(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+#endif
+
+// The B fragment of plane `plane` for channel row `row` (0 past Og) at K step k0: words k0 + t, k0 + t + 4.
+__device__ __forceinline__ void bitconv_mma_b(const uint32_t* __restrict__ planes, int64_t plane_stride, int plane,
+                                              int64_t row, bool ovalid, int64_t K, int64_t k0, int tig,
+                                              uint32_t (&b)[2]) {
+  const uint32_t* wr = planes + plane * plane_stride + row;
+  b[0] = (ovalid && k0 + tig < K) ? wr[k0 + tig] : 0u;
+  b[1] = (ovalid && k0 + tig + 4 < K) ? wr[k0 + tig + 4] : 0u;
+}
+
+}  // namespace cbp
+
 // Tensor-core path (sm_80+): implicit GEMM with mma.sync.m16n8k256 .b1 AND+POPC, D += popc(A & B):
 // M = output pixels, N = output channels of a group, K = the flattened (tap, word) bits.
 // A warp computes 16 pixels x (8 * kMmaNTiles) channels; per K step of 8 words each lane
@@ -69,6 +96,8 @@ extern "C" __global__ void bitconv_popc_kernel(const uint32_t* __restrict__ x, c
 //   b0 = Wt[channel g][word t], b1 = Wt[channel g][word t+4];
 //   d0, d1 = D[pixel g][channels 2t, 2t+1], d2, d3 = D[pixel g+8][channels 2t, 2t+1].
 // Binary also sums popc(x) of each pixel's words (over its 4 lanes, by shuffles).
+// Every loop over tiles, halves and registers is unrolled, so the accumulators dp / dn stay in
+// registers (no stack frame, no spill: tests/test_cuda_emu.py checks ptxas -v for sm_80 / sm_90).
 // Grid: x = pixel tiles of 16 * warps per block, y = groups * channel tiles; block = 32 * warps.
 #define CBP_MMA_NTILES 4
 extern "C" __global__ void bitconv_mma_kernel(const uint32_t* __restrict__ x, const uint32_t* __restrict__ planes,
@@ -83,11 +112,13 @@ extern "C" __global__ void bitconv_mma_kernel(const uint32_t* __restrict__ x, co
   const int64_t o0 = (blockIdx.y % tiles_per_group) * 8 * CBP_MMA_NTILES;  // within the group
   const int64_t P = g.N * g.OH * g.OW;
   const int64_t pix0 = (static_cast<int64_t>(blockIdx.x) * warps + warp) * 16;
-  if (pix0 >= P) return;
+  if (pix0 >= P) return;  // the whole warp: pix0 is the same in its lanes
   const int64_t K = g.KH * g.KW * g.words_per_group;
+  const bool ternary = g.planes == 2;
   // The two pixels this lane loads A words for.
   int64_t pn[2], poh[2], pow_[2];
   bool pvalid[2];
+  CBP_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int64_t pix = pix0 + gid + 8 * h;
     pvalid[h] = pix < P;
@@ -100,40 +131,42 @@ extern "C" __global__ void bitconv_mma_kernel(const uint32_t* __restrict__ x, co
   int32_t xcount[2] = {0, 0};
   for (int64_t k0 = 0; k0 < K; k0 += 8) {
     uint32_t a[4];
+    CBP_UNROLL
     for (int h = 0; h < 2; ++h) {
       a[h] = pvalid[h] ? cbp::bitconv_x_word(x, g, pn[h], poh[h], pow_[h], grp, k0 + tig) : 0u;
       a[h + 2] = pvalid[h] ? cbp::bitconv_x_word(x, g, pn[h], poh[h], pow_[h], grp, k0 + tig + 4) : 0u;
       xcount[h] += __popc(a[h]) + __popc(a[h + 2]);
     }
+    CBP_UNROLL
     for (int nt = 0; nt < CBP_MMA_NTILES; ++nt) {
       const int64_t ol = o0 + nt * 8 + gid;
       const bool ovalid = ol < Og;
       const int64_t row = (grp * Og + (ovalid ? ol : 0)) * K;
-      for (int pl = 0; pl < g.planes; ++pl) {
-        const uint32_t* wr = planes + pl * O * K + row;
-        const uint32_t b0 = (ovalid && k0 + tig < K) ? wr[k0 + tig] : 0u;
-        const uint32_t b1 = (ovalid && k0 + tig + 4 < K) ? wr[k0 + tig + 4] : 0u;
-        int32_t* d = pl == 0 ? dp[nt] : dn[nt];
-        asm volatile(
-            "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      uint32_t b[2];
+      cbp::bitconv_mma_b(planes, O * K, 0, row, ovalid, K, k0, tig, b);
+      cbp::mma_b1_and_popc(dp[nt], a, b);
+      if (ternary) {  // the same in every lane
+        cbp::bitconv_mma_b(planes, O * K, 1, row, ovalid, K, k0, tig, b);
+        cbp::mma_b1_and_popc(dn[nt], a, b);
       }
     }
   }
+  CBP_UNROLL
   for (int h = 0; h < 2; ++h) {  // popc(x) of the pixel: sum over the group's 4 lanes
     xcount[h] += __shfl_xor_sync(0xffffffffu, xcount[h], 1);
     xcount[h] += __shfl_xor_sync(0xffffffffu, xcount[h], 2);
   }
+  CBP_UNROLL
   for (int nt = 0; nt < CBP_MMA_NTILES; ++nt) {
+    CBP_UNROLL
     for (int r = 0; r < 4; ++r) {
       const int h = r / 2;
       const int64_t pix = pix0 + gid + 8 * h, ol = o0 + nt * 8 + 2 * tig + (r % 2);
-      if (pix >= P || ol >= Og) continue;
-      const int32_t c = g.planes == 2 ? dp[nt][r] - dn[nt][r] : 2 * dp[nt][r] - xcount[h];
-      const int64_t o = grp * Og + ol;
-      out[pix * O + o] = cbp::bitconv_epilogue(c, scale, bias ? bias[o] : 0.0f);
+      if (pix < P && ol < Og) {
+        const int32_t c = ternary ? dp[nt][r] - dn[nt][r] : 2 * dp[nt][r] - xcount[h];
+        const int64_t o = grp * Og + ol;
+        out[pix * O + o] = cbp::bitconv_epilogue(c, scale, bias ? bias[o] : 0.0f);
+      }
     }
   }
 #endif

@@ -41,7 +41,7 @@ constexpr long long kConstraintChunk = 4096;
 
 // Copies the table row (4*k floats) into shared memory; every thread reads it per weight.
 __device__ __forceinline__ const float* constraint_shared_row(const float* __restrict__ row, int k) {
-  extern __shared__ float shared_row[];
+  CBP_DYNAMIC_SHARED(float, shared_row);
   for (int i = threadIdx.x; i < kConstraintRows * k; i += blockDim.x) shared_row[i] = row[i];
   __syncthreads();
   return shared_row;

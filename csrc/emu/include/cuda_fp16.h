@@ -1,0 +1,2 @@
+// Stand-in for <cuda_fp16.h> in the host emulation: __half / __nv_bfloat16 live in csrc/emu/cuda_emu.h.
+#pragma once
