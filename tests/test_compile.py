@@ -38,7 +38,13 @@ def _sew_resnet18():
     return models.sew_resnet18(num_classes=5, T=2), torch.rand(2, 2, 3, 16, 16)
 
 
-@pytest.mark.parametrize("build", [_lifconv_stack, _sew_resnet18], ids=["lifconv-stack", "sew-resnet18"])
+def _digits_net():
+    torch.manual_seed(0)
+    return models.DigitsNet(), torch.rand(2, 3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("build", [_lifconv_stack, _sew_resnet18, _digits_net],
+                         ids=["lifconv-stack", "sew-resnet18", "digits-net"])
 def test_compile_fullgraph_matches_eager(build):
     torch._dynamo.reset()
     eager, x = build()
