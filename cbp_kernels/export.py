@@ -2,7 +2,8 @@
 weights are binary / ternary, integer codes otherwise.
 
 ``save_packed(model, path, layers=..., arch=...)`` stores, for every quantized layer
-``name`` (its weight on ``scale * Q``, e.g. after ``CBPQuantizer.finalize()``; Q its
+``name`` (a quantizer's layer finalized onto ``scale * Q``, e.g. after
+``CBPQuantizer.finalize()``, or a ``LIFConv2d(weight_levels=Q)``: its Q(W); Q the layer's
 ``levels`` buffer, sorted):
 
 - binary / ternary Q: ``name.planes``, the popcount bit planes of
@@ -136,6 +137,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike, *, layers: list[str],
     is written then)."""
     from safetensors.torch import save
 
+    from .nn.quantized import QuantizedLayer
     from .ops.bitconv import pack_codes, pack_weight
 
     if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get("name"), str)):
@@ -144,7 +146,10 @@ def save_packed(model: nn.Module, path: str | os.PathLike, *, layers: list[str],
     for name in layers:
         layer = model.get_submodule(name)
         levels = _level_set(layer, name)
-        weight, scale = layer.weight.detach(), float(layer.weight_scale)
+        if isinstance(layer, QuantizedLayer) or not hasattr(layer, "quant_scale"):  # finalized onto the levels
+            weight, scale = layer.weight.detach(), float(layer.weight_scale)
+        else:  # LIFConv2d(weight_levels=...): the Q(W) its forward uses
+            weight, scale = layer.quantized_weight().detach(), float(layer.quant_scale())
         if levels.popcount:
             pw = pack_weight(weight.float(), levels, scale)
             tensors[f"{name}.planes"], scale = pw.planes.cpu().contiguous(), pw.scale

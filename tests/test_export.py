@@ -118,15 +118,18 @@ def test_digits_net_round_trip(tmp_path, levels):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("via", ["cbp", "weight_levels"])
 @pytest.mark.parametrize("levels", ["ternary", CUSTOM])
-def test_own_architecture_loads_with_model(tmp_path, levels):
-    """A user's model (a LIFConv2d stack), saved with arch=None or an unknown name: loading
-    needs model=, then predicts what the saved model did."""
+def test_own_architecture_loads_with_model(tmp_path, levels, via):
+    """A user's model (a LIFConv2d stack, quantized by CBPQuantizer or by its own
+    ``weight_levels``), saved with arch=None or an unknown name: loading needs model=, then
+    predicts what the saved model did."""
     torch.manual_seed(0)
+    own = levels if via == "weight_levels" else None
 
     def build():
-        return nn.Sequential(LIFConv2d(3, 16, 3, padding=1), LIFConv2d(16, 16, 3, padding=1),
-                             LIFConv2d(16, 8, 3, padding=1))
+        return nn.Sequential(*[LIFConv2d(c_in, c_out, 3, padding=1, weight_levels=own)
+                               for c_in, c_out in ((3, 16), (16, 16), (16, 8))])
 
     net = build()
     with torch.no_grad():
@@ -134,7 +137,10 @@ def test_own_architecture_loads_with_model(tmp_path, levels):
             layer.bn.running_mean.uniform_(-0.2, 0.2)
             layer.bn.weight.uniform_(2.0, 6.0)
             layer.bn.bias.uniform_(0.0, 1.0)
-    model, export = CBPQuantizer(net, levels, exclude=[]).finalize()
+    if via == "cbp":
+        model, export = CBPQuantizer(net, levels, exclude=[]).finalize()
+    else:
+        model, export = net, {"0": None, "1": None, "2": None}
     model.eval()
     path = tmp_path / "own.safetensors"
     save_packed(model, path, layers=list(export), arch={"name": "my-net"})

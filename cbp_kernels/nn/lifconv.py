@@ -258,8 +258,11 @@ class LIFConv2d(nn.Conv2d):
             return self.weight
         from ..ops import quantize  # noqa: PLC0415  (the quantizer op lives below nn/)
 
-        scale = self.weight_scale if self.weight_scale is not None else self.weight.detach().abs().mean()
-        return quantize(self.weight, self.levels, scale)
+        return quantize(self.weight, self.levels, self.quant_scale())
+
+    def quant_scale(self) -> torch.Tensor | float:
+        """The scale c of ``quantized_weight``: ``weight_scale``, else the paper's mean |W|."""
+        return self.weight_scale if self.weight_scale is not None else self.weight.detach().abs().mean()
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) with the BatchNorm's running statistics folded in (the eval forward)."""
