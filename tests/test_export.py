@@ -186,3 +186,22 @@ def test_eval_command_on_a_custom_set_export(tmp_path, capsys):
     assert main(["eval", str(path)]) == 0
     out = capsys.readouterr().out
     assert "levels-2_-1_0_1" in out and "accuracy" in out
+
+
+def test_reads_format_1_files(tmp_path):
+    """Files of the first format (binary / ternary planes only, no storage field) still load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model, export = _quantized_digits_net("ternary")
+    path = tmp_path / "m.safetensors"
+    save_packed(model, path, layers=list(export), arch={"name": "digits-net", "kwargs": {}})
+    meta = read_metadata(path)
+    old = {name: {"levels": info["levels"], "shape": info["shape"]} for name, info in meta["packed"].items()}
+    header = {"format": "cbp_kernels.packed/1", "arch": json.dumps(meta["arch"]), "packed": json.dumps(old),
+              "metadata": "{}"}
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=header)
+    x = _spikes(2, 3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "old.safetensors")(x), load_packed(path)(x))
