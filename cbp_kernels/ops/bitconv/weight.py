@@ -102,7 +102,7 @@ def pack_codes(codes: torch.Tensor, n_bits: int) -> torch.Tensor:
 def unpack_codes(planes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The int64 codes of ``shape`` held by ``pack_codes``'s ``planes`` (exact inverse)."""
     bit_planes = weight_bits(planes, shape[1], torch.int64)  # [n_bits, O, Cg, KH, KW]
-    weights = torch.tensor([1 << b for b in range(planes.shape[0])]).view(-1, 1, 1, 1, 1)
+    weights = torch.tensor([1 << b for b in range(planes.shape[0])], device=planes.device).view(-1, 1, 1, 1, 1)
     return (bit_planes * weights).sum(0).reshape(shape)
 
 
