@@ -559,7 +559,8 @@ def _quant_stage(method, label, levels, fp32_model, cfg, train, test, dist, run_
     """Quantizes a copy of ``fp32_model`` to one level set with ``method`` (``cbp``:
     CBPQuantizer, ``sigmoid``: SigmoidQuantizer), finalizes, packs, checks the packed
     predictions, exports, plots. CFS and g only for cbp."""
-    from .export import PACKABLE, pack_model, save_packed
+    from .export import pack_model, save_packed
+    from .ops.levels import LevelSet
     from .quant import CBPConfig, CBPQuantizer, SigmoidConfig, SigmoidQuantizer, plot_history, plot_weight_histograms
 
     name, plot_file = METHODS[method]
@@ -608,18 +609,18 @@ def _quant_stage(method, label, levels, fp32_model, cfg, train, test, dist, run_
     }
     if method == "cbp":
         result.update(cfs_trained=cfs_trained, cfs=quantizer.cfs(), g=quantizer.g)
-    if tuple(levels_list) in PACKABLE:
+    result["export"] = os.path.join(stage_dir, "model.safetensors")  # every level set: planes or codes
+    if LevelSet(levels_list).popcount:
         packed_preds = _predict(pack_model(copy.deepcopy(model), dict.fromkeys(names)), test, T, dist)
         mismatches = int(_all_sum(float((packed_preds != float_preds).sum()), dist))
         result.update(packed_accuracy=_accuracy(packed_preds, labels, dist), same_predictions=mismatches == 0,
-                      mismatches=mismatches, export=os.path.join(stage_dir, "model.safetensors"))
+                      mismatches=mismatches)
     if dist.main:
         os.makedirs(stage_dir, exist_ok=True)  # fit made it unless it ran no epoch
-        if "export" in result:
-            save_packed(model, result["export"], layers=names, arch=cfg["arch"],
-                        metadata={"levels": label, "method": method, "data": cfg["data"],
-                                  "data_path": cfg["data_path"], "timesteps": T, "image_size": cfg["image_size"],
-                                  "accuracy": result["accuracy"]})
+        save_packed(model, result["export"], layers=names, arch=cfg["arch"],
+                    metadata={"levels": label, "method": method, "data": cfg["data"],
+                              "data_path": cfg["data_path"], "timesteps": T, "image_size": cfg["image_size"],
+                              "accuracy": result["accuracy"]})
         if quantizer.history:
             plot_history(quantizer.history, os.path.join(stage_dir, plot_file))
             epochs = sorted({0, len(quantizer.history) // 2, len(quantizer.history) - 1})
@@ -628,7 +629,7 @@ def _quant_stage(method, label, levels, fp32_model, cfg, train, test, dist, run_
         _write_json(result_path, result)
     packed_note = (f"packed {result['packed_accuracy']:.2f}%, "
                    f"{'same' if result['same_predictions'] else str(result['mismatches']) + ' different'} predictions"
-                   if "export" in result else "levels not packable: no popcount model / export")
+                   if "packed_accuracy" in result else "exported as level codes: no popcount layers")
     cfs_note = f", CFS {cfs_trained:.3g} -> {result['cfs']:.3g}" if method == "cbp" else ""
     say(f"{name} {label}: accuracy {result['accuracy']:.2f}% ({packed_note}){cfs_note}")
     return result

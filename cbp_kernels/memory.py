@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .nn.packed import PackedConv2d, PackedLinear
+from .ops.levels import LevelSet
 
 _PACKED = (PackedConv2d, PackedLinear)
 
@@ -88,9 +89,6 @@ class MemoryReport:
     __str__ = table
 
 
-_PACKED_BITS = {"binary": 1, "ternary": 2}
-
-
 def _weight_layers(model: nn.Module):
     for name, m in model.named_modules():
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear) + _PACKED):
@@ -138,7 +136,7 @@ def memory_report(model: nn.Module, levels: Sequence[float] | int | None = None,
     for name, m in layers:
         own = getattr(m, "weight_levels", None)
         if isinstance(m, _PACKED):  # packed layers store their own precision
-            b = _PACKED_BITS[m.levels]
+            b = LevelSet(m.levels).planes
         elif levels is None:
             b = FP32_BITS if own is None else bits_per_weight(own)
         else:

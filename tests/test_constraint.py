@@ -271,6 +271,9 @@ def _call(**kw):
     (dict(g=float("inf")), ValueError, "finite"),
     (dict(scales=_t([1.0, 0.0])), ValueError, "scales must be > 0"),
     (dict(scales=_t([1.0])), ValueError, "scales must hold 2"),
+    (dict(scales=[1.0, float("nan")]), ValueError, r"scales\[1\] must be finite"),
+    (dict(scales=[0.5, "a"]), TypeError, r"scales\[1\] must be a real number"),
+    (dict(scales=[0.5]), ValueError, "scales must hold 2"),
     (dict(weights=[]), ValueError, "non-empty"),
     (dict(lambdas=[torch.zeros(5)]), ValueError, "lambdas must be a sequence of 2"),
     (dict(lambdas=[torch.zeros(5), torch.zeros(12)]), ValueError, r"lambdas\[1\] must have the shape"),
@@ -285,6 +288,13 @@ def _call(**kw):
 def test_pass_bad_input(change, error, match):
     with pytest.raises(error, match=match):
         _call(**change)
+
+
+def test_scales_as_a_list_of_floats():
+    args = _good()
+    scales = args["scales"].tolist()
+    assert all(isinstance(s, float) for s in scales)
+    assert torch.equal(torch.stack(_call()), torch.stack(_call(scales=scales)))
 
 
 def test_bad_input_changes_nothing_and_float64_needs_reference():

@@ -31,7 +31,8 @@ def _sj_composition(ours: LIFConv2d, v_reset, detach_reset):
     conv.load_state_dict({k: v for k, v in ours.state_dict().items() if k in ("weight", "bias")})
     bn = layer.BatchNorm2d(ours.out_channels, step_mode="m")
     bn.load_state_dict(ours.bn.state_dict())
-    kw = dict(v_reset=v_reset, detach_reset=detach_reset, surrogate_function=surrogate.ATan(), step_mode="m")
+    # SpikingJelly's default surrogate (Sigmoid, alpha 4) against ours: the defaults must agree
+    kw = dict(v_reset=v_reset, detach_reset=detach_reset, step_mode="m")
     if ours.neuron_type == "lif":
         kw["tau"] = 2.0
     sn = {"if": neuron.IFNode, "lif": neuron.LIFNode, "plif": neuron.ParametricLIFNode}[ours.neuron_type](**kw)
@@ -394,6 +395,34 @@ def test_convert_replaces_spikingjelly_layers():
             assert_close(ours.features[3].neuron.w.grad, sj.features[5].w.grad, 1e-4, 1e-4, "grad plif w")
         functional.reset_net(ours)
         functional.reset_net(sj)
+
+
+@pytest.mark.parametrize("kind", ["if", "lif", "plif"])
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_defaults_are_spikingjellys(kind, step_mode):
+    """``IF() / LIF() / PLIF()`` and ``LIFConv2d``'s neuron built with no argument behave as
+    SpikingJelly's nodes built with none (surrogate Sigmoid(alpha=4), ...): same spikes and
+    gradients; ``store_v_seq`` keeps V after every step as SpikingJelly does, and ``convert``
+    carries it over."""
+    ours_cls = {"if": IF, "lif": LIF, "plif": PLIF}[kind]
+    x = torch.randn(5, 3, 7) * 1.5 + 0.5
+    pairs = [(ours_cls(step_mode=step_mode), SJ_NEURONS[kind](step_mode=step_mode))]
+    if step_mode == "m":
+        pairs.append((LIFConv2d(2, 2, 1, neuron=kind).neuron, SJ_NEURONS[kind](step_mode="m")))
+        stored = convert(torch.nn.Sequential(SJ_NEURONS[kind](step_mode="m", store_v_seq=True)))[0]
+        pairs.append((stored, SJ_NEURONS[kind](step_mode="m", store_v_seq=True)))
+    for mine, sj in pairs:
+        grads = []
+        for node in (mine, sj):
+            xi = x.clone().requires_grad_()
+            s = torch.stack([node(xt) for xt in xi]) if step_mode == "s" else node(xi)
+            (s * torch.linspace(-1, 1, s.numel()).view_as(s)).sum().backward()
+            grads.append((s.detach(), xi.grad))
+        assert torch.equal(grads[0][0], grads[1][0]), "spikes"
+        assert_close(grads[0][1], grads[1][1], 1e-5, 1e-4, f"{kind} default surrogate grad")
+        if getattr(sj, "store_v_seq", False):
+            assert mine.store_v_seq and mine.v_seq.shape == x.shape
+            assert_close(mine.v_seq.detach(), sj.v_seq.detach(), 1e-6, 1e-6, "v_seq")
 
 
 def test_bad_arguments():

@@ -27,11 +27,11 @@ class DigitsNet(nn.Module):
         self.config = dict(num_classes=num_classes, channels=[c1, c2], hidden=hidden, tau=tau,
                            in_channels=in_channels, image_size=image_size)
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
-        self.lif1 = LIF(tau=tau, step_mode="m")
+        self.lif1 = LIF(tau=tau, surrogate_function="atan", step_mode="m")
         self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False)
-        self.lif2 = LIF(tau=tau, step_mode="m")
+        self.lif2 = LIF(tau=tau, surrogate_function="atan", step_mode="m")
         self.fc1 = nn.Linear(c2 * side * side, hidden, bias=False)
-        self.lif3 = LIF(tau=tau, step_mode="m")
+        self.lif3 = LIF(tau=tau, surrogate_function="atan", step_mode="m")
         self.fc2 = nn.Linear(hidden, num_classes)
         for m in (self.conv1, self.conv2, self.fc1, self.fc2):
             # He init: with PyTorch's default (3x smaller) the LIF layers hardly fire at first

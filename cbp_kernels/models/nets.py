@@ -77,8 +77,8 @@ class PlanNet(SpikingModel):
         self.plan = plan
         neuron_kw = dict(v_threshold=v_threshold, v_reset=v_reset, surrogate_function=surrogate,
                          detach_reset=detach_reset, step_mode="m", backend=backend)
-        layer_kw = dict(neuron=neuron, tau=tau, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
-                        detach_reset=detach_reset, bn=bn, bias=bias, backend=backend)
+        layer_kw = dict(neuron=neuron, tau=tau, v_threshold=v_threshold, v_reset=v_reset,
+                        surrogate_function=surrogate, detach_reset=detach_reset, bn=bn, bias=bias, backend=backend)
         tokens = plan.split()
         fc_total = sum(t.startswith("FC") for t in tokens)
         if not tokens or not tokens[-1].startswith("FC"):

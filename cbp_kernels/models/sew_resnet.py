@@ -35,7 +35,7 @@ class _Spiking:
     """The neuron settings every layer of one network shares."""
 
     def __init__(self, neuron, surrogate, detach_reset, v_threshold, tau, backend):
-        self.kw = dict(neuron=neuron, surrogate=surrogate, detach_reset=detach_reset, v_threshold=v_threshold,
+        self.kw = dict(neuron=neuron, surrogate_function=surrogate, detach_reset=detach_reset, v_threshold=v_threshold,
                        tau=tau, backend=backend)
 
     def conv(self, cin, cout, k, stride=1, padding=0, spiking=True):
@@ -44,7 +44,7 @@ class _Spiking:
 
     def neuron(self):
         kind = self.kw["neuron"]
-        common = dict(v_threshold=self.kw["v_threshold"], surrogate_function=self.kw["surrogate"],
+        common = dict(v_threshold=self.kw["v_threshold"], surrogate_function=self.kw["surrogate_function"],
                       detach_reset=self.kw["detach_reset"], step_mode="m", backend=self.kw["backend"])
         if kind == "if":
             return IF(**common)

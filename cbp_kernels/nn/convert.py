@@ -44,7 +44,7 @@ def _neuron_from_sj(sn, step_mode: str, backend: str) -> nn.Module:
     kind = _neuron_kind(sn)
     common = dict(v_threshold=float(sn.v_threshold), v_reset=None if sn.v_reset is None else float(sn.v_reset),
                   surrogate_function=sn.surrogate_function, detach_reset=bool(sn.detach_reset),
-                  step_mode=step_mode, backend=backend)
+                  step_mode=step_mode, backend=backend, store_v_seq=bool(getattr(sn, "store_v_seq", False)))
     if kind == "if":
         return IF(**common)
     if kind == "lif":

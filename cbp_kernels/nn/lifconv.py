@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import quantize
-from ..ops.bitconv import pack_spikes, packed_conv2d_lif
+from ..ops.bitconv import PackedWeight, pack_spikes, packed_conv2d_lif
 from ..ops.bitpack import bitpack, bitunpack
+from ..ops.levels import LevelSet
 from .bn_neuron import batch_norm_neuron, fold_batch_norm
 from .neuron import IF, LIF, PLIF
 from .packed import PackedConv2d
@@ -60,8 +61,10 @@ def _pack_spikes(t: torch.Tensor) -> _Compact:
 def mark_spikes(t: torch.Tensor, packed: _Compact | None = None) -> torch.Tensor:
     """Records that ``t`` holds only 0 and 1 (a neuron's output), optionally with its packed
     copy, so layers that save it for the backward reuse that copy (or pack it without a value
-    check). The mark is void once ``t`` is modified in place."""
-    t._cbp_spikes = (t._version, packed)
+    check). The mark is void once ``t`` is modified in place. Under ``torch.compile`` nothing
+    is marked (a tensor attribute breaks the graph; the compiled layers save spikes as is)."""
+    if not torch.compiler.is_compiling():
+        t._cbp_spikes = (t._version, packed)
     return t
 
 
@@ -185,13 +188,17 @@ class LIFConv2d(nn.Conv2d):
         neuron: ``"if"``, ``"lif"``, ``"plif"``, ``None`` (conv + BN only, no neuron), or a
             multi-step ``cbp_kernels.nn.IF / LIF / PLIF`` module (its settings win).
         tau: LIF time constant; for PLIF the initial one (``init_tau``).
-        v_threshold, v_reset (``None``: soft reset), surrogate (name or SpikingJelly
-        surrogate object), alpha, detach_reset, decay_input: as ``multistep_neuron``.
-        weight_levels: the allowed weight values Q (e.g. ``(-1, 1)``, ``(-1, 0, 1)``); the
-            forward then uses ``cbp_kernels.ops.quantize(weight, weight_levels, scale)``,
+        v_threshold, v_reset (``None``: soft reset), surrogate_function (name or SpikingJelly
+        surrogate object; SpikingJelly's default Sigmoid(alpha=4)), alpha, detach_reset,
+        decay_input: as SpikingJelly's ``LIFNode`` / ``multistep_neuron``.
+        weight_levels: the allowed weight values Q (a ``LevelSet``, ``"binary"``, ``"ternary"``
+            or sorted numbers such as ``(-1, 0, 1)``), kept as the ``levels`` buffer (the one
+            place the layer's levels live: ``CBPQuantizer`` sets the same buffer); the
+            forward then uses ``cbp_kernels.ops.quantize(weight, levels, scale)``,
             CBP's straight-through quantization; ``weight_scale`` is the per-layer scale c
             (default the paper's c = mean |W|).
-        compact_spikes: store spikes saved for the backward at 1 bit per spike.
+        compact_spikes: store spikes saved for the backward at 1 bit per spike (eager only:
+            under ``torch.compile`` they are saved as is).
         recompute_bn: in training with BN and a neuron, save only the conv output and recompute
             BN's output in the backward (one float tensor per layer kept instead of two).
         backend: the neuron op's backend.
@@ -204,7 +211,7 @@ class LIFConv2d(nn.Conv2d):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=False, padding_mode="zeros", bn=True, neuron="lif", tau=2.0, v_threshold=1.0, v_reset=0.0,
-                 surrogate="atan", alpha=None, detach_reset=False, decay_input=True, weight_levels=None,
+                 surrogate_function="sigmoid", alpha=None, detach_reset=False, decay_input=True, weight_levels=None,
                  weight_scale=None, compact_spikes=True, recompute_bn=True, backend="auto", device=None,
                  dtype=None):
         if padding_mode != "zeros":
@@ -226,26 +233,34 @@ class LIFConv2d(nn.Conv2d):
             self.neuron_type = self.neuron = None
         else:
             self.neuron_type = neuron
-            kw = dict(v_threshold=v_threshold, v_reset=v_reset, surrogate_function=surrogate, alpha=alpha,
+            kw = dict(v_threshold=v_threshold, v_reset=v_reset, surrogate_function=surrogate_function, alpha=alpha,
                       detach_reset=detach_reset, step_mode="m", backend=backend)
             if neuron == "lif":
                 kw.update(tau=tau, decay_input=decay_input)
             elif neuron == "plif":
                 kw.update(init_tau=tau, decay_input=decay_input)
             self.neuron = _NEURONS[neuron](**kw)
-        self.weight_levels = None if weight_levels is None else tuple(float(q) for q in weight_levels)
+        levels = None if weight_levels is None else LevelSet(weight_levels).tensor(self.weight.device)
+        self.register_buffer("levels", levels)
         self.weight_scale = weight_scale
         self.compact_spikes = compact_spikes
         self.recompute_bn = recompute_bn
 
+    @property
+    def weight_levels(self) -> tuple[float, ...] | None:
+        """The values of the ``levels`` buffer (None: a float layer)."""
+        return None if self.levels is None else tuple(self.levels.tolist())
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``weight``, or its CBP quantization when
-        ``weight_levels`` is set."""
-        if self.weight_levels is None:
+        ``levels`` is set."""
+        if self.levels is None:
             return self.weight
-        scale = self.weight_scale if self.weight_scale is not None else self.weight.detach().abs().mean()
-        levels = torch.tensor(sorted(self.weight_levels), dtype=torch.float32, device=self.weight.device)
-        return quantize(self.weight, levels, scale)
+        return quantize(self.weight, self.levels, self.quant_scale())
+
+    def quant_scale(self) -> torch.Tensor | float:
+        """The scale c of ``quantized_weight``: ``weight_scale``, else the paper's mean |W|."""
+        return self.weight_scale if self.weight_scale is not None else self.weight.detach().abs().mean()
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) with the BatchNorm's running statistics folded in (the eval forward)."""
@@ -255,8 +270,8 @@ class LIFConv2d(nn.Conv2d):
         gain, shift = fold_batch_norm(self.bn, bias)
         return weight * gain.view(-1, 1, 1, 1), shift
 
-    def _conv(self, x, weight, bias, packed):
-        if self.compact_spikes and torch.is_grad_enabled():
+    def _conv(self, x, weight, bias, packed, compact):
+        if compact:
             return SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
                                              packed)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -268,13 +283,14 @@ class LIFConv2d(nn.Conv2d):
             raise ValueError(f"input has {x.shape[2]} channels, expected in_channels={self.in_channels}")
         t, n = x.shape[:2]
         frames = x.flatten(0, 1)
+        compact = self.compact_spikes and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         # the previous layer's packed copy of its spikes (same element order when contiguous)
-        packed = packed_if_spikes(x) if x.is_contiguous() and self.compact_spikes and torch.is_grad_enabled() else None
+        packed = packed_if_spikes(x) if compact and x.is_contiguous() else None
         fold = self.bn is not None and not self.training and self.bn.track_running_stats
         if fold:
-            y = self._conv(frames, *self.folded_weight_bias(), packed)
+            y = self._conv(frames, *self.folded_weight_bias(), packed, compact)
         else:
-            y = self._conv(frames, self.quantized_weight(), self.bias, packed)
+            y = self._conv(frames, self.quantized_weight(), self.bias, packed, compact)
             if self.bn is not None and self.neuron is not None and self.recompute_bn and torch.is_grad_enabled():
                 return mark_spikes(batch_norm_neuron(y, self.bn, self.neuron, t))
             if self.bn is not None:
@@ -282,7 +298,7 @@ class LIFConv2d(nn.Conv2d):
         y = y.view(t, n, *y.shape[1:])
         if self.neuron is None:
             return y
-        if self.compact_spikes and torch.is_grad_enabled():
+        if compact:
             return run_neuron_saving_packed_spikes(self.neuron, y)
         return mark_spikes(self.neuron(y))
 
@@ -292,28 +308,30 @@ class LIFConv2d(nn.Conv2d):
             self.neuron.reset()
 
     @torch.no_grad()
-    def pack(self, levels: str | None = None, backend: str = "auto") -> "PackedLIFConv2d":
+    def pack(self, levels: str | LevelSet | None = None, backend: str = "auto",
+             weight: PackedWeight | None = None) -> "PackedLIFConv2d":
         """The popcount inference form of this layer (binary or ternary weights), a
         ``PackedLIFConv2d``: a ``PackedConv2d`` of the quantized weight (1 or 2 bits per
         weight), the BatchNorm's running statistics as a per-channel affine after it and the
-        neuron, run as one fused ``ops.packed_conv2d_lif``. Its input must be {0, 1} spikes. ``levels`` (``"binary"`` / ``"ternary"``) defaults
-        to ``weight_levels``, or to the level set of CBP's quantization (``CBPQuantizer``
-        turns this layer into a ``QuantizedLayer`` with a ``levels`` buffer); give it for a
-        float layer whose weights already sit on scale * levels."""
-        if levels is None:
-            values = self.weight_levels
-            if values is None and isinstance(getattr(self, "levels", None), torch.Tensor):
-                values = self.levels.tolist()
-            levels = {(-1.0, 1.0): "binary", (-1.0, 0.0, 1.0): "ternary"}.get(
-                None if values is None else tuple(sorted(float(v) for v in values)))
-        if levels not in ("binary", "ternary"):
-            raise ValueError(f"pack() needs binary (-1, 1) or ternary (-1, 0, 1) weights, got {levels!r} "
-                             f"(weight_levels={self.weight_levels})")
-        plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                          self.dilation, self.groups, bias=False, device=self.weight.device)
-        plain.weight.copy_(self.quantized_weight())
+        neuron, run as one fused ``ops.packed_conv2d_lif``. Its input must be {0, 1} spikes.
+        ``levels`` (``"binary"`` / ``"ternary"``) defaults to the ``levels`` buffer
+        (``weight_levels=``, or CBP's quantization); give it for a float layer whose weights
+        already sit on scale * levels. ``weight``: the packed weight to use as it is (e.g. read
+        from a file by ``load_packed``) instead of packing this layer's own."""
+        if weight is None:
+            if levels is None and self.levels is not None:
+                levels = LevelSet(self.levels)
+            if levels is None or not LevelSet(levels).popcount:
+                raise ValueError(f"pack() needs binary (-1, 1) or ternary (-1, 0, 1) weights, got {levels!r} "
+                                 f"(weight_levels={self.weight_levels})")
+            plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                              self.dilation, self.groups, bias=False, device=self.weight.device)
+            plain.weight.copy_(self.quantized_weight())
+            conv = PackedConv2d.from_float(plain, LevelSet(levels).name, backend=backend)
+        else:
+            conv = PackedConv2d(weight, None, tuple(self.stride), tuple(self.padding), tuple(self.dilation),
+                                self.groups, backend)
         gain, shift = (None, self.bias) if self.bn is None else fold_batch_norm(self.bn, self.bias)
-        conv = PackedConv2d.from_float(plain, levels, backend=backend)
         return PackedLIFConv2d(conv, gain, shift, self._fused_neuron()).eval()
 
     def _fused_neuron(self) -> dict | None:

@@ -16,11 +16,9 @@ from torch import nn
 
 from ..ops.bitconv import PackedWeight, infer_levels, pack_spikes, pack_weight, packed_conv2d, packed_linear
 from ..ops.bitpack import bitpack
+from ..ops.levels import LevelSet
 
 __all__ = ["PackedConv2d", "PackedLinear"]
-
-# Unscaled level sets of a quantized layer's ``levels`` buffer, by name.
-_LEVEL_SETS = {(-1.0, 1.0): "binary", (-1.0, 0.0, 1.0): "ternary"}
 
 
 def _quantized(layer: nn.Module, levels: str | None) -> tuple[torch.Tensor, str, float]:
@@ -28,11 +26,11 @@ def _quantized(layer: nn.Module, levels: str | None) -> tuple[torch.Tensor, str,
     quantized layer with ``levels`` / ``weight_scale`` buffers (e.g. ``QuantConv2d``)."""
     with torch.no_grad():
         if hasattr(layer, "levels") and hasattr(layer, "weight_scale"):
-            names = _LEVEL_SETS.get(tuple(float(v) for v in layer.levels.flatten().tolist()))
-            if names is None:
-                raise ValueError(f"layer.levels must be [-1, 1] or [-1, 0, 1] to pack, got {layer.levels.tolist()}")
+            own = LevelSet(layer.levels)
+            if not own.popcount:
+                raise ValueError(f"layer.levels must be [-1, 1] or [-1, 0, 1] to pack, got {list(own.values)}")
             w_q = layer.quantized_weight() if hasattr(layer, "quantized_weight") else layer.weight
-            return w_q.detach(), levels or names, float(layer.weight_scale)
+            return w_q.detach(), levels or own.name, float(layer.weight_scale)
         found, scale = infer_levels(layer.weight)
         if levels == "ternary" and found == "binary":
             found = "ternary"  # a binary weight is a ternary one without zeros

@@ -36,11 +36,10 @@ from torch import nn
 
 from ..nn.quantized import QuantizedLayer
 from ..ops import constraint_pass, multiplier_step
-from ..ops.constraint.reference import level_table
+from ..ops.levels import resolve_levels
 from .calibration import rescale_thresholds, threshold_pairs
 from .config import CBPConfig, get_preset
-from .levels import resolve_levels
-from .trainer import CHECKPOINT_NAME, QuantTrainer, _distributed
+from .trainer import CHECKPOINT_NAME, QuantTrainer, _distributed, weight_export
 
 __all__ = ["CBPQuantizer", "WindowSchedule", "next_g", "CHECKPOINT_NAME"]
 
@@ -296,8 +295,5 @@ class CBPQuantizer(QuantTrainer):
         export = {}
         for name, layer in self.layers.items():
             layer.weight.copy_(layer.quantized_weight().detach())
-            # code k = #{j : w >= m_j}, the midpoints m_j of the quantize op's own table
-            mids = level_table(layer.levels, layer.weight_scale.reshape(1), 1.0)[0, 1, :-1]
-            codes = torch.bucketize(layer.weight.detach().float(), mids, right=True).to(torch.int8)
-            export[name] = {"codes": codes.cpu(), "scale": float(layer.weight_scale), "levels": layer.levels.tolist()}
+            export[name] = weight_export(layer)
         return self.model, export

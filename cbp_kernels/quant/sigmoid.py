@@ -20,10 +20,9 @@ from torch import nn
 
 from ..nn.quantized import QuantizedLayer, float_twin
 from ..nn.sigmoid_quant import SigmoidQuantized
-from ..ops.constraint.reference import level_table as cbp_level_table
+from ..ops.levels import resolve_levels
 from ..ops.sigmoid_quant import level_table
-from .levels import resolve_levels
-from .trainer import QuantTrainer, _swap
+from .trainer import QuantTrainer, _swap, weight_export
 
 __all__ = ["SigmoidConfig", "SigmoidQuantizer", "kmeans_biases"]
 
@@ -157,7 +156,5 @@ class SigmoidQuantizer(QuantTrainer):
             qlayer.train(training)
             _swap(self.net, name, qlayer)
             self.layers[name] = qlayer
-            mids = cbp_level_table(qlayer.levels, qlayer.weight_scale.reshape(1), 1.0)[0, 1, :-1]
-            codes = torch.bucketize(qlayer.weight.float(), mids, right=True).to(torch.int8)
-            export[name] = {"codes": codes.cpu(), "scale": float(alpha), "levels": self.levels.tolist()}
+            export[name] = weight_export(qlayer)
         return self.model, export

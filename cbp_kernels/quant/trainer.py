@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..nn.quantized import QuantizedLayer
+from ..ops.levels import LevelSet
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["QuantTrainer", "CHECKPOINT_NAME"]
@@ -23,6 +24,15 @@ __all__ = ["QuantTrainer", "CHECKPOINT_NAME"]
 CHECKPOINT_NAME = "last.pt"
 # Bins of the per-epoch histogram of the weights in level units kept in the history.
 HIST_BINS = 101
+
+
+def weight_export(layer: QuantizedLayer) -> dict:
+    """``{"codes", "scale", "levels"}`` of a quantized layer whose weight sits on its levels
+    (after ``finalize``): int8 codes k with ``weight == levels[k] * scale`` (``LevelSet.encode``,
+    the same codes ``cbp_kernels.export`` stores)."""
+    levels = LevelSet(layer.levels)
+    codes = levels.encode(layer.weight, layer.weight_scale)
+    return {"codes": codes.cpu(), "scale": float(layer.weight_scale), "levels": list(levels.values)}
 
 
 def _quantizable(module: nn.Module) -> bool:

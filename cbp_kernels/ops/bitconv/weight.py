@@ -9,6 +9,10 @@ A quantized weight is ``w_q = scale * q`` with integer levels q in {-1, 1} (bina
 - ``scale`` (a float32 value), ``shape`` (the float weight's shape: ``(O, Cg, KH, KW)``
   for a convolution, ``(O, C)`` for a linear layer) and ``levels`` (``"binary"`` /
   ``"ternary"``).
+
+A weight on any other level set Q (sorted) is stored as its codes k (``w = scale * Q[k]``,
+``LevelSet.encode``) in the same plane layout: ``pack_codes`` makes ceil(log2 |Q|) planes,
+plane b holding bit b of each code.
 """
 from __future__ import annotations
 
@@ -17,12 +21,10 @@ from typing import NamedTuple
 import torch
 
 from ..bitpack import reference as bits
+from ..levels import LevelSet
 from ..utils import check_finite
 
-__all__ = ["LEVELS", "PackedWeight", "pack_weight", "unpack_weight", "weight_levels", "infer_levels"]
-
-LEVELS = {"binary": (-1.0, 1.0), "ternary": (-1.0, 0.0, 1.0)}
-_PLANES = {"binary": 1, "ternary": 2}
+__all__ = ["PackedWeight", "pack_weight", "unpack_weight", "weight_levels", "infer_levels", "pack_codes", "unpack_codes"]
 
 
 class PackedWeight(NamedTuple):
@@ -51,13 +53,13 @@ def _float32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
-def pack_weight(w_q: torch.Tensor, levels: str, scale: float) -> PackedWeight:
+def pack_weight(w_q: torch.Tensor, levels: str | LevelSet, scale: float) -> PackedWeight:
     """Packs ``w_q = scale * q`` (q on ``levels``) into bit planes.
 
     Args:
         w_q: float weight ``[O, Cg, KH, KW]`` or ``[O, C]`` whose every value is exactly
             ``scale * level`` in float32 (any float dtype; compared in float32).
-        levels: ``"binary"`` ({-1, 1}) or ``"ternary"`` ({-1, 0, 1}).
+        levels: ``"binary"`` ({-1, 1}) or ``"ternary"`` ({-1, 0, 1}), by name or as a ``LevelSet``.
         scale: the per-layer scale, > 0 (used as a float32 value).
 
     Raises:
@@ -67,41 +69,54 @@ def pack_weight(w_q: torch.Tensor, levels: str, scale: float) -> PackedWeight:
         raise TypeError(f"w_q must be a floating-point torch.Tensor, got {getattr(w_q, 'dtype', type(w_q))}")
     if w_q.dim() not in (2, 4):
         raise ValueError(f"w_q must be [O, C] (linear) or [O, Cg, KH, KW] (conv), got shape {tuple(w_q.shape)}")
-    if levels not in LEVELS:
-        raise ValueError(f"levels must be one of {sorted(LEVELS)}, got {levels!r}")
+    levels = LevelSet(levels)
+    if not levels.popcount:
+        raise ValueError(f"levels must be binary {{-1, 1}} or ternary {{-1, 0, 1}} to pack into popcount planes, "
+                         f"got {list(levels.values)}")
     scale = check_finite("scale", scale)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     scale = _float32(scale)
-    w = w_q.detach().to(torch.float32)
-    q = torch.round(w / scale)
-    allowed = torch.tensor(LEVELS[levels], device=w.device)
-    bad = ~torch.isin(q, allowed) | (q * scale != w)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"w_q is not on scale * {levels} levels {LEVELS[levels]} with scale={scale}: "
-            f"w_q{list(idx)} = {w[idx].item()}"
-        )
-    shape = tuple(w.shape)
-    q4 = q if q.dim() == 4 else q[:, :, None, None]
-    q_nhwc = q4.permute(0, 2, 3, 1)  # [O, KH, KW, Cg]: pack along the input channels
-    masks = [q_nhwc > 0] if levels == "binary" else [q_nhwc > 0, q_nhwc < 0]
-    planes = torch.stack([_pack_last(m) for m in masks])
-    return PackedWeight(planes, scale, shape, levels)
+    codes = levels.encode(w_q, scale, "w_q")
+    # binary: the code (0: -1, 1: +1) is the sign bit; ternary (codes 0, 1, 2): masks of +1 and of -1
+    masks = [codes == 1] if levels.name == "binary" else [codes == 2, codes == 0]
+    return PackedWeight(torch.stack([_pack_channels(m) for m in masks]), scale, tuple(w_q.shape), levels.name)
 
 
-def _pack_last(mask: torch.Tensor) -> torch.Tensor:
-    rows = mask.reshape(-1, mask.shape[-1])
-    return bits.pack_rows(rows).reshape(*mask.shape[:-1], -1)
+def _pack_channels(mask: torch.Tensor) -> torch.Tensor:
+    """{0,1} ``[O, Cg, KH, KW]`` or ``[O, C]`` -> int32 ``[O, KH, KW, Wg]`` packed along Cg."""
+    m4 = mask if mask.dim() == 4 else mask[:, :, None, None]
+    rows = m4.permute(0, 2, 3, 1)  # [O, KH, KW, Cg]: pack along the input channels
+    return bits.pack_rows(rows.reshape(-1, rows.shape[-1])).reshape(*rows.shape[:-1], -1)
+
+
+def pack_codes(codes: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Integer codes ``[O, Cg, KH, KW]`` / ``[O, C]`` in [0, 2**n_bits) -> int32 bit planes
+    ``[n_bits, O, KH, KW, Wg]`` (plane b holds bit b of each code; the layout of the popcount
+    planes: packed along the input channels, LSB first). The storage of a weight on a level
+    set that the popcount kernels do not run (``cbp_kernels.export``)."""
+    c = codes.long()
+    return torch.stack([_pack_channels((c >> b) & 1) for b in range(n_bits)])
+
+
+def unpack_codes(planes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The int64 codes of ``shape`` held by ``pack_codes``'s ``planes`` (exact inverse)."""
+    bit_planes = weight_bits(planes, shape[1], torch.int64)  # [n_bits, O, Cg, KH, KW]
+    weights = torch.tensor([1 << b for b in range(planes.shape[0])], device=planes.device).view(-1, 1, 1, 1, 1)
+    return (bit_planes * weights).sum(0).reshape(shape)
+
+
+def weight_bits(planes: torch.Tensor, in_per_group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The bits ``[P, O, in_per_group, KH, KW]`` (0 / 1 of ``dtype``) of each plane."""
+    P, O, KH, KW, Wg = planes.shape
+    unpacked = bits.unpack(planes.reshape(-1, Wg), in_per_group, dtype).reshape(P, O, KH, KW, in_per_group)
+    return unpacked.permute(0, 1, 4, 2, 3)
 
 
 def weight_levels(planes: torch.Tensor, in_per_group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The integer levels q ``[O, in_per_group, KH, KW]`` (of ``dtype``) held by ``planes``."""
-    P, O, KH, KW, Wg = planes.shape
-    unpacked = bits.unpack(planes.reshape(-1, Wg), in_per_group, dtype).reshape(P, O, KH, KW, in_per_group)
-    q = 2 * unpacked[0] - 1 if P == 1 else unpacked[0] - unpacked[1]
-    return q.permute(0, 3, 1, 2)
+    b = weight_bits(planes, in_per_group, dtype)
+    return 2 * b[0] - 1 if planes.shape[0] == 1 else b[0] - b[1]
 
 
 def unpack_weight(packed: PackedWeight) -> torch.Tensor:

@@ -79,7 +79,10 @@ def _checked_levels(levels) -> torch.Tensor:
 
 
 def _checked_scales(name: str, scales, count: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(scales, torch.Tensor):
+    if isinstance(scales, Sequence) and not isinstance(scales, str):  # a list of floats, one per layer
+        scales = torch.tensor([check_finite(f"{name}[{i}]", s) for i, s in enumerate(scales)], dtype=torch.float32,
+                              device=device)
+    elif not isinstance(scales, torch.Tensor):
         scales = torch.tensor(check_finite(name, scales), dtype=torch.float32, device=device)
     check_tensor(name, scales, dtypes=(torch.float32, torch.float64))
     if scales.numel() != count or scales.dim() > 1:
@@ -176,7 +179,8 @@ def constraint_pass(
             (float32 / float16 / bfloat16; float64 on the reference backend) and one device.
         lambdas: the Lagrange multipliers, one tensor per weight with its shape and dtype.
         levels: 1-D sorted, unique, finite unscaled levels (float32).
-        scales: ``[L]`` float32 per-layer scales s > 0 (levels used: ``scales[i] * levels``).
+        scales: ``[L]`` float32 per-layer scales s > 0 (levels used: ``scales[i] * levels``), a
+            tensor or a list of L floats.
         g: the unconstrained-window parameter, >= 1.
         grads: optional, the weights' gradients (``w.grad``): ``grads[i] += lambdas[i] * dcs/dw``
             in place (dcs/dw is the right derivative; see reference.py).
