@@ -397,6 +397,7 @@ def test_convert_replaces_spikingjelly_layers():
         functional.reset_net(sj)
 
 
+@needs_spikingjelly
 @pytest.mark.parametrize("kind", ["if", "lif", "plif"])
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_defaults_are_spikingjellys(kind, step_mode):
@@ -404,6 +405,8 @@ def test_defaults_are_spikingjellys(kind, step_mode):
     SpikingJelly's nodes built with none (surrogate Sigmoid(alpha=4), ...): same spikes and
     gradients; ``store_v_seq`` keeps V after every step as SpikingJelly does, and ``convert``
     carries it over."""
+    neuron = _sj()[2]
+    SJ_NEURONS = {"if": neuron.IFNode, "lif": neuron.LIFNode, "plif": neuron.ParametricLIFNode}
     ours_cls = {"if": IF, "lif": LIF, "plif": PLIF}[kind]
     x = torch.randn(5, 3, 7) * 1.5 + 0.5
     pairs = [(ours_cls(step_mode=step_mode), SJ_NEURONS[kind](step_mode=step_mode))]
