@@ -412,6 +412,46 @@ def test_toy_model_end_to_end(tmp_path, backend):
         plot_history([], tmp_path / "x.png")
 
 
+def test_finalize_records_cfs_before_and_weights_moved():
+    torch.manual_seed(0)
+    model = _mlp()
+    q = CBPQuantizer(model, "ternary", config=_cfg(), backend=BACKEND)
+    with torch.no_grad():  # every weight on the level s, but 156 of layer 2 off by 2 % of the step s
+        for name, layer in q.layers.items():
+            layer.weight.fill_(float(layer.weight_scale))
+        q.layers["2"].weight.view(-1)[100:] *= 0.98
+        q.layers["4"].weight.view(-1)[:10] *= 0.995  # within the 1 % tolerance: not counted
+    cfs = q.cfs()
+    q.finalize()
+    assert q.cfs_before == cfs > 0 and q.cfs() == 0
+    assert q.forced_fraction == 156 / q.num_weights
+
+
+def test_ops_under_cpu_bf16_autocast():
+    """DigitsNet quantized, forward under CPU bf16 autocast: the custom neuron op runs in bf16
+    (as its reference on the same input), the quantize op on the float32 master weights, the
+    output near the float32 one, gradients float32 and finite."""
+    from cbp_kernels.models import DigitsNet
+    from cbp_kernels.ops import multistep_neuron
+
+    torch.manual_seed(0)
+    net = DigitsNet()
+    CBPQuantizer(net, "binary", backend=BACKEND)
+    seen = {}
+    net.lif2.register_forward_hook(lambda m, i, o: seen.update(x=i[0], s=o))
+    x = torch.rand(4, 8, 1, 8, 8)
+    ref = net(x).mean(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x).mean(0)
+    assert seen["x"].dtype == torch.bfloat16 and seen["s"].dtype == torch.bfloat16
+    spikes, _ = multistep_neuron(seen["x"].detach(), neuron="lif", tau=2.0, backend="reference")
+    assert torch.equal(seen["s"].detach(), spikes)
+    torch.testing.assert_close(out.float(), ref, atol=0.02 * float(ref.detach().abs().max()), rtol=0)
+    out.float().sum().backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
+
+
 def test_any_loss_and_eval_fn():
     torch.manual_seed(0)
     model = _mlp()

@@ -47,6 +47,9 @@ __all__ = ["CBPQuantizer", "WindowSchedule", "next_g", "CHECKPOINT_NAME"]
 # The multiplier optimizer's weight decay: torch.optim.Adam's and AdamW's defaults (L2 0 for
 # Adam; decoupled 1e-2 for AdamW), with their default betas (0.9, 0.999) and eps 1e-8.
 MULTIPLIER_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2}
+# ``finalize``: a weight farther than this fraction of its layer's level step from its level
+# counts as moved by forcing (1 %: a weight that training had not yet brought onto its level).
+FORCE_TOLERANCE = 0.01
 
 
 def next_g(g: int) -> int:
@@ -286,12 +289,21 @@ class CBPQuantizer(QuantTrainer):
 
         Returns ``(model, export)`` where ``export[layer_name] = {"codes": int8 tensor of level
         indices (shape of the weight), "scale": float, "levels": list of floats}``; the
-        weights equal ``levels[codes] * scale``."""
+        weights equal ``levels[codes] * scale``. Records what forcing did: ``cfs_before``
+        (the CFS reached by training) and ``forced_fraction``, the fraction of the quantized
+        weights it moved by more than ``FORCE_TOLERANCE`` of their layer's smallest level step
+        (s * min(q_{j+1} - q_j)); forcing never changes a weight's level, so not the forward."""
         export = {}
+        self.cfs_before = self.cfs()
+        moved = 0
         for name, layer in self.layers.items():
-            layer.weight.copy_(layer.quantized_weight().detach())
+            q = layer.quantized_weight().detach()
+            step = float((layer.levels[1:] - layer.levels[:-1]).min()) * float(layer.weight_scale)
+            moved += int(((layer.weight.detach() - q).abs() > FORCE_TOLERANCE * step).sum())
+            layer.weight.copy_(q)
             # code k = #{j : w >= m_j}, the midpoints m_j of the quantize op's own table
             mids = level_table(layer.levels, layer.weight_scale.reshape(1), 1.0)[0, 1, :-1]
             codes = torch.bucketize(layer.weight.detach().float(), mids, right=True).to(torch.int8)
             export[name] = {"codes": codes.cpu(), "scale": float(layer.weight_scale), "levels": layer.levels.tolist()}
+        self.forced_fraction = moved / self.num_weights
         return self.model, export
