@@ -21,10 +21,10 @@ def _sigmoid_sum(w, beta, temperature, gaps_ptr, mids_ptr, offset, N_SIG: tl.con
     for i in tl.static_range(N_SIG):
         gap = tl.load(gaps_ptr + i)
         z = temperature * (beta * w - tl.load(mids_ptr + i))
-        sig = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(z, -10.0), 10.0)))
+        e = tl.exp(-tl.abs(z))  # the stable sigmoid (csrc/common/sigmoid_quant_math.h)
+        sig = tl.where(z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
         value += gap * sig
-        inside = (z >= -10.0) & (z <= 10.0)
-        slope += tl.where(inside, gap * sig * (1.0 - sig), 0.0)
+        slope += gap * (e / ((1.0 + e) * (1.0 + e)))
     return value - offset, slope
 
 
