@@ -33,6 +33,9 @@ case "$what" in
   test)
     # -rs lists every skip with its reason: on a GPU only the conditions a GPU cannot lift remain.
     $PY -m pytest -q -rs -p no:cacheprovider tests --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
+    # CBP in mixed precision end to end on the GPU (fp16 autocast + GradScaler, CBPConfig.amp)
+    $PY -m cbp_kernels run --amp fp16 --device cuda --levels binary --pretrain-epochs 1 --epochs 2 \
+      --out "$out/amp_fp16_run" 2>&1 | grep -v "it/s" | tee "$out/amp.log"
     ;;
   bench)
     $PY -m pytest -q -p no:cacheprovider bench/bench_*.py --benchmark-json="$out/last.json" 2>&1 | tee "$out/bench.log"

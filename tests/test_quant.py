@@ -29,7 +29,7 @@ from cbp_kernels.quant import (
 )
 from cbp_kernels.quant.checkpoint import rng_state, set_rng_state
 
-from conftest import kernel_backends
+from conftest import devices, kernel_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = "auto"  # the compiled CPU kernel when built (test_constraint.py checks it against the reference)
@@ -559,10 +559,11 @@ def test_frozen_grads_resume(tmp_path):
     assert torch.equal(model2[0].weight.grad, model[0].weight.grad)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_amp_trains_float32_master_weights(amp):
+def test_amp_trains_float32_master_weights(amp, device):
     torch.manual_seed(0)
-    model = _mlp()
+    model = _mlp().to(device)
     q = CBPQuantizer(model, "binary", config=_cfg(amp=amp), backend=BACKEND)
     history = q.fit(_data(), nn.functional.cross_entropy, epochs=3, progress=False)
     assert all(math.isfinite(r["L_sum"]) for r in history)
