@@ -102,8 +102,9 @@ class QuantTrainer:
     """Base of the quantizers. The constructor swaps, IN PLACE, every quantizable layer
     (``nn.Conv2d`` / ``nn.Linear``, subclasses included) but the excluded ones for
     ``layer_cls.from_float(layer, levels)`` (``layer_cls=None``: keeps them) and builds the
-    weight optimizer over every trainable parameter (``config.train_params="quantized"``: the quantized weights only). ``step(loss)`` / ``end_epoch()`` are the plain loss-only updates (CBP
-    overrides them with Algorithm 1's); subclasses implement ``finalize()`` and
+    weight optimizer over every trainable parameter (``config.train_params="quantized"``: the
+    quantized weights only). ``step(loss)`` / ``end_epoch()`` are the plain loss-only updates
+    (CBP overrides them with Algorithm 1's); subclasses implement ``finalize()`` and
     ``_level_units(layer)`` and may extend ``_epoch_record``, ``_start_epoch``, ``_progress``,
     ``_extra_state`` / ``_load_extra_state`` / ``_extra_tensors`` and ``_before_swap``."""
 
