@@ -450,6 +450,19 @@ def test_ops_under_cpu_bf16_autocast():
     out.float().sum().backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
+    # LIFConv2d (the SEW-ResNet layers): its conv autograd function backpropagates in the
+    # autocast dtype and returns float32 gradients
+    import cbp_kernels
+
+    layer = cbp_kernels.LIFConv2d(4, 8, 3, padding=1, neuron="lif", tau=2.0, surrogate="atan")
+    x = torch.rand(4, 2, 4, 8, 8)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        spikes = layer(x)
+    assert spikes.dtype == torch.bfloat16 and float((spikes.float() != ref).float().mean()) < 0.1
+    spikes.float().sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    assert len(grads) == 3 and all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
 
 
 def test_any_loss_and_eval_fn():
