@@ -62,7 +62,8 @@ class CBPConfig:
             layers followed by a neuron, the classifier left as trained: the authors' code,
             ``main_calibration_quantize_cbp.py``, which produced the published numbers).
         bias_clip: None (the authors' code: biases are never clamped) or the clamp
-            [-bias_clip, bias_clip] of the biases after each step (with ``calibration``).
+            [-bias_clip, bias_clip] of the biases after each step (with ``calibration``; the
+            paper's Algorithm 2 writes b <- clip(b - eta_b grad_b C) without a range).
         amp: None, ``"bf16"`` or ``"fp16"``: the forward and the loss under ``torch.autocast``
             in that dtype, the backward through a ``GradScaler`` (fp16; bf16 needs none), the
             weights, lambda and the constraint in float32 (the authors' ``--amp``).
