@@ -54,7 +54,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$PY" setup.py -q build_ext --inplace >"$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; fail "the build failed (build.log)"; }
 if ! "$PY" - <<'EOF' 2>&1 | tee -a "$out/build.log"; then fail "the extension has no CUDA kernels (build.log)"; fi
 import torch, cbp_kernels
-from cbp_kernels._backend import _load_extension
+from cbp_kernels.ops._backend import _load_extension
 table = cbp_kernels.backends()
 print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(), "backends:", table)
 assert table.get("cuda", {}).get("cuda"), f"no cuda backend after the build: {table}; extension: {_load_extension()}"
@@ -72,13 +72,25 @@ case "$what" in
     timeout --signal=INT --kill-after=20 $left \
       "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider -n ${XDIST_WORKERS:-8} --timeout=${TEST_TIMEOUT:-150} \
       --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
+    rc=${PIPESTATUS[0]}
+    # CBP in mixed precision end to end on the GPU (fp16 autocast + GradScaler, CBPConfig.amp), ~1 min
+    left=$((deadline - SECONDS))
+    if ((left > 30)); then
+      timeout --signal=INT --kill-after=10 $left \
+        "$PY" -m cbp_kernels run --amp fp16 --device cuda --levels binary --pretrain-epochs 1 --epochs 2 \
+        --out "$out/amp_fp16_run" --no-progress 2>&1 | tee "$out/amp.log"
+      amp_rc=${PIPESTATUS[0]}
+      ((rc == 0)) && rc=$amp_rc
+    else
+      echo "gpu_session.sh: no time left for the --amp fp16 run" | tee "$out/amp.log"
+    fi
     ;;
   bench)
     timeout --signal=INT --kill-after=20 $left \
       "$PY" -m pytest bench/bench_*.py -q -p no:cacheprovider --timeout=${BENCH_TIMEOUT:-240} \
       --benchmark-json="$out/last.json" 2>&1 | tee "$out/bench.log"
+    rc=${PIPESTATUS[0]}
     ;;
 esac
-rc=${PIPESTATUS[0]}
 [[ $rc -eq 124 ]] && echo "gpu_session.sh: $what stopped at its time limit (see $out)" >&2
 exit "$rc"

@@ -51,7 +51,7 @@ DEFAULT_LEVELS = "binary,ternary"
 COMPARE_LEVELS = "binary"
 RUN_DEFAULTS = dict(model="digits-net", data="digits", data_path=None, checkpoint=None, levels=DEFAULT_LEVELS,
                     preset=None, epochs=None, pretrain_epochs=4, pretrain_lr=1e-2, batch_size=None, timesteps=None,
-                    device=None, out=None, seed=0, image_size=None, workers=0, method="cbp")
+                    device=None, out=None, seed=0, image_size=None, workers=0, method="cbp", amp=None)
 # --method -> (name in tables, file name of the per-epoch plot); "compare" runs all three.
 METHODS = {"cbp": ("CBP", "accuracy_cfs_g.png"), "sigmoid": ("Sigmoid-sum", "accuracy_temperature.png"),
            "cq": ("CQ", "accuracy.png")}
@@ -131,6 +131,8 @@ def _add_run_arguments(cmd: argparse.ArgumentParser, levels_default: str) -> Non
     cmd.add_argument("--out", help="output directory (default: runs/<timestamp>)")
     cmd.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
     cmd.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
+    cmd.add_argument("--amp", choices=("bf16", "fp16"), help="CBP in mixed precision: forward and loss under "
+                     "torch.autocast, fp16 with a GradScaler; float32 weights and multipliers (CBPConfig.amp)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,7 +256,7 @@ def _logits(model: nn.Module, x: torch.Tensor, timesteps: int) -> torch.Tensor:
     from .data import time_major
 
     _reset_states(model)
-    out = model(time_major(x, timesteps))
+    out = model(time_major(x, x.shape[1] if x.dim() == 5 else timesteps))  # event frames: their own T (timesteps_train)
     return out.mean(0) if out.dim() == 3 else out
 
 
@@ -427,7 +429,7 @@ def _resolve_config(args) -> dict:
             except ValueError as exc:
                 raise CLIError(f"--levels {label} for --method sigmoid: {exc}") from None
     recipe = dict(epochs=max(cfg["epochs"], 1), batch_size=cfg["batch_size"], seed=cfg["seed"])
-    cfg["cbp"] = dataclasses.asdict(dataclasses.replace(cbp, **recipe))
+    cfg["cbp"] = dataclasses.asdict(dataclasses.replace(cbp, **recipe, amp=cfg["amp"] or cbp.amp))
     cfg["sigmoid"] = dataclasses.asdict(dataclasses.replace(_demo_sigmoid_config(), **recipe))
     if cfg["out"] is None:
         cfg["out"] = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -595,7 +597,6 @@ def _quant_stage(method, label, levels, fp32_model, cfg, train, test, dist, run_
     fit_seconds = time.perf_counter() - start - sum(eval_times)
     if dist.main:
         _write_metrics(run_dir, stage, quantizer.history)
-    cfs_trained = quantizer.cfs() if method == "cbp" else None
     quantizer.finalize()
     names = list(quantizer.layers)
     levels_list = quantizer.levels.tolist()
@@ -608,7 +609,8 @@ def _quant_stage(method, label, levels, fp32_model, cfg, train, test, dist, run_
         "seconds_per_epoch": fit_seconds / len(eval_times) if eval_times else None,
     }
     if method == "cbp":
-        result.update(cfs_trained=cfs_trained, cfs=quantizer.cfs(), g=quantizer.g)
+        result.update(cfs_trained=quantizer.cfs_before, cfs=quantizer.cfs(), g=quantizer.g,
+                      forced_fraction=quantizer.forced_fraction)
     result["export"] = os.path.join(stage_dir, "model.safetensors")  # every level set: planes or codes
     if LevelSet(levels_list).popcount:
         packed_preds = _predict(pack_model(copy.deepcopy(model), dict.fromkeys(names)), test, T, dist)
@@ -630,7 +632,8 @@ def _quant_stage(method, label, levels, fp32_model, cfg, train, test, dist, run_
     packed_note = (f"packed {result['packed_accuracy']:.2f}%, "
                    f"{'same' if result['same_predictions'] else str(result['mismatches']) + ' different'} predictions"
                    if "packed_accuracy" in result else "exported as level codes: no popcount layers")
-    cfs_note = f", CFS {cfs_trained:.3g} -> {result['cfs']:.3g}" if method == "cbp" else ""
+    cfs_note = (f", CFS {result['cfs_trained']:.3g} -> {result['cfs']:.3g} by forcing, which moved "
+                f"{100 * result['forced_fraction']:.1f}% of the weights") if method == "cbp" else ""
     say(f"{name} {label}: accuracy {result['accuracy']:.2f}% ({packed_note}){cfs_note}")
     return result
 
@@ -728,8 +731,10 @@ def format_memory(bits: float) -> str:
 
 def format_table(model: str, data: str, rows: list[dict], method: str = "cbp") -> str:
     """The result table of a ``run`` in the layout of the paper's Table 1 (one row per
-    precision); CFS only for CBP rows."""
-    head = ("Precision", "Accuracy (%)", "Packed model (%)", "Same predictions", "Weight memory", "CFS")
+    precision); for CBP rows the CFS training reached (before the weights are forced onto the
+    levels, which makes it 0) and the share of weights forcing moved (``CBPQuantizer.finalize``)."""
+    head = ("Precision", "Accuracy (%)", "Packed model (%)", "Same predictions", "Weight memory", "CFS trained",
+            "Forcing moved")
     body = []
     for r in rows:
         packed = "packed_accuracy" in r
@@ -739,7 +744,8 @@ def format_table(model: str, data: str, rows: list[dict], method: str = "cbp") -
             f"{r['packed_accuracy']:.2f}" if packed else "-",
             ("yes" if r["same_predictions"] else f"NO ({r['mismatches']})") if packed else "-",
             format_memory(r["weight_bits"]),
-            f"{r['cfs']:.3g}" if r.get("cfs") is not None else "-",
+            f"{r['cfs_trained']:.3g}" if r.get("cfs_trained") is not None else "-",
+            f"{100 * r['forced_fraction']:.1f}%" if r.get("forced_fraction") is not None else "-",
         ))
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

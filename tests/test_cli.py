@@ -57,7 +57,10 @@ def test_default_run_table_and_files(default_run, capsys):
     assert rows["FP32"]["accuracy"] > 30  # chance is 10 %
     for name in ("binary", "ternary"):
         r = rows[name]
-        assert r["accuracy"] > 30 and r["cfs"] == 0 and r["cfs_trained"] > 0
+        assert r["accuracy"] > 30 and r["cfs"] == 0 and r["cfs_trained"] > 0 and 0 < r["forced_fraction"] <= 1
+        # the table shows what training reached and what forcing moved, not the CFS 0 after it
+        cells = _table_row((default_run / "table.txt").read_text(), name.capitalize())
+        assert cells[-2:] == [f"{r['cfs_trained']:.3g}", f"{100 * r['forced_fraction']:.1f}%"]
         assert r["same_predictions"] and r["packed_accuracy"] == r["accuracy"]
         assert r["weight_bits"] < rows["FP32"]["weight_bits"] / 10
         for f in ("last.pt", "model.safetensors", "accuracy_cfs_g.png", "weight_histograms.png", "result.json"):
@@ -202,6 +205,20 @@ def test_model_given_as_checkpoint_path(default_run, tmp_path, capsys):
     _fails(capsys, "run", "--checkpoint", str(path), "--out", str(tmp_path / "o"), match="fc2.bias")
 
 
+@pytest.mark.slow
+def test_amp_bf16_run_end_to_end(default_run, tmp_path):
+    """--amp bf16 on the digits default (CPU autocast): trains, packs, predicts as the float model."""
+    state = torch.load(default_run / "pretrained.pt", weights_only=True)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"arch": "digits-net", "model": state}, path)
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(path), "--levels", "binary", "--epochs", "1", "--amp", "bf16",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["cbp"]["amp"] == "bf16"
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert rows[1]["accuracy"] > 30 and rows[1]["same_predictions"] and rows[1]["cfs_trained"] > 0
+
+
 def _table_row(table: str, name: str) -> list[str]:
     """The cells of the row of ``name`` in a whitespace-aligned table."""
     return next(line.split() for line in table.splitlines() if line.startswith(name))
@@ -229,13 +246,16 @@ def test_run_method_sigmoid(tmp_path):
 
 
 def test_run_method_cq(tmp_path, capsys):
-    """CQ: the clamp-and-quantize ANN converted to an IF SNN with 8-bit weights predicts as
-    the ANN; every layer counts at 8 bits; no packed model."""
+    """CQ: the clamp-and-quantize ANN converted to an IF SNN with 8-bit weights mostly predicts
+    as the ANN; every layer counts at 8 bits; no packed model. The SNN reads IF-encoded input
+    spikes and answers with spike counts / T as the CQ authors' code, which at T=4 tie often
+    (measured: the same prediction on 76-78 % of the test set); test_cq.py checks the
+    conversion's exactness where it holds (analog current and potential readout, or T=16)."""
     out = tmp_path / "cq"
     assert main(["run", "--method", "cq", "--pretrain-epochs", "0", "--epochs", "2", "--out", str(out)]) == 0
     r = json.loads((out / "summary.json").read_text())["rows"][1]
     assert r["method"] == "cq" and r["epochs"] == 2 and r["timesteps"] == 4
-    assert r["accuracy"] > 30 and r["ann_accuracy"] > 30 and r["agreement"] >= 0.9
+    assert r["accuracy"] > 30 and r["ann_accuracy"] > 30 and r["agreement"] >= 0.6
     assert r["weight_bits"] == 8 * (144 + 4608 + 65536 + 1280)  # conv1, conv2, fc1, fc2
     assert "same_predictions" not in r and not (out / "cq" / "model.safetensors").exists()
     assert (out / "cq" / "accuracy.png").stat().st_size > 0 and (out / "cq" / "last.pt").exists()

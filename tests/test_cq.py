@@ -17,6 +17,57 @@ def test_clamp_quantize_values_and_clipped_ste():
     assert y.tolist() == [0.0, 0.0, 0.0, 0.125, 0.5, 0.875, 1.0, 1.0]
     y.sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    # the incoming gradient is clipped too (hardtanh, the CQ authors' Quantization.backward)
+    x.grad = None
+    ClampQuantize(8)(x).backward(torch.tensor([3.0, 3.0, -2.5, 0.5, 7.0, -7.0, 1.5, 9.0]))
+    assert x.grad.tolist() == [0.0, 1.0, -1.0, 0.5, 1.0, -1.0, 1.0, 0.0]
+
+
+def test_to_snn_normalises_by_weights_and_biases_and_rounds_both():
+    """max(max|W|, max|b|) per layer (the authors' normalize_weight): here the bias is larger;
+    weights and biases on the 8-bit grid; the threshold scaled by the same factor."""
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, -1.0, 0.25], [0.1, 0.2, 0.3]]))
+        lin.bias.copy_(torch.tensor([2.0, -0.3]))
+    snn = to_snn(nn.Sequential(lin, ClampQuantize(4), nn.Linear(2, 2)), 4, weight_bits=8)
+    layer = snn.layers[0]
+    assert layer.weight.tolist() == fixed_point(lin.weight.detach() / 2.0, 8).tolist()
+    assert layer.bias.tolist() == fixed_point(lin.bias.detach() / 2.0, 8).tolist()
+    assert snn.thresholds[0] == 0.5 and float(layer.bias.detach()[1]) != -0.15  # -0.15 rounded to 1/128
+
+
+def _if_counts(currents, threshold):
+    """Spike count of one IF neuron (reset by subtraction) over a list of input currents."""
+    v, n = 0.0, 0
+    for c in currents:
+        v += c
+        if v >= threshold:
+            v, n = v - threshold, n + 1
+    return n
+
+
+def test_snn_input_if_encoded_and_output_spike_count():
+    """Input x in [0, 1] IF-encoded (threshold 1, reset by subtraction), the output the last
+    layer's spike count / T: a scalar simulation of both IF stages; the analog options differ."""
+    from cbp_kernels.quant.cq import CQSpikingNet
+
+    identity = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        identity.weight.fill_(1.0)
+    xs = [0.0, 0.3, 0.5, 0.625, 1.0]
+    x = torch.tensor(xs).unsqueeze(1)
+    nets = {(enc, out): CQSpikingNet([identity], [0.75], [nn.Identity()], 8, input_encoding=enc, readout=out)
+            for enc in ("if", "current") for out in ("count", "potential")}
+    with torch.no_grad():
+        got = {key: net(x).squeeze(1).tolist() for key, net in nets.items()}
+    spikes_in = [[float(_if_counts([v] * (t + 1), 1.0) - _if_counts([v] * t, 1.0)) for t in range(8)] for v in xs]
+    assert got["if", "count"] == [_if_counts(s, 0.75) / 8 for s in spikes_in]
+    assert got["if", "potential"] == [sum(s) / 8 for s in spikes_in]
+    assert got["current", "count"] == [_if_counts([v] * 8, 0.75) / 8 for v in xs]
+    assert len({tuple(v) for v in got.values()}) == 4  # the options are told apart
+    with pytest.raises(ValueError, match="input_encoding"):
+        CQSpikingNet([identity], [1.0], [nn.Identity()], 8, input_encoding="poisson")
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
@@ -99,7 +150,8 @@ def _toy_ann(timesteps=8):
 def test_cq_trainer_trains_converts_and_resumes(tmp_path):
     from cbp_kernels.quant import CQConfig, CQTrainer
 
-    config = CQConfig(timesteps=8, epochs=4)
+    # inputs in R: the analog input current and potential readout (the IF input encoding needs [0, 1])
+    config = CQConfig(timesteps=8, epochs=4, input_encoding="current", readout="potential")
     ann, x, y, loader = _toy_ann()
     trainer = CQTrainer(ann, config)
     history = trainer.fit(loader, nn.functional.cross_entropy, epochs=4, progress=False, checkpoint_dir=tmp_path)
@@ -127,5 +179,7 @@ def test_cq_trainer_bad_configs():
         CQTrainer(_toy_ann(8)[0], CQConfig(timesteps=4))
     with pytest.raises(ValueError, match="weight_bits"):
         CQConfig(weight_bits=1)
+    with pytest.raises(ValueError, match="readout"):
+        CQConfig(readout="rate")
     with pytest.raises(TypeError, match="CQConfig"):
         CQTrainer(_toy_ann()[0], config={"timesteps": 8})

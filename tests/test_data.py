@@ -344,3 +344,39 @@ def test_dvs_frames_folder_matches_spikingjelly(tmp_path):
         x, y = ours[i]
         fx, fy = theirs[i]
         assert y == fy and torch.equal(x, torch.as_tensor(fx))
+
+
+def test_sample_frames_sorted_distinct_subset():
+    from cbp_kernels.data.dvs import sample_frames
+
+    x = torch.arange(16.0).reshape(1, 16, 1, 1, 1).expand(3, 16, 2, 1, 1)
+    seen = set()
+    for seed in range(20):
+        y = sample_frames(x, 12, torch.Generator().manual_seed(seed))
+        idx = y[0, :, 0, 0, 0].tolist()
+        assert y.shape == (3, 12, 2, 1, 1) and idx == sorted(set(idx)) and torch.equal(y, x[:, [int(i) for i in idx]])
+        seen.add(tuple(idx))
+    assert len(seen) > 1  # random draws
+    static = torch.randn(3, 2, 4, 4)
+    assert sample_frames(static, 2) is static and sample_frames(x, 16) is x
+
+
+def test_fit_trains_on_timesteps_train_frames(tmp_path):
+    import torch.nn as nn
+
+    from cbp_kernels.quant import CBPConfig, CBPQuantizer
+
+    frames = torch.randn(16, 16, 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(frames, torch.randint(0, 2, (16,))),
+                                         batch_size=8, shuffle=True)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    shapes = []
+
+    def forward(m, x):  # x [N, T, 1, 1, 4] -> mean over time
+        shapes.append(tuple(x.shape))
+        return m(x).mean((1, 2, 3))
+
+    q = CBPQuantizer(model, "binary", config=CBPConfig(timesteps_train=12))
+    q.fit([(x.reshape(8, 16, 1, 1, 4), y) for x, y in loader], nn.functional.cross_entropy, epochs=1,
+          forward_fn=forward, progress=False)
+    assert shapes == [(8, 12, 1, 1, 4)] * 2

@@ -242,4 +242,52 @@ def test_sigmoid_quantizer_with_kmeans_biases():
     model, _ = q.finalize()
     assert set(torch.unique(model[2].weight / model[2].weight_scale).tolist()) <= {-1.0, 0.0, 1.0}
     with pytest.raises(ValueError, match="kmeans_biases"):
-        SigmoidConfig(kmeans_biases="yes")
+        SigmoidConfig(kmeans_biases="yes")  # None or a bool
+
+
+@pytest.mark.parametrize("levels", ["binary", "2bit"])
+def test_beta_starts_at_5p_over_4q(levels):
+    """Quantization Networks' start: beta = 5p / (4q), p = max|level|, q = max|W| (for
+    [-3, -1, 1, 3]: 3.75 / q, not 1.25 / q), alpha = 1 / beta."""
+    from torch import nn
+
+    from cbp_kernels.nn import SigmoidQuantLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    q, p = float(lin.weight.detach().abs().max()), max(abs(v) for v in LEVELS[levels])
+    layer = SigmoidQuantLinear.from_float(lin, LEVELS[levels])
+    assert float(layer.beta.detach()) == pytest.approx(5 * p / (4 * q), rel=1e-6)
+    assert float(layer.alpha.detach()) == pytest.approx(4 * q / (5 * p), rel=1e-6)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gradient_beyond_the_old_clamp_is_the_sigmoids(device):
+    """No clamp of z = T (beta w - b) to [-10, 10]: at |z| = 12 .. 30 the gradient is the
+    sigmoid's own, sig'(z) = e / (1 + e)^2 with e = exp(-|z|) (tiny, never 0), on every backend."""
+    z = torch.tensor([-30.0, -12.0, 12.0, 30.0], device=device)
+    beta, alpha = torch.tensor(1.0, device=device), torch.tensor(1.0, device=device)
+    for b in ["reference"] + kernel_backends(device, **OP):
+        w = z.clone().requires_grad_()  # binary: one sigmoid at b = 0, gap 2; T = 1
+        sigmoid_quantize(w, alpha, beta, [-1.0, 1.0], 1.0, backend=b).sum().backward()
+        e = torch.exp(-z.abs().double())
+        want = (2 * e / (1 + e) ** 2).float()
+        torch.testing.assert_close(w.grad, want, rtol=1e-5, atol=0, msg=b)
+
+
+def test_sigmoid_defaults_cluster_ternary_biases_and_clip_the_norm():
+    """As the Quantization Networks code: k-means biases for ternary, the midpoint for binary;
+    the total gradient norm clipped at 5 before each step."""
+    from torch.nn import functional as F
+
+    from cbp_kernels.quant import SigmoidConfig, SigmoidQuantizer
+
+    assert SigmoidQuantizer(_toy()[0], "binary").layers["2"].biases is None
+    assert SigmoidQuantizer(_toy()[0], "ternary").layers["2"].biases is not None
+    net, x, y, _ = _toy()
+    q = SigmoidQuantizer(net, "binary")
+    q.step(F.cross_entropy(net(x) * 1000, y))
+    norm = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]).norm()
+    assert float(norm) == pytest.approx(5.0, rel=1e-5)
+    with pytest.raises(ValueError, match="clip"):
+        SigmoidConfig(clip="both")

@@ -9,11 +9,26 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["FramesDataset", "dvs_dataset", "npz_dataset", "DVS_TIMESTEPS"]
+__all__ = ["FramesDataset", "dvs_dataset", "npz_dataset", "sample_frames", "DVS_TIMESTEPS"]
 
 DVS_TIMESTEPS = 16  # the frame count of the paper's DVS runs (Table 4: Steps 16)
 # CIFAR10-DVS ships no split: the first 90 % of each class train, as SpikingJelly's split.
 _CIFAR10_DVS_TRAIN_RATIO = 0.9
+
+
+def sample_frames(x: torch.Tensor, timesteps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random subset of ``timesteps`` of a batch's frames, kept in time order: ``x``
+    ``[N, T, ...]`` -> ``x[:, idx]`` with ``idx`` = ``timesteps`` distinct sorted frame
+    indices drawn from ``generator`` (default torch's global one: seeded per epoch and
+    checkpointed by ``QuantTrainer.fit``, so a resumed run draws the same frames). One draw
+    per batch, as the SEW-ResNet DVS128 code of the CBP authors (yoees/CBP-QSNN@006ec63,
+    CBP-QSNN-SEW-ResNet/DVS128Gesture/main_quantize_cbp.py: ``np.random.choice(T, T_train,
+    replace=False)``, sorted). A batch of T <= ``timesteps`` frames, or of another rank
+    than 5 (static images), is returned as it is."""
+    if x.dim() != 5 or x.shape[1] <= timesteps:
+        return x
+    idx = torch.randperm(x.shape[1], generator=generator)[:timesteps].sort().values
+    return x[:, idx.to(x.device)]
 
 
 class FramesDataset(Dataset):

@@ -161,7 +161,8 @@ class SpikeConv2dFunction(torch.autograd.Function):
         ctx.compact = None if isinstance(saved, torch.Tensor) else (saved.shape, saved.dtype, saved.bits)
         ctx.save_for_backward(saved if isinstance(saved, torch.Tensor) else saved.data, weight)
         ctx.conf = (x.shape, stride, padding, dilation, groups, None if bias is None else list(bias.shape))
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # under autocast: in its dtype
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -171,10 +172,14 @@ class SpikeConv2dFunction(torch.autograd.Function):
             x = _Compact(x, *ctx.compact).restore()
         elif x.numel() == 0:  # weight grad not wanted: only the input's shape is used
             x = grad_y.new_zeros(()).expand(x_shape)
+        # autocast ran the forward conv in grad_y's dtype (bf16 / fp16): so does the backward,
+        # and each gradient returns in its input's dtype, as autocast's casts would give
+        dt = grad_y.dtype
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad_y, x, weight, bias_shape, stride, padding, dilation, False, [0, 0], groups,
+            grad_y, x.to(dt), weight.to(dt), bias_shape, stride, padding, dilation, False, [0, 0], groups,
             list(ctx.needs_input_grad[:3]),
         )
+        gx, gw, gb = (g if g is None else g.to(t) for g, t in zip((gx, gw, gb), ctx.dtypes))
         return gx, gw, gb, None, None, None, None, None
 
 

@@ -1,7 +1,8 @@
 """Layers quantized with the differentiable sigmoid-sum function (seed paper 001): in training
 mode the weight used is ``sigmoid_quantize(W, alpha, beta, levels, T)``; in eval mode the hard
 steps (its T -> infinity limit), i.e. alpha * q for a level q. alpha and beta are learned per
-layer, starting at beta = 1.25 / max|W| and alpha = 1 / beta; the temperature T (attribute
+layer, starting at beta = 5p / (4q) (p = max|level|, q = max|W|: Quantization Networks, Yang et
+al., CVPR 2019, section 3.3) and alpha = 1 / beta; the temperature T (attribute
 ``temperature``) is set by the trainer (``cbp_kernels.quant.SigmoidQuantizer``)."""
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ class SigmoidQuantized(QuantizedLayer):
 
     @torch.no_grad()
     def reset_scale(self) -> None:
-        """beta = 1.25 / max|W| and alpha = 1 / beta (the paper's start), from the weights now."""
-        beta = 1.25 / float(self.weight.abs().max().clamp_min(1e-12))
+        """beta = 5p / (4q), p = max|level|, q = max|W| (the paper's start: beta * W spans the
+        levels and a quarter more), and alpha = 1 / beta, from the weights now."""
+        p = max(abs(v) for v in self._levels)
+        beta = 5.0 * p / (4.0 * float(self.weight.abs().max().clamp_min(1e-12)))
         self.alpha.fill_(1.0 / beta)
         self.beta.fill_(beta)
 

@@ -4,6 +4,12 @@ the weights and biases so that every neuron fires at threshold 1.
 For layers l = 1..L, each followed by neurons of threshold theta(l) (theta(0) = 1 for the
 input, theta = 1 for a layer with no neuron after it):
     W(l) <- W(l) * theta(l-1) / theta(l),   b(l) <- b(l) / theta(l),   theta(l) <- 1.
+
+That is the paper's Eq. 6, which rescales the classifier too (W(L) <- W(L) * theta(L-1)).
+The authors' code (yoees/CBP-QSNN@006ec63, CBP-QSNN-SNN-Calibration/
+main_calibration_quantize_cbp.py, "Rescale weight, bias, threshold") rescales only the
+layers that have neurons (their ``SpikeModule`` convs) and leaves the classifier as
+trained, so its logits shrink by theta(L-1) (a softmax temperature): ``spiking_only=True``.
 """
 from __future__ import annotations
 
@@ -38,12 +44,16 @@ def threshold_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]
 
 
 @torch.no_grad()
-def rescale_thresholds(pairs: Sequence[tuple[nn.Module, nn.Module | None]]) -> list[float]:
+def rescale_thresholds(pairs: Sequence[tuple[nn.Module, nn.Module | None]], spiking_only: bool = False) -> list[float]:
     """Applies Algorithm 2's rescaling in place along the chain ``pairs`` (first layer first)
-    and sets every neuron's ``v_threshold`` to 1. Returns the thresholds theta(l) it folded."""
+    and sets every neuron's ``v_threshold`` to 1. Returns the thresholds theta(l) it folded.
+    ``spiking_only``: layers with no neuron after them (the classifier) are left unchanged,
+    as the authors' code (module doc)."""
     thetas = [_theta(neuron) for _, neuron in pairs]
     previous = 1.0
     for (layer, neuron), theta in zip(pairs, thetas):
+        if neuron is None and spiking_only:
+            continue
         layer.weight.mul_(previous / theta)
         if layer.bias is not None:
             layer.bias.div_(theta)

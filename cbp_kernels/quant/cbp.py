@@ -46,6 +46,9 @@ __all__ = ["CBPQuantizer", "WindowSchedule", "next_g", "CHECKPOINT_NAME"]
 # The multiplier optimizer's weight decay: torch.optim.Adam's and AdamW's defaults (L2 0 for
 # Adam; decoupled 1e-2 for AdamW), with their default betas (0.9, 0.999) and eps 1e-8.
 MULTIPLIER_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2}
+# ``finalize``: a weight farther than this fraction of its layer's level step from its level
+# counts as moved by forcing (1 %: a weight that training had not yet brought onto its level).
+FORCE_TOLERANCE = 0.01
 
 
 def next_g(g: int) -> int:
@@ -90,8 +93,8 @@ class CBPQuantizer(QuantTrainer):
     subclasses included) except the excluded ones for its quantized twin
     (``cbp_kernels.nn.QuantConv2d`` / ``QuantLinear``: same Parameter objects, buffers
     ``levels`` and ``weight_scale`` = mean(|W|) now), creates lambda (one per quantized
-    weight, 0), g = ``config.g``, p = 0, L_pre = 1e10, the weight optimizer (over every
-    trainable parameter of the model) and the multiplier optimizer's state (Adam moments
+    weight, 0), g = ``config.g``, p = 0, L_pre = 1e10, the weight optimizer (``config.train_params``: every
+    trainable parameter of the model, or the quantized weights only) and the multiplier optimizer's state (Adam moments
     ``exp_avgs`` / ``exp_avg_sqs`` beside lambda, and ``multiplier_steps``), and makes the
     one lambda update that precedes the first epoch.
 
@@ -184,18 +187,16 @@ class CBPQuantizer(QuantTrainer):
         """One minibatch of Algorithm 1.
 
         ``loss`` is the batch's loss C (a 0-dim tensor whose graph reaches the model, not yet
-        backpropagated). Zeroes the gradients, backpropagates C, adds lambda * dcs/dW to the
-        quantized weights' gradients (one fused pass), clips every gradient by value at
-        ``config.grad_clip``, steps the weight optimizer, clamps the quantized weights to
-        [-weight_clip, weight_clip] (and, with ``calibration``, the biases to +-bias_clip).
-        Returns L = C + sum(lambda * cs(W; g)) (of the weights before the step) and adds it
-        to the epoch's L_sum. A NaN/Inf loss or weight raises FloatingPointError before any
-        parameter changes."""
-        c = float(loss.detach())
-        if not math.isfinite(c):
-            raise FloatingPointError(f"the loss is {c} at epoch {self.epoch}, batch {self._batch}; nothing was updated")
-        self.weight_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backpropagated; under ``amp`` computed in autocast). Zeroes the gradients,
+        backpropagates C (through the GradScaler under fp16 amp, then unscaled), adds
+        lambda * dcs/dW to the quantized weights' float32 gradients (one fused pass), clips
+        (``config.clip`` at ``grad_clip``), steps the weight optimizer, clamps the quantized
+        weights to [-weight_clip, weight_clip] (and the other layers' to +-other_weight_clip,
+        the biases to +-bias_clip, when set). Returns L = C + sum(lambda * cs(W; g)) (of the
+        weights before the step) and adds it to the epoch's L_sum. A NaN/Inf loss or weight
+        raises FloatingPointError before any parameter changes."""
+        c = self._checked_loss(loss)
+        self._backward(loss)
         for w in self.weights:
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
@@ -205,21 +206,17 @@ class CBPQuantizer(QuantTrainer):
                 f"the quantized weights or multipliers hold NaN/Inf at epoch {self.epoch}, batch {self._batch} "
                 f"(sum lambda*cs = {penalty}, sum cs = {cs_sum}); nothing was updated"
             )
-        params = [p for group in self.weight_optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_value_(params, self.config.grad_clip)
-        self.weight_optimizer.step()
+        self._clip_and_step()
         with torch.no_grad():
             for w in self.weights:
                 w.clamp_(-self.config.weight_clip, self.config.weight_clip)
-            for group in self.weight_optimizer.param_groups:
-                if group.get("name") == "bias":
-                    for b in group["params"]:
-                        b.clamp_(-self.config.bias_clip, self.config.bias_clip)
+            if self.config.bias_clip is not None:
+                for group in self.weight_optimizer.param_groups:
+                    if group.get("name") == "bias":
+                        for b in group["params"]:
+                            b.clamp_(-self.config.bias_clip, self.config.bias_clip)
         L = c + penalty
-        self._L_sum += L
-        self._loss_sum += c
-        self._steps += 1
-        self._batch += 1
+        self._count(L, c)
         self._last_cfs = cs_sum / self.num_weights
         return L
 
@@ -282,7 +279,7 @@ class CBPQuantizer(QuantTrainer):
 
     def _before_swap(self, net: nn.Module) -> None:
         if self.config.calibration:
-            rescale_thresholds(threshold_pairs(net))
+            rescale_thresholds(threshold_pairs(net), spiking_only=self.config.rescale_layers == "spiking")
 
     # ---- the result -------------------------------------------------------------------------
     @torch.no_grad()
@@ -291,9 +288,18 @@ class CBPQuantizer(QuantTrainer):
 
         Returns ``(model, export)`` where ``export[layer_name] = {"codes": int8 tensor of level
         indices (shape of the weight), "scale": float, "levels": list of floats}``; the
-        weights equal ``levels[codes] * scale``."""
+        weights equal ``levels[codes] * scale``. Records what forcing did: ``cfs_before``
+        (the CFS reached by training) and ``forced_fraction``, the fraction of the quantized
+        weights it moved by more than ``FORCE_TOLERANCE`` of their layer's smallest level step
+        (s * min(q_{j+1} - q_j)); forcing never changes a weight's level, so not the forward."""
         export = {}
+        self.cfs_before = self.cfs()
+        moved = 0
         for name, layer in self.layers.items():
-            layer.weight.copy_(layer.quantized_weight().detach())
+            q = layer.quantized_weight().detach()
+            step = float((layer.levels[1:] - layer.levels[:-1]).min()) * float(layer.weight_scale)
+            moved += int(((layer.weight.detach() - q).abs() > FORCE_TOLERANCE * step).sum())
+            layer.weight.copy_(q)
             export[name] = weight_export(layer)
+        self.forced_fraction = moved / self.num_weights
         return self.model, export

@@ -8,10 +8,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["CBPConfig", "PRESETS", "get_preset", "OPTIMIZERS", "MULTIPLIER_OPTIMIZERS"]
+__all__ = ["CBPConfig", "PRESETS", "get_preset", "OPTIMIZERS", "MULTIPLIER_OPTIMIZERS", "AMP_DTYPES"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MULTIPLIER_OPTIMIZERS = ("adam", "adamw")
+TRAIN_PARAMS = ("all", "quantized")
+CLIPS = ("value", "norm")
+AMP_CLIP_ORDERS = ("unscaled", "scaled")
+RESCALE_LAYERS = ("all", "spiking")
+#: ``CBPConfig.amp`` -> the autocast dtype (None: float32 throughout).
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,10 +26,15 @@ class CBPConfig:
 
     Attributes:
         lr: eta_W, the weight learning rate.
-        optimizer: the weight optimizer, ``"sgd"``, ``"adam"`` or ``"adamw"`` (as pre-training).
+        optimizer: the weight optimizer, ``"sgd"``, ``"adam"`` or ``"adamw"`` (as pre-training;
+            Adam / AdamW with torch's defaults but ``weight_decay``).
+        train_params: what the weight optimizer trains: ``"all"`` (every trainable parameter,
+            as the authors' STBP, SEW-ResNet and SNN-Calibration code) or ``"quantized"`` (the
+            quantized weights only, as their TSSL-BP code: the first and last layers stay as
+            pre-trained; their gradients are still computed and, never zeroed, accumulate).
         momentum: SGD momentum (Table 4 gives none; 0.9 as in the CBP authors' code).
         weight_decay: w_d, L2 through the optimizer on the conv / linear weights only (not on
-            biases, BN or neuron parameters, as in the CBP authors' code).
+            biases, BN or neuron parameters, as in the CBP authors' code); AdamW: decoupled.
         lr_multiplier: eta_lambda, the learning rate of the multiplier optimizer.
         multiplier_optimizer: ``"adam"`` or ``"adamw"`` (AdamW for TSSL-BP), as
             torch.optim.Adam / AdamW with ``maximize=True`` and their default betas, eps and
@@ -36,17 +47,37 @@ class CBPConfig:
         g: the initial window parameter (>= 1); g grows by 1 below 10 and by 10 from 10 on.
         lr_drop_g: the weight learning rate is multiplied by ``lr_drop_factor`` when g reaches
             this value (None: never).
-        grad_clip: gradients are clipped by value to [-grad_clip, grad_clip] before each step.
+        grad_clip: the gradient clip before each step, over every parameter of the model that
+            has a gradient (the authors' ``clip_grad_*_(model.parameters())``).
+        clip: ``"value"`` (each gradient element to [-grad_clip, grad_clip], the authors' STBP,
+            SEW-ResNet and SNN-Calibration code) or ``"norm"`` (all gradients scaled to a total
+            2-norm of at most grad_clip, ``clip_grad_norm_``: their TSSL-BP code).
         weight_clip: quantized weights are clamped to [-weight_clip, weight_clip] after each step.
+        other_weight_clip: None, or the clamp of every other conv / linear weight after each step
+            (the TSSL-BP code's ``weight_clipper``: +-4).
         calibration: Algorithm 2 (SNN-Calibration): rescale weights and biases by the layer
-            thresholds first, then train the biases too with ``lr_bias``, clamped to
-            [-bias_clip, bias_clip] after each step.
-        bias_clip: see ``calibration``.
+            thresholds first (``rescale_layers``), then train the biases too with ``lr_bias``.
+        rescale_layers: which layers Algorithm 2 rescales: ``"all"`` (the paper's Eq. 6: every
+            layer by theta(l-1) / theta(l), the classifier by theta(L-1)) or ``"spiking"`` (only
+            layers followed by a neuron, the classifier left as trained: the authors' code,
+            ``main_calibration_quantize_cbp.py``, which produced the published numbers).
+        bias_clip: None (the authors' code: biases are never clamped) or the clamp
+            [-bias_clip, bias_clip] of the biases after each step (with ``calibration``; the
+            paper's Algorithm 2 writes b <- clip(b - eta_b grad_b C) without a range).
+        amp: None, ``"bf16"`` or ``"fp16"``: the forward and the loss under ``torch.autocast``
+            in that dtype, the backward through a ``GradScaler`` (fp16; bf16 needs none), the
+            weights, lambda and the constraint in float32 (the authors' ``--amp``).
+        amp_clip: ``"unscaled"`` (unscale the gradients, then clip: torch's documented order)
+            or ``"scaled"`` (clip the loss-scaled gradients, the authors' order: an effective
+            clip of grad_clip / S for a loss scale S).
+        timesteps_train: None, or train on a random sorted subset of this many of each batch's
+            frames ([N, T, ...] inputs; the authors' DVS128 ``--T_train 12``); evaluation sees all T.
         seed: base seed of the per-epoch data order (epoch e uses seed + e).
     """
 
     lr: float = 0.1
     optimizer: str = "sgd"
+    train_params: str = "all"
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_multiplier: float = 0.01
@@ -60,16 +91,30 @@ class CBPConfig:
     lr_drop_g: int | None = 20
     lr_drop_factor: float = 0.1
     grad_clip: float = 1.0
+    clip: str = "value"
     weight_clip: float = 1.0
+    other_weight_clip: float | None = None
     calibration: bool = False
-    bias_clip: float = 1.0
+    rescale_layers: str = "all"
+    bias_clip: float | None = None
+    amp: str | None = None
+    amp_clip: str = "unscaled"
+    timesteps_train: int | None = None
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("lr", "lr_multiplier", "grad_clip", "weight_clip", "bias_clip", "lr_drop_factor"):
+        for name in ("lr", "lr_multiplier", "grad_clip", "weight_clip", "lr_drop_factor"):
             _positive(name, getattr(self, name))
-        if self.lr_bias is not None:
-            _positive("lr_bias", self.lr_bias)
+        for name in ("lr_bias", "bias_clip", "other_weight_clip"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name, choices in (("train_params", TRAIN_PARAMS), ("clip", CLIPS), ("amp_clip", AMP_CLIP_ORDERS),
+                              ("rescale_layers", RESCALE_LAYERS), ("amp", (None, *AMP_DTYPES))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"CBPConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.timesteps_train is not None and (not isinstance(self.timesteps_train, int)
+                                                 or isinstance(self.timesteps_train, bool) or self.timesteps_train < 1):
+            raise ValueError(f"CBPConfig.timesteps_train must be None or an integer >= 1, got {self.timesteps_train!r}")
         for name in ("momentum", "weight_decay"):
             value = getattr(self, name)
             if not _real(value) or not math.isfinite(value) or value < 0:
@@ -101,7 +146,11 @@ def _positive(name: str, value) -> None:
 
 
 def _tssl(**kw):
-    return CBPConfig(optimizer="adamw", lr=2e-4, multiplier_optimizer="adamw", lr_multiplier=1e-4,
+    # The authors' TSSL-BP code (CBP-QSNN-TSSL-BP/main_quantize_cbp.py, yoees/CBP-QSNN@006ec63):
+    # AdamW over the quantized weights only at torch's default weight decay 0.01 (Table 4 lists
+    # none), clip_grad_norm_(every layer weight, 1), weight_clipper: other layers to +-4.
+    return CBPConfig(optimizer="adamw", lr=2e-4, weight_decay=0.01, train_params="quantized", clip="norm",
+                     other_weight_clip=4.0, multiplier_optimizer="adamw", lr_multiplier=1e-4,
                      batch_size=50, epochs=200, timesteps=5, lr_drop_g=None, **kw)
 
 
@@ -115,8 +164,11 @@ def _sew(**kw):
 
 
 def _calib(**kw):
+    # The authors' code (CBP-QSNN-SNN-Calibration/main_calibration_quantize_cbp.py @006ec63)
+    # rescales only the spiking (conv) layers and never clamps a bias.
     return CBPConfig(optimizer="sgd", lr=0.01, weight_decay=1e-4, lr_bias=0.01, multiplier_optimizer="adam",
-                     lr_multiplier=1e-3, batch_size=128, epochs=100, timesteps=32, calibration=True, **kw)
+                     lr_multiplier=1e-3, batch_size=128, epochs=100, timesteps=32, calibration=True,
+                     rescale_layers="spiking", **kw)
 
 
 #: Table 4 of the paper, one entry per (pre-training algorithm, dataset).
@@ -124,7 +176,8 @@ PRESETS: dict[str, CBPConfig] = {
     "tssl-bp/cifar10": _tssl(),
     "stbp/cifar10": _stbp(),
     "stbp/cifar100": _stbp(),
-    "sew-resnet/dvs128-gesture": _sew(batch_size=16, epochs=200, timesteps=16),
+    # DVS128: the authors train on 12 random sorted frames of 16 (README: --T_train 12 --T 16)
+    "sew-resnet/dvs128-gesture": _sew(batch_size=16, epochs=200, timesteps=16, timesteps_train=12),
     "sew-resnet/cifar10-dvs": _sew(batch_size=16, epochs=64, timesteps=16),
     "sew-resnet/imagenet": _sew(batch_size=32, epochs=100, timesteps=4),
     "snn-calib/cifar10": _calib(),

@@ -2,13 +2,20 @@
 conversion peer of CBP.
 
 1. Train an ANN whose activations are clamped to [0, 1] and quantized to T levels,
-   a = floor(clamp(x, 0, 1) * T) / T, with a clipped straight-through gradient
-   (1 inside [0, 1], 0 outside): ``ClampQuantize``.
+   a = floor(clamp(x, 0, 1) * T) / T, with a straight-through gradient clipped twice: the
+   clamp's (0 outside [0, 1]) and hardtanh of the incoming gradient (to [-1, 1]), as the
+   authors' ``Clamp_q`` / ``Quantization.backward`` (zhoujuncc1/shenjingcat@068f967,
+   src/cq.py): ``ClampQuantize``.
 2. Fuse each BatchNorm into the convolution / linear layer before it (exact): ``fuse_bn``.
 3. Convert: the same weights drive integrate-and-fire neurons (no leak, reset by
-   subtraction) for T steps; each layer's weights and bias are divided by max|W| and its
-   threshold by the same factor, so spikes are unchanged (``to_snn``). The weights then lie
-   in [-1, 1] and may be rounded to n-bit fixed point without retraining: ``fixed_point``.
+   subtraction) for T steps; each layer's weights and bias are divided by
+   max(max|W|, max|b|) and its threshold by the same factor, so spikes are unchanged, and
+   with ``weight_bits`` both weights and biases are rounded to n-bit fixed point (the
+   authors' ``normalize_weight``, src/transfer.py): ``to_snn``, ``fixed_point``.
+4. The SNN's input is the image IF-encoded into spikes (threshold 1, reset by subtraction:
+   their ``SpikeDataset(type="spike")``, src/cat.py) and its output the last layer's spike
+   count / T; ``input_encoding="current"`` / ``readout="potential"`` keep the analog input
+   current and the accumulated potential instead.
 The converted ``CQSpikingNet`` is a natural input for CBP's Algorithm 2 path.
 """
 from __future__ import annotations
@@ -36,11 +43,11 @@ class _ClampQuantizeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * ((x >= 0) & (x <= 1)).to(grad.dtype), None
+        return nn.functional.hardtanh(grad) * ((x >= 0) & (x <= 1)).to(grad.dtype), None
 
 
 class ClampQuantize(nn.Module):
-    """a = floor(clamp(x, 0, 1) * T) / T with the clipped straight-through gradient."""
+    """a = floor(clamp(x, 0, 1) * T) / T; gradient hardtanh(dL/da) inside [0, 1], 0 outside."""
 
     def __init__(self, timesteps: int):
         super().__init__()
@@ -76,37 +83,58 @@ def fixed_point(w: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(w * scale) / scale
 
 
-class CQSpikingNet(nn.Module):
-    """IF-neuron SNN converted from a CQ-trained ANN; input ``[N, ...]`` (analog, repeated
-    as a constant current for T steps) or ``[T, N, ...]``; returns the last layer's
-    accumulated potential / T ``[N, classes]`` (rate-decoded logits)."""
+ENCODINGS = ("if", "current")
+READOUTS = ("count", "potential")
 
-    def __init__(self, layers: list[nn.Module], thresholds: list[float], between: list[nn.Module], timesteps: int):
+
+def _if_spikes(current: torch.Tensor, threshold: float) -> torch.Tensor:
+    """IF neurons (no leak, reset by subtraction) over ``current`` ``[T, ...]``: spikes ``[T, ...]``."""
+    return multistep_neuron(current, neuron="if", v_threshold=threshold, v_reset=None)[0]
+
+
+class CQSpikingNet(nn.Module):
+    """IF-neuron SNN converted from a CQ-trained ANN; input ``[N, ...]`` (analog in [0, 1]:
+    IF-encoded into spikes, or with ``input_encoding="current"`` repeated as a constant
+    current, for T steps) or ``[T, N, ...]`` (used as it is); returns ``[N, classes]``: the
+    last layer's spike count / T (``readout="count"``) or accumulated potential / T
+    (``"potential"``). ``thresholds``: one per layer, the last one's for the count readout."""
+
+    def __init__(self, layers: list[nn.Module], thresholds: list[float], between: list[nn.Module], timesteps: int,
+                 input_encoding: str = "if", readout: str = "count"):
         super().__init__()
+        if input_encoding not in ENCODINGS or readout not in READOUTS:
+            raise ValueError(f"input_encoding must be one of {ENCODINGS} and readout one of {READOUTS}, got "
+                             f"{input_encoding!r}, {readout!r}")
         self.layers = nn.ModuleList(layers)
         self.between = nn.ModuleList(between)  # flatten / pooling applied to spikes before each layer
         self.thresholds = list(thresholds)
-        self.timesteps = timesteps
+        self.timesteps, self.input_encoding, self.readout = timesteps, input_encoding, readout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_seq = x.unsqueeze(0).expand(self.timesteps, *x.shape) if x.dim() in (2, 4) else x
+        x_seq = x
+        if x.dim() in (2, 4):
+            x_seq = x.unsqueeze(0).expand(self.timesteps, *x.shape)
+            if self.input_encoding == "if":
+                x_seq = _if_spikes(x_seq, 1.0)
         T, N = x_seq.shape[:2]
         for i, layer in enumerate(self.layers):
             out = layer(self.between[i](x_seq.flatten(0, 1)))
             current = out.view(T, N, *out.shape[1:])
-            if i == len(self.layers) - 1:
+            if i == len(self.layers) - 1 and self.readout == "potential":
                 return current.mean(0)
-            x_seq, _ = multistep_neuron(current, neuron="if", v_threshold=self.thresholds[i], v_reset=None)
-        raise AssertionError("unreachable: the loop returns at the last layer")
+            x_seq = _if_spikes(current, self.thresholds[i])
+        return x_seq.mean(0)
 
 
-def to_snn(ann: nn.Sequential, timesteps: int, weight_bits: int | None = None) -> CQSpikingNet:
+def to_snn(ann: nn.Sequential, timesteps: int, weight_bits: int | None = None, input_encoding: str = "if",
+           readout: str = "count") -> CQSpikingNet:
     """Converts a CQ-trained ``ann`` (an nn.Sequential of Conv2d/Linear, optional BatchNorm,
-    ClampQuantize, and shape-only modules such as Flatten / AvgPool2d) to a ``CQSpikingNet``.
+    ClampQuantize, and shape-only modules such as Flatten / AvgPool2d) to a ``CQSpikingNet``
+    (``input_encoding`` and ``readout`` as its own).
 
-    BatchNorms are fused; each weight layer is normalised by its max |W| (threshold scaled by
-    the same factor, so spikes are unchanged); ``weight_bits`` rounds the normalised weights to
-    fixed point."""
+    BatchNorms are fused; each weight layer is normalised by max(max|W|, max|b|) (threshold
+    scaled by the same factor, so spikes are unchanged); ``weight_bits`` rounds the normalised
+    weights and biases to fixed point (module doc, step 3)."""
     modules = list(ann)
     layers, thresholds, between, pending = [], [], [], []
     i = 0
@@ -119,14 +147,16 @@ def to_snn(ann: nn.Sequential, timesteps: int, weight_bits: int | None = None) -
             else:
                 m = copy.deepcopy(m)
             norm = float(m.weight.detach().abs().max())
+            if m.bias is not None:
+                norm = max(norm, float(m.bias.detach().abs().max()))
             if norm == 0:
                 raise ValueError(f"layer {len(layers)} has all-zero weights: it cannot be normalised")
             with torch.no_grad():
-                m.weight /= norm
-                if weight_bits is not None:
-                    m.weight.copy_(fixed_point(m.weight, weight_bits))
-                if m.bias is not None:
-                    m.bias /= norm
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        p /= norm
+                        if weight_bits is not None:
+                            p.copy_(fixed_point(p, weight_bits))
             layers.append(m)
             thresholds.append(1.0 / norm)
             between.append(nn.Sequential(*pending))
@@ -141,7 +171,7 @@ def to_snn(ann: nn.Sequential, timesteps: int, weight_bits: int | None = None) -
         i += 1
     if not layers:
         raise ValueError("the ANN has no Conv2d or Linear layer")
-    return CQSpikingNet(layers, thresholds[:-1], between, timesteps)
+    return CQSpikingNet(layers, thresholds, between, timesteps, input_encoding, readout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +181,16 @@ class CQConfig:
     Attributes:
         timesteps: T, the activation levels of ``ClampQuantize`` and the SNN's timesteps.
         weight_bits: fixed-point bits of the converted SNN's weights (None: float).
+        input_encoding, readout: the converted SNN's input and output (``CQSpikingNet``;
+            default as the authors: IF-encoded input spikes, spike count / T).
         lr, optimizer, momentum, weight_decay: the ANN's optimizer (as ``CBPConfig``'s).
         batch_size, epochs, seed: the recipe.
     """
 
     timesteps: int = 4
     weight_bits: int | None = 8
+    input_encoding: str = "if"
+    readout: str = "count"
     lr: float = 1e-2
     optimizer: str = "adam"
     momentum: float = 0.9
@@ -176,6 +210,10 @@ class CQConfig:
             raise ValueError(f"CQConfig.lr must be a finite number > 0, got {self.lr!r}")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"CQConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.input_encoding not in ENCODINGS:
+            raise ValueError(f"CQConfig.input_encoding must be one of {ENCODINGS}, got {self.input_encoding!r}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"CQConfig.readout must be one of {READOUTS}, got {self.readout!r}")
 
 
 class CQTrainer(QuantTrainer):
@@ -201,7 +239,8 @@ class CQTrainer(QuantTrainer):
         """``(snn, export)``: the converted SNN (``to_snn`` with ``config.weight_bits``) and,
         per weight layer of the ANN, ``{"bits": weight_bits, "norm": max|W|}``."""
         self.model.eval()
-        snn = to_snn(self.net, self.config.timesteps, weight_bits=self.config.weight_bits)
+        snn = to_snn(self.net, self.config.timesteps, weight_bits=self.config.weight_bits,
+                     input_encoding=self.config.input_encoding, readout=self.config.readout)
         export = {name: {"bits": self.config.weight_bits, "norm": float(layer.weight.detach().abs().max())}
                   for name, layer in self.layers.items()}
         return snn, export

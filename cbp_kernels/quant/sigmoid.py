@@ -33,24 +33,32 @@ class SigmoidConfig:
 
     Attributes:
         lr, optimizer, momentum, weight_decay: the optimizer of every trainable parameter
-            (weights, alpha, beta, the rest of the model), as ``CBPConfig``'s.
+            (weights, alpha, beta, the rest of the model), as ``CBPConfig``'s. Default as the
+            Quantization Networks code (aliyun/alibabacloud-quantization-networks@05522aa,
+            quan_weight_main.py and quan-weight.sh): SGD, momentum 0.9, lr 1e-3, weight decay 1e-4.
         temperature0: T0; epoch e trains at T = min((e + 1) * T0, temperature_max).
         temperature_max: the cap of T.
-        grad_clip: gradients clipped by value before each step (None: no clipping).
+        grad_clip, clip: the gradient clip before each step (None: none), ``"norm"`` (total
+            2-norm, default 5: that code's ``clip_grad_norm(model.parameters(), 5.0)``) or
+            ``"value"``.
         kmeans_biases: the sigmoids' biases b_i at the midpoints between the k-means centres
             of each layer's scaled weights beta * W (one centre per level, started on the
-            levels) instead of the level midpoints.
+            levels; k-means assigns by these midpoints) instead of the level midpoints. None
+            (default): as that code, k-means for three or more levels (tools/cluster.py: the
+            biases of ternary and wider sets come from clustering the scaled weights), the
+            midpoint 0 for binary (config.py: biases 0).
         batch_size, epochs, timesteps, seed: the recipe, as ``CBPConfig``'s.
     """
 
     lr: float = 1e-3
-    optimizer: str = "adam"
+    optimizer: str = "sgd"
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4
     temperature0: float = 5.0
     temperature_max: float = 200.0
-    grad_clip: float | None = None
-    kmeans_biases: bool = False
+    grad_clip: float | None = 5.0
+    clip: str = "norm"
+    kmeans_biases: bool | None = None
     batch_size: int = 16
     epochs: int = 30
     timesteps: int = 4
@@ -66,8 +74,10 @@ class SigmoidConfig:
                              f"({self.temperature0})")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"SigmoidConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
-        if not isinstance(self.kmeans_biases, bool):
-            raise ValueError(f"SigmoidConfig.kmeans_biases must be a bool, got {self.kmeans_biases!r}")
+        if self.kmeans_biases is not None and not isinstance(self.kmeans_biases, bool):
+            raise ValueError(f"SigmoidConfig.kmeans_biases must be None or a bool, got {self.kmeans_biases!r}")
+        if self.clip not in ("value", "norm"):
+            raise ValueError(f"SigmoidConfig.clip must be 'value' or 'norm', got {self.clip!r}")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"SigmoidConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
         for name in ("batch_size", "epochs", "timesteps"):
@@ -117,9 +127,10 @@ class SigmoidQuantizer(QuantTrainer):
         levels = resolve_levels(levels)
         level_table(levels)  # the sigmoid sum needs a symmetric level set: say so before any change
         super().__init__(model, levels, exclude, config or SigmoidConfig(), SigmoidQuantized)
+        kmeans = self.config.kmeans_biases if self.config.kmeans_biases is not None else len(levels) > 2
         for layer in self.layers.values():
             layer.quant_backend = backend
-            if self.config.kmeans_biases:
+            if kmeans:
                 layer.biases = kmeans_biases(layer.weight.detach() * layer.beta.detach(), self.levels)
         self._start_epoch()
 

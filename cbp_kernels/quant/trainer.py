@@ -65,10 +65,20 @@ def _swap(net: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _build_weight_optimizer(config, groups: list[dict]) -> torch.optim.Optimizer:
+    """SGD (momentum) / Adam / AdamW over ``groups`` (each group carries its weight decay)."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=config.lr)
+
+
+def _autocast(config, device: torch.device):
+    """``torch.autocast`` in ``config.amp``'s dtype on ``device`` (a no-op context without amp)."""
+    from .config import AMP_DTYPES
+
+    amp = getattr(config, "amp", None)
+    dtype = getattr(torch, AMP_DTYPES[amp]) if amp else None
+    return torch.autocast(device.type, dtype=dtype, enabled=amp is not None)
 
 
 def _distributed() -> bool:
@@ -102,8 +112,9 @@ class QuantTrainer:
     """Base of the quantizers. The constructor swaps, IN PLACE, every quantizable layer
     (``nn.Conv2d`` / ``nn.Linear``, subclasses included) but the excluded ones for
     ``layer_cls.from_float(layer, levels)`` (``layer_cls=None``: keeps them) and builds the
-    weight optimizer over every trainable parameter. ``step(loss)`` / ``end_epoch()`` are the plain loss-only updates (CBP
-    overrides them with Algorithm 1's); subclasses implement ``finalize()`` and
+    weight optimizer over every trainable parameter (``config.train_params="quantized"``: the
+    quantized weights only). ``step(loss)`` / ``end_epoch()`` are the plain loss-only updates
+    (CBP overrides them with Algorithm 1's); subclasses implement ``finalize()`` and
     ``_level_units(layer)`` and may extend ``_epoch_record``, ``_start_epoch``, ``_progress``,
     ``_extra_state`` / ``_load_extra_state`` / ``_extra_tensors`` and ``_before_swap``."""
 
@@ -147,6 +158,9 @@ class QuantTrainer:
         self.weights = [m.weight for m in self.layers.values()]
         self.num_weights = sum(w.numel() for w in self.weights)
         self.weight_optimizer = _build_weight_optimizer(self.config, self._param_groups())
+        amp = getattr(self.config, "amp", None)
+        # bf16 keeps float32's exponent range: a loss scale only for fp16
+        self.scaler = torch.amp.GradScaler(first.device.type) if amp == "fp16" else None
         self.epoch = 0
         self.history: list[dict] = []
         self._reset_epoch_sums()
@@ -154,23 +168,67 @@ class QuantTrainer:
     # ---- the plain per-batch and per-epoch updates (CBP overrides both) ---------------------
     def step(self, loss: torch.Tensor) -> float:
         """One minibatch: backpropagate ``loss`` (0-dim, graph reaching the model), clip the
-        gradients by value at ``config.grad_clip`` when the config has one, step the weight
-        optimizer; returns the loss. A NaN/Inf loss raises FloatingPointError, nothing updated."""
+        gradients (``_clip_and_step``) and step the weight optimizer; returns the loss. A
+        NaN/Inf loss raises FloatingPointError, nothing updated."""
+        c = self._checked_loss(loss)
+        self._backward(loss)
+        self._clip_and_step()
+        self._count(c, c)
+        return c
+
+    # ---- the pieces of a step, shared by the quantizers' ``step`` ----------------------------
+    def _checked_loss(self, loss: torch.Tensor) -> float:
         c = float(loss.detach())
         if not math.isfinite(c):
             raise FloatingPointError(f"the loss is {c} at epoch {self.epoch}, batch {self._batch}; nothing was updated")
+        return c
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Zeroes the weight optimizer's gradients (only its own: with ``train_params=
+        "quantized"`` the other layers' gradients accumulate, as in the authors' TSSL-BP code)
+        and backpropagates; under fp16 ``amp`` through the GradScaler, then unscaled, so that
+        every gradient is in the loss's own units afterwards."""
         self.weight_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = getattr(self.config, "grad_clip", None)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.weight_optimizer)
+        else:
+            loss.backward()
+
+    def _clip_and_step(self) -> None:
+        """Clips every gradient of the model (``config.clip``: by value or by total norm at
+        ``grad_clip``; at grad_clip / S, S the loss scale, with ``amp_clip="scaled"``: the
+        authors' clip of the scaled gradients, exact since S is a power of two), steps the
+        weight optimizer (skipped by the GradScaler on Inf/NaN gradients) and clamps the other
+        layers' weights to +-``other_weight_clip`` when the config has one."""
+        cfg = self.config
+        clip = getattr(cfg, "grad_clip", None)
         if clip is not None:
-            params = [p for group in self.weight_optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_value_(params, clip)
-        self.weight_optimizer.step()
-        self._L_sum += c
+            if self.scaler is not None and getattr(cfg, "amp_clip", "unscaled") == "scaled":
+                clip = clip / self.scaler.get_scale()
+            params = [p for p in self.net.parameters() if p.grad is not None]
+            if getattr(cfg, "clip", "value") == "norm":
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            else:
+                torch.nn.utils.clip_grad_value_(params, clip)
+        if self.scaler is not None:
+            self.scaler.step(self.weight_optimizer)
+            self.scaler.update()
+        else:
+            self.weight_optimizer.step()
+        other = getattr(cfg, "other_weight_clip", None)
+        if other is not None:
+            quantized = {id(w) for w in self.weights}
+            with torch.no_grad():
+                for m in self.net.modules():
+                    if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m.weight) not in quantized:
+                        m.weight.clamp_(-other, other)
+
+    def _count(self, L: float, c: float) -> None:
+        self._L_sum += L
         self._loss_sum += c
         self._steps += 1
         self._batch += 1
-        return c
 
     def end_epoch(self, L_sum: float | None = None) -> dict:
         """The epoch's record: ``epoch``, ``loss`` (mean), ``L_sum`` (default the loss sum),
@@ -223,6 +281,8 @@ class QuantTrainer:
         taken = quantized | {id(p) for p in weights + biases}
         others = [p for p in self.net.parameters() if p.requires_grad and id(p) not in taken]
         wd = self.config.weight_decay
+        if getattr(self.config, "train_params", "all") == "quantized":
+            return [{"params": self.weights, "name": "quantized", "weight_decay": wd}]
         groups = [{"params": self.weights, "name": "quantized", "weight_decay": wd},
                   {"params": weights, "name": "weight", "weight_decay": wd},
                   {"params": biases, "name": "bias", "weight_decay": 0.0, "lr": getattr(self.config, "lr_bias", None) or self.config.lr},
@@ -278,6 +338,9 @@ class QuantTrainer:
         device = self.weights[0].device
         rank0 = not _distributed() or dist.get_rank() == 0
         resettable = [m for m in self.model.modules() if callable(getattr(m, "reset", None))] if reset_state else []
+        t_train = getattr(self.config, "timesteps_train", None)
+        if t_train is not None:
+            from ..data.dvs import sample_frames
         while self.epoch < epochs:
             _seed_epoch(train_loader, self.config.seed, self.epoch)
             self._start_epoch()
@@ -293,11 +356,15 @@ class QuantTrainer:
                        disable=not (progress and rank0), leave=False)
             for inputs, target in batches:
                 inputs, target = _to_device(inputs, device), _to_device(target, device)
+                if t_train is not None:
+                    inputs = sample_frames(inputs, t_train)
                 for m in resettable:
                     m.reset()
-                output = forward_fn(self.model, inputs) if forward_fn is not None else self.model(inputs)
+                with _autocast(self.config, device):
+                    output = forward_fn(self.model, inputs) if forward_fn is not None else self.model(inputs)
+                    loss = loss_fn(output, target)
                 try:
-                    L = self.step(loss_fn(output, target))
+                    L = self.step(loss)
                 except FloatingPointError as err:
                     where = f"; the last checkpoint {path} is intact" if path is not None and path.exists() else ""
                     raise FloatingPointError(f"CBP stopped: {err}{where}") from err
@@ -340,7 +407,17 @@ class QuantTrainer:
             "epoch": self.epoch, "batch": self._batch, "sums": [self._L_sum, self._loss_sum, self._steps],
             "history": self.history, "layers": list(self.layers), "levels": self.levels.tolist(),
             "config": dataclasses.asdict(self.config), "rng": rng_state(), **self._extra_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "frozen_grads": self._frozen_grads(),
         }
+
+    def _frozen_grads(self) -> dict[str, torch.Tensor]:
+        """Gradients of parameters the optimizer does not zero (``train_params="quantized"``):
+        they accumulate over steps (as in the authors' code) and count in a norm clip, so a
+        resumed run needs them."""
+        trained = {id(p) for group in self.weight_optimizer.param_groups for p in group["params"]}
+        return {n: p.grad.detach().clone() for n, p in self.net.named_parameters()
+                if p.grad is not None and id(p) not in trained}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores ``state_dict()``'s output (same model, levels and quantized layers);
@@ -352,6 +429,11 @@ class QuantTrainer:
             )
         self.net.load_state_dict(state["model"])
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        params = dict(self.net.named_parameters())
+        for name, grad in state.get("frozen_grads", {}).items():
+            params[name].grad = grad.to(params[name].device)
         self._load_extra_state(state)
         self.epoch, self._batch = int(state["epoch"]), int(state["batch"])
         self._L_sum, self._loss_sum, self._steps = state["sums"]

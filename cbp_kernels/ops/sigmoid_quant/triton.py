@@ -19,17 +19,17 @@ BLOCK = 1024
 
 @triton.jit
 def _sigmoid_sum(w, beta, temperature, gaps_ptr, mids_ptr, offset, N_SIG: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """(sum_i s_i sig(z_i) - o, sum_i s_i sig_i (1 - sig_i) [|z_i| <= 10]), z_i = T (beta w - b_i)."""
+    """(sum_i s_i sig(z_i) - o, sum_i s_i sig'(z_i)), z_i = T (beta w - b_i), sig'(z) = e / (1 + e)^2, e = exp(-|z|)."""
     value = tl.zeros_like(w)
     slope = tl.zeros_like(w)
     one = tl.full(w.shape, 1.0, tl.float32)
     for i in tl.static_range(N_SIG):
         gap = tl.load(gaps_ptr + i)
         z = temperature * (beta * w - tl.load(mids_ptr + i))
-        sig = tl.div_rn(one, 1.0 + exp(-tl.minimum(tl.maximum(z, -10.0), 10.0), USE_LIBDEVICE))
+        e = exp(-tl.abs(z), USE_LIBDEVICE)  # the stable sigmoid (csrc/common/sigmoid_quant_math.h)
+        sig = tl.where(z >= 0.0, tl.div_rn(one, 1.0 + e), tl.div_rn(e, 1.0 + e))
         value += gap * sig
-        inside = (z >= -10.0) & (z <= 10.0)
-        slope += tl.where(inside, gap * sig * (1.0 - sig), 0.0)
+        slope += gap * tl.div_rn(e, (1.0 + e) * (1.0 + e))
     return value - offset, slope
 
 
