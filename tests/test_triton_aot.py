@@ -136,7 +136,7 @@ def _record() -> list[tuple]:
     recorded instead of run: ``[(kernel, signature, constexprs, options)]``, distinct."""
     from triton.runtime.jit import JITFunction, mangle_type
 
-    from cbp_kernels import _backend
+    from cbp_kernels.ops import _backend
 
     launches = {}
 
