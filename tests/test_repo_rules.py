@@ -1,4 +1,5 @@
-"""The one-way layering of shared/ARCHITECTURE.md: nothing below imports anything above."""
+"""Rules of the house read from the code: the one-way layering of shared/ARCHITECTURE.md (nothing
+below imports anything above), and tests that wait for their children, not for a deadline."""
 from __future__ import annotations
 
 import ast
@@ -6,7 +7,8 @@ import os
 
 import pytest
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cbp_kernels")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = os.path.join(os.path.dirname(TESTS), "cbp_kernels")
 # package -> the packages / modules of cbp_kernels it must never import
 FORBIDDEN = {
     "ops": {"nn", "models", "quant", "data", "cli", "pipeline", "export"},
@@ -46,3 +48,18 @@ def test_no_upward_import(package):
                 bad += [f"{os.path.relpath(path, PACKAGE)} imports {m}" for m in _imports(path, package)
                         & FORBIDDEN[package]]
     assert not bad, bad
+
+
+def test_no_test_waits_on_a_fixed_deadline():
+    """Subprocess waits use conftest.HANG_GUARD_S (a hang guard, not an expected time) or
+    wait on the child: no numeric ``timeout=`` / ``timedelta(seconds=N)`` in the tests."""
+    found = []
+    for name in sorted(os.listdir(TESTS)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(TESTS, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.keyword) and node.arg in ("timeout", "seconds") \
+                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, (int, float)):
+                found.append(f"{name}:{node.value.lineno}")
+    assert not found, f"fixed deadlines in the tests: {found}"
