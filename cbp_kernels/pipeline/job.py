@@ -72,16 +72,7 @@ def run(resume: str | None = None, *, say: Callable[[str], None] | None = print,
 
     Raises RunError (a ValueError) for any bad option, file or data, before the run
     directory is created; FloatingPointError when training diverges."""
-    if resume is not None:
-        given = sorted(k for k, v in options.items() if v is not None)
-        if given:
-            raise RunError(f"--resume continues with the run's saved config; drop {['--' + k.replace('_', '-') for k in given]}")
-        cfg = load_config(resume)
-        _check_run_files(resume, cfg)
-        run_dir = os.path.abspath(resume)
-    else:
-        cfg = resolve_config(options)
-        run_dir, out = None, cfg.pop("out")
+    cfg, run_dir, out = _start(resume, options)
     threads = torch.get_num_threads()
     dist = _setup_dist(cfg["device"])
     if resume is not None:
@@ -95,7 +86,7 @@ def run(resume: str | None = None, *, say: Callable[[str], None] | None = print,
     _check_fits(model, train, cfg["timesteps"], f"--model {cfg['model']}")
     _check_stages(model, cfg)
     say_main = (say or (lambda line: None)) if dist.main else (lambda line: None)
-    if resume is None:
+    if run_dir is None:  # everything is checked: now the run directory
         run_dir = _broadcast(create_run_dir(out) if dist.main else None, dist)
     if dist.main:
         _write_json(os.path.join(run_dir, CONFIG_NAME), cfg)
@@ -111,19 +102,38 @@ def run(resume: str | None = None, *, say: Callable[[str], None] | None = print,
         rows.append(_cq_stage(job) if method == "cq" else _quant_stage(method, label, levels, model, job))
     table = result_table(cfg, rows)
     if dist.main:
-        _write_json(os.path.join(run_dir, "summary.json"), {"model": cfg["model"], "data": cfg["data"], "rows": rows})
-        atomic_write(os.path.join(run_dir, "table.txt"), table + "\n")
-        if cfg.get("method") == "compare":
-            from ..quant.plots import plot_comparison
-
-            atomic_write(os.path.join(run_dir, "compare.md"), table + "\n")
-            plot_comparison([row_name(r) for r in rows], [r["accuracy"] for r in rows],
-                            [r["weight_bits"] for r in rows], os.path.join(run_dir, "compare.png"),
-                            title=f"{os.path.basename(run_dir)}: {cfg['model']} on {cfg['data']}")
+        _write_summary(run_dir, cfg, rows, table)
     bad = [r["precision"] for r in rows if r.get("same_predictions") is False]
     if bad:
         say_main(f"cbp-quantize: the packed model's predictions differ from the float model's for {bad}")
     return RunResult(run_dir, cfg, rows, table, 1 if bad else 0, dist.main)
+
+
+def _start(resume: str | None, options: dict) -> tuple[dict, str | None, str | None]:
+    """``(config, run directory, --out)``: a resumed run's saved config and directory (its
+    files checked readable), or a new run's resolved config (no directory yet)."""
+    if resume is None:
+        cfg = resolve_config(options)
+        return cfg, None, cfg.pop("out")
+    given = ["--" + k.replace("_", "-") for k, v in sorted(options.items()) if v is not None]
+    if given:
+        raise RunError(f"--resume continues with the run's saved config; drop {given}")
+    cfg = load_config(resume)
+    _check_run_files(resume, cfg)
+    return cfg, os.path.abspath(resume), None
+
+
+def _write_summary(run_dir: str, cfg: dict, rows: list[dict], table: str) -> None:
+    """summary.json (the rows), table.txt, and for ``compare`` compare.md and compare.png."""
+    _write_json(os.path.join(run_dir, "summary.json"), {"model": cfg["model"], "data": cfg["data"], "rows": rows})
+    atomic_write(os.path.join(run_dir, "table.txt"), table + "\n")
+    if cfg.get("method") == "compare":
+        from ..quant.plots import plot_comparison
+
+        atomic_write(os.path.join(run_dir, "compare.md"), table + "\n")
+        plot_comparison([row_name(r) for r in rows], [r["accuracy"] for r in rows], [r["weight_bits"] for r in rows],
+                        os.path.join(run_dir, "compare.png"),
+                        title=f"{os.path.basename(run_dir)}: {cfg['model']} on {cfg['data']}")
 
 
 # ----------------------------------------------------------------------------- eval and report
