@@ -110,6 +110,9 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     create_run_dir(out)
     with pytest.raises(RunError, match="holds a run already"):  # the second claim of one --out
         create_run_dir(out)
+    from cbp_kernels.pipeline.job import _claim
+
+    assert isinstance(_claim(out), RunError)  # rank 0's failed claim, sent to every rank to raise
 
 
 # --- 3: data checked at load ------------------------------------------------------------------

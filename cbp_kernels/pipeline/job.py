@@ -86,8 +86,10 @@ def run(resume: str | None = None, *, say: Callable[[str], None] | None = print,
     _check_fits(model, train, cfg["timesteps"], f"--model {cfg['model']}")
     _check_stages(model, cfg)
     say_main = (say or (lambda line: None)) if dist.main else (lambda line: None)
-    if run_dir is None:  # everything is checked: now the run directory
-        run_dir = _broadcast(create_run_dir(out) if dist.main else None, dist)
+    if run_dir is None:  # everything is checked: now the run directory (rank 0's, or its error on every rank)
+        run_dir = _broadcast(_claim(out) if dist.main else None, dist)
+        if isinstance(run_dir, RunError):
+            raise run_dir
     if dist.main:
         _write_json(os.path.join(run_dir, CONFIG_NAME), cfg)
     say_main(f"cbp-quantize: {cfg['model']} on {cfg['data']} (T={cfg['timesteps']}, {dist.world} process(es) on "
@@ -107,6 +109,14 @@ def run(resume: str | None = None, *, say: Callable[[str], None] | None = print,
     if bad:
         say_main(f"cbp-quantize: the packed model's predictions differ from the float model's for {bad}")
     return RunResult(run_dir, cfg, rows, table, 1 if bad else 0, dist.main)
+
+
+def _claim(out: str | None) -> str | RunError:
+    """``create_run_dir(out)``, or its RunError as a value (to be raised on every rank)."""
+    try:
+        return create_run_dir(out)
+    except RunError as exc:
+        return exc
 
 
 def _start(resume: str | None, options: dict) -> tuple[dict, str | None, str | None]:
