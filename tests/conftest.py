@@ -3,11 +3,31 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 
 import pytest
 import torch
 
 import cbp_kernels
+
+# Subprocess tests wait for their children to finish, not for a deadline: a child's run time on a
+# busy 2-core CI machine is unbounded in practice (one DDP test once took > 120 s under load). This
+# bound only stops a deadlocked child from hanging CI forever; it is no measure of expected time.
+HANG_GUARD_S = 3600
+
+
+def wait_all(procs) -> list[int]:
+    """Waits for every child to finish and returns their exit codes. When one fails, the others
+    are killed (a DDP rank would wait for its dead peer until the process group's timeout);
+    after ``HANG_GUARD_S`` all are killed."""
+    start = time.monotonic()
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() - start > HANG_GUARD_S:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.05)
+    return [p.returncode for p in procs]
 
 # (atol, rtol) of kernel gradients against the float32 reference, per input dtype.
 GRAD_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import torch
+from conftest import HANG_GUARD_S
 
 import cbp_kernels
 
@@ -37,5 +38,5 @@ def test_import_and_ops_work_without_the_extension_and_say_so_once():
         assert spikes.shape == (4, 10)
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

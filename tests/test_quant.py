@@ -29,7 +29,7 @@ from cbp_kernels.quant import (
 )
 from cbp_kernels.quant.checkpoint import rng_state, set_rng_state
 
-from conftest import devices, kernel_backends
+from conftest import HANG_GUARD_S, devices, kernel_backends, wait_all
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = "auto"  # the compiled CPU kernel when built (test_constraint.py checks it against the reference)
@@ -688,7 +688,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert proc.returncode == -signal.SIGKILL and not (killed / "final.pt").exists()
     saved = load_checkpoint(killed / "last.pt")
     assert saved["epoch"] == 1 and 0 < saved["batch"] < 6  # killed mid-epoch
-    subprocess.run(cmd + [str(killed), "1"], check=True, env=_worker_env(), stdout=subprocess.DEVNULL, timeout=120)
+    subprocess.run(cmd + [str(killed), "1"], check=True, env=_worker_env(), stdout=subprocess.DEVNULL,
+                   timeout=HANG_GUARD_S)
     threads = torch.get_num_threads()
     try:
         _kill_run(clean, resume=False)  # the uninterrupted run, in this process
@@ -708,7 +709,7 @@ def _ddp_run(out_dir: Path):
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", init_method=f"file://{out_dir / 'store'}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=HANG_GUARD_S))
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(_mlp())
     q = CBPQuantizer(model, "binary", config=_cfg(p_max=20), backend=BACKEND)
@@ -726,12 +727,7 @@ def test_ddp_two_ranks_agree(tmp_path):
     env = {**_worker_env(), "GLOO_SOCKET_IFNAME": "lo"}
     procs = [subprocess.Popen([sys.executable, __file__, "ddp-run", str(tmp_path)], env={**env, "RANK": str(r)})
              for r in range(2)]
-    try:
-        assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    assert wait_all(procs) == [0, 0]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["decision"] is True and r1["decision"] is True and r0["g"] == r1["g"]
     assert [h["L_sum"] for h in r0["history"]] == [h["L_sum"] for h in r1["history"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import LIF
+from ..nn import LIF, ClampQuantize
 
 __all__ = ["DigitsNet", "digits_cq_ann"]
 
@@ -58,8 +58,6 @@ def digits_cq_ann(timesteps: int, num_classes: int = 10, channels: tuple[int, in
     Input ``[N, in_channels, image_size, image_size]`` float (the static image, no time axis);
     returns logits ``[N, num_classes]``. Each ClampQuantize's T levels are the spike counts
     of the converted SNN's IF neurons over ``timesteps`` steps."""
-    from ..quant.cq import ClampQuantize
-
     c1, c2 = channels
     side = (image_size + 1) // 2
     return nn.Sequential(

@@ -5,7 +5,7 @@ conversion peer of CBP.
    a = floor(clamp(x, 0, 1) * T) / T, with a straight-through gradient clipped twice: the
    clamp's (0 outside [0, 1]) and hardtanh of the incoming gradient (to [-1, 1]), as the
    authors' ``Clamp_q`` / ``Quantization.backward`` (zhoujuncc1/shenjingcat@068f967,
-   src/cq.py): ``ClampQuantize``.
+   src/cq.py): ``cbp_kernels.nn.ClampQuantize`` (a layer, re-exported here).
 2. Fuse each BatchNorm into the convolution / linear layer before it (exact): ``fuse_bn``.
 3. Convert: the same weights drive integrate-and-fire neurons (no leak, reset by
    subtraction) for T steps; each layer's weights and bias are divided by
@@ -28,38 +28,11 @@ import torch
 from torch import nn
 
 from ..nn.bn_neuron import fold_batch_norm
+from ..nn.clamp_quantize import ClampQuantize
 from ..ops import multistep_neuron
 from .trainer import QuantTrainer
 
 __all__ = ["ClampQuantize", "fuse_bn", "fixed_point", "to_snn", "CQSpikingNet", "CQConfig", "CQTrainer"]
-
-
-class _ClampQuantizeFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, levels):
-        ctx.save_for_backward(x)
-        return torch.floor(x.clamp(0, 1) * levels) / levels
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return nn.functional.hardtanh(grad) * ((x >= 0) & (x <= 1)).to(grad.dtype), None
-
-
-class ClampQuantize(nn.Module):
-    """a = floor(clamp(x, 0, 1) * T) / T; gradient hardtanh(dL/da) inside [0, 1], 0 outside."""
-
-    def __init__(self, timesteps: int):
-        super().__init__()
-        if not isinstance(timesteps, int) or timesteps < 1:
-            raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
-        self.timesteps = timesteps
-
-    def forward(self, x):
-        return _ClampQuantizeFn.apply(x, self.timesteps)
-
-    def extra_repr(self):
-        return f"timesteps={self.timesteps}"
 
 
 def fuse_bn(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> nn.Conv2d | nn.Linear:

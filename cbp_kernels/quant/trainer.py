@@ -295,7 +295,8 @@ class QuantTrainer:
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self, train_loader, loss_fn: Callable, epochs: int | None = None, forward_fn: Callable | None = None,
             eval_fn: Callable | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-            checkpoint_every: int = 0, progress: bool = True, reset_state: bool = True) -> list[dict]:
+            checkpoint_every: int = 0, progress: bool = True, reset_state: bool = True,
+            on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
         """Trains until ``epochs`` epochs are done in total (``step`` per batch, ``end_epoch`` per epoch).
 
         Args:
@@ -317,6 +318,8 @@ class QuantTrainer:
             progress: show a tqdm bar (loss, L, CFS, g) on rank 0.
             reset_state: call ``reset()`` on every module that has one (SpikingJelly's
                 memory modules, cbp_kernels neurons) before each batch.
+            on_epoch_end: called with each epoch's record once it is in the history and
+                checkpointed (e.g. to write metrics at the epoch's end).
 
         Returns the history: one record per epoch (see ``end_epoch``) plus ``eval_fn``'s
         results and ``weight_hist`` (counts of W/s over ``hist_range``, ``HIST_BINS`` bins).
@@ -385,6 +388,8 @@ class QuantTrainer:
                                      for k, v in record.items() if k not in ("weight_hist", "hist_range")))
             if path is not None:
                 self.save_checkpoint(path)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
         return self.history
 
     @torch.no_grad()
