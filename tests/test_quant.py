@@ -454,7 +454,7 @@ def test_ops_under_cpu_bf16_autocast():
     # autocast dtype and returns float32 gradients
     import cbp_kernels
 
-    layer = cbp_kernels.LIFConv2d(4, 8, 3, padding=1, neuron="lif", tau=2.0, surrogate="atan")
+    layer = cbp_kernels.LIFConv2d(4, 8, 3, padding=1, neuron="lif", tau=2.0, surrogate_function="atan")
     x = torch.rand(4, 2, 4, 8, 8)
     ref = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
