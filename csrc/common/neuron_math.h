@@ -62,16 +62,16 @@ CBP_HD bool neuron_step(float& v, float x, float k, const NeuronParams& p) {
   return s;
 }
 
-// e^x for the Sigmoid surrogate. On the CPU libm's expf is a call that keeps the backward's
-// column loop scalar (6x slower than ATan's); this vectorizes: x = n ln2 + r (Cody-Waite, ln2 in
-// two parts), e^r by its degree-6 Taylor polynomial (|r| <= ln2/2), 2^n written into the exponent
-// bits (n read from the bits of x log2(e) + 1.5 * 2^23, no float-to-int conversion). Within 3 ulp
-// of expf on [-87, 88]; x is clamped to that range (where the sigmoid is 0 or 1 to float
-// precision either way); NaN stays NaN. CUDA devices keep expf.
+// e^x for the Sigmoid surrogate, the same float32 result on every compiler, host and device:
+// only IEEE additions and multiplications, each rounded once (no FMA: -ffp-contract=off /
+// --fmad=false), so the CPU and CUDA backwards agree bit for bit (libm's and CUDA's expf differ
+// by up to 2 ulp). On the CPU libm's expf is also a call that keeps the backward's column loop
+// scalar (6x slower than ATan's); this vectorizes: x = n ln2 + r (Cody-Waite, ln2 in two parts),
+// e^r by its degree-6 Taylor polynomial (|r| <= ln2/2), 2^n written into the exponent bits (n
+// read from the bits of x log2(e) + 1.5 * 2^23, no float-to-int conversion). Within 3 ulp of
+// expf on [-87, 88]; x is clamped to that range (where the sigmoid is 0 or 1 to float precision
+// either way); NaN stays NaN.
 CBP_HD float surrogate_exp(float x) {
-#ifdef __CUDA_ARCH__
-  return expf(x);
-#else
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -87,7 +87,6 @@ CBP_HD float surrogate_exp(float x) {
   p = p * r + 1.0f;
   const int ni = __builtin_bit_cast(int, t) - __builtin_bit_cast(int, shifter);
   return p * __builtin_bit_cast(float, (ni + 127) << 23);
-#endif
 }
 
 // Surrogate derivative sg'(x) at x = H - V_th (SpikingJelly's formulas, same alpha).
