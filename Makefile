@@ -39,7 +39,9 @@ test-fast: $(STAMP)
 
 # Compile-only check of every CUDA source for sm_80 and sm_90 (no GPU needed), with setup.py's
 # nvcc flags; it compiles the launchers' CBP_IMPL registrations too, so a CUDA kernel whose C++
-# type differs from its op's declaration (csrc/common/<op>_api.h) fails here. Host code
+# type differs from its op's declaration (csrc/common/<op>_api.h) fails here (the old 2-D
+# `at::Tensor bitpack_cuda(const at::Tensor&)`: "cannot overload functions distinguished by
+# return type alone"), not when the extension loads. Host code
 # includes csrc/cuda/torch_cuda.h (c10/cuda only), not ATen/cuda/CUDAContext.h, whose
 # cuSPARSE/cuBLAS headers a bare CUDA toolkit lacks.
 TORCH_INC = $(shell $(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
