@@ -147,3 +147,16 @@ def test_bitpack_cupy_passes_the_strides_and_a_zeroed_count(launches):
     (args,) = launches[("bitpack", "bitpack_f32")]
     assert args[0].data_ptr() == x.data_ptr() and [int(a) for a in args[1:8]] == [3, 2, 40, *x.stride(), 2]
     assert args[8] is words and words.shape == (3, 2, 2) and args[9] is non_binary and int(non_binary) == 0
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op", ["bitpack", "bitconv", "constraint", "neuron"])
+def test_bitwise_kernels_compile_without_fma_or_approximations(ptx, op):
+    """The kernels documented bit for bit equal to the CPU ones (and to the references where
+    those are): with NVRTC_OPTIONS their PTX has no fused multiply-add and no approximate
+    instruction (division and sqrt round to nearest). sigmoid_quant is not among them: CUDA's
+    expf is built from fma and ex2.approx (README: a few ulp)."""
+    text = ptx(op)
+    assert not re.findall(r"\bfma\.\S+", text), f"{op}: fused multiply-adds in the PTX"
+    assert not re.findall(r"\.approx\b\S*", text), f"{op}: approximate instructions in the PTX"
+    assert not re.findall(r"\b(?:div|sqrt|rcp)\.(?:full|approx)", text)
