@@ -150,12 +150,12 @@ def test_bitpack_cupy_passes_the_strides_and_a_zeroed_count(launches):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("op", ["bitpack", "bitconv", "constraint", "neuron"])
+@pytest.mark.parametrize("op", ["bitpack", "bitconv", "constraint", "neuron", "sigmoid_quant"])
 def test_bitwise_kernels_compile_without_fma_or_approximations(ptx, op):
-    """The kernels documented bit for bit equal to the CPU ones (and to the references where
-    those are): with NVRTC_OPTIONS their PTX has no fused multiply-add and no approximate
-    instruction (division and sqrt round to nearest). sigmoid_quant is not among them: CUDA's
-    expf is built from fma and ex2.approx (README: a few ulp)."""
+    """The kernels round as the CPU ones (and as the references where those are bit-exact):
+    with NVRTC_OPTIONS their PTX has no fused multiply-add and no approximate instruction
+    (division and sqrt round to nearest; e^x is common/exp_math.h's, not CUDA's expf, which
+    is built from fma and ex2.approx)."""
     text = ptx(op)
     assert not re.findall(r"\bfma\.\S+", text), f"{op}: fused multiply-adds in the PTX"
     assert not re.findall(r"\.approx\b\S*", text), f"{op}: approximate instructions in the PTX"

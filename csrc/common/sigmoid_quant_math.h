@@ -6,8 +6,10 @@
 //   dy/dw     = alpha * beta * T * sum_i s_i sig_i (1 - sig_i) [inside_i]
 //   dy/dbeta  = alpha * w * T    * sum_i s_i sig_i (1 - sig_i) [inside_i]
 //   dy/dalpha = sum_i s_i sig_i - o
+// sig = 1 / (1 + exp_f32(-z)) (common/exp_math.h): the CPU and CUDA kernels round alike.
 #pragma once
 
+#include "common/exp_math.h"
 #include "common/hd.h"
 
 namespace cbp {
@@ -25,7 +27,7 @@ CBP_HD SigmoidSum sigmoid_sum(float w, float beta, float temperature, const floa
   for (int i = 0; i < n; ++i) {
     const float z = temperature * (beta * w - mids[i]);
     const float zc = fminf(fmaxf(z, -10.0f), 10.0f);
-    const float sig = 1.0f / (1.0f + expf(-zc));
+    const float sig = 1.0f / (1.0f + exp_f32(-zc));
     r.value += gaps[i] * sig;
     if (z >= -10.0f && z <= 10.0f) r.slope += gaps[i] * sig * (1.0f - sig);
   }
