@@ -37,7 +37,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x -m "not slow" tests
 
-# Compile-only check of every CUDA source for sm_80 and sm_90 (no GPU needed). Host code
+# Compile-only check of every CUDA source for sm_80 and sm_90 (no GPU needed), with setup.py's
+# nvcc flags; it compiles the launchers' CBP_IMPL registrations too, so a CUDA kernel whose C++
+# type differs from its op's declaration (csrc/common/<op>_api.h) fails here (the old 2-D
+# `at::Tensor bitpack_cuda(const at::Tensor&)`: "cannot overload functions distinguished by
+# return type alone"), not when the extension loads. Host code
 # includes csrc/cuda/torch_cuda.h (c10/cuda only), not ATen/cuda/CUDAContext.h, whose
 # cuSPARSE/cuBLAS headers a bare CUDA toolkit lacks.
 TORCH_INC = $(shell $(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
@@ -45,7 +49,7 @@ PY_INC = $(shell $(BIN)/python -c "import sysconfig; print('-I' + sysconfig.get_
 cuda-check: $(STAMP)
 	@set -e; for f in $$(find csrc -name '*.cu'); do \
 		echo "nvcc $$f"; \
-		nvcc -std=c++20 -O3 -c $$f -o /dev/null -Icsrc $(TORCH_INC) $(PY_INC) \
+		nvcc -std=c++20 -O3 --fmad=false -c $$f -o /dev/null -Icsrc $(TORCH_INC) $(PY_INC) \
 			-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90; \
 	done
 

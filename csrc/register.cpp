@@ -1,9 +1,30 @@
-// The Python module object of the extension `cbp_kernels._C`. The ops register with the
-// dispatcher from their own files: each csrc/cpu/<op>.cpp defines its schemas
-// (TORCH_LIBRARY_FRAGMENT(cbp_kernels_ext)) and its CPU kernels (TORCH_LIBRARY_IMPL(..., CPU)),
-// each csrc/cuda/<op>.cu only its CUDA kernels (TORCH_LIBRARY_IMPL(..., CUDA)); importing this
-// module loads them all.
+// The extension `cbp_kernels._C`: its Python module object, and the schema of every op of the
+// `cbp_kernels_ext` library, inferred from the entry points declared once in
+// csrc/common/<op>_api.h (csrc/common/op_schema.h). The kernels register from their own files
+// (TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu); importing this module loads
+// them all.
 #include <Python.h>
+#include <torch/library.h>
+
+#include "common/bitconv_api.h"
+#include "common/bitpack_api.h"
+#include "common/constraint_api.h"
+#include "common/neuron_api.h"
+#include "common/sigmoid_quant_api.h"
+
+TORCH_LIBRARY(cbp_kernels_ext, m) {
+  cbp::define<cbp::BitpackOp>(m);
+  cbp::define<cbp::BitunpackOp>(m);
+  cbp::define<cbp::Bitconv2dOp>(m);
+  cbp::define<cbp::Bitconv2dLifOp>(m);
+  cbp::define<cbp::ConstraintPassOp>(m);
+  cbp::define<cbp::ConstraintQuantizeOp>(m);
+  cbp::define<cbp::ConstraintMultiplierStepOp>(m);
+  cbp::define<cbp::NeuronForwardOp>(m);
+  cbp::define<cbp::NeuronBackwardOp>(m);
+  cbp::define<cbp::SigmoidQuantForwardOp>(m);
+  cbp::define<cbp::SigmoidQuantBackwardOp>(m);
+}
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 

@@ -185,6 +185,19 @@ def test_conv_equals_float_conv_with_power_of_two_scale(backend):
         torch.testing.assert_close(out, F.conv2d(x, w_q, bias, 1, 1).permute(0, 2, 3, 1), atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_conv_strided_bias_every_backend(device):
+    """A bias that is a strided view (every other value of a buffer) reaches every kernel as the
+    [O] values it holds."""
+    x = _spikes((2, 40, 5, 6), device=device)
+    w_q = _levels((12, 40, 3, 3), "binary", device=device) * 0.25
+    bias = torch.randn(24, device=device)[::2]
+    want = _spec(x, w_q / 0.25, 0.25, bias, 1, 1, 1, 1)
+    for b in backends_of("bitconv2d", device):
+        out = packed_conv2d(pack_spikes(x.permute(0, 2, 3, 1)), pack_weight(w_q, "binary", 0.25), bias, 1, 1, backend=b)
+        assert torch.equal(out, want), b
+
+
 def test_conv_time_folded():
     T, N = 3, 2
     x = _spikes((T, N, 40, 6, 6))

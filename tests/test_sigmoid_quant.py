@@ -61,6 +61,18 @@ def test_kernels_low_precision_and_non_contiguous(device, dtype):
             assert_close(got, want, atol * max(1.0, float(want.detach().abs().max())), rtol, f"{b} {name}")
 
 
+@pytest.mark.parametrize("device", devices())
+def test_kernels_read_strided_biases_as_their_values(device):
+    """biases= given as a strided view (every other value of a buffer) reach every kernel as
+    the [n] values they hold."""
+    w, alpha, beta = _weights(300, device)
+    biases = torch.tensor([-0.3, 9.0, 0.4, 9.0], device=device)[::2]
+    want = sigmoid_quantize(w, alpha, beta, [-1, 0, 1], 8.0, biases=biases.contiguous(), backend="reference")
+    for b in kernel_backends(device, **OP):
+        got = sigmoid_quantize(w, alpha, beta, [-1, 0, 1], 8.0, biases=biases, backend=b)
+        assert_close(got, want, 1e-6, 1e-5, b)
+
+
 def test_reference_gradcheck_float64():
     w = (torch.randn(20, dtype=torch.float64) * 0.05).requires_grad_()
     alpha = torch.tensor(0.03, dtype=torch.float64, requires_grad=True)

@@ -11,10 +11,13 @@ import torch
 
 from ._cuda_source import cuda_source
 
-__all__ = ["launch", "dtype_suffix"]
+__all__ = ["launch", "launch_items", "dtype_suffix"]
 
-# --fmad=false: no mul+add contraction, so results round as the compiled `cuda` backend's.
+# --fmad=false: no mul+add contraction, so results round as the compiled `cuda` backend's (and
+# as the CPU kernels'); NVRTC's defaults keep IEEE division and sqrt (-prec-div=true,
+# -prec-sqrt=true) and denormals (-ftz=false), as nvcc's do for the extension.
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
+ITEM_THREADS = 256  # threads per block of the one-thread-per-item kernels (launch_items)
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -62,3 +65,10 @@ def launch(op: str, name: str, device: torch.device, grid: int, block: int, args
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
     with cupy.cuda.Device(index), stream:
         _kernel(op, name, index)((grid,), (block,), tuple(_arg(a) for a in args), shared_mem=shared)
+
+
+def launch_items(op: str, name: str, device: torch.device, items: int, args: tuple) -> None:
+    """Launches kernel ``name`` of csrc/cuda/<op>.cuh with one thread per item (ITEM_THREADS per
+    block); nothing when there are no items (CUDA refuses an empty grid)."""
+    if items:
+        launch(op, name, device, (items + ITEM_THREADS - 1) // ITEM_THREADS, ITEM_THREADS, args)

@@ -6,6 +6,12 @@
 // `type` array (the host emulation, csrc/emu/cuda_emu.h, defines its own).
 #pragma once
 
+// The kernels round as their references do only with IEEE division, sqrt and exp and no
+// flush to zero: --use_fast_math would silently break that.
+#if defined(__USE_FAST_MATH__) || defined(__FAST_MATH__)
+#error "cbp_kernels: compile without --use_fast_math / -ffast-math (the kernels need IEEE division and sqrt)"
+#endif
+
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define CBP_HD __host__ __device__ __forceinline__
 #define CBP_UNROLL _Pragma("unroll")

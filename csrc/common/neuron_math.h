@@ -10,6 +10,7 @@
 // Soft reset uses V_reset = 0 in the charge equation (SpikingJelly's v_reset=None).
 #pragma once
 
+#include "common/exp_math.h"
 #include "common/hd.h"
 
 namespace cbp {
@@ -62,34 +63,6 @@ CBP_HD bool neuron_step(float& v, float x, float k, const NeuronParams& p) {
   return s;
 }
 
-// e^x for the Sigmoid surrogate. On the CPU libm's expf is a call that keeps the backward's
-// column loop scalar (6x slower than ATan's); this vectorizes: x = n ln2 + r (Cody-Waite, ln2 in
-// two parts), e^r by its degree-6 Taylor polynomial (|r| <= ln2/2), 2^n written into the exponent
-// bits (n read from the bits of x log2(e) + 1.5 * 2^23, no float-to-int conversion). Within 3 ulp
-// of expf on [-87, 88]; x is clamped to that range (where the sigmoid is 0 or 1 to float
-// precision either way); NaN stays NaN. CUDA devices keep expf.
-CBP_HD float surrogate_exp(float x) {
-#ifdef __CUDA_ARCH__
-  return expf(x);
-#else
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int ni = __builtin_bit_cast(int, t) - __builtin_bit_cast(int, shifter);
-  return p * __builtin_bit_cast(float, (ni + 127) << 23);
-#endif
-}
-
 // Surrogate derivative sg'(x) at x = H - V_th (SpikingJelly's formulas, same alpha).
 CBP_HD float surrogate_grad(float x, int surrogate, float alpha) {
   switch (surrogate) {
@@ -98,7 +71,7 @@ CBP_HD float surrogate_grad(float x, int surrogate, float alpha) {
       return alpha * 0.5f / (1.0f + z * z);
     }
     case kSigmoid: {  // alpha * sig(alpha x) * (1 - sig(alpha x))
-      const float s = 1.0f / (1.0f + surrogate_exp(-alpha * x));
+      const float s = 1.0f / (1.0f + exp_f32(-alpha * x));
       return alpha * s * (1.0f - s);
     }
     case kRectangle:  // alpha * 1{|x| < 0.5/alpha}

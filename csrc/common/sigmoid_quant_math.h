@@ -10,8 +10,10 @@
 //   dy/dw     = alpha * beta * T * sum_i s_i sig'(z_i)
 //   dy/dbeta  = alpha * w * T    * sum_i s_i sig'(z_i)
 //   dy/dalpha = sum_i s_i sig_i - o
+// e = exp_f32(-|z|) (common/exp_math.h): the CPU and CUDA kernels round alike.
 #pragma once
 
+#include "common/exp_math.h"
 #include "common/hd.h"
 
 namespace cbp {
@@ -28,7 +30,7 @@ CBP_HD SigmoidSum sigmoid_sum(float w, float beta, float temperature, const floa
   SigmoidSum r{0.0f, 0.0f};
   for (int i = 0; i < n; ++i) {
     const float z = temperature * (beta * w - mids[i]);
-    const float e = expf(-fabsf(z));
+    const float e = exp_f32(-fabsf(z));
     const float sig = z >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
     r.value += gaps[i] * sig;
     r.slope += gaps[i] * (e / ((1.0f + e) * (1.0f + e)));

@@ -18,6 +18,7 @@
 // - portable: the same counts with __builtin_popcount, one output at a time.
 // Files: this one (the portable path, the choice of path, the ops), bitconv_avx512.cpp,
 // bitconv_amx.cpp, and bitconv_paths.h between them.
+#include "common/bitconv_api.h"
 #include "cpu/bitconv_paths.h"
 
 namespace cbp {
@@ -66,13 +67,16 @@ void bitconv_lif_portable(const uint32_t* x, const uint32_t* planes, const float
   }
 }
 
-// x: int32 [T*Nb, H, W, G*Wg] (t major), planes [P, O, KH, KW, Wg], mul / add float32 [O]
-// -> (spikes int32 [T*Nb, OH, OW, ceil(O/32)], v_last float32 [Nb, OH, OW, O]).
-std::tuple<at::Tensor, at::Tensor> bitconv2d_lif(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& mul,
-                                                 const at::Tensor& add, at::IntArrayRef stride, at::IntArrayRef padding,
-                                                 at::IntArrayRef dilation, int64_t groups, int64_t T, double decay,
-                                                 double v_threshold, double v_reset, bool soft_reset, int64_t kind,
-                                                 bool decay_input) {
+}  // namespace
+}  // namespace bitconv_cpu
+
+std::tuple<at::Tensor, at::Tensor> bitconv2d_lif_cpu(const at::Tensor& x, const at::Tensor& planes,
+                                                     const at::Tensor& mul, const at::Tensor& add,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                                     at::IntArrayRef dilation, int64_t groups, int64_t T, double decay,
+                                                     double v_threshold, double v_reset, bool soft_reset, int64_t kind,
+                                                     bool decay_input) {
+  using namespace bitconv_cpu;
   const BitConvLifCall c = bitconv_lif_call(x, planes, mul, add, stride, padding, dilation, groups, T, v_threshold,
                                             v_reset, soft_reset, kind, decay_input);
   if (c.v_last.numel() == 0) return {c.spikes, c.v_last};
@@ -88,10 +92,10 @@ std::tuple<at::Tensor, at::Tensor> bitconv2d_lif(const at::Tensor& x, const at::
   return {c.spikes, c.v_last};
 }
 
-// x: int32 [N, H, W, G*Wg]; planes: int32 [P, O, KH, KW, Wg] (P = 1 binary, 2 ternary);
-// bias: float32 [O] or None -> float32 [N, OH, OW, O].
-at::Tensor bitconv2d(const at::Tensor& x, const at::Tensor& planes, double scale, const std::optional<at::Tensor>& bias,
-                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+at::Tensor bitconv2d_cpu(const at::Tensor& x, const at::Tensor& planes, double scale,
+                         const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
+  using namespace bitconv_cpu;
   const BitConvCall c = bitconv_call(x, planes, bias, stride, padding, dilation, groups);
   if (c.out.numel() == 0) return c.out;
 #ifdef CBP_HAVE_X86
@@ -108,22 +112,9 @@ at::Tensor bitconv2d(const at::Tensor& x, const at::Tensor& planes, double scale
   return c.out;
 }
 
-}  // namespace
-}  // namespace bitconv_cpu
-
-TORCH_LIBRARY_FRAGMENT(cbp_kernels_ext, m) {
-  m.def(
-      "bitconv2d(Tensor x, Tensor planes, float scale, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups) -> Tensor");
-  m.def(
-      "bitconv2d_lif(Tensor x, Tensor planes, Tensor mul, Tensor add, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, int T, float decay, float v_threshold, float v_reset, bool soft_reset, "
-      "int kind, bool decay_input) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
-  m.impl("bitconv2d", &bitconv_cpu::bitconv2d);
-  m.impl("bitconv2d_lif", &bitconv_cpu::bitconv2d_lif);
+  CBP_IMPL(m, Bitconv2dOp, bitconv2d_cpu);
+  CBP_IMPL(m, Bitconv2dLifOp, bitconv2d_lif_cpu);
 }
 
 }  // namespace cbp

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "common/bitpack_api.h"
 #include "cpu/isa.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -115,9 +116,9 @@ CBP_AVX512F int64_t pack_f32_pixels(const float* x, uint32_t* out, int64_t B, in
 }
 #endif
 
-// x: [B, R, C] with any strides, any real or bool dtype -> (int32 [B, R, ceil(C/32)], the
-// number of values other than 0 and 1 as an int64 0-dim tensor).
-std::tuple<at::Tensor, at::Tensor> bitpack(const at::Tensor& x) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bitpack_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 3, "bitpack: x must be a [B, R, C] tensor");
   const int64_t B = x.size(0), R = x.size(1), C = x.size(2), words = (C + 31) / 32;
   auto out = at::empty({B, R, words}, x.options().dtype(at::kInt));
@@ -142,6 +143,8 @@ std::tuple<at::Tensor, at::Tensor> bitpack(const at::Tensor& x) {
   return {out, at::scalar_tensor(bad, x.options().dtype(at::kLong))};
 }
 
+namespace {
+
 template <typename scalar_t>
 void unpack_rows(const uint32_t* words, scalar_t* y, int64_t rows, int64_t C, int64_t nwords) {
 #pragma omp parallel for schedule(static)
@@ -152,8 +155,9 @@ void unpack_rows(const uint32_t* words, scalar_t* y, int64_t rows, int64_t C, in
   }
 }
 
-// words: int32 [R, Wc] contiguous -> [R, size] of dtype with values 0 / 1.
-at::Tensor bitunpack(const at::Tensor& words, int64_t size, at::ScalarType dtype) {
+}  // namespace
+
+at::Tensor bitunpack_cpu(const at::Tensor& words, int64_t size, at::ScalarType dtype) {
   TORCH_CHECK(words.dim() == 2 && words.is_contiguous() && words.scalar_type() == at::kInt,
               "bitunpack: words must be a contiguous int32 [R, W] tensor");
   TORCH_CHECK(size <= words.size(1) * 32, "bitunpack: size exceeds the packed bits");
@@ -166,16 +170,9 @@ at::Tensor bitunpack(const at::Tensor& words, int64_t size, at::ScalarType dtype
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cbp_kernels_ext, m) {
-  m.def("bitpack(Tensor x) -> (Tensor, Tensor)");
-  m.def("bitunpack(Tensor words, int size, ScalarType dtype) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
-  m.impl("bitpack", &bitpack);
-  m.impl("bitunpack", &bitunpack);
+  CBP_IMPL(m, BitpackOp, bitpack_cpu);
+  CBP_IMPL(m, BitunpackOp, bitunpack_cpu);
 }
 
 }  // namespace cbp

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/constraint_api.h"
 #include "common/constraint_math.h"
 #include "cpu/isa.h"
 
@@ -177,8 +178,10 @@ void pass_dispatch(const std::vector<Chunk>& chunks, at::TensorList weights, at:
   });
 }
 
-at::Tensor constraint_pass(at::TensorList weights, at::TensorList lambdas, const at::Tensor& table,
-                           at::TensorList grads, at::TensorList lambda_grads) {
+}  // namespace
+
+at::Tensor constraint_pass_cpu(at::TensorList weights, at::TensorList lambdas, const at::Tensor& table,
+                               at::TensorList grads, at::TensorList lambda_grads) {
   TORCH_CHECK(table.dim() == 3 && table.size(1) == kConstraintRows && table.scalar_type() == at::kFloat &&
                   table.size(0) == static_cast<int64_t>(weights.size()),
               "constraint_pass: table must be float32 [L, 4, K]");
@@ -200,6 +203,8 @@ at::Tensor constraint_pass(at::TensorList weights, at::TensorList lambdas, const
   out[1] = sum_f;
   return out;
 }
+
+namespace {
 
 // One chunk of the multiplier step (n weights): c = cs(w; g), then multiplier_adam on
 // (lambda, m, v) in float32, each rounded once to the storage type.
@@ -225,8 +230,10 @@ CBP_INLINE void step_chunk(const scalar_t* __restrict w, scalar_t* __restrict la
   }
 }
 
-void constraint_multiplier_step(at::TensorList weights, at::TensorList lambdas, at::TensorList exp_avgs,
-                                at::TensorList exp_avg_sqs, const at::Tensor& table, const at::Tensor& scalars) {
+}  // namespace
+
+void constraint_multiplier_step_cpu(at::TensorList weights, at::TensorList lambdas, at::TensorList exp_avgs,
+                                    at::TensorList exp_avg_sqs, const at::Tensor& table, const at::Tensor& scalars) {
   TORCH_CHECK(table.dim() == 3 && table.size(1) == kConstraintRows && table.scalar_type() == at::kFloat &&
                   table.size(0) == static_cast<int64_t>(weights.size()),
               "constraint_multiplier_step: table must be float32 [L, 4, K]");
@@ -251,6 +258,8 @@ void constraint_multiplier_step(at::TensorList weights, at::TensorList lambdas, 
   });
 }
 
+namespace {
+
 // Q(w) elementwise: out = l_k, k = #{j : w >= m_j}; chunks over OpenMP threads.
 template <typename scalar_t, int KC>
 void quantize_kernel(const scalar_t* w, scalar_t* out, const float* table_row, int k, int64_t n) {
@@ -272,7 +281,9 @@ void quantize_kernel(const scalar_t* w, scalar_t* out, const float* table_row, i
   }
 }
 
-at::Tensor constraint_quantize(const at::Tensor& w, const at::Tensor& table) {
+}  // namespace
+
+at::Tensor constraint_quantize_cpu(const at::Tensor& w, const at::Tensor& table) {
   TORCH_CHECK(table.dim() == 3 && table.size(0) == 1 && table.size(1) == kConstraintRows &&
                   table.scalar_type() == at::kFloat,
               "constraint_quantize: table must be float32 [1, 4, K]");
@@ -289,22 +300,10 @@ at::Tensor constraint_quantize(const at::Tensor& w, const at::Tensor& table) {
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cbp_kernels_ext, m) {
-  m.def(
-      "constraint_pass(Tensor[] weights, Tensor[] lambdas, Tensor table, Tensor(a!)[] grads, "
-      "Tensor(b!)[] lambda_grads) -> Tensor");
-  m.def("constraint_quantize(Tensor w, Tensor table) -> Tensor");
-  m.def(
-      "constraint_multiplier_step(Tensor[] weights, Tensor(a!)[] lambdas, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor table, Tensor scalars) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
-  m.impl("constraint_pass", &constraint_pass);
-  m.impl("constraint_quantize", &constraint_quantize);
-  m.impl("constraint_multiplier_step", &constraint_multiplier_step);
+  CBP_IMPL(m, ConstraintPassOp, constraint_pass_cpu);
+  CBP_IMPL(m, ConstraintQuantizeOp, constraint_quantize_cpu);
+  CBP_IMPL(m, ConstraintMultiplierStepOp, constraint_multiplier_step_cpu);
 }
 
 }  // namespace cbp

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/neuron_api.h"
 #include "common/neuron_host.h"
 #include "common/neuron_math.h"
 #include "cpu/isa.h"
@@ -247,11 +248,13 @@ void backward_kernel(const scalar_t* grad_spike, const float* grad_v_last, const
   }
 }
 
+}  // namespace
+
 // Returns {S, V[T-1], H}; H is empty: the backward recomputes it from X (see the top).
 // An empty v_init means V[-1] = v_reset (0 for the soft reset) in every column.
-std::vector<at::Tensor> neuron_forward(const at::Tensor& x_seq, const at::Tensor& v_init,
-                                       const at::Tensor& decay, double v_threshold, double v_reset,
-                                       bool soft_reset, int64_t kind, bool decay_input) {
+std::vector<at::Tensor> neuron_forward_cpu(const at::Tensor& x_seq, const at::Tensor& v_init,
+                                           const at::Tensor& decay, double v_threshold, double v_reset,
+                                           bool soft_reset, int64_t kind, bool decay_input) {
   const auto p = neuron_params(static_cast<float>(v_threshold), static_cast<float>(v_reset), static_cast<int>(kind),
                                soft_reset, decay_input, false, 0, 1.0f);
   const int64_t T = x_seq.size(0);
@@ -272,12 +275,12 @@ std::vector<at::Tensor> neuron_forward(const at::Tensor& x_seq, const at::Tensor
 // h_seq and spike_seq are not read (the forward saved neither H nor needs S: both are
 // recomputed from x_seq, which must be the forward's input). An empty grad_v_last means
 // dL/dV[T-1] = 0; an empty v_init the forward's default, and then dL/dv_init is returned empty.
-std::vector<at::Tensor> neuron_backward(const at::Tensor& grad_spike, const at::Tensor& grad_v_last,
-                                        const at::Tensor& h_seq, const at::Tensor& spike_seq,
-                                        const at::Tensor& x_seq, const at::Tensor& v_init,
-                                        const at::Tensor& decay, double v_threshold, double v_reset,
-                                        bool soft_reset, int64_t kind, bool decay_input, bool detach_reset,
-                                        int64_t surrogate, double alpha, bool need_grad_decay) {
+std::vector<at::Tensor> neuron_backward_cpu(const at::Tensor& grad_spike, const at::Tensor& grad_v_last,
+                                            const at::Tensor& h_seq, const at::Tensor& spike_seq,
+                                            const at::Tensor& x_seq, const at::Tensor& v_init,
+                                            const at::Tensor& decay, double v_threshold, double v_reset,
+                                            bool soft_reset, int64_t kind, bool decay_input, bool detach_reset,
+                                            int64_t surrogate, double alpha, bool need_grad_decay) {
   TORCH_CHECK(x_seq.sizes() == grad_spike.sizes(), "neuron_backward (cpu) recomputes H from x_seq: it must be the "
               "forward's input [T, *], got shape ", x_seq.sizes(), " for grad_spike ", grad_spike.sizes());
   const auto p = neuron_params(static_cast<float>(v_threshold), static_cast<float>(v_reset), static_cast<int>(kind),
@@ -304,21 +307,9 @@ std::vector<at::Tensor> neuron_backward(const at::Tensor& grad_spike, const at::
   return {grad_x, grad_v_init.view(v_init.sizes()), grad_decay};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cbp_kernels_ext, m) {
-  m.def(
-      "neuron_forward(Tensor x_seq, Tensor v_init, Tensor decay, float v_threshold, float v_reset, "
-      "bool soft_reset, int kind, bool decay_input) -> Tensor[]");
-  m.def(
-      "neuron_backward(Tensor grad_spike, Tensor grad_v_last, Tensor h_seq, Tensor spike_seq, Tensor x_seq, "
-      "Tensor v_init, Tensor decay, float v_threshold, float v_reset, bool soft_reset, int kind, "
-      "bool decay_input, bool detach_reset, int surrogate, float alpha, bool need_grad_decay) -> Tensor[]");
-}
-
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
-  m.impl("neuron_forward", &neuron_forward);
-  m.impl("neuron_backward", &neuron_backward);
+  CBP_IMPL(m, NeuronForwardOp, neuron_forward_cpu);
+  CBP_IMPL(m, NeuronBackwardOp, neuron_backward_cpu);
 }
 
 }  // namespace cbp

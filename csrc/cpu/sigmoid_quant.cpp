@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "common/sigmoid_quant_api.h"
 #include "common/sigmoid_quant_math.h"
 
 namespace cbp {
@@ -54,8 +55,10 @@ void backward_kernel(const scalar_t* gy, const scalar_t* w, scalar_t* gw, int64_
   *sum_beta = sb;
 }
 
-at::Tensor sigmoid_quant_forward(const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& beta,
-                                 const at::Tensor& gaps, const at::Tensor& mids, double offset, double temperature) {
+}  // namespace
+
+at::Tensor sigmoid_quant_forward_cpu(const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& beta,
+                                     const at::Tensor& gaps, const at::Tensor& mids, double offset, double temperature) {
   const Table tab = make_table(gaps, mids);
   auto wc = w.contiguous();
   auto y = at::empty_like(wc);
@@ -66,9 +69,10 @@ at::Tensor sigmoid_quant_forward(const at::Tensor& w, const at::Tensor& alpha, c
   return y;
 }
 
-std::vector<at::Tensor> sigmoid_quant_backward(const at::Tensor& grad_y, const at::Tensor& w, const at::Tensor& alpha,
-                                               const at::Tensor& beta, const at::Tensor& gaps, const at::Tensor& mids,
-                                               double offset, double temperature) {
+std::vector<at::Tensor> sigmoid_quant_backward_cpu(const at::Tensor& grad_y, const at::Tensor& w,
+                                                   const at::Tensor& alpha, const at::Tensor& beta,
+                                                   const at::Tensor& gaps, const at::Tensor& mids, double offset,
+                                                   double temperature) {
   const Table tab = make_table(gaps, mids);
   auto wc = w.contiguous();
   auto gy = grad_y.contiguous();
@@ -83,17 +87,9 @@ std::vector<at::Tensor> sigmoid_quant_backward(const at::Tensor& grad_y, const a
   return {grad_w, at::scalar_tensor(sum_alpha, opts), at::scalar_tensor(sum_beta, opts)};
 }
 
-}  // namespace
-TORCH_LIBRARY_FRAGMENT(cbp_kernels_ext, m) {
-  m.def("sigmoid_quant_forward(Tensor w, Tensor alpha, Tensor beta, Tensor gaps, Tensor mids, float offset, "
-        "float temperature) -> Tensor");
-  m.def("sigmoid_quant_backward(Tensor grad_y, Tensor w, Tensor alpha, Tensor beta, Tensor gaps, Tensor mids, "
-        "float offset, float temperature) -> Tensor[]");
-}
-
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
-  m.impl("sigmoid_quant_forward", &sigmoid_quant_forward);
-  m.impl("sigmoid_quant_backward", &sigmoid_quant_backward);
+  CBP_IMPL(m, SigmoidQuantForwardOp, sigmoid_quant_forward_cpu);
+  CBP_IMPL(m, SigmoidQuantBackwardOp, sigmoid_quant_backward_cpu);
 }
 
 }  // namespace cbp

@@ -1,14 +1,17 @@
-// CUDA entry points of bit packing and the bit-packed popcount convolution: check the
-// tensors, fill the geometry, launch the kernels of bitconv.cuh on the current stream.
-// bitconv2d runs the tensor-core kernel (mma.sync m16n8k256 .b1 AND+POPC) on sm_80+
-// unless CBP_KERNELS_NO_TENSOR_CORES=1, else the CUDA-core __popc kernel; bitconv2d_lif runs
-// the fused-epilogue kernel (one thread per output spike word, the time loop inside).
+// CUDA entry points of the bit-packed popcount convolution (declared in
+// csrc/common/bitconv_api.h): check the tensors, fill the geometry, launch the kernels of
+// bitconv.cuh on the current stream. bitconv2d runs the tensor-core kernel (mma.sync m16n8k256
+// .b1 AND+POPC) on sm_80+ unless CBP_KERNELS_NO_TENSOR_CORES=1 or its grid would need more
+// than 65535 blocks along y (groups * channel tiles), else the CUDA-core __popc kernel (a 1-D
+// grid); bitconv2d_lif runs the fused-epilogue kernel (one thread per output spike word, the
+// time loop inside).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
 
+#include "common/bitconv_api.h"
 #include "common/bitconv_host.h"
 #include "cuda/bitconv.cuh"
 #include "cuda/torch_cuda.h"
@@ -19,35 +22,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMmaWarps = 4;  // warps per block of the tensor-core kernel (64 pixels x 32 channels)
 
-int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
-
-at::Tensor bitpack_cuda(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "bitpack: x must be a contiguous [R, C] tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto bytes = x.ne(0).to(at::kByte).contiguous();
-  const int64_t rows = x.size(0), C = x.size(1), words = (C + 31) / 32;
-  auto out = at::empty({rows, words}, x.options().dtype(at::kInt));
-  if (out.numel() == 0) return out;
-  bitpack_u8_kernel<<<blocks_for(rows * words), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      bytes.data_ptr<uint8_t>(), reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), rows, C, words);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-at::Tensor bitunpack_cuda(const at::Tensor& words, int64_t size, at::ScalarType dtype) {
-  TORCH_CHECK(words.dim() == 2 && words.is_contiguous() && words.scalar_type() == at::kInt,
-              "bitunpack: words must be a contiguous int32 [R, W] tensor");
-  const c10::cuda::CUDAGuard guard(words.device());
-  const int64_t rows = words.size(0);
-  auto bytes = at::empty({rows, size}, words.options().dtype(at::kByte));
-  if (bytes.numel() > 0) {
-    bitunpack_u8_kernel<<<blocks_for(rows * size), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()), bytes.data_ptr<uint8_t>(), rows, words.size(1), size);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return bytes.to(dtype);
-}
-
 bool use_tensor_cores(const at::Tensor& x) {
   const char* off = std::getenv("CBP_KERNELS_NO_TENSOR_CORES");
   if (off != nullptr && std::strcmp(off, "1") == 0) return false;
@@ -56,6 +30,8 @@ bool use_tensor_cores(const at::Tensor& x) {
   return major >= 8;
 }
 
+}  // namespace
+
 at::Tensor bitconv2d_cuda(const at::Tensor& x, const at::Tensor& planes, double scale,
                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups) {
@@ -63,23 +39,20 @@ at::Tensor bitconv2d_cuda(const at::Tensor& x, const at::Tensor& planes, double 
   const BitConvCall c = bitconv_call(x, planes, bias, stride, padding, dilation, groups);
   if (c.out.numel() == 0) return c.out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (use_tensor_cores(x)) {
-    const int64_t pixels = c.g.N * c.g.OH * c.g.OW;
-    const int64_t tiles = (c.g.out_per_group + 8 * CBP_MMA_NTILES - 1) / (8 * CBP_MMA_NTILES);
-    const dim3 grid(static_cast<unsigned>((pixels + 16 * kMmaWarps - 1) / (16 * kMmaWarps)),
-                    static_cast<unsigned>(groups * tiles));
+  const int64_t pixels = c.g.N * c.g.OH * c.g.OW;
+  const int64_t mma_rows = groups * ((c.g.out_per_group + 8 * CBP_MMA_NTILES - 1) / (8 * CBP_MMA_NTILES));
+  if (use_tensor_cores(x) && mma_rows <= 65535) {
+    const dim3 grid(grid_x((pixels + 16 * kMmaWarps - 1) / (16 * kMmaWarps)), grid_y(mma_rows));
     bitconv_mma_kernel<<<grid, 32 * kMmaWarps, 0, stream>>>(c.x, c.planes, c.bias_ptr, static_cast<float>(scale),
                                                             c.out_ptr, c.g);
   } else {
-    bitconv_popc_kernel<<<blocks_for(c.out.numel()), kThreads, 0, stream>>>(c.x, c.planes, c.bias_ptr,
-                                                                           static_cast<float>(scale), c.out_ptr, c.g);
+    bitconv_popc_kernel<<<blocks_for(c.out.numel(), kThreads), kThreads, 0, stream>>>(
+        c.x, c.planes, c.bias_ptr, static_cast<float>(scale), c.out_ptr, c.g);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c.out;
 }
 
-// x: int32 [T*Nb, H, W, G*Wg] (t major), planes [P, O, KH, KW, Wg], mul / add float32 [O]
-// -> (spikes int32 [T*Nb, OH, OW, ceil(O/32)], v_last float32 [Nb, OH, OW, O]).
 std::tuple<at::Tensor, at::Tensor> bitconv2d_lif_cuda(const at::Tensor& x, const at::Tensor& planes,
                                                       const at::Tensor& mul, const at::Tensor& add,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
@@ -91,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> bitconv2d_lif_cuda(const at::Tensor& x, const
                                             v_reset, soft_reset, kind, decay_input);
   if (c.v_last.numel() == 0) return {c.spikes, c.v_last};
   const int64_t threads = c.spikes.size(-1) * c.v_last.numel() / c.v_last.size(-1);  // words x pixels
-  bitconv_lif_kernel<<<blocks_for(threads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  bitconv_lif_kernel<<<blocks_for(threads, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       c.x, c.planes, c.mul.data_ptr<float>(), c.add.data_ptr<float>(), c.g, T, static_cast<float>(decay),
       c.np.v_threshold, c.np.v_reset, c.np.kind, c.np.soft_reset, c.np.decay_input, c.spikes_ptr,
       c.v_last.data_ptr<float>());
@@ -99,13 +72,9 @@ std::tuple<at::Tensor, at::Tensor> bitconv2d_lif_cuda(const at::Tensor& x, const
   return {c.spikes, c.v_last};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CUDA, m) {
-  m.impl("bitpack", &bitpack_cuda);
-  m.impl("bitunpack", &bitunpack_cuda);
-  m.impl("bitconv2d", &bitconv2d_cuda);
-  m.impl("bitconv2d_lif", &bitconv2d_lif_cuda);
+  CBP_IMPL(m, Bitconv2dOp, bitconv2d_cuda);
+  CBP_IMPL(m, Bitconv2dLifOp, bitconv2d_lif_cuda);
 }
 
 }  // namespace cbp

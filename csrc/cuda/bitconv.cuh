@@ -1,4 +1,4 @@
-// CUDA kernels of bit packing and the bit-packed popcount convolution. extern "C" kernels
+// CUDA kernels of the bit-packed popcount convolution (bit packing: csrc/cuda/bitpack.cuh). extern "C" kernels
 // with no torch includes: csrc/cuda/bitconv.cu launches them from the extension, and the
 // CuPy backend (cbp_kernels/ops/bitconv/cupy.py) JIT-compiles this same file with NVRTC.
 // Formats and equations: csrc/common/bitconv_math.h (the fused epilogue's neuron:
@@ -24,26 +24,6 @@ __device__ __forceinline__ uint32_t bitconv_x_word(const uint32_t* x, const BitC
 }
 
 }  // namespace cbp
-
-// bitpack: out[r, w] = OR_b (x[r, 32w + b] != 0) << b; one thread per word.
-extern "C" __global__ void bitpack_u8_kernel(const uint8_t* __restrict__ x, uint32_t* __restrict__ out, int64_t rows,
-                                             int64_t C, int64_t words) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * words) return;
-  const int64_t r = i / words, c0 = (i - r * words) * 32;
-  uint32_t bits = 0u;
-  for (int b = 0; b < 32 && c0 + b < C; ++b) bits |= static_cast<uint32_t>(x[r * C + c0 + b] != 0) << b;
-  out[i] = bits;
-}
-
-// bitunpack: y[r, c] = (words[r, c / 32] >> (c % 32)) & 1; one thread per value.
-extern "C" __global__ void bitunpack_u8_kernel(const uint32_t* __restrict__ words, uint8_t* __restrict__ y,
-                                               int64_t rows, int64_t nwords, int64_t size) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * size) return;
-  const int64_t r = i / size, c = i - r * size;
-  y[i] = static_cast<uint8_t>((words[r * nwords + c / 32] >> (c % 32)) & 1u);
-}
 
 // CUDA-core path: one thread per output (pixel, o), o fastest (a warp shares the pixel's
 // input words); c = sum over taps/words of 2*popc(x & w) - popc(x) (binary) or

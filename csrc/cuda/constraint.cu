@@ -1,5 +1,5 @@
 // Host launchers of the CUDA constraint kernels (csrc/cuda/constraint.cuh) for the
-// extension's CUDA dispatch key; the schemas are defined once in csrc/cpu/constraint.cpp.
+// extension's CUDA dispatch key; the entry points are declared once in csrc/common/constraint_api.h.
 // constraint_pass: the launch table (the layers' sizes and base addresses, one (layer, start)
 // per chunk) is built on the host and sent in one asynchronous copy, and ONE kernel launch
 // covers every layer; the float64 block partials are summed on the device (no host sync).
@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/constraint_api.h"
 #include "cuda/constraint.cuh"
 #include "cuda/torch_cuda.h"
 
@@ -48,6 +49,8 @@ at::Tensor launch_table(at::TensorList weights, at::TensorList lambdas, at::Tens
   return host.to(weights[0].device(), /*non_blocking=*/true);
 }
 
+}  // namespace
+
 at::Tensor constraint_pass_cuda(at::TensorList weights, at::TensorList lambdas, const at::Tensor& table,
                                 at::TensorList grads, at::TensorList lambda_grads) {
   TORCH_CHECK(table.dim() == 3 && table.size(1) == kConstraintRows && table.scalar_type() == at::kFloat &&
@@ -62,7 +65,7 @@ at::Tensor constraint_pass_cuda(at::TensorList weights, at::TensorList lambdas, 
     const int k = static_cast<int>(tab.size(2));
     CBP_DISPATCH_STORAGE(weights[0].scalar_type(), "constraint_pass_cuda", [&] {
       const auto kernel = CBP_STORAGE_KERNEL(constraint_pass);
-      kernel<<<static_cast<unsigned int>(n_chunks), kConstraintThreads, kConstraintRows * k * sizeof(float),
+      kernel<<<grid_x(n_chunks), kConstraintThreads, kConstraintRows * k * sizeof(float),
                c10::cuda::getCurrentCUDAStream()>>>(
           reinterpret_cast<const long long*>(meta.data_ptr<int64_t>()), static_cast<int>(weights.size()),
           tab.data_ptr<float>(), k, partial.data_ptr<double>());
@@ -89,7 +92,7 @@ void constraint_multiplier_step_cuda(at::TensorList weights, at::TensorList lamb
   const int k = static_cast<int>(tab.size(2));
   CBP_DISPATCH_STORAGE(weights[0].scalar_type(), "constraint_multiplier_step_cuda", [&] {
     const auto kernel = CBP_STORAGE_KERNEL(constraint_multiplier_step);
-    kernel<<<static_cast<unsigned int>(n_chunks), kConstraintThreads, kConstraintRows * k * sizeof(float),
+    kernel<<<grid_x(n_chunks), kConstraintThreads, kConstraintRows * k * sizeof(float),
              c10::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const long long*>(meta.data_ptr<int64_t>()), static_cast<int>(weights.size()),
         tab.data_ptr<float>(), k, h.data_ptr<float>());
@@ -119,12 +122,10 @@ at::Tensor constraint_quantize_cuda(const at::Tensor& w, const at::Tensor& table
   return out;
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(cbp_kernels_ext, CUDA, m) {
-  m.impl("constraint_pass", &constraint_pass_cuda);
-  m.impl("constraint_quantize", &constraint_quantize_cuda);
-  m.impl("constraint_multiplier_step", &constraint_multiplier_step_cuda);
+  CBP_IMPL(m, ConstraintPassOp, constraint_pass_cuda);
+  CBP_IMPL(m, ConstraintQuantizeOp, constraint_quantize_cuda);
+  CBP_IMPL(m, ConstraintMultiplierStepOp, constraint_multiplier_step_cuda);
 }
 
 }  // namespace cbp

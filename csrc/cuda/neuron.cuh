@@ -9,14 +9,15 @@
 //   neuron_forward_SUFFIX(x, v_init, decay, spike, v_last, h_seq, T, N, v_threshold, v_reset,
 //                         kind, soft_reset, decay_input)
 //   neuron_backward_SUFFIX(grad_spike, grad_v_last, h_seq, spike, x, v_init, decay, grad_x,
-//                          grad_v_init, grad_decay, T, N, v_threshold, v_reset, kind,
+//                          grad_v_init, partial, T, N, v_threshold, v_reset, kind,
 //                          soft_reset, decay_input, detach_reset, surrogate, alpha, need_grad_decay)
 // x, spike, h_seq, grad_spike, grad_x: [T, N] contiguous storage type; v_init, v_last,
 // grad_v_last, grad_v_init: [N] float, each may be null (v_init = v_reset and grad_v_last = 0
 // in every column, grad_v_init not written: the op's defaults, no [N] tensor); decay: one float
-// (k = 1/tau, read on the device);
-// grad_decay: one float, zeroed by the caller, accumulated with atomicAdd. Launch with
-// kNeuronThreads threads per block and ceil(N / kNeuronThreads) blocks.
+// (k = 1/tau, read on the device); partial: double [gridDim.x], written only when
+// need_grad_decay: block b's sum of PLIF's dL/dk (the caller adds the partials up in float64
+// and rounds once to float32; no atomics, so the result does not depend on the schedule).
+// Launch with kNeuronThreads threads per block and ceil(N / kNeuronThreads) blocks.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -50,14 +51,15 @@ __device__ __forceinline__ void neuron_forward_impl(const scalar_t* __restrict__
   v_last[i] = v;
 }
 
-// Sum of v over the block, valid in thread 0 (every thread of the block must call it).
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float warp_sums[kNeuronThreads / 32];
+// Sum of v over the block in float64, valid in thread 0 (every thread of the block must call
+// it): a fixed tree, lanes by shuffles, then the warps' sums in warp 0.
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_sums[kNeuronThreads / 32];
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? warp_sums[lane] : 0.0f;
+  v = threadIdx.x < blockDim.x / 32 ? warp_sums[lane] : 0.0;
   if (warp == 0) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
   }
@@ -65,14 +67,15 @@ __device__ __forceinline__ float block_sum(float v) {
 }
 
 // Reverse time loop: gH = gS sg'(H - V_th) + gV dV/dH; gX = gH dH/dX; gV[t-1] = gH dH/dV;
-// PLIF: grad_decay += sum over columns and t of gH dH/dk (V[t-1] rebuilt from H[t-1], S[t-1]),
-// reduced per block, one atomicAdd per block.
+// PLIF: partial[block] = sum over the block's columns of (float32 sum over t = T-1..0 of
+// gH dH/dk) in float64 (V[t-1] rebuilt from H[t-1], S[t-1]): the CPU kernel's per-column sums
+// (csrc/cpu/neuron.cpp), added up in float64 in another order.
 template <typename scalar_t>
 __device__ __forceinline__ void neuron_backward_impl(
     const scalar_t* __restrict__ grad_spike, const float* __restrict__ grad_v_last, const scalar_t* __restrict__ h_seq,
     const scalar_t* __restrict__ spike, const scalar_t* __restrict__ x, const float* __restrict__ v_init,
     const float* __restrict__ decay, scalar_t* __restrict__ grad_x, float* __restrict__ grad_v_init,
-    float* __restrict__ grad_decay, long long T, long long N, const NeuronParams& p, bool need_grad_decay) {
+    double* __restrict__ partial, long long T, long long N, const NeuronParams& p, bool need_grad_decay) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = i < N;  // no early return: the whole block joins the reduction
   const float k = *decay;
@@ -102,8 +105,8 @@ __device__ __forceinline__ void neuron_backward_impl(
     if (grad_v_init != nullptr) grad_v_init[i] = gv;
   }
   if (need_grad_decay) {
-    gk = block_sum(gk);
-    if (threadIdx.x == 0) atomicAdd(grad_decay, gk);
+    const double sum = block_sum(static_cast<double>(gk));
+    if (threadIdx.x == 0) partial[blockIdx.x] = sum;
   }
 }
 
@@ -120,10 +123,10 @@ __device__ __forceinline__ void neuron_backward_impl(
   extern "C" __global__ void __launch_bounds__(cbp::kNeuronThreads) neuron_backward_##SUFFIX(                      \
       const scalar_t* grad_spike, const float* grad_v_last, const scalar_t* h_seq, const scalar_t* spike,          \
       const scalar_t* x, const float* v_init, const float* decay, scalar_t* grad_x, float* grad_v_init,            \
-      float* grad_decay, long long T, long long N, float v_threshold, float v_reset, int kind, int soft_reset,     \
+      double* partial, long long T, long long N, float v_threshold, float v_reset, int kind, int soft_reset,      \
       int decay_input, int detach_reset, int surrogate, float alpha, int need_grad_decay) {                        \
     cbp::neuron_backward_impl<scalar_t>(                                                                           \
-        grad_spike, grad_v_last, h_seq, spike, x, v_init, decay, grad_x, grad_v_init, grad_decay, T, N,            \
+        grad_spike, grad_v_last, h_seq, spike, x, v_init, decay, grad_x, grad_v_init, partial, T, N,               \
         cbp::neuron_params(v_threshold, v_reset, kind, soft_reset, decay_input, detach_reset, surrogate, alpha),   \
         need_grad_decay != 0);                                                                                     \
   }

@@ -1,7 +1,9 @@
 // CUDA kernels of the sigmoid-sum quantizer (equations: csrc/common/sigmoid_quant_math.h).
 // extern "C" and free of torch includes, so CuPy (NVRTC) compiles this file as it is.
-// One thread per weight; the backward reduces alpha's and beta's gradients per block in
-// shared memory and adds them with one atomicAdd each.
+// One thread per weight. The backward writes grad_w and, per block b, the block's sums of
+// alpha's and beta's gradient terms in float64 to partial[2b] and partial[2b + 1] (a fixed
+// tree in shared memory); the caller adds the partials up in float64 (no atomics: the result
+// does not depend on the schedule) and rounds once to float32, as the CPU kernel's float64 sums.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,14 +25,15 @@ __device__ void sigmoid_quant_forward_impl(const scalar_t* w, scalar_t* y, long 
   store_f32(y + i, *alpha * r.value);
 }
 
+constexpr int kSigmoidQuantThreads = 256;  // the block size the backward's tree assumes
+
 template <typename scalar_t>
-__device__ void sigmoid_quant_backward_impl(const scalar_t* gy, const scalar_t* w, scalar_t* gw, float* grad_alpha,
-                                            float* grad_beta, long long n, const float* alpha, const float* beta,
-                                            float temperature, const float* gaps, const float* mids, int n_sig,
-                                            float offset) {
-  __shared__ float part_a[256], part_b[256];
+__device__ void sigmoid_quant_backward_impl(const scalar_t* gy, const scalar_t* w, scalar_t* gw, double* partial,
+                                            long long n, const float* alpha, const float* beta, float temperature,
+                                            const float* gaps, const float* mids, int n_sig, float offset) {
+  __shared__ double part_a[kSigmoidQuantThreads], part_b[kSigmoidQuantThreads];
   const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  float pa = 0.0f, pb = 0.0f;
+  float pa = 0.0f, pb = 0.0f;  // this weight's terms, rounded to float32 as on the CPU
   if (i < n) {
     const float a = *alpha, b = *beta;
     const float wi = load_f32(w + i), gi = load_f32(gy + i);
@@ -50,14 +53,14 @@ __device__ void sigmoid_quant_backward_impl(const scalar_t* gy, const scalar_t* 
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    atomicAdd(grad_alpha, part_a[0]);
-    atomicAdd(grad_beta, part_b[0]);
+    partial[2 * blockIdx.x] = part_a[0];
+    partial[2 * blockIdx.x + 1] = part_b[0];
   }
 }
 
 }  // namespace cbp
 
-// Launch with 256 threads per block (the shared-memory reduction assumes it).
+// Launch with kSigmoidQuantThreads threads per block (the backward's tree assumes it).
 #define CBP_SIGMOID_QUANT_KERNELS(suffix, scalar_t)                                                             \
   extern "C" __global__ void sigmoid_quant_forward_##suffix(const scalar_t* w, scalar_t* y, long long n,         \
                                                             const float* alpha, const float* beta,             \
@@ -66,11 +69,10 @@ __device__ void sigmoid_quant_backward_impl(const scalar_t* gy, const scalar_t* 
     cbp::sigmoid_quant_forward_impl<scalar_t>(w, y, n, alpha, beta, temperature, gaps, mids, n_sig, offset);    \
   }                                                                                                             \
   extern "C" __global__ void sigmoid_quant_backward_##suffix(                                                   \
-      const scalar_t* gy, const scalar_t* w, scalar_t* gw, float* grad_alpha, float* grad_beta, long long n,    \
-      const float* alpha, const float* beta, float temperature, const float* gaps, const float* mids, int n_sig, \
-      float offset) {                                                                                           \
-    cbp::sigmoid_quant_backward_impl<scalar_t>(gy, w, gw, grad_alpha, grad_beta, n, alpha, beta, temperature,   \
-                                               gaps, mids, n_sig, offset);                                      \
+      const scalar_t* gy, const scalar_t* w, scalar_t* gw, double* partial, long long n, const float* alpha,     \
+      const float* beta, float temperature, const float* gaps, const float* mids, int n_sig, float offset) {    \
+    cbp::sigmoid_quant_backward_impl<scalar_t>(gy, w, gw, partial, n, alpha, beta, temperature, gaps, mids,     \
+                                               n_sig, offset);                                                  \
   }
 
 CBP_SIGMOID_QUANT_KERNELS(f32, float)

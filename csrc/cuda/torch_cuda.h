@@ -1,6 +1,6 @@
 // The torch CUDA host headers the extension's .cu launchers use (current stream, device
-// guard, launch check), includable by every csrc/cuda/<op>.cu, and the one storage-dtype
-// dispatch they share.
+// guard, launch check), includable by every csrc/cuda/<op>.cu, and what they share: the
+// checked grid sizes and the one storage-dtype dispatch.
 // A CPU-only torch ships these headers without the generated c10/cuda/impl/cuda_cmake_macros.h
 // (it only defines Windows export macros), so `make cuda-check` can compile the .cu files
 // against it; a CUDA torch has the file and includes it as usual.
@@ -19,9 +19,26 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace cbp {
+
+// The launchers' grid sizes, checked against CUDA's limits (2^31 - 1 blocks along x, 65535
+// along y): a launch past them would fail with "invalid configuration argument" only later.
+inline unsigned int grid_x(int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "cbp_kernels: ", blocks,
+              " blocks exceed the CUDA grid's x limit (2^31 - 1)");
+  return static_cast<unsigned int>(blocks);
+}
+inline unsigned int grid_y(int64_t blocks) {
+  TORCH_CHECK(blocks <= 65535, "cbp_kernels: ", blocks, " blocks exceed the CUDA grid's y limit (65535)");
+  return static_cast<unsigned int>(blocks);
+}
+
+// The 1-D grid of `threads`-thread blocks with one thread per item.
+inline unsigned int blocks_for(int64_t items, int threads) { return grid_x((items + threads - 1) / threads); }
 
 // A storage dtype as the extern "C" kernels see it: float, __half, __nv_bfloat16.
 template <typename scalar_t>

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..bitpack.cupy import launch_items
+from .._cupy import launch_items
 from ..neuron.params import NeuronParams
 from .reference import Geometry
 
@@ -24,8 +24,8 @@ def conv2d(x, planes, scale: float, bias, stride, padding, dilation, groups: int
     if out.numel() == 0:
         return out
     bias_arg = bias.contiguous() if bias is not None else np.uint64(0)  # a null pointer
-    launch_items("bitconv_popc_kernel", x.device, out.numel(), x.contiguous(), planes.contiguous(), bias_arg,
-                 np.float32(scale), out, _geometry(geom))
+    launch_items("bitconv", "bitconv_popc_kernel", x.device, out.numel(), (x.contiguous(), planes.contiguous(),
+                 bias_arg, np.float32(scale), out, _geometry(geom)))
     return out
 
 
@@ -36,8 +36,8 @@ def conv2d_lif(x, planes, mul, add, stride, padding, dilation, groups: int, T: i
         return spikes, v_last
     # One thread per output spike word (every word of every timestep is written).
     threads = spikes.shape[-1] * (v_last.numel() // v_last.shape[-1])
-    launch_items("bitconv_lif_kernel", x.device, threads, x.contiguous(), planes.contiguous(), mul.contiguous(),
-                 add.contiguous(), _geometry(geom), np.int64(T), np.float32(decay), np.float32(p.v_threshold),
-                 np.float32(p.reset_value), np.int32(p.kind), np.int32(p.soft_reset), np.int32(p.decay_input),
-                 spikes, v_last)
+    launch_items("bitconv", "bitconv_lif_kernel", x.device, threads, (x.contiguous(), planes.contiguous(),
+                 mul.contiguous(), add.contiguous(), _geometry(geom), np.int64(T), np.float32(decay),
+                 np.float32(p.v_threshold), np.float32(p.reset_value), np.int32(p.kind), np.int32(p.soft_reset),
+                 np.int32(p.decay_input), spikes, v_last))
     return spikes, v_last

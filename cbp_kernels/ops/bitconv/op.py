@@ -129,6 +129,7 @@ def packed_conv2d(
     check_same_device("weight_packed.planes", w.planes, bias=bias)
     _check_channel_vector("bias", bias, w.out_features)
     backend = resolve_backend(backend, "bitconv2d", spikes_packed.device, __package__)
+    bias = None if bias is None else bias.contiguous()  # the kernels read it as a float32 [O] array
     return run(spikes_packed.contiguous(), w, bias, stride, padding, dilation, groups, backend)
 
 

@@ -20,9 +20,15 @@ def kernel_name(direction: str, dtype: torch.dtype) -> str:
     return f"neuron_{direction}_{dtype_suffix(dtype)}"
 
 
+def _blocks(n: int) -> int:
+    """The grid: one thread per column of n."""
+    return (n + THREADS - 1) // THREADS
+
+
 def _launch(direction: str, dtype: torch.dtype, device: torch.device, n: int, args: tuple) -> None:
     """One thread per column of n; tensors pass by address, the rest as NumPy scalars of the kernel's types."""
-    launch("neuron", kernel_name(direction, dtype), device, (n + THREADS - 1) // THREADS, THREADS, args)
+    if n:
+        launch("neuron", kernel_name(direction, dtype), device, _blocks(n), THREADS, args)
 
 
 def forward(x_seq, v_init, decay, p: NeuronParams):
@@ -42,12 +48,14 @@ def backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p:
     gs, gvl, h, s, x, v0, grad_x, grad_v_init = backward_buffers(grad_spike, grad_v_last, h_seq, spike_seq, x_seq,
                                                                  v_init, need_grad_decay)
     T, N = h.shape
-    grad_decay = torch.zeros(1, dtype=torch.float32, device=h.device)
+    # PLIF's dL/dk: one float64 partial per block, added up here and rounded once to float32.
+    partial = torch.empty(_blocks(N) if need_grad_decay else 0, dtype=torch.float64, device=h.device)
     _launch("backward", h.dtype, h.device, N, (
         gs, gvl, h, s, x, v0, decay.reshape(1).float(),
-        grad_x, None if v0 is None else grad_v_init, grad_decay, np.int64(T), np.int64(N),
+        grad_x, None if v0 is None else grad_v_init, partial if need_grad_decay else None, np.int64(T), np.int64(N),
         np.float32(p.v_threshold), np.float32(p.reset_value),
         np.int32(p.kind), np.int32(p.soft_reset), np.int32(p.decay_input), np.int32(p.detach_reset),
         np.int32(p.surrogate), np.float32(p.alpha), np.int32(need_grad_decay),
     ))
+    grad_decay = partial.sum().to(torch.float32)
     return grad_x.view(h_seq.shape), grad_v_init.view(v_init.shape), grad_decay.to(decay.dtype).reshape(decay.shape)

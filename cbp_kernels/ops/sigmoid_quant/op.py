@@ -93,7 +93,7 @@ def _checked_biases(biases, mids: torch.Tensor, w: torch.Tensor) -> torch.Tensor
                          f"{tuple(biases.shape)}")
     if biases.numel() > 1 and not torch.compiler.is_compiling() and not bool((biases[1:] > biases[:-1]).all()):
         raise ValueError(f"biases must be increasing, got {biases.tolist()}")
-    return biases.float()
+    return biases.float().contiguous()  # the kernels read the b_i as a float32 [n] array
 
 
 def sigmoid_quantize(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, levels, temperature: float, *,
