@@ -44,7 +44,7 @@ from conftest import GRAD_TOL, assert_close
 pytestmark = pytest.mark.skipif(shutil.which(_cuda_emu._cxx()) is None,
                                 reason="the CUDA host emulation needs a C++20 compiler ($CXX or g++ on PATH)")
 
-OPS = ("neuron", "constraint", "sigmoid_quant", "bitconv")
+OPS = ("neuron", "constraint", "sigmoid_quant", "bitpack", "bitconv")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -57,6 +57,7 @@ def emulated_cupy():
             for name, value in vars(module).items():
                 if value is _cupy.launch:
                     mp.setattr(module, name, _cuda_emu.launch)
+        mp.setattr(_cupy, "launch", _cuda_emu.launch)  # what _cupy.launch_items calls
         yield
 
 
@@ -352,15 +353,21 @@ def test_sigmoid_quant_kernels(dtype):
 
 # --- bit packing and the packed convolutions --------------------------------------------------
 
-@pytest.mark.parametrize("rows, size", [(1, 1), (3, 32), (5, 77), (40, 33)])
-def test_bitpack_kernels(rows, size):
-    """bitpack_u8_kernel / bitunpack_u8_kernel: the reference's words and values exactly."""
-    x = torch.randint(-1, 3, (rows, size)).float()
-    x[x == -1] = 0.5  # non-binary values pack as 1, as the reference
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                                   torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("B, R, C", [(1, 1, 1), (2, 3, 32), (1, 5, 77), (3, 40, 33)])
+def test_bitpack_kernels(B, R, C, dtype):
+    """bitpack_<dtype> / bitunpack_u8: the reference's words, count of values other than 0 and 1
+    (packed as 1) and values exactly, on a strided [B, R, C] view."""
+    x = torch.randint(-1, 3, (B, C, R)).to(torch.float64 if dtype.is_floating_point else torch.int64)
+    if dtype.is_floating_point:
+        x[x == -1] = 0.5
+    x = x.to(dtype).transpose(1, 2)  # [B, R, C], C strided
     words, bad = bitpack_cupy.pack(x)
     r_words, r_bad = bitpack_ref.pack(x)
     assert torch.equal(words, r_words) and torch.equal(bad, r_bad)
-    assert torch.equal(bitpack_cupy.unpack(words, size, torch.float32), bitpack_ref.unpack(words, size, torch.float32))
+    flat = words.reshape(B * R, -1)
+    assert torch.equal(bitpack_cupy.unpack(flat, C, torch.float32), bitpack_ref.unpack(flat, C, torch.float32))
 
 
 CONVS = [  # N, C, H, W, O, K, stride, padding, dilation, groups
