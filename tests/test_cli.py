@@ -21,6 +21,7 @@ from cbp_kernels.data import get_dataset, time_major
 from cbp_kernels.export import build_architecture, read_metadata, save_packed
 from cbp_kernels.nn import PackedConv2d, PackedLinear
 from cbp_kernels.ops import PackedWeight, unpack_weight
+from cbp_kernels.pipeline import RunError
 from conftest import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,7 +299,10 @@ def test_bad_method_arguments(capsys, tmp_path):
 def test_parse_levels():
     assert parse_levels("binary,ternary") == [("binary", "binary"), ("ternary", "ternary")]
     assert parse_levels("-2,-1,0,1") == [("levels-2_-1_0_1", [-2.0, -1.0, 0.0, 1.0])]
-    assert parse_levels("-1,1;-1,0,1") == [("levels-1_1", [-1.0, 1.0]), ("levels-1_0_1", [-1.0, 0.0, 1.0])]
+    # numbers equal to a named set take its name (LevelSet: one set, one label)
+    assert parse_levels("-1,1;-2,0,2") == [("binary", [-1.0, 1.0]), ("levels-2_0_2", [-2.0, 0.0, 2.0])]
+    with pytest.raises(RunError, match="given twice"):
+        parse_levels("binary,-1,1")
     assert parse_levels("ternary,-2,0,2") == [("ternary", "ternary"), ("levels-2_0_2", [-2.0, 0.0, 2.0])]
     assert format_memory(2_290_000) == "2.29Mb" and format_memory(115_712) == "116Kb"
 

@@ -57,11 +57,12 @@ def read_json(path: str, what: str = "file"):
 
 def parse_levels(text: str) -> list[tuple[str, str | list[float]]]:
     """``--levels`` -> [(label, level set)]. Names (``binary``, ``ternary``) are one set each;
-    consecutive numbers form one custom set; ``;`` separates two custom sets.
+    consecutive numbers form one custom set; ``;`` separates two custom sets. Each set is
+    validated and labelled by ``LevelSet`` (numbers equal to a named set take its name).
     ``"binary,ternary"`` -> two sets; ``"-2,-1,0,1"`` -> one; ``"-1,1;-2,-1,0,1"`` -> two."""
-    from ..quant import resolve_levels
+    from ..ops.levels import LevelSet
 
-    sets: list[tuple[str, str | list[float]]] = []
+    groups: list[str | list[float]] = []
     for part in text.split(";"):
         numbers: list[float] = []
         for token in (t.strip() for t in part.split(",")):
@@ -75,17 +76,18 @@ def parse_levels(text: str) -> list[tuple[str, str | list[float]]]:
                 numbers.append(value)
                 continue
             if numbers:
-                sets.append(("levels" + "_".join(f"{v:g}" for v in numbers), numbers))
+                groups.append(numbers)
                 numbers = []
             if token:
-                sets.append((token, token))
+                groups.append(token)
         if numbers:
-            sets.append(("levels" + "_".join(f"{v:g}" for v in numbers), numbers))
-    if not sets:
+            groups.append(numbers)
+    if not groups:
         raise RunError(f"--levels: no level set in {text!r}")
-    for label, levels in sets:
+    sets = []
+    for levels in groups:
         try:
-            resolve_levels(levels)
+            sets.append((LevelSet(levels).label, levels))
         except (ValueError, TypeError) as exc:
             raise RunError(f"--levels: {exc}") from None
     labels = [label for label, _ in sets]
