@@ -62,17 +62,18 @@ def row_name(row: dict) -> str:
 
 def format_compare(model: str, data: str, timesteps: int, rows: list[dict]) -> str:
     """The markdown table of ``cbp-quantize compare``: one row per method (and level set),
-    the FP32 model first; CFS for CBP rows, packed = float predictions for packable rows."""
+    the FP32 model first; for CBP rows the CFS training reached (before forcing), packed =
+    float predictions for packable rows."""
     lines = [f"**{model} on {data}, T={timesteps}: weight quantization methods compared** (test accuracy; weight "
              "memory as the paper's Table 1: quantized layers at ceil(log2 |Q|) bits, first and last layers FP32; "
              f"CQ: every layer at {CQ_WEIGHT_BITS} bits)", "",
-             "| Method | Accuracy (%) | Weight memory | Seconds / epoch | CFS | Packed = float predictions |",
+             "| Method | Accuracy (%) | Weight memory | Seconds / epoch | CFS trained | Packed = float predictions |",
              "|---|---:|---:|---:|---:|---|"]
     notes = []
     for r in rows:
         seconds = r.get("seconds_per_epoch")
         same = ("yes" if r["same_predictions"] else f"NO ({r['mismatches']} differ)") if "same_predictions" in r else "-"
-        cfs = f"{r['cfs']:.3g}" if r.get("cfs") is not None else "-"
+        cfs = f"{r['cfs_trained']:.3g}" if r.get("cfs_trained") is not None else "-"
         lines.append(f"| {row_name(r)} | {r['accuracy']:.2f} | {format_memory(r['weight_bits'])} | "
                      f"{'-' if seconds is None else f'{seconds:.2f}'} | {cfs} | {same} |")
         if r.get("method") == "fp32":
