@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .nn.packed import PackedConv2d, PackedLinear
+from .nn.bitconv import PackedConv2d, PackedLinear
 from .ops.levels import LevelSet
 
 _PACKED = (PackedConv2d, PackedLinear)

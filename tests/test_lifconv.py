@@ -317,7 +317,7 @@ def test_packed_layer_is_the_fused_op_equal_to_the_unfused_chain(neuron_type, kw
     called), whose spikes are bit for bit the unfused chain's: ``PackedConv2d`` -> per-channel
     affine -> the neuron module (a power-of-two weight scale, so c * scale * gain rounds the same
     both ways)."""
-    import cbp_kernels.nn.packed as packed_module
+    import cbp_kernels.nn.bitconv as packed_module
 
     torch.manual_seed(0)
     m = LIFConv2d(16, 40, 3, padding=1, bias=True, neuron=neuron_type, weight_levels=(-1, 0, 1), weight_scale=0.5,

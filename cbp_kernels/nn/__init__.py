@@ -4,7 +4,7 @@ from .clamp_quantize import ClampQuantize
 from .convert import convert
 from .lifconv import LIFConv2d, PackedLIFConv2d
 from .neuron import IF, LIF, PLIF
-from .packed import PackedConv2d, PackedLinear
+from .bitconv import PackedConv2d, PackedLinear
 from .quantized import QuantConv2d, QuantLinear
 from .sigmoid_quant import SigmoidQuantConv2d, SigmoidQuantLinear
 

@@ -30,7 +30,7 @@ from ..ops.bitpack import bitpack, bitunpack
 from ..ops.levels import LevelSet
 from .bn_neuron import batch_norm_neuron, fold_batch_norm
 from .neuron import IF, LIF, PLIF
-from .packed import PackedConv2d
+from .bitconv import PackedConv2d
 
 __all__ = ["LIFConv2d", "PackedLIFConv2d", "SpikeConv2dFunction", "compact_saved_tensors", "mark_spikes",
            "packed_if_spikes", "run_neuron_saving_packed_spikes"]
