@@ -145,6 +145,30 @@ def test_long_sequences(device, T, n):
             assert_close(ga, gr, 1e-5, 1e-4 * (10 if name == "tau" else 1), f"{b} grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_streamed_outputs_bitwise(dtype):
+    """The CPU kernel writes S and dL/dX over 16 MiB with 64-byte-aligned rows by non-temporal
+    stores (the last, partial chunk of a row by plain ones), and prefetches rows ahead: each
+    column of such a call equals, bit for bit, the same column from a small call (plain
+    stores), and the spikes are the reference's."""
+    T, n = 64, 8 * 16384 + 160  # T * n * 2 bytes > 16 MiB, n * 2 bytes a multiple of 64, n % 128 = 32
+    x, v0 = _inputs((T, n), dtype, scale=0.8)
+    grad = torch.randn(T, n).to(dtype)
+    cfg = dict(neuron="lif", v_reset=0.0, surrogate="sigmoid")
+
+    def step(x, v0, grad, backend="cpu"):
+        x, v0 = x.clone().requires_grad_(), v0.clone().requires_grad_()
+        spike, v_last = multistep_neuron(x, v0, backend=backend, **cfg)
+        return (spike, v_last, *torch.autograd.grad(spike, (x, v0), grad))
+
+    big = step(x, v0, grad)
+    for cols in (slice(0, 96), slice(n - 200, n)):  # full chunks, and a partial one after them
+        small = step(x[:, cols], v0[cols], grad[:, cols])
+        assert torch.equal(small[0], step(x[:, cols], v0[cols], grad[:, cols], "reference")[0])
+        for name, a, b in zip(["spike", "v_last", "grad x", "grad v_init"], big, small):
+            assert torch.equal(a[..., cols], b), f"{name} of columns {cols}"
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the Triton interpreter's exp: inf is right
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("surrogate", list(SURROGATES))

@@ -2,7 +2,10 @@
 // timesteps in one call each. x_seq is [T, N] (contiguous, N = all trailing dims). OpenMP
 // threads share out blocks of kBlock columns; inside a block the kernels walk narrow chunks
 // of columns, each through all T steps, with the chunk's state in a local array and the inner
-// loop over its columns vectorized. The forward writes only S (and V[T-1]); the backward
+// loop over its columns vectorized. A chunk reads T strided rows per pass, more streams than the
+// hardware prefetchers follow from T = 16 on, so each row read prefetches the same row two
+// chunks ahead, and large [T, N] outputs (S, dL/dX) go out with non-temporal stores (see
+// kChunk and stream_output for the measurements). The forward writes only S (and V[T-1]); the backward
 // recomputes the chunk's H[0..T-1] from X into an L1/L2-resident buffer before its reverse
 // time loop, so a training step streams X, S, dL/dS and dL/dX (4 [T, N] tensors, 5 passes)
 // instead of also writing and reading H and reading S back (7 passes). H is returned empty.
@@ -11,7 +14,10 @@
 #include <ATen/Dispatch_v2.h>
 #include <torch/library.h>
 
+#include <emmintrin.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <type_traits>
 #include <vector>
@@ -26,16 +32,20 @@ namespace {
 
 // Columns per OpenMP work item (and per partial sum of PLIF's dL/dk).
 constexpr int64_t kBlock = 16384;
-// Columns per chunk. A chunk of W columns reads T rows of W contiguous floats per pass, T
-// strided streams that the prefetchers follow, and its state stays in registers / L1. Measured
-// against whole 16384-column rows per step (cold [T, 2^20] float32 tensors, one thread of the
-// shared 2-core AVX-512 Xeon, best of 10-12, ATan LIF), in GB/s of the ideal traffic:
-//   forward   T=4 / 16 / 32:  64 columns 12.0 / 11.4 / 11.2,  128: 12.6 / 10.7 / 9.1,  rows: 8.8 / 9.0 / 9.3
-//   backward  T=4 / 16 / 32:  64 columns 14.2 / 11.7 / 5.0,   128: 13.9 / 11.2 / 7.4,  rows: 9.4 / 7.6 / 6.9
-// (memcpy: 13.6-15.6). A run-time chunk length was 20-30% slower at T=16 than these
-// compile-time ones, so only the last, partial chunk of a block has one.
-constexpr int64_t kForwardChunk = 64;
-constexpr int64_t kBackwardChunk = 128;
+// Columns per chunk, and how many chunks ahead a row is prefetched. Measured on cold [T, 2^20]
+// float32 tensors, one thread of the shared 2-core AVX-512 Xeon (taskset, ATan LIF, median of
+// 9 interleaved runs, GB/s of the ideal traffic; run-to-run noise ~10%), forward / backward:
+//   T =                                      4            16           32           64
+//   plain, 64 / 128 columns (before):    16.2 / 17.4  16.0 / 10.4  10.0 /  6.0   8.6 / 5.7
+//   prefetch 1 chunk ahead, 64 / 128:    16.0 / 16.7  15.8 / 12.6  12.6 / 11.4  10.6 / 10.3
+//   + non-temporal stores, 128 / 128:    21.0 / 14.2  22.4 / 21.9  20.6 / 19.0  16.3 / 14.2
+//   prefetch 2 ahead + non-temporal:     24.1 / 18.1  23.0 / 22.4  20.8 / 18.4  14.7 / 13.6
+// (memcpy: 13.5-13.9; at T = 4 the outputs are now too small to stream, see stream_output);
+// with both, 32 or 64 columns forward and 64 or 256 backward were 5-25% slower than 128. A
+// run-time chunk length was 20-30% slower at T=16 than a compile-time one, so only the last,
+// partial chunk of a block has one.
+constexpr int64_t kChunk = 128;
+constexpr int64_t kPrefetchAhead = 2 * kChunk;
 
 template <int64_t W>
 using Fixed = std::integral_constant<int64_t, W>;
@@ -69,6 +79,39 @@ CBP_ALWAYS_INLINE void load_state(const float* state, float fill, int64_t start,
   }
 }
 
+// Prefetches row[kPrefetchAhead .. + kChunk) into L1, where it is inside the tensor (end: one
+// past its last element), for a chunk to come.
+template <typename scalar_t>
+CBP_ALWAYS_INLINE void prefetch_ahead(const scalar_t* row, const scalar_t* end) {
+  const char* ahead = reinterpret_cast<const char*>(row + kPrefetchAhead);
+  const char* stop = std::min(ahead + kChunk * sizeof(scalar_t), reinterpret_cast<const char*>(end));
+  for (; ahead < stop; ahead += 64) __builtin_prefetch(ahead);
+}
+
+// Writes a chunk's output row: non-temporal 16-byte stores (past the caches, no read for
+// ownership) when `stream` (dst 16-byte aligned, len a whole number of them), else plain ones.
+template <typename scalar_t, typename Len>
+CBP_ALWAYS_INLINE void store_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, Len len, bool stream) {
+  if (stream) {
+    for (int64_t i = 0; i < len; i += 16 / sizeof(scalar_t)) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_load_si128(reinterpret_cast<const __m128i*>(src + i)));
+    }
+  } else {
+    std::copy(src, src + len, dst);
+  }
+}
+
+// Whether the [T, N] output `out` gets non-temporal stores: its rows' full chunks are 64-byte
+// aligned, and it is larger than 16 MiB. Smaller ones stay in this VM's last-level cache, where
+// streaming them out cost time (same machine, one thread, min of 10 calls x 3 interleaved runs,
+// backward ms, streamed / not): float32 [4, 2^20] (16 MiB) 3.1-3.4 / 2.1-3.1, [8, 2^20]
+// 4.6-5.3 / 5.0-5.6, bfloat16 [16, 2^20] 8.3-8.5 / 9.7-11.3, float32 [16, 2^20] 10.8-11.7 / 15.2-16.8.
+template <typename scalar_t>
+bool stream_output(const scalar_t* out, int64_t T, int64_t N) {
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
+  return reinterpret_cast<std::uintptr_t>(out) % 64 == 0 && row_bytes % 64 == 0 && T * row_bytes > (int64_t{16} << 20);
+}
+
 // Calls chunk(start, len) over the columns [begin, end) in chunks of W: full chunks with a
 // compile-time len (Fixed<W>), the last, partial one with a run-time len.
 template <int64_t W, typename Chunk>
@@ -78,44 +121,52 @@ CBP_ALWAYS_INLINE void for_each_chunk(int64_t begin, int64_t end, Chunk&& chunk)
   if (start < end) chunk(start, end - start);
 }
 
-// One chunk of len <= kForwardChunk columns, all T steps: H = charge(V, X); S = (H - V_th >= 0);
-// V = reset(H, S).
+// One chunk of len <= kChunk columns, all T steps: H = charge(V, X); S = (H - V_th >= 0);
+// V = reset(H, S). `stream`: S's full chunks get non-temporal stores (stream_output).
 template <typename scalar_t, typename Len>
 CBP_ALWAYS_INLINE void forward_chunk(const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
                                      const NeuronParams q, scalar_t* __restrict__ spike,
-                                     float* __restrict__ v_last, int64_t T, int64_t N, int64_t start, Len len) {
-  float v[kForwardChunk];
+                                     float* __restrict__ v_last, int64_t T, int64_t N, int64_t start, Len len,
+                                     bool stream) {
+  float v[kChunk];
+  alignas(64) scalar_t out[kChunk];
+  stream = stream && len == kChunk;
   load_state(v_init, q.v_reset, start, len, v);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t row = t * N + start;
+    prefetch_ahead(x + row, x + T * N);
     for (int64_t i = 0; i < len; ++i) {
       const float h = neuron_charge(v[i], static_cast<float>(x[row + i]), k, q);
       const float s = (h - q.v_threshold >= 0.0f) ? 1.0f : 0.0f;
-      spike[row + i] = static_cast<scalar_t>(s);
+      out[i] = static_cast<scalar_t>(s);
       v[i] = neuron_reset(h, s, q);
     }
+    store_row(spike + row, out, len, stream);
   }
   std::copy(v, v + len, v_last + start);
 }
 
-// One chunk of len <= kBackwardChunk columns, reverse time: gH = gS sg'(H - V_th) + gV dV/dH;
+// One chunk of len <= kChunk columns, reverse time: gH = gS sg'(H - V_th) + gV dV/dH;
 // gX = gH dH/dX; gV[t-1] = gH dH/dV. First H[t] of the chunk's columns is recomputed from X
 // and v_init (the forward's equations, same arithmetic, so S = (H - V_th >= 0) is the forward's
 // spike bit for bit) into h[t * len + i]. PLIF (kGradK): returns sum over the chunk's columns and
 // t of gH dH/dk, with V[t-1] = reset(H[t-1], S[t-1]) (v_init at t = 0); per-column float sums,
-// added up in double. grad_v_init may be null (not wanted).
+// added up in double. grad_v_init may be null (not wanted). `stream`: as the forward's, for dL/dX.
 template <typename scalar_t, int kSurrogate, bool kGradK, typename Len>
 CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike, const float* __restrict__ grad_v_last,
                                         const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
                                         const NeuronParams q, scalar_t* __restrict__ grad_x,
                                         float* __restrict__ grad_v_init, int64_t T, int64_t N, int64_t start,
-                                        Len len, float* __restrict__ h) {
+                                        Len len, float* __restrict__ h, bool stream) {
   const float dh_dv = charge_dh_dv(k, q);
   const float dh_dx = charge_dh_dx(k, q);
-  float gv[kBackwardChunk], gk[kBackwardChunk], dk[kBackwardChunk], sg[kBackwardChunk];
+  float gv[kChunk], gk[kChunk], dk[kChunk], sg[kChunk];
+  alignas(64) scalar_t out[kChunk];
+  stream = stream && len == kChunk;
   load_state(v_init, q.v_reset, start, len, gv);  // gv holds V while H is recomputed
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + start;
+    prefetch_ahead(xr, x + T * N);
     float* __restrict__ hr = h + t * len;
     for (int64_t i = 0; i < len; ++i) {
       hr[i] = neuron_charge(gv[i], static_cast<float>(xr[i]), k, q);
@@ -126,6 +177,7 @@ CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike,
   if (kGradK) std::fill(gk, gk + len, 0.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t row = t * N + start;
+    prefetch_ahead(grad_spike + row, grad_spike + T * N);
     const float* __restrict__ hr = h + t * len;
     if (kGradK) {  // dk = dH[t]/dk; branches outside the column loops keep them vectorizable
       if (t > 0) {
@@ -146,10 +198,11 @@ CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike,
     for (int64_t i = 0; i < len; ++i) {
       const float s = (hr[i] - q.v_threshold >= 0.0f) ? 1.0f : 0.0f;
       const float gh = static_cast<float>(grad_spike[row + i]) * sg[i] + gv[i] * reset_dv_dh(hr[i], s, sg[i], q);
-      grad_x[row + i] = static_cast<scalar_t>(gh * dh_dx);
+      out[i] = static_cast<scalar_t>(gh * dh_dx);
       if (kGradK) gk[i] += gh * dk[i];
       gv[i] = gh * dh_dv;
     }
+    store_row(grad_x + row, out, len, stream);
   }
   if (grad_v_init != nullptr) std::copy(gv, gv + len, grad_v_init + start);
   double sum = 0.0;
@@ -160,7 +213,7 @@ CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike,
 }
 
 // This thread's buffer of at least `floats` floats, kept between calls (a fresh buffer per
-// call was mapped and zeroed by the kernel each time: page faults). T * kBackwardChunk floats.
+// call was mapped and zeroed by the kernel each time: page faults). T * kChunk floats.
 float* thread_scratch(int64_t floats) {
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
@@ -168,16 +221,19 @@ float* thread_scratch(int64_t floats) {
 }
 
 // The OpenMP loops over column blocks, one per instruction set. The chunk lambdas are
-// always_inline, so they are compiled for the enclosing function's instruction set.
+// always_inline, so they are compiled for the enclosing function's instruction set. The sfence
+// orders a block's non-temporal stores before the loop's closing barrier (outputs seen by all).
 #define CBP_NEURON_LOOPS(ATTR, SUFFIX)                                                                           \
   template <typename scalar_t>                                                                                  \
   ATTR void forward_##SUFFIX(const scalar_t* x, const float* v_init, float k, const NeuronParams p,             \
                              scalar_t* spike, float* v_last, int64_t T, int64_t N) {                            \
+    const bool stream = stream_output(spike, T, N);                                                             \
     _Pragma("omp parallel for schedule(static)") for (int64_t begin = 0; begin < N; begin += kBlock) {          \
-      for_each_chunk<kForwardChunk>(begin, std::min(begin + kBlock, N), [&](int64_t start, auto len)           \
-                                                                            CBP_ALWAYS_INLINE_LAMBDA {          \
-        forward_chunk(x, v_init, k, p, spike, v_last, T, N, start, len);                                        \
+      for_each_chunk<kChunk>(begin, std::min(begin + kBlock, N), [&](int64_t start, auto len)                  \
+                                                                     CBP_ALWAYS_INLINE_LAMBDA {                 \
+        forward_chunk(x, v_init, k, p, spike, v_last, T, N, start, len, stream);                                \
       });                                                                                                       \
+      _mm_sfence();                                                                                             \
     }                                                                                                           \
   }                                                                                                             \
   template <typename scalar_t, int kSurrogate, bool kGradK>                                                     \
@@ -185,14 +241,16 @@ float* thread_scratch(int64_t floats) {
                               const float* v_init, float k, const NeuronParams p, scalar_t* grad_x,             \
                               float* grad_v_init, double* partial, int64_t T, int64_t N) {                      \
     const int64_t blocks = (N + kBlock - 1) / kBlock;                                                           \
+    const bool stream = stream_output(grad_x, T, N);                                                            \
     _Pragma("omp parallel for schedule(static)") for (int64_t b = 0; b < blocks; ++b) {                         \
-      float* h = thread_scratch(T * kBackwardChunk);                                                            \
+      float* h = thread_scratch(T * kChunk);                                                                    \
       double sum = 0.0;                                                                                         \
-      for_each_chunk<kBackwardChunk>(b * kBlock, std::min((b + 1) * kBlock, N), [&](int64_t start, auto len)   \
-                                                                                   CBP_ALWAYS_INLINE_LAMBDA {   \
+      for_each_chunk<kChunk>(b * kBlock, std::min((b + 1) * kBlock, N), [&](int64_t start, auto len)           \
+                                                                           CBP_ALWAYS_INLINE_LAMBDA {           \
         sum += backward_chunk<scalar_t, kSurrogate, kGradK>(grad_spike, grad_v_last, x, v_init, k, p, grad_x,  \
-                                                            grad_v_init, T, N, start, len, h);                  \
+                                                            grad_v_init, T, N, start, len, h, stream);          \
       });                                                                                                       \
+      _mm_sfence();                                                                                             \
       partial[b] = sum;                                                                                         \
     }                                                                                                           \
   }
