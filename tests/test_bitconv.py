@@ -352,6 +352,28 @@ def test_fused_lif_matches_the_composition_of_the_ops(device, backend, levels, n
         assert 0.01 < float(spikes.mean()) < 0.99  # the case exercises both spike values
 
 
+@pytest.mark.parametrize("device,backend", device_backends("bitconv2d_lif", "cbp_kernels.ops.bitconv", reference=True))
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_fused_lif_fires_on_the_threshold(device, backend, levels):
+    """The tie rule S = (H - V_th >= 0): with the affine y = c / 4 (c the integer count; the
+    channel scale carries the weight scale), H = V + c / 4 is exact, so counts c = 4 land on V_th = 1 (random affines never do); every
+    backend fires there, as the reference."""
+    from cbp_kernels.ops import multistep_neuron
+    from cbp_kernels.ops.bitconv import packed_conv2d_lif
+
+    T, N, C, H, W, O = 2, 1, 12, 4, 4, 40
+    x = _spikes((T * N, C, H, W), p=0.5, device=device)
+    q = _levels((O, C, 3, 3), levels, device=device)
+    y = F.conv2d(x, q, None, 1, 1).permute(0, 2, 3, 1) * 0.25  # exact: dyadic counts
+    assert bool((y == 1.0).any()), "the case must put some H exactly on the threshold"
+    spikes, v_last = multistep_neuron(y.unflatten(0, (T, N)), neuron="if", v_reset=0.0, backend="reference")
+    got = packed_conv2d_lif(pack_spikes(x.permute(0, 2, 3, 1)), pack_weight(q * 0.25, levels, 0.25), T,
+                            torch.full((O,), 0.25, device=device), torch.zeros(O, device=device), 1, 1,
+                            neuron="if", v_reset=0.0, backend=backend)
+    assert torch.equal(got[0], bitpack(spikes.flatten(0, 1), -1, backend="reference")), f"{backend}: spikes differ"
+    assert torch.equal(got[1], v_last), f"{backend}: v_last differs"
+
+
 def test_fused_lif_bad_input():
     from cbp_kernels.ops.bitconv import packed_conv2d_lif
 
