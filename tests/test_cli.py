@@ -141,15 +141,36 @@ def test_resume_after_sigkill_is_exact(default_run, tmp_path, capsys):
     assert epochs == [0, 1]  # no epoch recorded twice
 
 
+# Each torchrun rank runs `run` then `eval` (which reuses the process group: a second
+# init_process_group in one process hangs) through the CLI; its first exit handler, the last to
+# run, reports whether the group is still there: one left to torch's clean-up at exit can abort
+# the process (gloo, "terminate called without an active exception", one CI run in many:
+# pytorch/pytorch#190489).
+_RANK_SCRIPT = """
+import atexit
+import sys
+atexit.register(lambda: print("group at exit:", dist.is_initialized(), flush=True))
+import torch.distributed as dist
+from cbp_kernels.cli import main
+out = sys.argv[1]
+assert main(["run", "--pretrain-epochs", "2", "--epochs", "1", "--levels", "binary", "--out", out]) == 0
+assert main(["eval", out + "/binary/model.safetensors"]) == 0
+"""
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_SCRIPT)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cbp_kernels",
-           "run", "--pretrain-epochs", "2", "--epochs", "1", "--levels", "binary", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # both ranks left no process group behind, after the job and after eval
+    assert proc.stdout.count("group at exit: False") == 2
     assert proc.stdout.count("Precision") == 1  # only rank 0 prints the table
+    assert proc.stdout.count("packed model, digits test split") == 1  # and eval's line
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     summary = json.loads((out / "summary.json").read_text())
     binary = summary["rows"][1]

@@ -16,9 +16,9 @@ import torch
 from ..export import atomic_write
 from .config import (CONFIG_NAME, RunError, check_environment, create_run_dir, load_config, read_json,
                      resolve_config, stage_dir, stages)
-from .stages import (_accuracy, _arch_for, _broadcast, _build_model, _check_finite, _check_fits, _check_stages,
-                     _cq_stage, _datasets, _fp32_stage, _Job, _labels, _predict, _quant_stage, _read_run_file,
-                     _setup_dist, _show_progress, _test_is_train, _write_json)
+from .stages import (_accuracy, _arch_for, _barrier, _broadcast, _build_model, _check_finite, _check_fits,
+                     _check_stages, _cq_stage, _datasets, _fp32_stage, _Job, _labels, _predict, _quant_stage,
+                     _read_run_file, _setup_dist, _show_progress, _test_is_train, _write_json)
 from .tables import result_table, row_name
 
 __all__ = ["run", "RunResult", "evaluate_export", "read_run", "RunStatus"]
@@ -105,6 +105,7 @@ def run(resume: str | None = None, *, say: Callable[[str], None] | None = print,
     table = result_table(cfg, rows)
     if dist.main:
         _write_summary(run_dir, cfg, rows, table)
+    _barrier(dist)  # every rank returns once the run directory is complete
     bad = [r["precision"] for r in rows if r.get("same_predictions") is False]
     if bad:
         say_main(f"cbp-quantize: the packed model's predictions differ from the float model's for {bad}")

@@ -4,6 +4,7 @@ and CQ's. Each stage writes into the run directory and marks itself done with it
 ``result.json`` (its row of the result table)."""
 from __future__ import annotations
 
+import atexit
 import copy
 import datetime
 import json
@@ -40,6 +41,12 @@ class _Dist:
 
 
 def _setup_dist(device: str | None) -> _Dist:
+    """The process's place in a torchrun job. Under torchrun the first job of the process
+    joins the process group (gloo on CPU, NCCL on CUDA) and later ones reuse it (a second
+    ``init_process_group`` in one process hangs in the rendezvous); the group is destroyed at
+    the interpreter's exit, before torch's own clean-up: a gloo group left to that clean-up can
+    abort the process ("terminate called without an active exception", seen in CI;
+    pytorch/pytorch#190489)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -51,6 +58,7 @@ def _setup_dist(device: str | None) -> _Dist:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
     return _Dist(dist.get_rank(), dist.get_world_size(), dev)
 
 
@@ -63,6 +71,14 @@ def _broadcast(value, dist: _Dist):
     box = [value]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _barrier(dist: _Dist) -> None:
+    """Waits for every rank (a no-op without torchrun)."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
 
 
 def _write_json(path: str, obj) -> None:
