@@ -425,6 +425,20 @@ def test_bitconv_kernels(conv, levels):
                 assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_bitconv_lif_kernel_fires_on_the_threshold(levels):
+    """The tie rule S = (H - V_th >= 0) in bitconv_lif_kernel: with the affine y = c / 4 (c the
+    integer count) H = c / 4 is exact, so counts c = 4 land on V_th = 1 (random affines never do)."""
+    x, planes = _conv_inputs(2, 12, 4, 4, 32, 3, 1, levels)
+    one = (1, 1)
+    counts = bitconv_ref.conv2d(x, planes, 1.0, None, one, one, one, 1)
+    assert bool((counts[:1] == 4).any()), "the case must put some H exactly on the threshold"
+    p = NeuronParams(v_threshold=1.0, v_reset=0.0, kind=NEURONS["if"])
+    lif = (x, planes, torch.full((32,), 0.25), torch.zeros(32), one, one, one, 1, 2, 1.0, p)
+    for got, ref in zip(bitconv_cupy.conv2d_lif(*lif), bitconv_ref.conv2d_lif(*lif)):
+        assert torch.equal(got, ref)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
 def test_bitconv_kernels_use_no_local_memory(tmp_path):
     """ptxas -v for sm_80 and sm_90 of the text the cupy backend compiles (no torch headers, no
