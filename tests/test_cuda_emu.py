@@ -440,19 +440,21 @@ def test_bitconv_lif_kernel_fires_on_the_threshold(levels):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
-def test_bitconv_kernels_use_no_local_memory(tmp_path):
+@pytest.mark.parametrize("op", ["neuron", "constraint", "sigmoid_quant", "bitpack", "bitconv"])
+def test_kernels_use_no_local_memory(tmp_path, op):
     """ptxas -v for sm_80 and sm_90 of the text the cupy backend compiles (no torch headers, no
-    include path): no kernel of csrc/cuda/bitconv.cuh has a stack frame or spills (the mma
-    kernel's accumulators are registers: unrolled loops, constant indices)."""
-    source = tmp_path / "bitconv.cu"
-    source.write_text(cuda_source("bitconv"))
-    done = subprocess.run(["nvcc", *_cupy.NVRTC_OPTIONS, "-c", "-o", str(tmp_path / "bitconv.o"), "-Xptxas", "-v",
+    include path): no kernel of csrc/cuda/<op>.cuh has a stack frame or spills (the mma
+    kernel's accumulators are registers: unrolled loops, constant indices; constraint_pass
+    spilled 8 bytes with an `unroll 4` pragma)."""
+    source = tmp_path / f"{op}.cu"
+    source.write_text(cuda_source(op))
+    done = subprocess.run(["nvcc", *_cupy.NVRTC_OPTIONS, "-c", "-o", str(tmp_path / f"{op}.o"), "-Xptxas", "-v",
                            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
                            str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'\s*\n.*?\n\s*(\d+) bytes stack frame, "
                          r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
-    assert {(name, arch) for name, arch, *_ in reports} >= {("bitconv_mma_kernel", f"sm_{a}") for a in (80, 90)}
-    assert len({name for name, *_ in reports}) == len(_cuda_emu.kernels("bitconv").params)
+    kernels = _cuda_emu.kernels(op).params
+    assert {(name, arch) for name, arch, *_ in reports} == {(k, f"sm_{a}") for k in kernels for a in (80, 90)}
     local = [r for r in reports if r[2:] != ("0", "0", "0")]
     assert not local, f"local memory (kernel, arch, stack, spill stores, spill loads): {local}"
