@@ -32,6 +32,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .pipeline import RUN_DEFAULTS, RunError, evaluate_export, parse_levels, read_run, run
@@ -178,7 +179,8 @@ def _report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``cbp-quantize`` and ``python -m cbp_kernels``; returns the exit status."""
+    """The ``cbp-quantize`` command on ``argv`` (default ``sys.argv[1:]``); returns the exit
+    status (callable from Python, also under torchrun)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # run is the default subcommand
@@ -190,3 +192,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"cbp-quantize: error: {exc}\n")
     except FloatingPointError as exc:
         parser.exit(1, f"cbp-quantize: {exc}\n")
+
+
+def entry() -> None:
+    """The ``cbp-quantize`` / ``python -m cbp_kernels`` process: exits with ``main()``'s status.
+    Under torchrun the process ends with ``os._exit`` once its output is flushed (every file
+    it writes is complete by then: ``run`` returns after a barrier), skipping the interpreter's
+    finalization: there torch's teardown of the gloo group and autograd threads can abort a
+    finished rank ("terminate called without an active exception", once in CI;
+    pytorch/pytorch#190489), and ``destroy_process_group`` hung once under load."""
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    raise SystemExit(status)

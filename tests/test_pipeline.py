@@ -9,6 +9,8 @@ import datetime
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,9 @@ import torch
 from cbp_kernels.cli import main
 from cbp_kernels.pipeline import RunError, read_run, run
 from cbp_kernels.pipeline.config import create_run_dir
+from conftest import HANG_GUARD_S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny npz job: 48 / 16 samples of [T=3, C=2, 6, 6] frames, one CBP epoch.
 TINY = ["--data", "npz", "--levels", "binary", "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "16"]
@@ -314,3 +319,39 @@ def test_plots_say_what_they_show(monkeypatch, tmp_path):
     for axis in (top, compare_fig.axes[0]):  # 97.5 vs 98.9: at least a third of the axis apart
         lo, hi = axis.get_ylim()
         assert hi - lo < 3 * 1.4, (lo, hi)
+
+
+# --- processes under torchrun ------------------------------------------------------------------
+
+def test_a_job_destroys_the_process_group_it_created_at_exit(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) the first job joins the group and registers its
+    destruction for the interpreter's exit (a gloo group left to torch's own teardown can abort
+    the process); a later job reuses the group. The collective calls are stand-ins here: two
+    real ranks run in tests/test_cli.py."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from cbp_kernels.pipeline.stages import _setup_dist
+
+    calls, registered, state = [], [], {"up": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend) or state.update(up=True))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(atexit, "register", registered.append)
+    first, second = _setup_dist("cpu"), _setup_dist("cpu")
+    assert calls == ["gloo"] and registered == [dist.destroy_process_group]  # once, for the first job
+    assert (first.rank, first.world, second.rank) == (1, 2, 1) and not first.main
+
+
+def test_the_command_under_torchrun_flushes_its_output_and_exits_with_its_status(tiny_run):
+    """`python -m cbp_kernels` in a torchrun rank ends with os._exit (cli.entry): what it printed
+    must still reach the pipe, and the status the process."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe: block-buffered output
+    env.update(PYTHONPATH=ROOT, WORLD_SIZE="2")
+    done = subprocess.run([sys.executable, "-m", "cbp_kernels", "report", str(tiny_run)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "finished" in done.stdout and "Precision" in done.stdout, done.stdout

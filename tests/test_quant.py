@@ -720,7 +720,11 @@ def _ddp_run(out_dir: Path):
     decision = q.end_epoch([4.0, 7.0][rank])["updated"]  # rank 0 falls, rank 1 rises; the sum 11 rises
     torch.save({"weights": [p.detach() for p in model.parameters()], "lambdas": q.lambdas, "g": q.g,
                 "history": q.history, "decision": decision}, out_dir / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()  # both results are on disk
+    # The worker ends without torch's teardown: destroy_process_group hung once under load and
+    # the interpreter's exit can abort a gloo rank (pytorch/pytorch#190489); cli.entry does the same.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_ddp_two_ranks_agree(tmp_path):
