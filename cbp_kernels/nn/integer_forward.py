@@ -60,8 +60,8 @@ class IntegerForward(NamedTuple):
 def check_input_max(value, name: str = "input_max") -> int | None:
     """``value`` if it is None or an int in [1, ``MAX_INPUT``]; else one ValueError line."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INPUT):
-        raise ValueError(f"{name} must be None (real-valued input) or an int in [1, {MAX_INPUT}] (the input holds "
-                         f"integers 0..{name}), got {value!r}")
+        raise ValueError(f"{name} must be None (real-valued input) or an int in [1, {MAX_INPUT}] (the largest "
+                         f"integer of the input), got {value!r}")
     return value
 
 
