@@ -429,8 +429,8 @@ def test_bitconv_kernels(conv, levels):
 @pytest.mark.parametrize("levels, input_max", [("binary", 1), ("ternary", 3)])
 def test_integer_forward_on_the_cuda_kernels(levels, input_max, monkeypatch):
     """The quantized layers' exact integer forward (nn/integer_forward.py) with the cupy
-    backend: the weight and the input's bit planes packed by bitpack_<dtype>, the counts by
-    bitconv_popc_kernel; float32(count) * scale + bias bit for bit."""
+    backend: the weight's and the input's float32 bit planes packed by bitpack_f32, the counts
+    by bitconv_popc_kernel; float32(count) * scale + bias bit for bit."""
     from cbp_kernels.nn.integer_forward import IntegerForward, integer_conv2d
 
     torch.manual_seed(input_max)
@@ -442,8 +442,7 @@ def test_integer_forward_on_the_cuda_kernels(levels, input_max, monkeypatch):
     launched = []
     monkeypatch.setattr(_cupy, "launch", lambda *a: launched.append(a[1]) or _cuda_emu.launch(*a))
     got = integer_conv2d(x, q * scale, bias, (2, 1), (1, 2), (1, 1), 1, spec)
-    planes = "bitpack_f32" if input_max == 1 else "bitpack_u8"  # spikes as they are; 0..k: uint8 bits
-    assert launched == ["bitpack_b8", planes, "bitconv_popc_kernel"]
+    assert launched == ["bitpack_f32", "bitpack_f32", "bitconv_popc_kernel"]  # weight planes, input planes, counts
     want = F.conv2d(x.double(), q.double(), None, (2, 1), (1, 2)).float() * scale + bias.view(-1, 1, 1)
     assert torch.equal(got, want)
 
