@@ -169,6 +169,11 @@ def test_lifconv_runs_the_integer_forward_in_training():
     c = F.conv2d(x.flatten(0, 1).double(), levels, None, 1, 1).float()
     assert torch.equal(y.flatten(0, 1), c * m.quant_scale() + m.bias.detach().view(-1, 1, 1))
 
+    fixed = LIFConv2d(40, 8, 1, bn=False, neuron=None, weight_levels="binary", weight_scale=0.3, input_max=3)
+    levels = (fixed.quantized_weight().detach() / 0.3).round().double()
+    want = F.conv2d(x.flatten(0, 1).double(), levels).float() * torch.tensor(0.3)  # a float scale, as float32
+    assert torch.equal(fixed(x).flatten(0, 1), want)
+
     layer = LIFConv2d(40, 24, 3, padding=1, weight_levels="binary", input_max=3, neuron="if",
                       surrogate_function="atan")
     calls = []

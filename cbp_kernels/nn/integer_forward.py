@@ -88,7 +88,11 @@ def integer_spec(layer, x: torch.Tensor, weight: torch.Tensor, scale, dims: int)
     if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         return None
     backend = resolve_backend(getattr(layer, "quant_backend", "auto"), "bitconv2d", x.device, "cbp_kernels.ops.bitconv")
-    return IntegerForward(k, levels, torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(()), backend)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().to(device=x.device, dtype=torch.float32).reshape(())
+    else:  # a number: filled on the device (a host tensor copied there would wait for its stream)
+        scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
+    return IntegerForward(k, levels, scale, backend)
 
 
 def pack_bits(t: torch.Tensor, backend: str) -> torch.Tensor:

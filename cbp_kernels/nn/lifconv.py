@@ -239,6 +239,11 @@ class LIFConv2d(nn.Conv2d):
     ``reset()`` (SpikingJelly's ``functional.reset_net`` calls it).
     """
 
+    # defaults for instances unpickled from before these attributes existed
+    input_max: int | None = None
+    integer_forward: bool = True
+    popcount_levels: str | None = None
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=False, padding_mode="zeros", bn=True, neuron="lif", tau=2.0, v_threshold=1.0, v_reset=0.0,
                  surrogate_function="sigmoid", alpha=None, detach_reset=False, decay_input=True, weight_levels=None,
@@ -326,7 +331,9 @@ class LIFConv2d(nn.Conv2d):
             y = self._conv(frames, *self.folded_weight_bias(), packed, compact)
         else:
             weight = self.quantized_weight()
-            integer = None if self.levels is None else integer_spec(self, frames, weight, self.quant_scale(), 4)
+            integer = None
+            if self.levels is not None and self.input_max is not None:
+                integer = integer_spec(self, frames, weight, self.quant_scale(), 4)
             y = self._conv(frames, weight, self.bias, packed, compact, integer)
             if self.bn is not None and self.neuron is not None and self.recompute_bn and torch.is_grad_enabled():
                 return mark_spikes(batch_norm_neuron(y, self.bn, self.neuron, t))
