@@ -122,15 +122,15 @@ def _input_planes(x: torch.Tensor, spec: IntegerForward, groups: int) -> torch.T
     """x ``[N, C, H, W]`` (integers in [0, input_max]) -> int32 ``[P*N, H, W, groups*Wg]``:
     plane b (bit b of x) in rows b*N..(b+1)*N, each group's channels packed on their own.
     The planes are float32 NCHW, the bitpack kernel's vector path (16 pixels per channel),
-    taken from the top bit down: plane b = (r >= 2^b), r -= 2^b * plane b; plane 0 = the
-    rest (exact: small integers)."""
+    taken from the top bit down with the rest r (r = x first): plane b = floor(r / 2^b),
+    r -= 2^b * plane b; plane 0 = the last rest (exact: small integers, power-of-two scaling)."""
     x = x.detach()
     if spec.planes > 1:
         bits = torch.empty((spec.planes, *x.shape), dtype=x.dtype, device=x.device)
-        bits[0].copy_(x)
+        rest = x
         for b in range(spec.planes - 1, 0, -1):
-            torch.ge(bits[0], float(1 << b), out=bits[b])
-            bits[0].add_(bits[b], alpha=-float(1 << b))
+            torch.mul(rest, 1.0 / (1 << b), out=bits[b]).floor_()
+            rest = torch.add(rest, bits[b], alpha=-float(1 << b), out=bits[0])
         x = bits.flatten(0, 1)
     nhwc = x.permute(0, 2, 3, 1)
     words = pack_bits(nhwc.unflatten(-1, (groups, x.shape[1] // groups)), spec.backend)
