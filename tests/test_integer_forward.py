@@ -262,8 +262,8 @@ def test_quantizer_marks_the_integer_input_layers_and_the_switch_restores_the_fl
 
 
 def test_float_path_where_the_integer_one_does_not_apply():
-    """Autocast, float64, undeclared input and level sets the popcount conv does not run
-    keep the float forward."""
+    """Autocast, torch.compile, float64, undeclared input and level sets the popcount conv
+    does not run keep the float forward."""
     torch.manual_seed(2)
     conv = nn.Conv2d(8, 4, 3, padding=1)
     x = torch.randint(0, 2, (2, 8, 5, 5)).float()
@@ -273,6 +273,9 @@ def test_float_path_where_the_integer_one_does_not_apply():
     assert integer_forward.integer_spec(q, x.double(), q.weight.double(), q.weight_scale, 4) is None
     q.input_max = None
     assert integer_forward.integer_spec(q, x, q.weight, q.weight_scale, 4) is None
+    q.input_max = 1
+    traced = torch.compile(q, fullgraph=True, backend="eager")  # dynamo traces the float forward
+    assert torch.equal(traced(x), F.conv2d(x, q.quantized_weight(), q.bias, 1, 1))
     wide = QuantConv2d.from_float(nn.Conv2d(8, 4, 3), torch.tensor([-2.0, -1.0, 0.0, 1.0]))
     wide.input_max = 1
     assert wide.popcount_levels is None and integer_forward.integer_spec(wide, x, wide.weight, 1.0, 4) is None

@@ -80,12 +80,14 @@ def integer_spec(layer, x: torch.Tensor, weight: torch.Tensor, scale, dims: int)
     are binary / ternary (``popcount_levels``, cached when the levels were set), x and the
     weight are float32 with ``dims`` dimensions, and neither autocast nor torch.compile is
     active (both keep the float forward). Decided from attributes, dtypes and shapes only."""
+    if torch.compiler.is_compiling():
+        return None
     k, levels = getattr(layer, "input_max", None), getattr(layer, "popcount_levels", None)
     if not getattr(layer, "integer_forward", False) or k is None or levels is None:
         return None
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != dims:
         return None
-    if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled(x.device.type):
         return None
     backend = resolve_backend(getattr(layer, "quant_backend", "auto"), "bitconv2d", x.device, "cbp_kernels.ops.bitconv")
     if isinstance(scale, torch.Tensor):
