@@ -20,6 +20,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cbp_kernels._C  # noqa: F401  (the CPU kernels, the bitwise oracle of the backward passes)
 from cbp_kernels.ops import _cuda_emu, _cupy
@@ -437,6 +438,27 @@ def test_bitconv_lif_kernel_fires_on_the_threshold(levels):
     lif = (x, planes, torch.full((32,), 0.25), torch.zeros(32), one, one, one, 1, 2, 1.0, p)
     for got, ref in zip(bitconv_cupy.conv2d_lif(*lif), bitconv_ref.conv2d_lif(*lif)):
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("levels, input_max", [("binary", 1), ("ternary", 3)])
+def test_integer_forward_on_the_cuda_kernels(levels, input_max, monkeypatch):
+    """The quantized layers' exact integer forward (nn/integer_forward.py) with the cupy
+    backend: the weight's and the input's float32 bit planes packed by bitpack_f32, the counts
+    by bitconv_popc_kernel; float32(count) * scale + bias bit for bit."""
+    from cbp_kernels.nn.integer_forward import IntegerForward, integer_conv2d
+
+    torch.manual_seed(input_max)
+    x = torch.randint(0, input_max + 1, (3, 70, 6, 5)).float()
+    q = torch.randint(-1 if levels == "ternary" else 0, 2, (41, 70, 3, 3)).float()
+    q = q * 2 - 1 if levels == "binary" else q
+    scale, bias = torch.tensor(0.37), torch.randn(41)
+    spec = IntegerForward(input_max, levels, scale, "cupy")
+    launched = []
+    monkeypatch.setattr(_cupy, "launch", lambda *a: launched.append(a[1]) or _cuda_emu.launch(*a))
+    got = integer_conv2d(x, q * scale, bias, (2, 1), (1, 2), (1, 1), 1, spec)
+    assert launched == ["bitpack_f32", "bitpack_f32", "bitconv_popc_kernel"]  # weight planes, input planes, counts
+    want = F.conv2d(x.double(), q.double(), None, (2, 1), (1, 2)).float() * scale + bias.view(-1, 1, 1)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")

@@ -224,8 +224,14 @@ def _both(recipe, levels, T):
     ours = nn.Sequential(*[m for layer in layers
                            for m in (layer, LIF(tau=1 / (1 - DECAY), decay_input=False, v_threshold=THRESH,
                                                 surrogate_function="rectangle", step_mode="m"))])
-    cfg = dataclasses.replace(get_preset(preset), lr=lr, lr_multiplier=lr_lambda, p_max=p_max, seed=0)
+    for layer in layers[1:]:
+        layer.input_max = 1  # they read spikes: the integer forward would apply
+    # the float32 forward F.linear(x, Q(W)), as the authors' code (the integer forward, exact,
+    # rounds the layer outputs differently)
+    cfg = dataclasses.replace(get_preset(preset), lr=lr, lr_multiplier=lr_lambda, p_max=p_max, seed=0,
+                              integer_forward=False)
     q = CBPQuantizer(ours, levels, config=cfg)
+    assert q.integer_layers == []
     for i, layer in zip(port.quantized, q.layers.values()):
         assert torch.equal(port.scales[i], layer.weight_scale)  # s = mean|W| once, on both sides
     history = q.fit(_loader(), _mse, epochs=EPOCHS, forward_fn=lambda m, x: m(x.expand(T, *x.shape)).mean(0),

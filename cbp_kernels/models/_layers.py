@@ -1,5 +1,11 @@
-"""Small multi-step pieces shared by the model files: frame-wise modules over [T, N, ...]
-and the SEW connect functions."""
+"""Small multi-step pieces shared by the model files: frame-wise modules over [T, N, ...],
+the SEW connect functions and the input-range declarations.
+
+Every conv / linear layer of a library model declares what it reads, as the attribute
+``input_max``: None for real-valued input (the images or DVS frames the first layer reads,
+average-pooled spikes, the readout's mean rates), k for integers in [0, k] (1 for a neuron's
+spikes, more after SEW ADD connections, which sum spike maps). The quantized layers run their
+exact integer forward from it (``cbp_kernels.nn.integer_forward``), with no check per call."""
 from __future__ import annotations
 
 import torch
@@ -36,6 +42,23 @@ def check_connect(cnf: str) -> str:
     if cnf not in CONNECT_FUNCTIONS:
         raise ValueError(f"cnf (the SEW connect function) must be one of {CONNECT_FUNCTIONS}, got {cnf!r}")
     return cnf
+
+
+def declare_input(layer: nn.Module, input_max: int | None) -> nn.Module:
+    """Sets ``layer.input_max`` (see the module docstring); returns the layer."""
+    layer.input_max = input_max
+    return layer
+
+
+def sew_output_max(identity_max: int | None, cnf: str | None) -> int | None:
+    """The largest value of a block's output g(S, A) given its identity's S (A: the block's
+    spikes): ADD S + A, AND / IAND at most S; ``cnf=None`` (spiking ResNet: a neuron after
+    the sum) spikes."""
+    if cnf is None:
+        return 1
+    if identity_max is None:
+        return None
+    return identity_max + 1 if cnf == "ADD" else identity_max
 
 
 def sew_connect(identity: torch.Tensor, out: torch.Tensor, cnf: str) -> torch.Tensor:

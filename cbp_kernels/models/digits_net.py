@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..nn import LIF, ClampQuantize
+from ._layers import declare_input
 
 __all__ = ["DigitsNet", "digits_cq_ann"]
 
@@ -33,6 +34,9 @@ class DigitsNet(nn.Module):
         self.fc1 = nn.Linear(c2 * side * side, hidden, bias=False)
         self.lif3 = LIF(tau=tau, surrogate_function="atan", step_mode="m")
         self.fc2 = nn.Linear(hidden, num_classes)
+        # what each layer reads (cbp_kernels.models._layers): the input current, then spikes
+        for m, input_max in ((self.conv1, None), (self.conv2, 1), (self.fc1, 1), (self.fc2, 1)):
+            declare_input(m, input_max)
         for m in (self.conv1, self.conv2, self.fc1, self.fc2):
             # He init: with PyTorch's default (3x smaller) the LIF layers hardly fire at first
             # and training stalls for an epoch.

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..nn.lifconv import LIFConv2d
 from ..nn.neuron import IF, LIF, PLIF
-from ._layers import SeqFrames, SpikingModel, check_connect, sew_connect
+from ._layers import SeqFrames, SpikingModel, check_connect, declare_input, sew_connect, sew_output_max
 
 __all__ = ["PlanNet", "SEWBlock", "seven_b_net", "wide_seven_b_net", "alexnet", "conv7_fc3", "vgg16", "PLANS"]
 
@@ -58,6 +58,13 @@ class SEWBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sew_connect(x, self.conv(x), self.cnf)
 
+    def declare_inputs(self, input_max: int | None) -> int | None:
+        """Declares the convs' ``input_max`` for a block input in [0, input_max]; returns the
+        block output's."""
+        declare_input(self.conv[0], input_max)
+        declare_input(self.conv[1], 1)
+        return sew_output_max(input_max, self.cnf)
+
 
 class PlanNet(SpikingModel):
     """A spiking net from a plan string (see the module docstring).
@@ -84,6 +91,7 @@ class PlanNet(SpikingModel):
         if not tokens or not tokens[-1].startswith("FC"):
             raise ValueError(f"plan must end with an FC layer, got {plan!r}")
         layers, c, size, fcs, features = [], in_channels, input_size, 0, None
+        bound = None  # input_max of what the next layer reads: the input is real-valued
         for tok in tokens:
             m = _TOKEN.match(tok)
             if m is None:
@@ -92,25 +100,28 @@ class PlanNet(SpikingModel):
                 raise ValueError(f"plan {plan!r}: only FC layers may follow an FC layer")
             if m["conv"]:
                 k = int(m["k"])
-                layers.append(LIFConv2d(c, int(m["conv"]), k, padding=k // 2, **layer_kw))
-                c = int(m["conv"])
+                layers.append(LIFConv2d(c, int(m["conv"]), k, padding=k // 2, input_max=bound, **layer_kw))
+                c, bound = int(m["conv"]), 1
             elif m["sew"]:
                 if int(m["sew"]) != c:
                     raise ValueError(f"SEW{m['sew']} needs {m['sew']} input channels, the plan has {c} there")
                 layers.append(SEWBlock(c, c, cnf, **layer_kw))
+                bound = layers[-1].declare_inputs(bound)
             elif m["pool"]:
                 k = int(m["p"])
                 layers.append(SeqFrames(nn.MaxPool2d(k, k) if m["pool"] == "M" else nn.AvgPool2d(k, k)))
                 size //= k
+                bound = bound if m["pool"] == "M" else None  # a max of integers; a mean is not one
             else:
                 if features is None:
                     layers.append(nn.Flatten(2))
                     features = c * size * size
-                layers.append(nn.Linear(features, int(m["fc"])))
+                layers.append(declare_input(nn.Linear(features, int(m["fc"])), bound))
                 features = int(m["fc"])
                 fcs += 1
                 if fcs < fc_total:
                     layers.append(_neuron(neuron, tau, neuron_kw))
+                    bound = 1
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

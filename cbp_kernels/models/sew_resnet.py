@@ -22,7 +22,7 @@ from torch import nn
 
 from ..nn.lifconv import LIFConv2d
 from ..nn.neuron import IF, LIF, PLIF
-from ._layers import SeqFrames, SpikingModel, check_connect, sew_connect
+from ._layers import SeqFrames, SpikingModel, check_connect, declare_input, sew_connect, sew_output_max
 
 __all__ = ["SEWResNet", "sew_resnet18", "sew_resnet34", "sew_resnet50", "sew_resnet101", "sew_resnet152",
            "spiking_resnet18", "spiking_resnet34", "spiking_resnet50", "spiking_resnet101", "spiking_resnet152"]
@@ -70,6 +70,16 @@ class BasicBlock(nn.Module):
 
     def residual(self, x):
         return self.conv2(self.conv1(x))
+
+    def declare_inputs(self, input_max: int | None) -> int | None:
+        """Declares each conv's ``input_max`` for a block input in [0, input_max]; returns
+        the block output's."""
+        declare_input(self.conv1, input_max)
+        for i in range(2, self.n_convs + 1):
+            declare_input(getattr(self, f"conv{i}"), 1)  # the previous conv's spikes
+        if self.downsample is not None:
+            declare_input(self.downsample, input_max)
+        return sew_output_max(1 if self.downsample is not None else input_max, self.cnf)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -129,17 +139,18 @@ class SEWResNet(SpikingModel):
         kind, layers = _LAYERS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         sp = _Spiking(neuron, surrogate, detach_reset, v_threshold, tau, backend)
-        self.conv1 = sp.conv(3, 64, 7, 2, 3)
+        self.conv1 = declare_input(sp.conv(3, 64, 7, 2, 3), None)  # the images
         self.maxpool = SeqFrames(nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
-        inplanes = 64
+        inplanes, bound = 64, 1  # the stem's spikes, max-pooled
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
             blocks = []
             for j in range(n):
                 blocks.append(block(sp, inplanes, planes, 2 if (i > 0 and j == 0) else 1, cnf))
+                bound = blocks[-1].declare_inputs(bound)
                 inplanes = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = SeqFrames(nn.AdaptiveAvgPool2d((1, 1)))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = declare_input(nn.Linear(512 * block.expansion, num_classes), None)  # mean rates
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

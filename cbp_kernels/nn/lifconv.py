@@ -29,6 +29,7 @@ from ..ops.bitconv import PackedWeight, pack_spikes, packed_conv2d_lif
 from ..ops.bitpack import bitpack, bitunpack
 from ..ops.levels import LevelSet
 from .bn_neuron import batch_norm_neuron, fold_batch_norm
+from .integer_forward import check_input_max, integer_conv2d, integer_spec, pack_bits, popcount_name
 from .neuron import IF, LIF, PLIF
 from .bitconv import PackedConv2d
 
@@ -99,6 +100,16 @@ def _compact(t: torch.Tensor):
     return _Compact(as_u8, t.shape, t.dtype, 8)
 
 
+def _compact_known(t: torch.Tensor, integer) -> _Compact:
+    """``t`` declared to hold integers in [0, ``integer.input_max``] (an integer-forward
+    layer's input), stored compactly without a value check: 1 bit per element for
+    input_max 1, else 8 bits."""
+    if integer.input_max == 1:
+        flat = t.detach().reshape(1, 1, -1)
+        return _Compact(pack_bits(flat, integer.backend).reshape(-1), t.shape, t.dtype, 1)
+    return _Compact(t.detach().to(torch.uint8), t.shape, t.dtype, 8)
+
+
 class _Deferred:
     """A saved tensor held as is until its producer knows whether it is its spike output."""
 
@@ -147,21 +158,29 @@ class SpikeConv2dFunction(torch.autograd.Function):
     ``_compact``; ``packed``: x's compact copy, already made, with x's element order); x is
     kept only when the weight needs a gradient.
 
+    ``integer``: an ``integer_forward.IntegerForward``: the forward is the exact
+    ``integer_conv2d`` (w = Q(W) = s * q, x integers in [0, integer.input_max], saved in 1 or
+    8 bits without a value check; ``compact=False``: saved as is); the backward is the same.
+
     Backward (one ``aten.convolution_backward`` call): dx = conv_transpose2d(dy, w),
     dw = correlate(x, dy), db = sum of dy over (N, H, W)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, packed=None):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, packed=None, integer=None, compact=True):
         if not ctx.needs_input_grad[1]:
             saved = x.new_empty(0)
         elif packed is not None:
             saved = _Compact(packed.data, x.shape, x.dtype, packed.bits)
+        elif integer is not None:
+            saved = _compact_known(x, integer) if compact else x
         else:
             saved = _compact(x)
         ctx.compact = None if isinstance(saved, torch.Tensor) else (saved.shape, saved.dtype, saved.bits)
         ctx.save_for_backward(saved if isinstance(saved, torch.Tensor) else saved.data, weight)
         ctx.conf = (x.shape, stride, padding, dilation, groups, None if bias is None else list(bias.shape))
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if integer is not None:
+            return integer_conv2d(x, weight, bias, stride, padding, dilation, groups, integer)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # under autocast: in its dtype
 
     @staticmethod
@@ -180,7 +199,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
             list(ctx.needs_input_grad[:3]),
         )
         gx, gw, gb = (g if g is None else g.to(t) for g, t in zip((gx, gw, gb), ctx.dtypes))
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 class LIFConv2d(nn.Conv2d):
@@ -202,6 +221,12 @@ class LIFConv2d(nn.Conv2d):
             forward then uses ``cbp_kernels.ops.quantize(weight, levels, scale)``,
             CBP's straight-through quantization; ``weight_scale`` is the per-layer scale c
             (default the paper's c = mean |W|).
+        input_max: None (the input is real-valued, e.g. images) or k: the input holds
+            integers in [0, k] (spikes: 1; SEW ADD sums: the block depth), declared by the
+            model. With binary / ternary ``levels``, the convolution then runs the exact
+            integer forward (``nn.integer_forward``: float32(count) * scale, counted by the
+            popcount convolution) unless ``integer_forward`` is set False; the backward is
+            the float one. Not where BatchNorm is folded (eval) or under autocast / compile.
         compact_spikes: store spikes saved for the backward at 1 bit per spike (eager only:
             under ``torch.compile`` they are saved as is).
         recompute_bn: in training with BN and a neuron, save only the conv output and recompute
@@ -214,11 +239,16 @@ class LIFConv2d(nn.Conv2d):
     ``reset()`` (SpikingJelly's ``functional.reset_net`` calls it).
     """
 
+    # defaults for instances unpickled from before these attributes existed
+    input_max: int | None = None
+    integer_forward: bool = True
+    popcount_levels: str | None = None
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=False, padding_mode="zeros", bn=True, neuron="lif", tau=2.0, v_threshold=1.0, v_reset=0.0,
                  surrogate_function="sigmoid", alpha=None, detach_reset=False, decay_input=True, weight_levels=None,
-                 weight_scale=None, compact_spikes=True, recompute_bn=True, backend="auto", device=None,
-                 dtype=None):
+                 weight_scale=None, input_max=None, compact_spikes=True, recompute_bn=True, backend="auto",
+                 device=None, dtype=None):
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode must be 'zeros', got {padding_mode!r}")
         if isinstance(neuron, nn.Module):
@@ -247,7 +277,10 @@ class LIFConv2d(nn.Conv2d):
             self.neuron = _NEURONS[neuron](**kw)
         levels = None if weight_levels is None else LevelSet(weight_levels).tensor(self.weight.device)
         self.register_buffer("levels", levels)
+        self.popcount_levels = None if weight_levels is None else popcount_name(weight_levels)
         self.weight_scale = weight_scale
+        self.input_max = check_input_max(input_max)
+        self.integer_forward = True
         self.compact_spikes = compact_spikes
         self.recompute_bn = recompute_bn
 
@@ -275,11 +308,13 @@ class LIFConv2d(nn.Conv2d):
         gain, shift = fold_batch_norm(self.bn, bias)
         return weight * gain.view(-1, 1, 1, 1), shift
 
-    def _conv(self, x, weight, bias, packed, compact):
-        if compact:
-            return SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                                             packed)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    def _conv(self, x, weight, bias, packed, compact, integer=None):
+        conv = (self.stride, self.padding, self.dilation, self.groups)
+        if integer is not None and not torch.is_grad_enabled():
+            return integer_conv2d(x, weight, bias, *conv, integer)
+        if compact or integer is not None:
+            return SpikeConv2dFunction.apply(x, weight, bias, *conv, packed, integer, compact)
+        return F.conv2d(x, weight, bias, *conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:
@@ -295,7 +330,11 @@ class LIFConv2d(nn.Conv2d):
         if fold:
             y = self._conv(frames, *self.folded_weight_bias(), packed, compact)
         else:
-            y = self._conv(frames, self.quantized_weight(), self.bias, packed, compact)
+            weight = self.quantized_weight()
+            integer = None
+            if self.levels is not None and self.input_max is not None:
+                integer = integer_spec(self, frames, weight, self.quant_scale(), 4)
+            y = self._conv(frames, weight, self.bias, packed, compact, integer)
             if self.bn is not None and self.neuron is not None and self.recompute_bn and torch.is_grad_enabled():
                 return mark_spikes(batch_norm_neuron(y, self.bn, self.neuron, t))
             if self.bn is not None:

@@ -6,6 +6,13 @@ replaced by the level s*q selected by thresholds at the midpoints, with a straig
 gradient to the real-valued W, which is kept and trained. Two buffers are added:
 ``levels`` (unscaled level set, 1-D float32) and ``weight_scale`` (0-dim float32,
 s = mean(|W|) of the weights when quantization starts; fixed, no gradient, in no optimizer).
+
+Exact integer forward: when the model declares the layer's input as integers in [0, k]
+(attribute ``input_max = k``: spikes 1, SEW ADD sums more; None for real-valued input such
+as images) and the levels are binary / ternary, the forward is ``float32(count) * s (+ b)``
+with the exact integer count from the popcount convolution (``nn.integer_forward``), the
+backward the float layer's; ``integer_forward = False`` (``CBPConfig(integer_forward=False)``)
+keeps the float32 forward F.conv2d(x, Q(W)). In float32 only (autocast: the float path).
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import quantize
+from .integer_forward import IntegerLinearFunction, integer_conv2d, integer_linear, integer_spec, popcount_name
+from .lifconv import SpikeConv2dFunction
 
 __all__ = ["QuantConv2d", "QuantLinear", "QuantizedLayer", "quantized_class", "twin_of", "float_twin"]
 
@@ -26,6 +35,12 @@ class QuantizedLayer:
     levels: torch.Tensor
     weight_scale: torch.Tensor
     weight: nn.Parameter
+    #: the input holds integers in [0, input_max] (declared by the model; None: real-valued)
+    input_max: int | None = None
+    #: run the exact integer forward where it applies (see the module docstring)
+    integer_forward: bool = True
+    #: "binary" / "ternary" when the levels are a popcount set, else None (set with the levels)
+    popcount_levels: str | None = None
 
     def _init_quant(self, levels: torch.Tensor, scale: torch.Tensor) -> None:
         device = self.weight.device
@@ -34,6 +49,7 @@ class QuantizedLayer:
         self.register_buffer("levels", levels.detach().to(device=device, dtype=torch.float32).clone())
         self.register_buffer("weight_scale", scale.detach().to(device=device, dtype=torch.float32).reshape(()).clone())
         self.quant_backend = "auto"
+        self.popcount_levels = popcount_name(self.levels)
 
     @classmethod
     def _family(cls) -> tuple[type, type]:
@@ -126,7 +142,16 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
             self._init_quant(levels, self.weight.abs().mean())
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return super()._conv_forward(input, self.quantized_weight(weight), bias)
+        wq = self.quantized_weight(weight)
+        integer = None
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            integer = integer_spec(self, input, wq, self.weight_scale, 4)
+        if integer is None:
+            return super()._conv_forward(input, wq, bias)
+        conv = (self.stride, self.padding, self.dilation, self.groups)
+        if not torch.is_grad_enabled():
+            return integer_conv2d(input, wq, bias, *conv, integer)
+        return SpikeConv2dFunction.apply(input, wq, bias, *conv, None, integer)
 
 
 class QuantLinear(QuantizedLayer, nn.Linear):
@@ -138,4 +163,10 @@ class QuantLinear(QuantizedLayer, nn.Linear):
             self._init_quant(levels, self.weight.abs().mean())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.quantized_weight(), self.bias)
+        wq = self.quantized_weight()
+        integer = integer_spec(self, input, wq, self.weight_scale, input.dim()) if input.dim() >= 1 else None
+        if integer is None:
+            return F.linear(input, wq, self.bias)
+        if not torch.is_grad_enabled():
+            return integer_linear(input, wq, self.bias, integer)
+        return IntegerLinearFunction.apply(input, wq, self.bias, integer)

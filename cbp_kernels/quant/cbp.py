@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..nn.integer_forward import check_input_max
 from ..nn.quantized import QuantizedLayer
 from ..ops import constraint_pass, multiplier_step
 from ..ops.levels import resolve_levels
@@ -96,7 +97,9 @@ class CBPQuantizer(QuantTrainer):
     weight, 0), g = ``config.g``, p = 0, L_pre = 1e10, the weight optimizer (``config.train_params``: every
     trainable parameter of the model, or the quantized weights only) and the multiplier optimizer's state (Adam moments
     ``exp_avgs`` / ``exp_avg_sqs`` beside lambda, and ``multiplier_steps``), and makes the
-    one lambda update that precedes the first epoch.
+    one lambda update that precedes the first epoch. Quantized layers that read integers
+    (declared by the model: ``input_max``) compute their forward exactly on the integer units
+    unless ``config.integer_forward`` is False (``integer_layers`` names them).
 
     Args:
         model: the pre-trained model; may be wrapped in ``DistributedDataParallel`` (build
@@ -129,6 +132,7 @@ class CBPQuantizer(QuantTrainer):
         super().__init__(model, resolve_levels(levels), exclude, config, QuantizedLayer)
         for layer in self.layers.values():
             layer.quant_backend = backend
+            layer.integer_forward = self.config.integer_forward
         self._levels_dev = self.levels.to(self.weights[0].device)
         self.lambdas = [torch.zeros_like(w, memory_format=torch.contiguous_format).detach() for w in self.weights]
         self.exp_avgs = [torch.zeros_like(lam) for lam in self.lambdas]
@@ -153,6 +157,14 @@ class CBPQuantizer(QuantTrainer):
     def L_pre(self) -> float:
         """L_sum of the previous epoch (1e10 right after an update)."""
         return self.schedule.L_pre
+
+    @property
+    def integer_layers(self) -> list[str]:
+        """The quantized layers whose forward runs on the integer units
+        (``config.integer_forward``, an ``input_max`` declared by the model, binary / ternary
+        levels; see ``cbp_kernels.nn.integer_forward``); the others compute in float32."""
+        return [name for name, m in self.layers.items()
+                if m.integer_forward and m.input_max is not None and m.popcount_levels is not None]
 
     @property
     def scales(self) -> list[torch.Tensor]:
@@ -278,6 +290,9 @@ class CBPQuantizer(QuantTrainer):
         return layer.weight / layer.weight_scale
 
     def _before_swap(self, net: nn.Module) -> None:
+        for name, m in net.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                check_input_max(getattr(m, "input_max", None), f"layer {name!r}: input_max")
         if self.config.calibration:
             rescale_thresholds(threshold_pairs(net), spiking_only=self.config.rescale_layers == "spiking")
 

@@ -73,6 +73,12 @@ class CBPConfig:
         timesteps_train: None, or train on a random sorted subset of this many of each batch's
             frames ([N, T, ...] inputs; the authors' DVS128 ``--T_train 12``); evaluation sees all T.
         seed: base seed of the per-epoch data order (epoch e uses seed + e).
+        integer_forward: quantized layers whose input the model declares as integers
+            (``input_max``: spikes, SEW ADD sums; ``cbp_kernels.models`` declare every layer)
+            compute their forward exactly on the integer units, float32(count) * scale
+            (``cbp_kernels.nn.integer_forward``); False keeps the float32 forward
+            F.conv2d(x, Q(W)), whose sums round in the library's order (the authors' numbers,
+            ``tests/test_lockstep.py``). The backward is the same either way.
     """
 
     lr: float = 0.1
@@ -101,6 +107,7 @@ class CBPConfig:
     amp_clip: str = "unscaled"
     timesteps_train: int | None = None
     seed: int = 0
+    integer_forward: bool = True
 
     def __post_init__(self):
         for name in ("lr", "lr_multiplier", "grad_clip", "weight_clip", "lr_drop_factor"):
@@ -132,8 +139,9 @@ class CBPConfig:
             raise ValueError(f"CBPConfig.lr_drop_g must be None or an integer >= 2, got {self.lr_drop_g!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"CBPConfig.seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.calibration, bool):
-            raise ValueError(f"CBPConfig.calibration must be a bool, got {self.calibration!r}")
+        for name in ("calibration", "integer_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CBPConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
 def _real(value) -> bool:
