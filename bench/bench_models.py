@@ -108,7 +108,10 @@ def test_sew_resnet18_train_step(benchmark, provider, batch, threads):
         x = torch.rand(T, batch, 3, SIZE, SIZE, device=DEVICE)
         target = torch.randint(0, CLASSES, (batch,), device=DEVICE)
         if provider == "spikingjelly_compiled":  # one compilation per batch, reused at every thread count
-            net, reset = _COMPILED.get(batch) or _COMPILED.setdefault(batch, train_model(provider, x))
+            if batch not in _COMPILED:
+                _COMPILED.clear()  # the previous batch's model is done: not held through this one's peak
+                _COMPILED[batch] = train_model(provider, x)
+            net, reset = _COMPILED[batch]
         else:
             net, reset = train_model(provider, x)
 
