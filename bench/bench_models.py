@@ -13,8 +13,8 @@ PyTorch kernels, the only ones it has there), run three ways:
   (``activation_based.memopt.optimize_memory``) applied as its own SEW-ResNet builder does
   (``SEWResNet34Builder``): its ``BasicBlock`` modules as targets, its split / chunk rules,
   ``checkpoint_budget="memory"`` (the default), spike compression off for ``cnf="ADD"`` (the
-  builder's rule: the blocks' inputs are ADD sums 0..2, which its 1-bit compressor would
-  clip). Level 1 (selective checkpointing) everywhere; levels 2-4 search splits by measured
+  builder's rule: it decides "binary" from one probe input, and a block input after an ADD
+  can hold sums up to 2 on other data, which its 1-bit compressor would lose). Level 1 (selective checkpointing) everywhere; levels 2-4 search splits by measured
   CUDA peak memory, so they run on CUDA only.
 
 Each at batch 1 and 8, on one torch thread and on every core in one run
