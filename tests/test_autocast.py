@@ -1,4 +1,5 @@
-"""Every custom op under CPU mixed precision, ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+"""Every custom op under mixed precision: ``torch.autocast("cpu", dtype=torch.bfloat16)``, and
+``torch.autocast("cuda", dtype=torch.float16)`` where a GPU is present (marked ``gpu``).
 
 The rule (README, "Mixed precision"): no op of ours is on autocast's cast lists (none registers
 an autocast kernel, so the AutocastCPU key falls through to it), so each computes in the dtype
@@ -6,7 +7,8 @@ of the tensors it is given, as PyTorch's elementwise ops do: the neuron in bfloa
 autocast's conv handed it bfloat16, ``quantize`` / the constraint ops / ``sigmoid_quantize`` on
 the float32 master weights (autocast's conv casts their output), the packed ops on int32 words
 with a float32 output. Each case checks, under autocast, that the compiled CPU kernel ran on
-the expected dtype (its calls counted) and that every output and gradient is bit for bit the
+the expected dtype (its calls counted; ``compiled.py`` serves the cpu and cuda backends) and
+that every output and gradient is bit for bit the
 op's result on the same inputs outside autocast. A planted autocast registration that casts to
 float32 (``torch.library.register_autocast``), or a dispatch to the reference under autocast,
 fails them.
@@ -27,7 +29,10 @@ from cbp_kernels.ops import (bitpack, bitunpack, constraint_pass, multiplier_ste
                              pack_weight, packed_conv2d, packed_conv2d_lif, packed_linear, quantize)
 from cbp_kernels.ops.sigmoid_quant.op import sigmoid_quantize
 
+from conftest import devices
+
 BF16 = torch.bfloat16
+LOW = {"cpu": torch.bfloat16, "cuda": torch.float16}  # the autocast dtype tested per device
 
 
 @pytest.fixture
@@ -59,27 +64,27 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 def _neuron(x):
     x = _leaf(x)
     spikes, v_last = multistep_neuron(x, neuron="lif", tau=2.0, surrogate="atan")
-    (spikes * torch.linspace(-1, 1, spikes.shape[-1], dtype=spikes.dtype)).sum().backward()
+    (spikes * torch.linspace(-1, 1, spikes.shape[-1], dtype=spikes.dtype, device=x.device)).sum().backward()
     return spikes, v_last, x.grad
 
 
 def _bn_neuron(z, bn, T=4):
     z, bn, lif = _leaf(z), copy.deepcopy(bn), LIF(step_mode="m", surrogate_function="atan")
     spikes = batch_norm_neuron(z, bn, lif, T)
-    (spikes * torch.linspace(-1, 1, spikes.shape[-1], dtype=spikes.dtype)).sum().backward()
+    (spikes * torch.linspace(-1, 1, spikes.shape[-1], dtype=spikes.dtype, device=z.device)).sum().backward()
     return spikes, lif.v, z.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
 
 
 def _quantize(w):
     w = _leaf(w)
     q = quantize(w, torch.tensor([-1.0, 0.0, 1.0]), 0.05)
-    (q * torch.arange(q.numel()).view_as(q)).sum().backward()
+    (q * torch.arange(q.numel(), device=w.device).view_as(q)).sum().backward()
     return q, w.grad
 
 
 def _constraint(ws):
     levels, scales = torch.tensor([-1.0, 1.0]), [0.05, 0.1]
-    lambdas = [torch.rand_like(w, generator=torch.Generator().manual_seed(1)) for w in ws]
+    lambdas = [torch.linspace(0, 1e-3, w.numel(), device=w.device).view_as(w) for w in ws]
     grads, lambda_grads = [torch.ones_like(w) for w in ws], [torch.empty_like(w) for w in ws]
     sums = constraint_pass(ws, lambdas, levels, scales, 3.0, grads=grads, lambda_grads=lambda_grads)
     moments = [torch.zeros_like(w) for w in ws], [torch.zeros_like(w) for w in ws]
@@ -88,9 +93,10 @@ def _constraint(ws):
 
 
 def _sigmoid_quant(w):
-    w, alpha, beta = _leaf(w), _leaf(torch.tensor(0.5)), _leaf(torch.tensor(2.0))
+    alpha, beta = _leaf(torch.tensor(0.5, device=w.device)), _leaf(torch.tensor(2.0, device=w.device))
+    w = _leaf(w)
     y = sigmoid_quantize(w, alpha, beta, [-1.0, 0.0, 1.0], 5.0)
-    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    (y * torch.arange(y.numel(), device=w.device).view_as(y)).sum().backward()
     return y, w.grad, alpha.grad, beta.grad
 
 
@@ -108,7 +114,9 @@ def _packed(spikes_nhwc, w_q, T=2):
             packed_linear(x[:, 0, 0], lin))
 
 
-def _cases():
+def _cases(device: str = "cpu"):
+    """name -> (call, its input on ``device``, {kernel: the dtype it must run on under autocast})."""
+    low = LOW[device]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 2, 3, 5, 37, generator=g)  # [T, N, C, H, W], an odd last dim
     z = torch.randn(8, 6, 5, 7, generator=g) * 2 + 0.5  # [T*N, C, H, W], T = 4
@@ -117,34 +125,33 @@ def _cases():
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5, generator=g)
         bn.bias.uniform_(-0.2, 0.2, generator=g)
-    spikes = (torch.rand(4, 6, 5, 40, generator=g) > 0.6).to(BF16)  # [T*N, H, W, C], NHWC
+    spikes = (torch.rand(4, 6, 5, 40, generator=g) > 0.6).to(low)  # [T*N, H, W, C], NHWC
     w_q = torch.where(torch.randn(8, 40, 3, 3, generator=g) >= 0, 0.25, -0.25)
-    return {  # name -> (call, its input, {kernel: the dtype it must run on under autocast})
-        "neuron bf16": (_neuron, x.to(BF16), {"neuron.forward": BF16, "neuron.backward": BF16}),
+    x, z, w, spikes, w_q, bn = (t.to(device) for t in (x, z, w, spikes, w_q, bn))
+    return {
+        "neuron low": (_neuron, x.to(low), {"neuron.forward": low, "neuron.backward": low}),
         "neuron float32": (_neuron, x, {"neuron.forward": torch.float32, "neuron.backward": torch.float32}),
-        "batch_norm_neuron": (lambda t: _bn_neuron(t, bn), z.to(BF16), {"neuron.forward": BF16,
-                                                                         "neuron.backward": BF16}),
+        "batch_norm_neuron": (lambda t: _bn_neuron(t, bn), z.to(low), {"neuron.forward": low,
+                                                                        "neuron.backward": low}),
         "quantize": (_quantize, w, {"constraint.quantize": torch.float32}),
         "constraint_pass + multiplier_step": (_constraint, [w, w[:3].contiguous() * 2],
                                               {"constraint.constraint_pass": torch.float32,
                                                "constraint.multiplier_step": torch.float32}),
         "sigmoid_quantize": (_sigmoid_quant, w, {"sigmoid_quant.forward": torch.float32,
                                                   "sigmoid_quant.backward": torch.float32}),
-        "bitpack": (_bitpack, spikes, {"bitpack.pack": BF16, "bitpack.unpack": torch.int32}),
-        "packed convs": (lambda s: _packed(s, w_q), spikes, {"bitpack.pack": BF16, "bitconv.conv2d": torch.int32,
+        "bitpack": (_bitpack, spikes, {"bitpack.pack": low, "bitpack.unpack": torch.int32}),
+        "packed convs": (lambda s: _packed(s, w_q), spikes, {"bitpack.pack": low, "bitconv.conv2d": torch.int32,
                                                             "bitconv.conv2d_lif": torch.int32}),
     }
 
 
-CASES = _cases()
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_op_under_cpu_bf16_autocast_stays_on_its_kernel(case, kernel_calls):
-    call, inp, kernels = CASES[case]
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", list(_cases()))
+def test_op_under_autocast_stays_on_its_kernel(case, device, kernel_calls):
+    call, inp, kernels = _cases(device)[case]
     expected = call(inp)  # outside autocast, on the same inputs
     seen = {name: kernel_calls(name) for name in kernels}
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(device, dtype=LOW[device]):
         got = call(inp)
     for name, dtype in kernels.items():
         assert seen[name] and set(seen[name]) == {dtype}, f"{case}: {name} ran on {seen[name]}, expected {dtype}"
