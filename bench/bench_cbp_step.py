@@ -10,11 +10,18 @@ Providers (same weights, same lambda, same data):
   as an eager autograd Function per layer (``bench_constraint._layer_term``) summed into the
   Lagrangian before one ``backward()``.
 
+Each in float32 and under AMP (``precision="amp"``: bfloat16 autocast on CPU, float16 on
+CUDA), the same for both: the forward and the loss under ``torch.autocast``, float32 weights,
+lambda and constraint; float16 through a ``GradScaler`` (ours: ``CBPConfig(amp=...)``, which
+unscales before the clip; the authors' ``--amp`` clips the scaled gradients), bfloat16 with none.
+
 The multiplier (lambda) update runs once per epoch in both, so it is not part of a step.
 
     OMP_NUM_THREADS=1 python -m pytest bench/bench_cbp_step.py --benchmark-json=...
 
-CPU: batch 1, 2 timed rounds (a step takes seconds here); CUDA: batch 32, 5 rounds.
+Batch 1 and 8, on one torch thread and on every core in one run (CPU), in a
+group per precision, batch and thread count. CPU: 2 timed rounds (a step takes seconds here);
+CUDA: 5.
 """
 from __future__ import annotations
 
@@ -23,14 +30,17 @@ import torch
 import torch.nn.functional as F
 from bench_constraint import _layer_term
 from bench_models import _ours, _spikingjelly
-from harness import device_name, peak_memory, run
+from harness import num_threads, peak_memory, run, thread_counts
 from torch import nn
 from torch.nn.utils import parametrize
 
 from cbp_kernels.quant import CBPConfig, CBPQuantizer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BATCH = 32 if DEVICE == "cuda" else 1
+BATCHES = (1, 8)
+THREADS = thread_counts(DEVICE)
+AMP = "fp16" if DEVICE == "cuda" else "bf16"  # the autocast dtype of precision="amp" (CBPConfig.amp's names)
+AMP_DTYPE = torch.float16 if AMP == "fp16" else torch.bfloat16
 ROUNDS = 5 if DEVICE == "cuda" else 2
 T, SIZE, CLASSES, G = 4, 224, 1000, 3.0
 BINARY = torch.tensor([-1.0, 1.0])
@@ -65,7 +75,7 @@ def _quantized_layers(net: nn.Module) -> list[nn.Module]:
     return layers[1:-1]  # the first conv and the classifier stay FP32
 
 
-def _authors_step(net, reset, lambdas, x, target):
+def _authors_step(net, reset, lambdas, x, target, amp: bool):
     layers = _quantized_layers(net)
     levels = [(BINARY * m.weight.detach().abs().mean()).to(DEVICE) for m in layers]
     for m, lv in zip(layers, levels):
@@ -73,13 +83,17 @@ def _authors_step(net, reset, lambdas, x, target):
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     raw = [m.parametrizations.weight.original for m in layers]
 
+    scaler = torch.amp.GradScaler(DEVICE, enabled=amp and AMP == "fp16")
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x).mean(0), target)
-        loss = loss + sum(_layer_term(w, lam, lv, G) for w, lam, lv in zip(raw, lambdas, levels))
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(net.parameters(), 1.0)
-        opt.step()
+        with torch.autocast(DEVICE, dtype=AMP_DTYPE, enabled=amp):
+            loss = F.cross_entropy(net(x).mean(0), target)
+            loss = loss + sum(_layer_term(w, lam, lv, G) for w, lam, lv in zip(raw, lambdas, levels))
+        scaler.scale(loss).backward()
+        torch.nn.utils.clip_grad_value_(net.parameters(), 1.0)  # on the scaled gradients, as their --amp
+        scaler.step(opt)
+        scaler.update()
         with torch.no_grad():
             for w in raw:
                 w.clamp_(-1, 1)
@@ -88,33 +102,42 @@ def _authors_step(net, reset, lambdas, x, target):
     return step
 
 
-def _our_step(net, reset, lambdas, x, target):
-    q = CBPQuantizer(net, "binary", config=CBPConfig(optimizer="sgd", lr=0.1, momentum=0.9, g=int(G)))
+def _our_step(net, reset, lambdas, x, target, amp: bool):
+    q = CBPQuantizer(net, "binary", config=CBPConfig(optimizer="sgd", lr=0.1, momentum=0.9, g=int(G),
+                                                     amp=AMP if amp else None))
     with torch.no_grad():
         for mine, theirs in zip(q.lambdas, lambdas):
             mine.copy_(theirs)
 
     def step():
-        q.step(F.cross_entropy(net(x).mean(0), target))
+        with torch.autocast(DEVICE, dtype=AMP_DTYPE, enabled=amp):
+            loss = F.cross_entropy(net(x).mean(0), target)
+        q.step(loss)
         reset()
 
     return step
 
 
+@pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}thr")
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"batch{b}")
+@pytest.mark.parametrize("precision", ["float32", "amp"])
 @pytest.mark.parametrize("provider", ["cbp_kernels", "authors"])
-def test_cbp_training_step(benchmark, provider):
-    torch.manual_seed(0)
-    sj_net, sj_reset = _spikingjelly()
-    net, reset = (sj_net, sj_reset) if provider == "authors" else _ours(sj_net)
-    net = net.to(DEVICE).train()
-    lambdas = [torch.rand_like(m.weight) * 1e-3 for m in _quantized_layers(net)]
-    x = torch.rand(T, BATCH, 3, SIZE, SIZE, device=DEVICE)
-    target = torch.randint(0, CLASSES, (BATCH,), device=DEVICE)
-    make = _authors_step if provider == "authors" else _our_step
-    step = make(net, reset, lambdas, x, target)
-    peak = peak_memory(step, DEVICE)
-    role = "baseline" if provider == "authors" else "ours"
-    run(benchmark, step, device=DEVICE, rounds=ROUNDS, warmup=1, provider=provider, role=role, batch=BATCH, T=T,
-        image=SIZE, peak_memory_bytes=peak)
-    benchmark.extra_info.update(samples_per_s=BATCH / benchmark.stats.stats.mean, device=device_name(DEVICE),
-                                threads=torch.get_num_threads())
+def test_cbp_training_step(benchmark, provider, precision, batch, threads):
+    with num_threads(threads):
+        torch.manual_seed(0)
+        sj_net, sj_reset = _spikingjelly()
+        net, reset = (sj_net, sj_reset) if provider == "authors" else _ours(sj_net)
+        net = net.to(DEVICE).train()
+        lambdas = [torch.rand_like(m.weight) * 1e-3 for m in _quantized_layers(net)]
+        x = torch.rand(T, batch, 3, SIZE, SIZE, device=DEVICE)
+        target = torch.randint(0, CLASSES, (batch,), device=DEVICE)
+        make = _authors_step if provider == "authors" else _our_step
+        step = make(net, reset, lambdas, x, target, precision == "amp")
+        peak = peak_memory(step, DEVICE)
+        name = f"{AMP} autocast" if precision == "amp" else precision
+        benchmark.group = f"CBP step SEW-ResNet-18, {name}, batch {batch}, {threads} thread(s)"
+        role = "baseline" if provider == "authors" else "ours"
+        run(benchmark, step, device=DEVICE, rounds=ROUNDS, warmup=1, provider=provider, role=role, batch=batch, T=T,
+            image=SIZE, precision=name, peak_memory_bytes=peak, threads=threads)
+        if benchmark.stats:  # None under --benchmark-disable
+            benchmark.extra_info.update(samples_per_s=batch / benchmark.stats.stats.mean)

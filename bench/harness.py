@@ -6,6 +6,8 @@ that ``make bench`` writes and ``bench/report.py`` turns into bench/results/REPO
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import time
 
@@ -50,6 +52,25 @@ def run(benchmark, fn, *args, device: str = "cpu", rounds: int = 5, warmup: int 
         call()
     benchmark.extra_info.update(extra_info, device=device_name(device))
     return benchmark.pedantic(call, rounds=rounds, iterations=1)
+
+
+def thread_counts(device: str = "cpu") -> list[int]:
+    """The torch thread counts a CPU suite runs at in one run: one thread and every core this
+    process may use (one entry on a one-core machine). On CUDA: torch's setting only."""
+    if device.startswith("cuda"):
+        return [torch.get_num_threads()]
+    return sorted({1, len(os.sched_getaffinity(0))})
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch runs on ``n`` threads inside the block (the previous count restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def copy_bandwidth(nbytes: int = 1 << 28, device: str = "cpu", repeats: int = 5) -> float:

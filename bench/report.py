@@ -7,7 +7,11 @@ and these optional ``extra_info`` keys, which bench/harness.py's ``run`` stores:
   with); without roles, providers named ``naive`` / ``eager`` and ``spikingjelly`` take them;
 - ``bytes_moved`` (bytes one call must move) and ``copy_bw_gbs`` (a large copy's bandwidth,
   same run): they give GB/s and the % of the measured copy bandwidth;
-- ``device`` (else the run's ``machine_info["cbp_device"]``), ``threads``, ``load_avg_1min``.
+- ``device`` (else the run's ``machine_info["cbp_device"]``), ``threads``, ``load_avg_1min``;
+- ``peak_memory_bytes``: a group with it gets a peak-memory column and, beside an ``"ours"``
+  row, ours against each other row (its time over ours, ours' peak memory over its); a suite
+  with such groups opens with one table of those two ratios, a row per group (e.g. per batch
+  and thread count), a column per provider.
 
 Steps: (1) ``bench/results/last.json`` (``make bench`` writes it), when present, is split into
 ``bench/results/<device>/<suite>.json`` (a new run of a suite on a device replaces the old one);
@@ -66,9 +70,16 @@ def _rows(benches: list[dict]) -> list[dict]:
     rows.sort(key=lambda r: r["mean"])
     base = next((r for r in rows if r["role"] == "baseline"), None)
     peer = next((r for r in rows if r["role"] == "peer"), None)
+    ours = next((r for r in rows if r["role"] == "ours"), None)
+    for r in rows:
+        r["peak"] = r["info"].get("peak_memory_bytes")
     for r in rows:
         r["vs_baseline"] = base["mean"] / r["mean"] if base else None
         r["vs_peer"] = peer["mean"] / r["mean"] if peer else None
+        # ours against this row: its time over ours (> 1: ours faster), ours' peak over its (< 1: ours smaller)
+        other = ours is not None and r is not ours
+        r["ours_speedup"] = r["mean"] / ours["mean"] if other else None
+        r["ours_memory"] = ours["peak"] / r["peak"] if other and ours["peak"] and r["peak"] else None
         nbytes, copy_bw = r["info"].get("bytes_moved"), r["info"].get("copy_bw_gbs")
         r["gbs"] = nbytes / r["mean"] / 1e9 if nbytes else None
         r["pct_bw"] = 100 * r["gbs"] / copy_bw if r["gbs"] and copy_bw else None
@@ -83,10 +94,15 @@ def _table(rows: list[dict]) -> list[str]:
     has_base = any(r["vs_baseline"] for r in rows)
     has_peer = any(r["vs_peer"] for r in rows)
     has_bw = any(r["gbs"] for r in rows)
+    has_peak = any(r["peak"] for r in rows)
+    has_ours = any(r["ours_speedup"] for r in rows)
     head = ["provider", "mean (ms)", "min (ms)", "rounds"]
     head += ["speed-up vs baseline"] if has_base else []
-    head += ["speed-up vs peer"] if has_peer else []
+    peers = sum(r["role"] == "peer" for r in rows)
+    head += ["speed-up vs fastest peer" if peers > 1 else "speed-up vs peer"] if has_peer else []
     head += ["GB/s", "% of copy BW"] if has_bw else []
+    head += ["peak memory (MB)"] if has_peak else []
+    head += ["ours: speed-up", "ours: peak memory ratio"] if has_ours else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name = f"**{r['provider']}**" if r["role"] == "ours" else r["provider"]
@@ -96,8 +112,31 @@ def _table(rows: list[dict]) -> list[str]:
         cells += [_fmt(r["vs_baseline"], ".2f", "x")] if has_base else []
         cells += [_fmt(r["vs_peer"], ".2f", "x")] if has_peer else []
         cells += [_fmt(r["gbs"], ".1f"), _fmt(r["pct_bw"], ".0f", "%")] if has_bw else []
+        cells += [_fmt(r["peak"] and r["peak"] / 1e6, ".1f")] if has_peak else []
+        cells += [_fmt(r["ours_speedup"], ".2f", "x"), _fmt(r["ours_memory"], ".2f", "x")] if has_ours else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _ours_summary(groups: dict[str, list[dict]]) -> list[str]:
+    """One table for a suite: a row per group that has an ``"ours"`` row and peak memory, a column
+    per other provider, each cell "its time over ours / ours' peak memory over its"."""
+    table = {}
+    for group, rows in sorted(groups.items(), key=lambda item: _natural(item[0])):
+        if any(r["ours_memory"] for r in rows):
+            table[group] = {r["provider"]: r for r in rows if r["ours_speedup"]}
+    if not table:
+        return []
+    providers = sorted({p for cells in table.values() for p in cells})
+    lines = ["### ours against each provider", "",
+             "Each cell: ours' speed-up over that provider (its mean time / ours) / ours' peak memory as a "
+             "fraction of its (< 1: ours needs less).", "",
+             "| group | " + " | ".join(providers) + " |", "|" + "---|" * (len(providers) + 1)]
+    for group, cells in table.items():
+        lines.append(f"| {group} | " + " | ".join(
+            f"{cells[p]['ours_speedup']:.2f}x / {_fmt(cells[p]['ours_memory'], '.2f', 'x') or '-'}" if p in cells else ""
+            for p in providers) + " |")
+    return lines + [""]
 
 
 def _natural(text: str) -> list:
@@ -146,16 +185,18 @@ def write_report(results: Path) -> Path:
             for b in run["benchmarks"]:
                 groups[b.get("group") or b["name"].split("[")[0]].append(b)
             info = run["benchmarks"][0].get("extra_info", {}) if run["benchmarks"] else {}
+            threads = sorted({b["extra_info"]["threads"] for b in run["benchmarks"] if "threads" in b.get("extra_info", {})})
             mi = run["machine_info"]
             lines += [f"## {path.stem} on {device_dir.name}", "",
                       f"{run.get('datetime', '')[:19]} UTC, torch {mi.get('torch', '?')}, "
                       f"{mi.get('cpu', {}).get('count', '?')} CPU cores"
-                      + (f", {info['threads']} torch thread(s)" if "threads" in info else "")
+                      + (f", {' / '.join(map(str, threads))} torch thread(s)" if threads else "")
                       + (f", 1-min load average {info['load_avg_1min']:.1f} at the start" if "load_avg_1min" in info else "")
                       + (f", GLIBC_TUNABLES={mi['glibc_tunables']}" if mi.get("glibc_tunables") else "")
                       + f"; raw data: `{device_dir.name}/{path.name}`.", ""]
-            for group, benches in sorted(groups.items(), key=lambda item: _natural(item[0])):
-                rows = _rows(benches)
+            rows_of = {group: _rows(benches) for group, benches in groups.items()}
+            lines += _ours_summary(rows_of)
+            for group, rows in sorted(rows_of.items(), key=lambda item: _natural(item[0])):
                 png = device_dir / f"{path.stem}-{_slug(group)}.png"
                 _plot(rows, group, png)
                 lines += [f"### {group}", "", *_table(rows), "", f"![{group}]({device_dir.name}/{png.name})", ""]

@@ -38,3 +38,31 @@ def test_split_and_report(tmp_path):
     assert "| eager (baseline) | 2000.000 | 1800.000 | 3 | 1.00x |" in text  # baseline by name, no roles
     assert text.index("### T=4") < text.index("### T=16")
     assert len(list((tmp_path / "dev-a").glob("*.png"))) == 3  # one plot per group
+
+
+def test_ours_against_each_provider_with_peak_memory(tmp_path):
+    """Groups with peak memory: a peak-memory column, ours against every other row (its time over
+    ours, ours' peak over its), and one table of those ratios per suite, a row per group."""
+    report = _report_module()
+    one, eight = "step, batch 1, 1 thread(s)", "step, batch 8, 2 thread(s)"
+    run = {"machine_info": {"cbp_device": "dev-a", "torch": "x"}, "datetime": "2026-01-01T00:00:00",
+           "benchmarks": [_bench("bench_m", "ours", 0.5, group=one, role="ours", peak_memory_bytes=100e6, threads=1),
+                          _bench("bench_m", "sj", 1.0, group=one, role="peer", peak_memory_bytes=200e6, threads=1),
+                          _bench("bench_m", "sj_compiled", 0.4, group=one, role="peer", peak_memory_bytes=400e6,
+                                 threads=1),
+                          _bench("bench_m", "ours", 2.0, group=eight, role="ours", peak_memory_bytes=300e6, threads=2),
+                          _bench("bench_m", "authors", 3.0, group=eight, role="baseline", peak_memory_bytes=600e6,
+                                 threads=2)]}
+    (tmp_path / "last.json").write_text(json.dumps(run))
+    report.split_last_run(tmp_path)
+    text = report.write_report(tmp_path).read_text()
+    assert "1 / 2 torch thread(s)" in text
+    # 1.0 s against ours' 0.5 s, ours' 100 MB against its 200 MB; 0.40x: vs the fastest peer (0.4 s)
+    assert "| sj (peer) | 1000.000 | 900.000 | 3 | 0.40x | 200.0 | 2.00x | 0.50x |" in text
+    assert "| **ours** | 500.000 | 450.000 | 3 | 0.80x | 100.0 |  |  |" in text
+    assert "| authors (baseline) | 3000.000 | 2700.000 | 3 | 1.00x | 600.0 | 1.50x | 0.50x |" in text
+    summary = text.index("### ours against each provider")
+    assert summary < text.index(f"### {one}") < text.index(f"### {eight}")
+    assert "| group | authors | sj | sj_compiled |" in text
+    assert f"| {one} |  | 2.00x / 0.50x | 0.80x / 0.25x |" in text
+    assert f"| {eight} | 1.50x / 0.50x |  |  |" in text
