@@ -2,9 +2,11 @@
 (tau=2, hard reset to 0, ATan surrogate), for T in {4, 16, 32, 64}, float32 and bfloat16.
 
 Shapes: on a GPU the issue's ``[T, 32*64*56*56]`` (a SEW-ResNet stage-1 activation of batch 32);
-on a CPU ``[T, 2**20]`` (``CBP_BENCH_NEURON_N`` overrides the column count). On a small CPU
-shared with other jobs, run it with ``OMP_NUM_THREADS=1``: there, two OpenMP threads made every
-provider wait on descheduled threads at each parallel region (the Python loops ran ~60x slower).
+on a CPU ``[T, 2**20]`` (``CBP_BENCH_NEURON_N`` overrides the column count). Every case runs on
+one thread and on every core this process may use, in the same run (``harness.thread_counts``;
+the copy bandwidth is measured at each), except the Python loops, on one thread only: on a
+small CPU shared with other jobs, two OpenMP threads made them wait on descheduled threads at
+each parallel region (~60x slower). Run it on an otherwise idle machine.
 
 Providers (same inputs, same spikes: checked before timing):
 - ``ours-<backend>``: ``multistep_neuron`` on each compiled / JIT kernel backend available for
@@ -44,7 +46,7 @@ import cbp_kernels
 from cbp_kernels.ops import multistep_neuron
 from cbp_kernels.ops.neuron import reference
 from cbp_kernels.ops.neuron.params import NeuronParams
-from harness import copy_bandwidth, run
+from harness import copy_bandwidth, num_threads, run, thread_counts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_GPU = 32 * 64 * 56 * 56
@@ -122,6 +124,11 @@ PROVIDERS = {**{f"ours-{b}": (_ours, (b,), "ours") for b in OURS},
              "naive": (_ours, ("reference",), "baseline"),
              "compiled": (_compiled, (), "peer")}
 COMPILED = ("compiled", "spikingjelly-compiled")  # compile in their first calls
+# One thread and every core in the same run (harness.thread_counts); the Python loops (seconds
+# per call on a CPU) only on one thread: they are baselines, not the peers the target names.
+SLOW = ("naive", "spikingjelly")
+THREADS = thread_counts(DEVICE)
+CASES = [(p, n) for n in THREADS for p in PROVIDERS if n == 1 or DEVICE != "cpu" or p not in SLOW]
 
 
 def _inputs(T: int, n: int = N, dtype: torch.dtype = torch.float32):
@@ -133,7 +140,12 @@ def _inputs(T: int, n: int = N, dtype: torch.dtype = torch.float32):
 
 @pytest.fixture(scope="module")
 def bandwidth():
-    return copy_bandwidth(1 << 28 if DEVICE == "cuda" else 1 << 27, device=DEVICE)
+    """The copy bandwidth at each thread count of the run (GB/s)."""
+    measured = {}
+    for n in THREADS:
+        with num_threads(n):
+            measured[n] = copy_bandwidth(1 << 28 if DEVICE == "cuda" else 1 << 27, device=DEVICE)
+    return measured
 
 
 def test_providers_agree():
@@ -147,16 +159,18 @@ def test_providers_agree():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("T", TS)
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_neuron_fwd_bwd(benchmark, bandwidth, provider, T, dtype):
+@pytest.mark.parametrize("provider, threads", CASES, ids=[f"{p}-{n}thr" for p, n in CASES])
+def test_neuron_fwd_bwd(benchmark, bandwidth, provider, threads, T, dtype):
     make, args, role = PROVIDERS[provider]
     step = make(*args)
     x, grad = _inputs(T, dtype=dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    benchmark.group = f"neuron LIF fwd+bwd [T={T}, N={N}] {dtype_name} {DEVICE}"
-    slow = provider in ("naive", "spikingjelly") and DEVICE == "cpu"  # the Python loops take seconds per call on a CPU
+    benchmark.group = f"neuron LIF fwd+bwd [T={T}, N={N}] {dtype_name} {DEVICE}, {threads} thread(s)"
+    slow = provider in SLOW and DEVICE == "cpu"  # the Python loops take seconds per call on a CPU
     # torch.compile compiles in its first call(s): two warm-ups keep that out of the timing.
-    run(benchmark, step, x, grad, device=DEVICE, rounds=3 if slow else 7, warmup=2 if provider in COMPILED else 1,
-        provider=provider, role=role, T=T, N=N, dtype=dtype_name, bytes_moved=TENSORS_MOVED * T * N * x.element_size(),
-        copy_bw_gbs=bandwidth, load_avg_1min=os.getloadavg()[0], threads=torch.get_num_threads(),
-        **({"sj_implementation": _sj_implementation()} if provider == "spikingjelly" else {}))
+    with num_threads(threads):
+        run(benchmark, step, x, grad, device=DEVICE, rounds=3 if slow else 7, warmup=2 if provider in COMPILED else 1,
+            provider=provider, role=role, T=T, N=N, dtype=dtype_name,
+            bytes_moved=TENSORS_MOVED * T * N * x.element_size(), copy_bw_gbs=bandwidth[threads],
+            load_avg_1min=os.getloadavg()[0], threads=threads,
+            **({"sj_implementation": _sj_implementation()} if provider == "spikingjelly" else {}))
