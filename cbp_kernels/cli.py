@@ -84,6 +84,9 @@ def _add_run_arguments(cmd: argparse.ArgumentParser, levels_default: str) -> Non
     cmd.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
     cmd.add_argument("--amp", choices=("bf16", "fp16"), help="CBP in mixed precision: forward and loss under "
                      "torch.autocast, fp16 with a GradScaler; float32 weights and multipliers (CBPConfig.amp)")
+    cmd.add_argument("--float-forward", action="store_true", default=None,
+                     help="CBP's quantized layers compute their forward in float32, F.conv2d(x, Q(W)) (the authors' "
+                          "rounding), instead of the exact integer forward on spike inputs (CBPConfig.integer_forward)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -355,3 +355,20 @@ def test_the_command_under_torchrun_flushes_its_output_and_exits_with_its_status
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "finished" in done.stdout and "Precision" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_float_forward_switch_reaches_the_quantized_layers(flag):
+    """``--float-forward`` (RUN_DEFAULTS' float_forward) turns CBPConfig.integer_forward off: the
+    run's CBP quantizer then puts no layer on the exact integer forward (by default every
+    layer the model declares integer input for, here digits-net's three spiking layers)."""
+    from cbp_kernels.cli import build_parser
+    from cbp_kernels.models import DigitsNet
+    from cbp_kernels.pipeline.config import RUN_DEFAULTS, resolve_config
+    from cbp_kernels.pipeline.stages import _quantizer
+
+    args = build_parser().parse_args(["run", *(["--float-forward"] if flag else [])])
+    cfg = resolve_config({k: v for k, v in vars(args).items() if k in RUN_DEFAULTS})
+    assert cfg["cbp"]["integer_forward"] is not flag
+    quantizer = _quantizer("cbp", "binary", DigitsNet(), cfg)
+    assert (quantizer.integer_layers == []) is flag

@@ -25,7 +25,8 @@ DEFAULT_LEVELS = "binary,ternary"
 COMPARE_LEVELS = "binary"
 RUN_DEFAULTS = dict(model="digits-net", data="digits", data_path=None, checkpoint=None, levels=None,
                     preset=None, epochs=None, pretrain_epochs=4, pretrain_lr=1e-2, batch_size=None, timesteps=None,
-                    device=None, out=None, seed=0, image_size=None, workers=0, method="cbp", amp=None)
+                    device=None, out=None, seed=0, image_size=None, workers=0, method="cbp", amp=None,
+                    float_forward=False)
 # method -> (name in tables, file name of the per-epoch plot); "compare" runs all three.
 METHODS = {"cbp": ("CBP", "accuracy_cfs_g.png"), "sigmoid": ("Sigmoid-sum", "accuracy_temperature.png"),
            "cq": ("CQ", "accuracy.png")}
@@ -176,7 +177,11 @@ def resolve_config(options: dict) -> dict:
         raise RunError(f"--method cq: CQ's ANN is built for digits-net on digits only, got --model {cfg['model']} "
                        f"--data {cfg['data']}")
     recipe = dict(epochs=max(cfg["epochs"], 1), batch_size=cfg["batch_size"], seed=cfg["seed"])
-    cfg["cbp"] = dataclasses.asdict(dataclasses.replace(cbp, **recipe, amp=cfg["amp"] or cbp.amp))
+    if not isinstance(cfg["float_forward"], bool):
+        raise RunError(f"--float-forward is a switch (true / false), got {cfg['float_forward']!r}")
+    integer_forward = cbp.integer_forward and not cfg["float_forward"]
+    cfg["cbp"] = dataclasses.asdict(dataclasses.replace(cbp, **recipe, amp=cfg["amp"] or cbp.amp,
+                                                        integer_forward=integer_forward))
     cfg["sigmoid"] = dataclasses.asdict(dataclasses.replace(_demo_sigmoid_config(), **recipe))
     if cfg["out"] is not None and os.path.exists(os.path.join(cfg["out"], CONFIG_NAME)):
         raise RunError(f"--out {cfg['out']} holds a run already; continue it with --resume {cfg['out']}")
