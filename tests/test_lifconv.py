@@ -228,6 +228,30 @@ def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw):
         assert torch.equal(bufb[name], bufa[name]), f"bn buffer {name}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("affine", ["gamma_beta", "gamma", "none"])
+def test_batch_norm_output_is_bitwise_the_training_op(dtype, layout, affine):
+    """The backward's y = BN(z), rebuilt from the forward's batch statistics in one pass
+    (``batch_norm_output``), is bit for bit ``aten.native_batch_norm``'s training output, so the
+    neuron's backward sees the forward's y and spikes: channel counts below and above a vector
+    of float32, images of one pixel and odd sizes, large offsets (rounding in every term)."""
+    from cbp_kernels.nn.bn_neuron import batch_norm_output
+
+    gen = torch.Generator().manual_seed(0)
+    for channels, h, w in [(3, 5, 7), (17, 9, 9), (64, 20, 12), (40, 1, 1)]:
+        z = (torch.randn(4, channels, h, w + 2, generator=gen) * 5 + 3).to(dtype)
+        z = {"contiguous": z[..., 1:-1].contiguous(), "channels_last": z[..., 1:-1].contiguous(
+            memory_format=torch.channels_last), "strided": z[..., 1:-1]}[layout]
+        gamma = torch.randn(channels, generator=gen) if affine != "none" else None
+        beta = torch.randn(channels, generator=gen) if affine == "gamma_beta" else None
+        y, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, None, None, True, 0.1, 1e-5)
+        again = batch_norm_output(z, gamma, beta, mean, invstd, 1e-5)
+        assert again.dtype == y.dtype and again.shape == y.shape
+        differ = int((again != y).sum())
+        assert differ == 0, f"{differ} of {y.numel()} values differ ({channels} channels, {h}x{w})"
+
+
 def test_recompute_bn_lowers_training_peak_memory():
     """One float activation per layer fewer is kept for the backward (CPU allocator events)."""
     x = (torch.rand(4, 2, 16, 24, 24) > 0.5).float()
