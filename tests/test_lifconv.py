@@ -265,6 +265,29 @@ def test_recompute_bn_lowers_training_peak_memory():
         assert_close(a, b, 1e-5, 1e-5, "weight grad with recompute_bn")
 
 
+def test_declared_input_saved_once_without_a_value_check():
+    """Layers reading the same input declared as integers (``input_max``: a SEW block's conv1
+    and downsample on an ADD sum) save ONE compact copy of it (8 bits for sums, 1 bit for
+    spikes), made without a value check, with the same gradients as the checked copy."""
+    for input_max, values in [(2, 3), (1, 2)]:
+        torch.manual_seed(0)
+        x = torch.randint(0, values, (3, 2, 8, 6, 6)).float()
+        grads, saved = {}, {}
+        for declared in (None, input_max):
+            torch.manual_seed(1)
+            convs = [LIFConv2d(8, 16, k, stride=2, padding=k // 2, neuron="if", input_max=declared) for k in (3, 1)]
+            ys = [m(x) for m in convs]
+            conv_nodes = [y.grad_fn.next_functions[0][0] for y in ys]  # BN-neuron <- conv
+            saved[declared] = [node.saved_tensors[0] for node in conv_nodes]
+            sum((y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum() for y in ys).backward()
+            grads[declared] = [m.weight.grad for m in convs]
+        copies = saved[input_max]
+        assert copies[0].dtype == (torch.uint8 if input_max > 1 else torch.int32)
+        assert copies[0].data_ptr() == copies[1].data_ptr(), "each layer made its own copy of the input"
+        for a, b in zip(grads[input_max], grads[None]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_contiguous_input_and_low_precision(dtype):
     torch.manual_seed(0)

@@ -28,14 +28,14 @@ from typing import NamedTuple
 
 import torch
 
-from ..ops._backend import call, resolve_backend
+from ..ops._backend import resolve_backend
 from ..ops.bitconv.op import run as packed_conv_run
 from ..ops.bitconv.weight import PackedWeight
-from ..ops.bitpack.op import _bitpack, _pack
+from ..ops.bitpack import pack_bits
 from ..ops.levels import LevelSet
 
 __all__ = ["IntegerForward", "MAX_INPUT", "check_input_max", "integer_spec", "integer_conv2d", "integer_linear",
-           "IntegerLinearFunction", "pack_bits", "popcount_name"]
+           "IntegerLinearFunction", "popcount_name"]
 
 #: The largest declared input value: the input's bit planes are taken from its uint8 copy.
 MAX_INPUT = 255
@@ -95,15 +95,6 @@ def integer_spec(layer, x: torch.Tensor, weight: torch.Tensor, scale, dims: int)
     else:  # a number: filled on the device (a host tensor copied there would wait for its stream)
         scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
     return IntegerForward(k, levels, scale, backend)
-
-
-def pack_bits(t: torch.Tensor, backend: str) -> torch.Tensor:
-    """``[B, ..., C]`` (at least 3-D, any strides; bit = value != 0) -> int32
-    ``[B, ..., ceil(C/32)]`` packed along the last dim: ``bitpack`` without its value check,
-    for values known to be 0 / 1 (so no count is read back: no device sync)."""
-    x3 = t.flatten(1, -2)
-    words, _ = call(_bitpack, _pack, x3, backend)
-    return words.reshape(*t.shape[:-1], words.shape[-1])
 
 
 def _weight_planes(wq: torch.Tensor, levels: str, backend: str) -> torch.Tensor:
