@@ -194,10 +194,12 @@ BN_VARIANTS = [dict(), dict(momentum=None), dict(affine=False), dict(track_runni
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends("cpu"))
 @pytest.mark.parametrize("neuron_type", ["if", "lif", "plif"])
 @pytest.mark.parametrize("bn_kw", BN_VARIANTS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "default")
-def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw):
+@pytest.mark.parametrize("loss_of", ["spikes_and_v", "spikes"])
+def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw, loss_of):
     """BatchNormNeuronFunction (saves only the conv output) against conv - BN - neuron run as
     separate autograd nodes: spikes, every gradient, BN's running statistics and step count, the
-    neuron state; two calls without a reset, so the second starts from the first's V[T-1]."""
+    neuron state; two calls without a reset, so the second starts from the first's V[T-1]; the
+    loss with or without the last state V[T-1] (unused: no gradient tensor for it)."""
     layers = {}
     for recompute in (False, True):
         torch.manual_seed(0)
@@ -212,7 +214,8 @@ def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw):
         xs = [x.clone().requires_grad_(), (x.flip(-1) > 1).float().requires_grad_()]
         ys = [m(xi) for xi in xs]  # the second call continues from the first's state
         g = torch.randn_like(ys[0], generator=torch.Generator().manual_seed(1))
-        (sum((y * g).sum() for y in ys) + m.neuron.v.square().sum()).backward()
+        loss = sum((y * g).sum() for y in ys)
+        (loss + m.neuron.v.square().sum() if loss_of == "spikes_and_v" else loss).backward()
         out[recompute] = (ys, [xi.grad for xi in xs], m.neuron.v.detach(),
                           {n: p.grad for n, p in m.named_parameters()}, {n: b.clone() for n, b in m.bn.named_buffers()})
     (ya, gxa, va, gpa, bufa), (yb, gxb, vb, gpb, bufb) = out[False], out[True]

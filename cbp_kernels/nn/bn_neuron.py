@@ -73,6 +73,9 @@ class BatchNormNeuronFunction(torch.autograd.Function):
         spike_seq, v_last = run(y.view(steps, -1, *y.shape[1:]), v_init, decay, p, backend)
         ctx.save_for_backward(z, weight, bias, decay, v_init, mean, invstd)
         ctx.conf = (eps, steps, p, backend)
+        # an unused output's gradient stays None (the kernels' default), not a zero tensor: V[T-1]
+        # is rarely used, and its [N, C, H, W] zeros were filled and read on every backward
+        ctx.set_materialize_grads(False)
         return spike_seq, v_last
 
     @staticmethod
