@@ -234,8 +234,9 @@ class LIFConv2d(nn.Conv2d):
             integers in [0, k] (spikes: 1; SEW ADD sums: the block depth), declared by the
             model. With binary / ternary ``levels``, the convolution then runs the exact
             integer forward (``nn.integer_forward``: float32(count) * scale, counted by the
-            popcount convolution) unless ``integer_forward`` is set False; the backward is
-            the float one. Not where BatchNorm is folded (eval) or under autocast / compile.
+            popcount convolution) where it is the faster forward (attribute
+            ``integer_forward``: True; ``"always"``: wherever it applies; False: never); the
+            backward is the float one. Not where BatchNorm is folded (eval) or under autocast / compile.
         compact_spikes: store spikes saved for the backward at 1 bit per spike (eager only:
             under ``torch.compile`` they are saved as is).
         recompute_bn: in training with BN and a neuron, save only the conv output and recompute
@@ -250,7 +251,7 @@ class LIFConv2d(nn.Conv2d):
 
     # defaults for instances unpickled from before these attributes existed
     input_max: int | None = None
-    integer_forward: bool = True
+    integer_forward: bool | str = True
     popcount_levels: str | None = None
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
