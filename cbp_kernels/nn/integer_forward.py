@@ -40,7 +40,8 @@ from ..ops.bitpack import pack_bits
 from ..ops.levels import LevelSet
 
 __all__ = ["IntegerForward", "MAX_INPUT", "MIN_PRODUCTS_PER_PLANE", "check_input_max", "check_integer_forward",
-           "integer_spec", "integer_conv2d", "integer_linear", "IntegerLinearFunction", "popcount_name", "prefers_integer"]
+           "integer_spec", "integer_conv2d", "integer_linear", "IntegerLinearFunction", "popcount_name",
+           "prefers_integer", "takes_integer_forward"]
 
 #: The largest declared input value: the input's bit planes are taken from its uint8 copy.
 MAX_INPUT = 255

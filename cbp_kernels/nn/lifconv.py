@@ -62,8 +62,9 @@ def _pack_spikes(t: torch.Tensor) -> _Compact:
 def mark_spikes(t: torch.Tensor, packed: _Compact | None = None) -> torch.Tensor:
     """Records that ``t`` holds only 0 and 1 (a neuron's output), optionally with its packed
     copy, so layers that save it for the backward reuse that copy (or pack it without a value
-    check); ``compact_declared`` records a declared integer input's copy the same way. The mark is void once ``t`` is modified in place. Under ``torch.compile`` nothing
-    is marked (a tensor attribute breaks the graph; the compiled layers save spikes as is)."""
+    check); ``compact_declared`` records a declared integer input's copy the same way. The
+    mark is void once ``t`` is modified in place. Under ``torch.compile`` nothing is marked
+    (a tensor attribute breaks the graph; the compiled layers save spikes as is)."""
     if not torch.compiler.is_compiling():
         t._cbp_spikes = (t._version, packed)
     return t
@@ -236,7 +237,8 @@ class LIFConv2d(nn.Conv2d):
             integer forward (``nn.integer_forward``: float32(count) * scale, counted by the
             popcount convolution) where it is the faster forward (attribute
             ``integer_forward``: True; ``"always"``: wherever it applies; False: never); the
-            backward is the float one. Not where BatchNorm is folded (eval) or under autocast / compile.
+            backward is the float one. Not where BatchNorm is folded (eval) or under
+            autocast / compile.
         compact_spikes: store spikes saved for the backward at 1 bit per spike (eager only:
             under ``torch.compile`` they are saved as is).
         recompute_bn: in training with BN and a neuron, save only the conv output and recompute

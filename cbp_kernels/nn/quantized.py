@@ -14,7 +14,8 @@ with the exact integer count from the popcount convolution (``nn.integer_forward
 backward the float layer's, on the layers where that forward is the faster one
 (``integer_forward = True``, a rule on the weight's shape: ``integer_forward.prefers_integer``;
 ``"always"``: wherever it applies); ``integer_forward = False``
-(``CBPConfig(integer_forward=False)``) keeps the float32 forward F.conv2d(x, Q(W)). In float32 only (autocast: the float path).
+(``CBPConfig(integer_forward=False)``) keeps the float32 forward F.conv2d(x, Q(W)). In
+float32 only (autocast: the float path).
 """
 from __future__ import annotations
 

@@ -114,8 +114,10 @@ def pack_bits(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     values; users call ``bitpack``.
 
     x: ``[B, ..., C]`` (at least 2-D, any strides, a ``SPIKE_DTYPES`` dtype) -> int32
-    ``[B, ..., ceil(C/32)]``, packed along the last dim."""
-    backend = resolve_backend(backend, "bitpack", x.device, __package__)
+    ``[B, ..., ceil(C/32)]``, packed along the last dim. backend: ``"auto"``, or one the
+    caller resolved (e.g. a layer's packed-conv backend), used as it is."""
+    if backend == "auto":
+        backend = resolve_backend(backend, "bitpack", x.device, __package__)
     x3 = x.unsqueeze(1) if x.dim() == 2 else x.flatten(1, -2)
     words, _ = call(_bitpack, _pack, x3, backend)
     return words.reshape(*x.shape[:-1], words.shape[-1])
