@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cbp_kernels.ops import bitpack, bitunpack
+from cbp_kernels.ops.bitpack import pack_bits
 
 from conftest import device_backends, devices, kernel_backends
 
@@ -67,6 +68,20 @@ def test_bitpack_threshold_and_non_contiguous():
     assert torch.equal(bitpack(h, 1, threshold=0.3), bitpack(spikes, 1))
     x = _spikes((40, 5)).t()  # non-contiguous
     assert torch.equal(bitpack(x, 1), bitpack(x.contiguous(), 1))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_pack_bits_is_bitpack_along_the_last_dim_unchecked(backend):
+    """The library's unchecked entry point: ``bitpack(x, -1)`` for 2-D to 4-D, strided input,
+    and no error (nothing read back) where a value is not 0 / 1: bit = value != 0."""
+    for shape in [(3, 70), (2, 5, 33), (2, 3, 4, 65)]:
+        x = _spikes(shape)
+        assert torch.equal(pack_bits(x, backend), bitpack(x, -1, backend="reference")), shape
+        strided = _spikes((shape[-1], *shape[:-1])).movedim(0, -1)
+        assert torch.equal(pack_bits(strided, backend), bitpack(strided, -1, backend="reference")), shape
+    x = _spikes((4, 40))
+    two = x * 2
+    assert torch.equal(pack_bits(two, backend), bitpack(x, -1))
 
 
 def test_bitpack_bad_input():

@@ -77,8 +77,9 @@ def _reference(q, x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_backward(q, x: torch.Tensor, grad: torch.Tensor | None, integer: bool):
-    """(y, (dx, dW, db)) of ``q`` with its integer forward on or off, for output gradient ``grad``."""
-    q.integer_forward = integer
+    """(y, (dx, dW, db)) of ``q`` with its integer forward on (wherever it applies) or off, for
+    output gradient ``grad``."""
+    q.integer_forward = "always" if integer else False
     x = x.detach().requires_grad_()
     y = q(x)
     grad = torch.randn_like(y) if grad is None else grad
@@ -162,6 +163,7 @@ def test_lifconv_runs_the_integer_forward_in_training():
     through it too (its gradients are the float path's for the same spikes' gradient)."""
     torch.manual_seed(5)
     m = LIFConv2d(40, 24, 3, padding=1, bias=True, bn=False, neuron=None, weight_levels="ternary", input_max=3)
+    m.integer_forward = "always"
     nn.init.normal_(m.bias)
     x = torch.randint(0, 4, (2, 3, 40, 6, 6)).float()
     y = m(x)
@@ -170,12 +172,14 @@ def test_lifconv_runs_the_integer_forward_in_training():
     assert torch.equal(y.flatten(0, 1), c * m.quant_scale() + m.bias.detach().view(-1, 1, 1))
 
     fixed = LIFConv2d(40, 8, 1, bn=False, neuron=None, weight_levels="binary", weight_scale=0.3, input_max=3)
+    fixed.integer_forward = "always"
     levels = (fixed.quantized_weight().detach() / 0.3).round().double()
     want = F.conv2d(x.flatten(0, 1).double(), levels).float() * torch.tensor(0.3)  # a float scale, as float32
     assert torch.equal(fixed(x).flatten(0, 1), want)
 
     layer = LIFConv2d(40, 24, 3, padding=1, weight_levels="binary", input_max=3, neuron="if",
                       surrogate_function="atan")
+    layer.integer_forward = "always"  # 40 * 9 / 2 planes: below MIN_PRODUCTS_PER_PLANE
     calls = []
     real = integer_forward.integer_conv2d
     with pytest.MonkeyPatch.context() as mp:
@@ -241,13 +245,19 @@ def test_models_declare_what_their_layers_read(build, shape):
 
 def test_quantizer_marks_the_integer_input_layers_and_the_switch_restores_the_float_forward():
     """The quantizer runs the integer forward on the layers whose model declares an integer
-    input (not SEW-ResNet's stem, which reads the images, nor the fc, which reads mean rates);
-    ``CBPConfig(integer_forward=False)`` keeps every layer on F.conv2d(x, Q(W)) bit for bit."""
+    input (not SEW-ResNet's stem, which reads the images, nor the fc, which reads mean rates):
+    by default where it is the faster forward (every 3x3 conv, not the 1x1 downsamples),
+    ``"always"`` on all of them; ``CBPConfig(integer_forward=False)`` keeps every layer on
+    F.conv2d(x, Q(W)) bit for bit."""
     torch.manual_seed(1)
     net = models.sew_resnet18(num_classes=4)
     q = CBPQuantizer(net, "ternary", exclude=[])
-    assert set(q.layers) - set(q.integer_layers) == {"conv1", "fc"}
-    assert "layer4.0.downsample" in q.integer_layers and net.layer4[0].downsample.input_max == 3
+    downsamples = {f"layer{i}.0.downsample" for i in (2, 3, 4)}
+    assert set(q.layers) - set(q.integer_layers) == {"conv1", "fc"} | downsamples
+    every = CBPQuantizer(models.sew_resnet18(num_classes=4), "ternary", exclude=[],
+                         config=dataclasses.replace(CBPConfig(), integer_forward="always"))
+    assert set(every.layers) - set(every.integer_layers) == {"conv1", "fc"}
+    assert "layer4.0.downsample" in every.integer_layers and net.layer4[0].downsample.input_max == 3
 
     digits = models.DigitsNet()
     conv2 = digits.conv2
@@ -258,7 +268,30 @@ def test_quantizer_marks_the_integer_input_layers_and_the_switch_restores_the_fl
     x = torch.randint(0, 2, (4, 16, 8, 8)).float()
     assert torch.equal(layer(x), F.conv2d(x, layer.quantized_weight(), None, 2, 1))
     assert conv2.weight is layer.weight
-    assert CBPQuantizer(models.DigitsNet(), "binary").integer_layers == ["conv2", "fc1"]
+    always = dataclasses.replace(CBPConfig(), integer_forward="always")
+    assert CBPQuantizer(models.DigitsNet(), "binary", config=always).integer_layers == ["conv2", "fc1"]
+    # by default neither: 16 channels x 3x3 per output, and a linear layer
+    assert CBPQuantizer(models.DigitsNet(), "binary").integer_layers == []
+    with pytest.raises(ValueError, match="integer_forward must be True"):
+        dataclasses.replace(CBPConfig(), integer_forward="yes")
+
+
+@pytest.mark.parametrize("kernel, channels, input_max, integer", [
+    (3, 64, 1, True), (3, 64, 3, True), (3, 63, 3, False), (3, 32, 1, True), (3, 16, 1, False),
+    (1, 288, 1, True), (1, 287, 1, False), (1, 256, 3, False), (1, 576, 3, True), (3, 64, 7, False)])
+def test_the_integer_forward_runs_where_it_is_faster(kernel, channels, input_max, integer):
+    """``integer_forward=True`` decides from the weight's shape and the declared range alone
+    (``MIN_PRODUCTS_PER_PLANE`` products per output and input bit plane, no device sync):
+    SEW-ResNet-18's 3x3 layers take it, its 1x1 downsamples (3 planes) do not; linear layers
+    keep the float forward; ``"always"`` takes it everywhere it applies."""
+    layer = _quantized(nn.Conv2d(channels, 8, kernel, padding=kernel // 2), "binary", input_max)
+    assert integer_forward.prefers_integer(tuple(layer.weight.shape), input_max) is integer
+    x = torch.randint(0, input_max + 1, (2, channels, 5, 5)).float()
+    assert (integer_forward.integer_spec(layer, x, layer.weight, layer.weight_scale, 4) is not None) is integer
+    layer.integer_forward = "always"
+    assert integer_forward.integer_spec(layer, x, layer.weight, layer.weight_scale, 4) is not None
+    linear = _quantized(nn.Linear(4096, 8), "binary", 1)
+    assert not integer_forward.prefers_integer(tuple(linear.weight.shape), 1)
 
 
 def test_float_path_where_the_integer_one_does_not_apply():

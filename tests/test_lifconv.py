@@ -194,10 +194,12 @@ BN_VARIANTS = [dict(), dict(momentum=None), dict(affine=False), dict(track_runni
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends("cpu"))
 @pytest.mark.parametrize("neuron_type", ["if", "lif", "plif"])
 @pytest.mark.parametrize("bn_kw", BN_VARIANTS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "default")
-def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw):
+@pytest.mark.parametrize("loss_of", ["spikes_and_v", "spikes"])
+def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw, loss_of):
     """BatchNormNeuronFunction (saves only the conv output) against conv - BN - neuron run as
     separate autograd nodes: spikes, every gradient, BN's running statistics and step count, the
-    neuron state; two calls without a reset, so the second starts from the first's V[T-1]."""
+    neuron state; two calls without a reset, so the second starts from the first's V[T-1]; the
+    loss with or without the last state V[T-1] (unused: no gradient tensor for it)."""
     layers = {}
     for recompute in (False, True):
         torch.manual_seed(0)
@@ -212,7 +214,8 @@ def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw):
         xs = [x.clone().requires_grad_(), (x.flip(-1) > 1).float().requires_grad_()]
         ys = [m(xi) for xi in xs]  # the second call continues from the first's state
         g = torch.randn_like(ys[0], generator=torch.Generator().manual_seed(1))
-        (sum((y * g).sum() for y in ys) + m.neuron.v.square().sum()).backward()
+        loss = sum((y * g).sum() for y in ys)
+        (loss + m.neuron.v.square().sum() if loss_of == "spikes_and_v" else loss).backward()
         out[recompute] = (ys, [xi.grad for xi in xs], m.neuron.v.detach(),
                           {n: p.grad for n, p in m.named_parameters()}, {n: b.clone() for n, b in m.bn.named_buffers()})
     (ya, gxa, va, gpa, bufa), (yb, gxb, vb, gpb, bufb) = out[False], out[True]
@@ -228,6 +231,30 @@ def test_recompute_bn_matches_unfused(backend, neuron_type, bn_kw):
         assert torch.equal(bufb[name], bufa[name]), f"bn buffer {name}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("affine", ["gamma_beta", "gamma", "none"])
+def test_batch_norm_output_is_bitwise_the_training_op(dtype, layout, affine):
+    """The backward's y = BN(z), rebuilt from the forward's batch statistics in one pass
+    (``batch_norm_output``), is bit for bit ``aten.native_batch_norm``'s training output, so the
+    neuron's backward sees the forward's y and spikes: channel counts below and above a vector
+    of float32, images of one pixel and odd sizes, large offsets (rounding in every term)."""
+    from cbp_kernels.nn.bn_neuron import batch_norm_output
+
+    gen = torch.Generator().manual_seed(0)
+    for channels, h, w in [(3, 5, 7), (17, 9, 9), (64, 20, 12), (40, 1, 1)]:
+        z = (torch.randn(4, channels, h, w + 2, generator=gen) * 5 + 3).to(dtype)
+        z = {"contiguous": z[..., 1:-1].contiguous(), "channels_last": z[..., 1:-1].contiguous(
+            memory_format=torch.channels_last), "strided": z[..., 1:-1]}[layout]
+        gamma = torch.randn(channels, generator=gen) if affine != "none" else None
+        beta = torch.randn(channels, generator=gen) if affine == "gamma_beta" else None
+        y, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, None, None, True, 0.1, 1e-5)
+        again = batch_norm_output(z, gamma, beta, mean, invstd, 1e-5)
+        assert again.dtype == y.dtype and again.shape == y.shape
+        differ = int((again != y).sum())
+        assert differ == 0, f"{differ} of {y.numel()} values differ ({channels} channels, {h}x{w})"
+
+
 def test_recompute_bn_lowers_training_peak_memory():
     """One float activation per layer fewer is kept for the backward (CPU allocator events)."""
     x = (torch.rand(4, 2, 16, 24, 24) > 0.5).float()
@@ -239,6 +266,29 @@ def test_recompute_bn_lowers_training_peak_memory():
     assert saved >= (LAYERS - 1) * act_bytes, f"peak {peaks[True]} vs {peaks[False]} bytes"
     for a, b in zip(grads[True], grads[False]):
         assert_close(a, b, 1e-5, 1e-5, "weight grad with recompute_bn")
+
+
+def test_declared_input_saved_once_without_a_value_check():
+    """Layers reading the same input declared as integers (``input_max``: a SEW block's conv1
+    and downsample on an ADD sum) save ONE compact copy of it (8 bits for sums, 1 bit for
+    spikes), made without a value check, with the same gradients as the checked copy."""
+    for input_max, values in [(2, 3), (1, 2)]:
+        torch.manual_seed(0)
+        x = torch.randint(0, values, (3, 2, 8, 6, 6)).float()
+        grads, saved = {}, {}
+        for declared in (None, input_max):
+            torch.manual_seed(1)
+            convs = [LIFConv2d(8, 16, k, stride=2, padding=k // 2, neuron="if", input_max=declared) for k in (3, 1)]
+            ys = [m(x) for m in convs]
+            conv_nodes = [y.grad_fn.next_functions[0][0] for y in ys]  # BN-neuron <- conv
+            saved[declared] = [node.saved_tensors[0] for node in conv_nodes]
+            sum((y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum() for y in ys).backward()
+            grads[declared] = [m.weight.grad for m in convs]
+        copies = saved[input_max]
+        assert copies[0].dtype == (torch.uint8 if input_max > 1 else torch.int32)
+        assert copies[0].data_ptr() == copies[1].data_ptr(), "each layer made its own copy of the input"
+        for a, b in zip(grads[input_max], grads[None]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -746,3 +746,28 @@ if __name__ == "__main__":
         _ddp_run(out)
     else:
         raise SystemExit(f"unknown worker task {task!r}")
+
+
+def test_weight_step_is_torchs_per_tensor_sgd_and_clip_bit_for_bit():
+    """The quantizer's SGD step (torch's fused kernel on CPU) and its clip by value (one clamp
+    per gradient) update every parameter exactly as torch's per-tensor SGD after
+    ``clip_grad_value_``: three steps of a toy model from the same state and gradients."""
+    from cbp_kernels.quant.trainer import clip_grad_value
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 4))
+    q = CBPQuantizer(net, "binary", exclude=[], config=CBPConfig(optimizer="sgd", lr=0.1, momentum=0.9))
+    assert q.weight_optimizer.param_groups[0]["fused"]
+    twin = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    plain = torch.optim.SGD(twin, lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, t in zip(net.parameters(), twin):
+            p.grad = torch.randn(p.shape, generator=gen) * 3
+            t.grad = p.grad.clone()
+        clip_grad_value(list(net.parameters()), 1.0)
+        q.weight_optimizer.step()
+        torch.nn.utils.clip_grad_value_(twin, 1.0)
+        plain.step()
+        for p, t in zip(net.parameters(), twin):
+            assert torch.equal(p.grad, t.grad) and torch.equal(p, t)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..nn.lifconv import LIFConv2d
 from ..nn.neuron import IF, LIF, PLIF
+from ..nn.pool import MaxPool2d
 from ._layers import SeqFrames, SpikingModel, check_connect, declare_input, sew_connect, sew_output_max
 
 __all__ = ["PlanNet", "SEWBlock", "seven_b_net", "wide_seven_b_net", "alexnet", "conv7_fc3", "vgg16", "PLANS"]
@@ -109,7 +110,7 @@ class PlanNet(SpikingModel):
                 bound = layers[-1].declare_inputs(bound)
             elif m["pool"]:
                 k = int(m["p"])
-                layers.append(SeqFrames(nn.MaxPool2d(k, k) if m["pool"] == "M" else nn.AvgPool2d(k, k)))
+                layers.append(SeqFrames(MaxPool2d(k, k) if m["pool"] == "M" else nn.AvgPool2d(k, k)))
                 size //= k
                 bound = bound if m["pool"] == "M" else None  # a max of integers; a mean is not one
             else:

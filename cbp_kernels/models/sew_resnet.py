@@ -22,6 +22,7 @@ from torch import nn
 
 from ..nn.lifconv import LIFConv2d
 from ..nn.neuron import IF, LIF, PLIF
+from ..nn.pool import MaxPool2d
 from ._layers import SeqFrames, SpikingModel, check_connect, declare_input, sew_connect, sew_output_max
 
 __all__ = ["SEWResNet", "sew_resnet18", "sew_resnet34", "sew_resnet50", "sew_resnet101", "sew_resnet152",
@@ -140,7 +141,7 @@ class SEWResNet(SpikingModel):
         block = BasicBlock if kind == "basic" else Bottleneck
         sp = _Spiking(neuron, surrogate, detach_reset, v_threshold, tau, backend)
         self.conv1 = declare_input(sp.conv(3, 64, 7, 2, 3), None)  # the images
-        self.maxpool = SeqFrames(nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        self.maxpool = SeqFrames(MaxPool2d(kernel_size=3, stride=2, padding=1))
         inplanes, bound = 64, 1  # the stem's spikes, max-pooled
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
             blocks = []

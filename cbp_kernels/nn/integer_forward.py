@@ -17,6 +17,11 @@ epilogue does. The weight is re-packed on every call (it trains): a clamp per pl
 ``bitpack`` launch over the weight. Nothing here reads a value back to the host (no device
 sync): which layers take this path is declared by the model (``input_max``), not checked.
 
+Which layers take it: ``integer_forward`` on the layer (``CBPConfig(integer_forward=...)``):
+True (the default) runs it where it is the faster forward, a rule on the weight's shape and
+the declared input range (``prefers_integer``, ``MIN_PRODUCTS_PER_PLANE``); ``"always"`` on
+every layer it applies to; False never.
+
 The backward is the float layer's (``SpikeConv2dFunction`` in ``lifconv.py``:
 ``aten.convolution_backward`` with the float Q(W); for a linear layer the matrix products
 of ``F.linear``'s autograd): the input gradient with Q(W) in float32, the weight gradient
@@ -28,17 +33,57 @@ from typing import NamedTuple
 
 import torch
 
-from ..ops._backend import call, resolve_backend
+from ..ops._backend import resolve_backend
 from ..ops.bitconv.op import run as packed_conv_run
 from ..ops.bitconv.weight import PackedWeight
-from ..ops.bitpack.op import _bitpack, _pack
+from ..ops.bitpack import pack_bits
 from ..ops.levels import LevelSet
 
-__all__ = ["IntegerForward", "MAX_INPUT", "check_input_max", "integer_spec", "integer_conv2d", "integer_linear",
-           "IntegerLinearFunction", "pack_bits", "popcount_name"]
+__all__ = ["IntegerForward", "MAX_INPUT", "MIN_PRODUCTS_PER_PLANE", "check_input_max", "check_integer_forward",
+           "integer_spec", "integer_conv2d", "integer_linear", "IntegerLinearFunction", "popcount_name",
+           "prefers_integer", "takes_integer_forward"]
 
 #: The largest declared input value: the input's bit planes are taken from its uint8 copy.
 MAX_INPUT = 255
+
+
+#: ``integer_forward=True`` runs a convolution's integer forward when each of its outputs sums
+#: at least this many products per input bit plane, (in_channels / groups) * kernel area /
+#: bit_length(input_max); the float forward otherwise, and for linear layers. Measured as the
+#: float forward's time over the integer one's, one and two threads, interleaved (2026-12-06):
+#: SEW-ResNet-18 (224 px, T = 4) batch 1 and 8: every 3x3 layer 1.03-7.6x (288-4608 per
+#: plane), its 1x1 stride-2 downsamples 0.26-0.68x (64-128 per plane: three planes of a large
+#: map packed for a light conv); other convs at batch 1: 128-256 per plane 0.59-1.06x
+#: (3x3 and 1x1), 288-1152 per plane 1.09-2.3x; linear layers 0.18-1.13x (the weight is
+#: packed on every call, which the few rows of a classifier do not repay).
+MIN_PRODUCTS_PER_PLANE = 288
+
+
+def check_integer_forward(value, name: str = "integer_forward"):
+    """``value`` if it is True, False or ``"always"``; else one ValueError line."""
+    if value is not True and value is not False and value != "always":
+        raise ValueError(f"{name} must be True (where it is faster), 'always' or False, got {value!r}")
+    return value
+
+
+def prefers_integer(weight_shape, input_max: int) -> bool:
+    """Whether ``integer_forward=True`` runs the integer forward of a layer whose weight has
+    ``weight_shape`` (``[O, C/groups, KH, KW]``; 2-D: a linear layer) and whose input holds
+    integers in [0, ``input_max``]: a decision from shapes alone (``MIN_PRODUCTS_PER_PLANE``)."""
+    if len(weight_shape) != 4:
+        return False
+    products = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    return products >= MIN_PRODUCTS_PER_PLANE * int(input_max).bit_length()
+
+
+def takes_integer_forward(layer) -> bool:
+    """Whether ``layer`` (a quantized conv / linear, ``LIFConv2d``) runs its integer forward in
+    float32 training: switched on, a declared input_max, binary / ternary levels and, unless
+    ``"always"``, ``prefers_integer``."""
+    mode, k = getattr(layer, "integer_forward", False), getattr(layer, "input_max", None)
+    if not mode or k is None or getattr(layer, "popcount_levels", None) is None:
+        return False
+    return mode == "always" or prefers_integer(tuple(layer.weight.shape), k)
 
 
 class IntegerForward(NamedTuple):
@@ -75,16 +120,15 @@ def popcount_name(levels) -> str | None:
 def integer_spec(layer, x: torch.Tensor, weight: torch.Tensor, scale, dims: int) -> IntegerForward | None:
     """The integer forward of ``layer`` on ``x``, or None where it keeps the float path.
 
-    It runs when the layer's ``integer_forward`` switch is on, the model declared
-    ``input_max`` (the layer reads integers 0..input_max: spikes, SEW ADD sums), its levels
-    are binary / ternary (``popcount_levels``, cached when the levels were set), x and the
-    weight are float32 with ``dims`` dimensions, and neither autocast nor torch.compile is
-    active (both keep the float forward). Decided from attributes, dtypes and shapes only."""
-    if torch.compiler.is_compiling():
+    It runs when ``takes_integer_forward(layer)`` (the switch, the model's ``input_max``:
+    the layer reads integers 0..input_max, spikes or SEW ADD sums; binary / ternary levels,
+    ``popcount_levels``, cached when the levels were set; with ``integer_forward=True`` the
+    shape rule ``prefers_integer``), x and the weight are float32 with ``dims`` dimensions,
+    and neither autocast nor torch.compile is active (both keep the float forward). Decided
+    from attributes, dtypes and shapes only."""
+    if torch.compiler.is_compiling() or not takes_integer_forward(layer):
         return None
-    k, levels = getattr(layer, "input_max", None), getattr(layer, "popcount_levels", None)
-    if not getattr(layer, "integer_forward", False) or k is None or levels is None:
-        return None
+    k, levels = layer.input_max, layer.popcount_levels
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != dims:
         return None
     if torch.is_autocast_enabled(x.device.type):
@@ -95,15 +139,6 @@ def integer_spec(layer, x: torch.Tensor, weight: torch.Tensor, scale, dims: int)
     else:  # a number: filled on the device (a host tensor copied there would wait for its stream)
         scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
     return IntegerForward(k, levels, scale, backend)
-
-
-def pack_bits(t: torch.Tensor, backend: str) -> torch.Tensor:
-    """``[B, ..., C]`` (at least 3-D, any strides; bit = value != 0) -> int32
-    ``[B, ..., ceil(C/32)]`` packed along the last dim: ``bitpack`` without its value check,
-    for values known to be 0 / 1 (so no count is read back: no device sync)."""
-    x3 = t.flatten(1, -2)
-    words, _ = call(_bitpack, _pack, x3, backend)
-    return words.reshape(*t.shape[:-1], words.shape[-1])
 
 
 def _weight_planes(wq: torch.Tensor, levels: str, backend: str) -> torch.Tensor:

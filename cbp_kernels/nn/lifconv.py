@@ -26,10 +26,10 @@ from torch import nn
 
 from ..ops import quantize
 from ..ops.bitconv import PackedWeight, pack_spikes, packed_conv2d_lif
-from ..ops.bitpack import bitpack, bitunpack
+from ..ops.bitpack import bitpack, bitunpack, pack_bits
 from ..ops.levels import LevelSet
 from .bn_neuron import batch_norm_neuron, fold_batch_norm
-from .integer_forward import check_input_max, integer_conv2d, integer_spec, pack_bits, popcount_name
+from .integer_forward import check_input_max, integer_conv2d, integer_spec, popcount_name
 from .neuron import IF, LIF, PLIF
 from .bitconv import PackedConv2d
 
@@ -56,14 +56,15 @@ class _Compact:
 
 def _pack_spikes(t: torch.Tensor) -> _Compact:
     """``t`` known to hold only 0 and 1, at 1 bit per element."""
-    return _Compact(bitpack(t.detach().reshape(-1), 0), t.shape, t.dtype, 1)
+    return _compact_known(t, 1)
 
 
 def mark_spikes(t: torch.Tensor, packed: _Compact | None = None) -> torch.Tensor:
     """Records that ``t`` holds only 0 and 1 (a neuron's output), optionally with its packed
     copy, so layers that save it for the backward reuse that copy (or pack it without a value
-    check). The mark is void once ``t`` is modified in place. Under ``torch.compile`` nothing
-    is marked (a tensor attribute breaks the graph; the compiled layers save spikes as is)."""
+    check); ``compact_declared`` records a declared integer input's copy the same way. The
+    mark is void once ``t`` is modified in place. Under ``torch.compile`` nothing is marked
+    (a tensor attribute breaks the graph; the compiled layers save spikes as is)."""
     if not torch.compiler.is_compiling():
         t._cbp_spikes = (t._version, packed)
     return t
@@ -100,14 +101,23 @@ def _compact(t: torch.Tensor):
     return _Compact(as_u8, t.shape, t.dtype, 8)
 
 
-def _compact_known(t: torch.Tensor, integer) -> _Compact:
-    """``t`` declared to hold integers in [0, ``integer.input_max``] (an integer-forward
-    layer's input), stored compactly without a value check: 1 bit per element for
-    input_max 1, else 8 bits."""
-    if integer.input_max == 1:
-        flat = t.detach().reshape(1, 1, -1)
-        return _Compact(pack_bits(flat, integer.backend).reshape(-1), t.shape, t.dtype, 1)
+def _compact_known(t: torch.Tensor, input_max: int) -> _Compact:
+    """``t`` declared to hold integers in [0, ``input_max``] (a layer's ``input_max``),
+    stored compactly without a value check: 1 bit per element for input_max 1, else 8 bits."""
+    if input_max == 1:
+        return _Compact(pack_bits(t.detach().reshape(1, -1)).reshape(-1), t.shape, t.dtype, 1)
     return _Compact(t.detach().to(torch.uint8), t.shape, t.dtype, 8)
+
+
+def compact_declared(t: torch.Tensor, input_max: int) -> _Compact:
+    """The compact copy of ``t``, declared to hold integers in [0, ``input_max``], made once
+    per tensor without a value check and kept with it as a spike mark's copy (``mark_spikes``),
+    so every layer that reads ``t`` (a SEW block's conv and its downsample) saves the same one."""
+    packed = packed_if_spikes(t)
+    if packed is None:
+        packed = _compact_known(t, input_max)
+        mark_spikes(t, packed)
+    return packed
 
 
 class _Deferred:
@@ -172,7 +182,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
         elif packed is not None:
             saved = _Compact(packed.data, x.shape, x.dtype, packed.bits)
         elif integer is not None:
-            saved = _compact_known(x, integer) if compact else x
+            saved = _compact_known(x, integer.input_max) if compact else x
         else:
             saved = _compact(x)
         ctx.compact = None if isinstance(saved, torch.Tensor) else (saved.shape, saved.dtype, saved.bits)
@@ -225,8 +235,10 @@ class LIFConv2d(nn.Conv2d):
             integers in [0, k] (spikes: 1; SEW ADD sums: the block depth), declared by the
             model. With binary / ternary ``levels``, the convolution then runs the exact
             integer forward (``nn.integer_forward``: float32(count) * scale, counted by the
-            popcount convolution) unless ``integer_forward`` is set False; the backward is
-            the float one. Not where BatchNorm is folded (eval) or under autocast / compile.
+            popcount convolution) where it is the faster forward (attribute
+            ``integer_forward``: True; ``"always"``: wherever it applies; False: never); the
+            backward is the float one. Not where BatchNorm is folded (eval) or under
+            autocast / compile.
         compact_spikes: store spikes saved for the backward at 1 bit per spike (eager only:
             under ``torch.compile`` they are saved as is).
         recompute_bn: in training with BN and a neuron, save only the conv output and recompute
@@ -241,7 +253,7 @@ class LIFConv2d(nn.Conv2d):
 
     # defaults for instances unpickled from before these attributes existed
     input_max: int | None = None
-    integer_forward: bool = True
+    integer_forward: bool | str = True
     popcount_levels: str | None = None
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -324,8 +336,13 @@ class LIFConv2d(nn.Conv2d):
         t, n = x.shape[:2]
         frames = x.flatten(0, 1)
         compact = self.compact_spikes and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        # the previous layer's packed copy of its spikes (same element order when contiguous)
-        packed = packed_if_spikes(x) if compact and x.is_contiguous() else None
+        # the previous layer's packed copy of its spikes, or of the integers the model declares
+        # (input_max), without a value check (the same element order when contiguous)
+        packed = None
+        if compact and x.is_contiguous():
+            packed = packed_if_spikes(x)
+            if packed is None and self.input_max is not None and self.weight.requires_grad:
+                packed = compact_declared(x, self.input_max)
         fold = self.bn is not None and not self.training and self.bn.track_running_stats
         if fold:
             y = self._conv(frames, *self.folded_weight_bias(), packed, compact)

@@ -11,8 +11,11 @@ Exact integer forward: when the model declares the layer's input as integers in 
 (attribute ``input_max = k``: spikes 1, SEW ADD sums more; None for real-valued input such
 as images) and the levels are binary / ternary, the forward is ``float32(count) * s (+ b)``
 with the exact integer count from the popcount convolution (``nn.integer_forward``), the
-backward the float layer's; ``integer_forward = False`` (``CBPConfig(integer_forward=False)``)
-keeps the float32 forward F.conv2d(x, Q(W)). In float32 only (autocast: the float path).
+backward the float layer's, on the layers where that forward is the faster one
+(``integer_forward = True``, a rule on the weight's shape: ``integer_forward.prefers_integer``;
+``"always"``: wherever it applies); ``integer_forward = False``
+(``CBPConfig(integer_forward=False)``) keeps the float32 forward F.conv2d(x, Q(W)). In
+float32 only (autocast: the float path).
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ class QuantizedLayer:
     weight: nn.Parameter
     #: the input holds integers in [0, input_max] (declared by the model; None: real-valued)
     input_max: int | None = None
-    #: run the exact integer forward where it applies (see the module docstring)
-    integer_forward: bool = True
+    #: run the exact integer forward: True where it is faster, "always" where it applies, False never
+    integer_forward: bool | str = True
     #: "binary" / "ternary" when the levels are a popcount set, else None (set with the levels)
     popcount_levels: str | None = None
 

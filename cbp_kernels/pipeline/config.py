@@ -179,7 +179,7 @@ def resolve_config(options: dict) -> dict:
     recipe = dict(epochs=max(cfg["epochs"], 1), batch_size=cfg["batch_size"], seed=cfg["seed"])
     if not isinstance(cfg["float_forward"], bool):
         raise RunError(f"--float-forward is a switch (true / false), got {cfg['float_forward']!r}")
-    integer_forward = cbp.integer_forward and not cfg["float_forward"]
+    integer_forward = False if cfg["float_forward"] else cbp.integer_forward
     cfg["cbp"] = dataclasses.asdict(dataclasses.replace(cbp, **recipe, amp=cfg["amp"] or cbp.amp,
                                                         integer_forward=integer_forward))
     cfg["sigmoid"] = dataclasses.asdict(dataclasses.replace(_demo_sigmoid_config(), **recipe))

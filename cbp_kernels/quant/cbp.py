@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..nn.integer_forward import check_input_max
+from ..nn.integer_forward import check_input_max, takes_integer_forward
 from ..nn.quantized import QuantizedLayer
 from ..ops import constraint_pass, multiplier_step
 from ..ops.levels import resolve_levels
@@ -99,7 +99,7 @@ class CBPQuantizer(QuantTrainer):
     ``exp_avgs`` / ``exp_avg_sqs`` beside lambda, and ``multiplier_steps``), and makes the
     one lambda update that precedes the first epoch. Quantized layers that read integers
     (declared by the model: ``input_max``) compute their forward exactly on the integer units
-    unless ``config.integer_forward`` is False (``integer_layers`` names them).
+    where that is faster (``config.integer_forward``; ``integer_layers`` names them).
 
     Args:
         model: the pre-trained model; may be wrapped in ``DistributedDataParallel`` (build
@@ -162,9 +162,9 @@ class CBPQuantizer(QuantTrainer):
     def integer_layers(self) -> list[str]:
         """The quantized layers whose forward runs on the integer units
         (``config.integer_forward``, an ``input_max`` declared by the model, binary / ternary
-        levels; see ``cbp_kernels.nn.integer_forward``); the others compute in float32."""
-        return [name for name, m in self.layers.items()
-                if m.integer_forward and m.input_max is not None and m.popcount_levels is not None]
+        levels and, with ``integer_forward=True``, a shape on which it is the faster forward;
+        see ``cbp_kernels.nn.integer_forward``); the others compute in float32."""
+        return [name for name, m in self.layers.items() if takes_integer_forward(m)]
 
     @property
     def scales(self) -> list[torch.Tensor]:

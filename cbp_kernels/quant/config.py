@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..nn.integer_forward import check_integer_forward
+
 __all__ = ["CBPConfig", "PRESETS", "get_preset", "OPTIMIZERS", "MULTIPLIER_OPTIMIZERS", "AMP_DTYPES"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -76,7 +78,9 @@ class CBPConfig:
         integer_forward: quantized layers whose input the model declares as integers
             (``input_max``: spikes, SEW ADD sums; ``cbp_kernels.models`` declare every layer)
             compute their forward exactly on the integer units, float32(count) * scale
-            (``cbp_kernels.nn.integer_forward``); False keeps the float32 forward
+            (``cbp_kernels.nn.integer_forward``): True on the layers where that is the faster
+            forward (a rule on the weight's shape and the input range, measured:
+            ``integer_forward.MIN_PRODUCTS_PER_PLANE``), ``"always"`` on all; False keeps the float32 forward
             F.conv2d(x, Q(W)), whose sums round in the library's order (the authors' numbers,
             ``tests/test_lockstep.py``). The backward is the same either way.
     """
@@ -107,7 +111,7 @@ class CBPConfig:
     amp_clip: str = "unscaled"
     timesteps_train: int | None = None
     seed: int = 0
-    integer_forward: bool = True
+    integer_forward: bool | str = True
 
     def __post_init__(self):
         for name in ("lr", "lr_multiplier", "grad_clip", "weight_clip", "lr_drop_factor"):
@@ -139,9 +143,9 @@ class CBPConfig:
             raise ValueError(f"CBPConfig.lr_drop_g must be None or an integer >= 2, got {self.lr_drop_g!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"CBPConfig.seed must be an integer, got {self.seed!r}")
-        for name in ("calibration", "integer_forward"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"CBPConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.calibration, bool):
+            raise ValueError(f"CBPConfig.calibration must be a bool, got {self.calibration!r}")
+        check_integer_forward(self.integer_forward, "CBPConfig.integer_forward")
 
 
 def _real(value) -> bool:

@@ -14,7 +14,7 @@ from .._backend import call, kernels, resolve_backend
 from ..utils import check_finite
 from .reference import WORD_BITS
 
-__all__ = ["bitpack", "bitunpack", "packed_size", "WORD_BITS", "SPIKE_DTYPES"]
+__all__ = ["bitpack", "bitunpack", "pack_bits", "packed_size", "WORD_BITS", "SPIKE_DTYPES"]
 
 # Dtypes a {0,1} tensor may have on input to ``bitpack`` and on output of ``bitunpack``.
 SPIKE_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -105,6 +105,22 @@ def pack_along(x, dim, *, threshold=None, backend: str = "auto", name: str) -> t
     if not torch.compiler.is_compiling() and bool(bad):
         _raise_non_binary(name, x)
     return words.reshape(*moved.shape[:-1], words.shape[-1]).movedim(-1, dim)
+
+
+def pack_bits(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``bitpack(x, -1)`` for ``x`` KNOWN to hold only 0 and 1 (a neuron's spikes, a layer's
+    declared input, weight sign planes): the kernel alone, nothing checked and nothing read
+    back (no device sync; bit = value != 0). The entry point for library code that knows its
+    values; users call ``bitpack``.
+
+    x: ``[B, ..., C]`` (at least 2-D, any strides, a ``SPIKE_DTYPES`` dtype) -> int32
+    ``[B, ..., ceil(C/32)]``, packed along the last dim. backend: ``"auto"``, or one the
+    caller resolved (e.g. a layer's packed-conv backend), used as it is."""
+    if backend == "auto":
+        backend = resolve_backend(backend, "bitpack", x.device, __package__)
+    x3 = x.unsqueeze(1) if x.dim() == 2 else x.flatten(1, -2)
+    words, _ = call(_bitpack, _pack, x3, backend)
+    return words.reshape(*x.shape[:-1], words.shape[-1])
 
 
 def bitunpack(
