@@ -147,8 +147,9 @@ def test_long_sequences(device, T, n):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_streamed_outputs_bitwise(dtype):
-    """The CPU kernel writes S and dL/dX over 16 MiB with 64-byte-aligned rows by non-temporal
-    stores (the last, partial chunk of a row by plain ones), and prefetches rows ahead: each
+    """The CPU kernel writes S over 4 MiB (and then V[T-1]) and dL/dX over 16 MiB with
+    64-byte-aligned rows by non-temporal stores (the last, partial chunk of a row by plain
+    ones), and prefetches rows ahead: each
     column of such a call equals, bit for bit, the same column from a small call (plain
     stores), and the spikes are the reference's."""
     T, n = 64, 8 * 16384 + 160  # T * n * 2 bytes > 16 MiB, n * 2 bytes a multiple of 64, n % 128 = 32

@@ -40,7 +40,7 @@ constexpr int64_t kBlock = 16384;
 //   prefetch 1 chunk ahead, 64 / 128:    16.0 / 16.7  15.8 / 12.6  12.6 / 11.4  10.6 / 10.3
 //   + non-temporal stores, 128 / 128:    21.0 / 14.2  22.4 / 21.9  20.6 / 19.0  16.3 / 14.2
 //   prefetch 2 ahead + non-temporal:     24.1 / 18.1  23.0 / 22.4  20.8 / 18.4  14.7 / 13.6
-// (memcpy: 13.5-13.9; at T = 4 the outputs are now too small to stream, see stream_output);
+// (memcpy: 13.5-13.9; at T = 4 dL/dX is too small to stream, see stream_output);
 // with both, 32 or 64 columns forward and 64 or 256 backward were 5-25% slower than 128. A
 // run-time chunk length was 20-30% slower at T=16 than a compile-time one, so only the last,
 // partial chunk of a block has one.
@@ -102,14 +102,22 @@ CBP_ALWAYS_INLINE void store_row(scalar_t* __restrict__ dst, const scalar_t* __r
 }
 
 // Whether the [T, N] output `out` gets non-temporal stores: its rows' full chunks are 64-byte
-// aligned, and it is larger than 16 MiB. Smaller ones stay in this VM's last-level cache, where
-// streaming them out cost time (same machine, one thread, min of 10 calls x 3 interleaved runs,
-// backward ms, streamed / not): float32 [4, 2^20] (16 MiB) 3.1-3.4 / 2.1-3.1, [8, 2^20]
-// 4.6-5.3 / 5.0-5.6, bfloat16 [16, 2^20] 8.3-8.5 / 9.7-11.3, float32 [16, 2^20] 10.8-11.7 / 15.2-16.8.
+// aligned, and it is larger than `threshold` bytes: kStreamBackward for dL/dX, kStreamForward
+// for S (and then V[T-1] too). Smaller ones stay in this VM's caches, where streaming them out
+// cost time. dL/dX (same machine, one thread, min of 10 calls x 3 interleaved runs, backward ms,
+// streamed / not): float32 [4, 2^20] (16 MiB) 3.1-3.4 / 2.1-3.1, [8, 2^20] 4.6-5.3 / 5.0-5.6,
+// bfloat16 [16, 2^20] 8.3-8.5 / 9.7-11.3, float32 [16, 2^20] 10.8-11.7 / 15.2-16.8.
+// S: the backward does not read it (H is recomputed from X), and streaming it paid from 8 MiB on
+// (float32, one thread under load, forward ms, median of 31 interleaved calls, streamed S and
+// V[T-1] / plain): [4, 2^18] (4 MiB) 0.41 / 0.56, [8, 2^17] (4 MiB) 0.60 / 0.40, [4, 2^19]
+// 0.74 / 1.16, [4, 2^20] 1.73 / 2.36, [8, 2^20] 2.97 / 4.50; [4, 2^16], [4, 2^17] (1, 2 MiB)
+// 0.21 / 0.12, 0.44 / 0.26. V[T-1] streamed alone: [4, 2^20] 2.16 / 2.36.
+constexpr int64_t kStreamBackward = int64_t{16} << 20;
+constexpr int64_t kStreamForward = int64_t{4} << 20;
 template <typename scalar_t>
-bool stream_output(const scalar_t* out, int64_t T, int64_t N) {
+bool stream_output(const scalar_t* out, int64_t T, int64_t N, int64_t threshold) {
   const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
-  return reinterpret_cast<std::uintptr_t>(out) % 64 == 0 && row_bytes % 64 == 0 && T * row_bytes > (int64_t{16} << 20);
+  return reinterpret_cast<std::uintptr_t>(out) % 64 == 0 && row_bytes % 64 == 0 && T * row_bytes > threshold;
 }
 
 // Calls chunk(start, len) over the columns [begin, end) in chunks of W: full chunks with a
@@ -122,13 +130,14 @@ CBP_ALWAYS_INLINE void for_each_chunk(int64_t begin, int64_t end, Chunk&& chunk)
 }
 
 // One chunk of len <= kChunk columns, all T steps: H = charge(V, X); S = (H - V_th >= 0);
-// V = reset(H, S). `stream`: S's full chunks get non-temporal stores (stream_output).
+// V = reset(H, S). `stream`: S's full chunks get non-temporal stores (stream_output), and so does
+// V[T-1] where `v_last` is 64-byte aligned too.
 template <typename scalar_t, typename Len>
 CBP_ALWAYS_INLINE void forward_chunk(const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
                                      const NeuronParams q, scalar_t* __restrict__ spike,
                                      float* __restrict__ v_last, int64_t T, int64_t N, int64_t start, Len len,
                                      bool stream) {
-  float v[kChunk];
+  alignas(64) float v[kChunk];
   alignas(64) scalar_t out[kChunk];
   stream = stream && len == kChunk;
   load_state(v_init, q.v_reset, start, len, v);
@@ -143,7 +152,7 @@ CBP_ALWAYS_INLINE void forward_chunk(const scalar_t* __restrict__ x, const float
     }
     store_row(spike + row, out, len, stream);
   }
-  std::copy(v, v + len, v_last + start);
+  store_row(v_last + start, v, len, stream && reinterpret_cast<std::uintptr_t>(v_last) % 64 == 0);
 }
 
 // One chunk of len <= kChunk columns, reverse time: gH = gS sg'(H - V_th) + gV dV/dH;
@@ -227,7 +236,7 @@ float* thread_scratch(int64_t floats) {
   template <typename scalar_t>                                                                                  \
   ATTR void forward_##SUFFIX(const scalar_t* x, const float* v_init, float k, const NeuronParams p,             \
                              scalar_t* spike, float* v_last, int64_t T, int64_t N) {                            \
-    const bool stream = stream_output(spike, T, N);                                                             \
+    const bool stream = stream_output(spike, T, N, kStreamForward);                                             \
     _Pragma("omp parallel for schedule(static)") for (int64_t begin = 0; begin < N; begin += kBlock) {          \
       for_each_chunk<kChunk>(begin, std::min(begin + kBlock, N), [&](int64_t start, auto len)                  \
                                                                      CBP_ALWAYS_INLINE_LAMBDA {                 \
@@ -241,7 +250,7 @@ float* thread_scratch(int64_t floats) {
                               const float* v_init, float k, const NeuronParams p, scalar_t* grad_x,             \
                               float* grad_v_init, double* partial, int64_t T, int64_t N) {                      \
     const int64_t blocks = (N + kBlock - 1) / kBlock;                                                           \
-    const bool stream = stream_output(grad_x, T, N);                                                            \
+    const bool stream = stream_output(grad_x, T, N, kStreamBackward);                                           \
     _Pragma("omp parallel for schedule(static)") for (int64_t b = 0; b < blocks; ++b) {                         \
       float* h = thread_scratch(T * kChunk);                                                                    \
       double sum = 0.0;                                                                                         \
@@ -320,6 +329,11 @@ std::vector<at::Tensor> neuron_forward_cpu(const at::Tensor& x_seq, const at::Te
   auto x = x_seq.contiguous();
   at::Tensor v0;
   const float* v0_data = optional_state(v_init, v0);
+  // Plain allocator memory. Fresh pages cost first-touch faults (~2 us per 4 KiB page on this
+  // VM: +35 ms on a [16, 2^20] float32 call); advising the outputs measured no better overall
+  // (one thread, A/B in one process): madvise(MADV_HUGEPAGE) cut a call on fresh mmap'd memory
+  // 2.5x (92.6 -> 36.6 ms at T = 16) but made one on freshly grown heap 10-50x slower (huge pages
+  // backed by the host on first touch), and MADV_POPULATE_WRITE cost 5-15% on resident pages.
   auto spike = at::empty_like(x);
   auto v_last = at::empty(x.sizes().slice(1), x.options().dtype(at::kFloat));
   const float k = decay.item<float>();
