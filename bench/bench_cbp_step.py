@@ -17,6 +17,20 @@ unscales before the clip; the authors' ``--amp`` clips the scaled gradients), bf
 
 The multiplier (lambda) update runs once per epoch in both, so it is not part of a step.
 
+Every timed step starts from the same state: the model's parameters and buffers and the
+optimizer's momentum as they are after one step (``_restore_point``, untimed, before each
+call). Without it the steps would run on: lr 0.1 on one fixed random image with a random label
+memorizes it in about 3 steps (cross-entropy 6.7, 0.026, 2e-6, then 0.0 in float32) and the
+logit margin grows by 4-10 per step; once it passes about 70 the loss gradient at the logits,
+exp(-margin), is below 1e-30, the whole backward carries gradients of 1e-33..1e-37, and the
+convolution backward's products underflow to denormal floats, which the CPU handles in
+microcode. On this project's Xeon (one thread, float32, batch 1) ours took 0.45 s a step for
+11 steps, then 2.0, 12.5 and 20-21 s from the 14th (the authors' way: 1.1 s, then 2.4, 14 and
+21 s), 97% of it in ``convolution_backward``; with ``torch.set_flush_denormal(True)`` ours
+stayed at 0.45 s. Those steps time the CPU's denormal handling on a loss gradient that is
+numerically nothing beside the constraint's, not the step of a training run (README, "The CBP
+quantizer": denormals in CPU training).
+
     OMP_NUM_THREADS=1 python -m pytest bench/bench_cbp_step.py --benchmark-json=...
 
 Batch 1 and 8, on one torch thread and on every core in one run (CPU), in a
@@ -75,6 +89,27 @@ def _quantized_layers(net: nn.Module) -> list[nn.Module]:
     return layers[1:-1]  # the first conv and the classifier stay FP32
 
 
+def _restore_point(net: nn.Module, opt: torch.optim.Optimizer):
+    """A ``setup`` for ``harness.run``: its first call saves the model's parameters and buffers
+    and the optimizer's state tensors, every later call copies them back in place (so every
+    timed step computes the same step with normal-range gradients; see the module docstring)."""
+    saved: list[torch.Tensor] = []
+
+    def tensors() -> list[torch.Tensor]:
+        state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        return [*net.parameters(), *net.buffers(), *state]
+
+    @torch.no_grad()
+    def setup() -> None:
+        if not saved:
+            saved.extend(t.detach().clone() for t in tensors())
+            return
+        for t, s in zip(tensors(), saved, strict=True):
+            t.copy_(s)
+
+    return setup
+
+
 def _authors_step(net, reset, lambdas, x, target, amp: bool):
     layers = _quantized_layers(net)
     levels = [(BINARY * m.weight.detach().abs().mean()).to(DEVICE) for m in layers]
@@ -99,7 +134,7 @@ def _authors_step(net, reset, lambdas, x, target, amp: bool):
                 w.clamp_(-1, 1)
         reset()
 
-    return step
+    return step, _restore_point(net, opt)
 
 
 def _our_step(net, reset, lambdas, x, target, amp: bool):
@@ -115,7 +150,7 @@ def _our_step(net, reset, lambdas, x, target, amp: bool):
         q.step(loss)
         reset()
 
-    return step
+    return step, _restore_point(net, q.weight_optimizer)
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}thr")
@@ -132,12 +167,12 @@ def test_cbp_training_step(benchmark, provider, precision, batch, threads):
         x = torch.rand(T, batch, 3, SIZE, SIZE, device=DEVICE)
         target = torch.randint(0, CLASSES, (batch,), device=DEVICE)
         make = _authors_step if provider == "authors" else _our_step
-        step = make(net, reset, lambdas, x, target, precision == "amp")
-        peak = peak_memory(step, DEVICE)
+        step, restore = make(net, reset, lambdas, x, target, precision == "amp")
+        peak = peak_memory(step, DEVICE)  # the first step: creates the momentum buffers
         name = f"{AMP} autocast" if precision == "amp" else precision
         benchmark.group = f"CBP step SEW-ResNet-18, {name}, batch {batch}, {threads} thread(s)"
         role = "baseline" if provider == "authors" else "ours"
-        run(benchmark, step, device=DEVICE, rounds=ROUNDS, warmup=1, provider=provider, role=role, batch=batch, T=T,
-            image=SIZE, precision=name, peak_memory_bytes=peak, threads=threads)
+        run(benchmark, step, device=DEVICE, rounds=ROUNDS, warmup=1, setup=restore, provider=provider, role=role,
+            batch=batch, T=T, image=SIZE, precision=name, peak_memory_bytes=peak, threads=threads)
         if benchmark.stats:  # None under --benchmark-disable
             benchmark.extra_info.update(samples_per_s=batch / benchmark.stats.stats.mean)

@@ -39,19 +39,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(benchmark, fn, *args, device: str = "cpu", rounds: int = 5, warmup: int = 1, **extra_info):
+def run(benchmark, fn, *args, device: str = "cpu", rounds: int = 5, warmup: int = 1, setup=None, **extra_info):
     """Times ``fn(*args)`` (synchronised) with pytest-benchmark's pedantic mode; extra_info
-    (bytes moved, samples, ...) is stored beside the timing for the report."""
+    (bytes moved, samples, ...) is stored beside the timing for the report. ``setup()``, if
+    given, runs untimed (synchronised) before every call, warm-up calls included."""
 
     def call():
         out = fn(*args)
         sync(device)
         return out
 
+    def prepare():
+        setup()
+        sync(device)
+
+    prepare = None if setup is None else prepare
     for _ in range(warmup):
+        if prepare is not None:
+            prepare()
         call()
     benchmark.extra_info.update(extra_info, device=device_name(device))
-    return benchmark.pedantic(call, rounds=rounds, iterations=1)
+    return benchmark.pedantic(call, setup=prepare, rounds=rounds, iterations=1)
 
 
 def thread_counts(device: str = "cpu") -> list[int]:
