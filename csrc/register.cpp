@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/batch_norm_stats_api.h"
 #include "common/bitconv_api.h"
 #include "common/bitpack_api.h"
 #include "common/constraint_api.h"
@@ -13,6 +14,7 @@
 #include "common/sigmoid_quant_api.h"
 
 TORCH_LIBRARY(cbp_kernels_ext, m) {
+  cbp::define<cbp::BatchNormStatsOp>(m);
   cbp::define<cbp::BitpackOp>(m);
   cbp::define<cbp::BitunpackOp>(m);
   cbp::define<cbp::Bitconv2dOp>(m);

@@ -86,6 +86,10 @@ def _sigmoid_backward_args(backend: str) -> tuple:
     return (torch.randn(4, 9), w.detach(), alpha.detach(), beta.detach(), *rest)
 
 
+def _batch_norm_stats_args(backend: str) -> tuple:
+    return (torch.randn(3, 10, 4, 5), torch.zeros(10), torch.ones(10), 0.1, 1e-5, backend)
+
+
 # op name (the custom op cbp_kernels::<name>, its C++ kernels cbp_kernels_ext::<name>) ->
 # (its package, opcheck's args for a backend). The neuron and sigmoid-sum ops with
 # backend="reference" run as plain PyTorch (the reference's own autograd, float64 gradcheck),
@@ -103,19 +107,24 @@ OPS = {
     "bitconv2d_lif": ("cbp_kernels.ops.bitconv", _bitconv_lif_args),
     "sigmoid_quant_forward": ("cbp_kernels.ops.sigmoid_quant", _sigmoid_args),
     "sigmoid_quant_backward": ("cbp_kernels.ops.sigmoid_quant", _sigmoid_backward_args),
+    "batch_norm_stats": ("cbp_kernels.ops.batch_norm_stats", _batch_norm_stats_args),
 }
 PLAIN_REFERENCE = {"neuron_forward", "neuron_backward", "sigmoid_quant_forward", "sigmoid_quant_backward"}
+# Ops with a CPU kernel only (ATen's CPU arithmetic reproduced bit for bit; CUDA keeps ATen's op).
+CPU_ONLY = {"batch_norm_stats"}
 
 
 def _cases():
     for name, (package, _) in OPS.items():
-        for backend in ([] if name in PLAIN_REFERENCE else ["reference"]) + kernel_backends("cpu", name, package):
+        kernels = ["cpu"] if name in CPU_ONLY else kernel_backends("cpu", name, package)
+        for backend in ([] if name in PLAIN_REFERENCE else ["reference"]) + kernels:
             yield pytest.param(name, backend, id=f"{name}-{backend}")
 
 
 def test_every_custom_op_is_listed():
     """A new op registered under cbp_kernels:: without a case here fails this test, and every
     custom op has its C++ kernel under the same name (cbp_kernels_ext::<name>)."""
+    import cbp_kernels.ops.batch_norm_stats  # noqa: F401  (registers its op)
     import cbp_kernels.ops.sigmoid_quant  # noqa: F401  (registers its ops)
 
     registered = {name for name in dir(torch.ops.cbp_kernels) if not name.startswith("_")
@@ -189,3 +198,12 @@ def test_compile_sigmoid_quant():
     w, alpha, beta = torch.randn(4, 9, requires_grad=True), torch.tensor(0.7), torch.tensor(1.3, requires_grad=True)
     fn = lambda w, alpha, beta: sigmoid_quantize(w, alpha, beta, [-1.0, 0.0, 1.0], 5.0)  # noqa: E731
     _compiled_equals_eager(fn, w, alpha, beta, loss=lambda y: (y * y).sum())
+
+
+def test_compile_batch_norm_stats():
+    from cbp_kernels.ops.batch_norm_stats import batch_norm_stats
+
+    def stats(x, running_mean, running_var):
+        return batch_norm_stats(x, running_mean, running_var, 0.1, 1e-5)
+
+    _compiled_equals_eager(stats, torch.randn(3, 10, 4, 5), torch.zeros(10), torch.ones(10))

@@ -9,13 +9,16 @@ y = BN(z) from z and the forward's batch statistics (``batch_norm_output``: one 
 y = z * alpha + beta per channel with the arithmetic of ATen's CPU kernel, so bitwise the
 forward's y and the same spikes; on CUDA the forward's op again), runs the neuron's backward from y
 (``ops.neuron.op.backward_from_input``) and then BN's (``aten.native_batch_norm_backward``):
-one float tensor per layer kept, for one elementwise pass over z in the backward.
+one float tensor per layer kept, for one elementwise pass over z in the backward. On the CPU in
+float32 the forward's statistics come from ``ops.batch_norm_stats`` (bitwise ATen's, ~3x faster
+than native_batch_norm's scalar float64 loops) and y from ``batch_norm_output``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..ops.batch_norm_stats import batch_norm_stats, supported as batch_norm_stats_supported
 from ..ops.neuron.op import backward_from_input, run
 from ..ops.neuron.params import NeuronParams
 
@@ -68,8 +71,14 @@ class BatchNormNeuronFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, weight, bias, decay, v_init, running_mean, running_var, momentum: float, eps: float,
                 steps: int, p: NeuronParams, backend: str):
-        y, mean, invstd = torch.ops.aten.native_batch_norm(z, weight, bias, running_mean, running_var, True,
-                                                           momentum, eps)
+        if batch_norm_stats_supported(z, weight, bias, running_mean, running_var):
+            # CPU float32: the statistics (and running-stat update) bitwise ATen's, ~3x faster,
+            # then ATen's own normalization from them (batch_norm_output: bitwise its y)
+            mean, invstd = batch_norm_stats(z, running_mean, running_var, momentum, eps)
+            y = batch_norm_output(z, weight, bias, mean, invstd, eps)
+        else:
+            y, mean, invstd = torch.ops.aten.native_batch_norm(z, weight, bias, running_mean, running_var, True,
+                                                               momentum, eps)
         spike_seq, v_last = run(y.view(steps, -1, *y.shape[1:]), v_init, decay, p, backend)
         ctx.save_for_backward(z, weight, bias, decay, v_init, mean, invstd)
         ctx.conf = (eps, steps, p, backend)
