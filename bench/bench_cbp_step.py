@@ -91,8 +91,9 @@ def _quantized_layers(net: nn.Module) -> list[nn.Module]:
 
 def _restore_point(net: nn.Module, opt: torch.optim.Optimizer):
     """A ``setup`` for ``harness.run``: its first call saves the model's parameters and buffers
-    and the optimizer's state tensors, every later call copies them back in place (so every
-    timed step computes the same step with normal-range gradients; see the module docstring)."""
+    and the optimizer's state tensors, every later call copies back in place those that differ
+    (so every timed step computes the same step with normal-range gradients; see the module
+    docstring)."""
     saved: list[torch.Tensor] = []
 
     def tensors() -> list[torch.Tensor]:
@@ -105,7 +106,8 @@ def _restore_point(net: nn.Module, opt: torch.optim.Optimizer):
             saved.extend(t.detach().clone() for t in tensors())
             return
         for t, s in zip(tensors(), saved, strict=True):
-            t.copy_(s)
+            if not torch.equal(t, s):  # what a step never writes (the quantizer's levels and scale)
+                t.copy_(s)             # keeps its _version, as in training
 
     return setup
 

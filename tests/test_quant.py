@@ -261,6 +261,32 @@ def test_quantized_layers_constructed_directly():
         assert q(x).shape[:2] == (x.shape[0], 3)
 
 
+def test_quantized_weight_follows_its_buffers():
+    """A quantized layer makes its level table once (``ops.quantize_table``) and again whenever
+    a buffer changes in place (``load_state_dict``, ``mul_``) or is replaced, or the backend
+    changes: Q(W) is always ``ops.quantize`` of the current buffers, and a bad scale set
+    after the first call still raises."""
+    q = QuantConv2d(3, 5, 3, levels=resolve_levels("ternary"))
+
+    def same():
+        return torch.equal(q.quantized_weight(), quantize(q.weight, q.levels, q.weight_scale))
+
+    assert same()
+    q.weight_scale = torch.tensor(0.01)  # a new buffer object (at the same _version, 0)
+    assert same()
+    with torch.no_grad():
+        q.weight_scale.mul_(3.0)
+    assert same()
+    q.load_state_dict({**q.state_dict(), "levels": torch.tensor([-2.0, 0.0, 1.0])})
+    assert same()
+    q.quant_backend = "reference"
+    assert same()
+    with torch.no_grad():
+        q.weight_scale.fill_(-1.0)
+    with pytest.raises(ValueError, match="scale"):
+        q.quantized_weight()
+
+
 def test_spikingjelly_subclass_keeps_step_mode():
     sj_layer = pytest.importorskip("spikingjelly.activation_based.layer")  # lifted by installing spikingjelly
     conv = sj_layer.Conv2d(2, 3, 3, step_mode="m")

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import quantize
+from ..ops.constraint.op import quantize_table, quantize_with_table
+from ..ops.utils import check_tensor
 from .integer_forward import IntegerLinearFunction, integer_conv2d, integer_linear, integer_spec, popcount_name
 from .lifconv import SpikeConv2dFunction
 
@@ -66,7 +68,23 @@ class QuantizedLayer:
         """Q(W) of ``weight`` (default ``self.weight``), same shape and dtype, with a
         straight-through gradient to it."""
         weight = self.weight if weight is None else weight
-        return quantize(weight, self.levels, self.weight_scale, backend=self.quant_backend)
+        if torch.compiler.is_compiling():
+            return quantize(weight, self.levels, self.weight_scale, backend=self.quant_backend)
+        check_tensor("w", weight)
+        return quantize_with_table(weight, *self._quant_table(weight))
+
+    def _quant_table(self, weight: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """``ops.quantize_table`` of the buffers for ``weight``'s dtype and device, made (and
+        checked) once, again only when a buffer is replaced or changed in place (its
+        ``_version``: ``load_state_dict``, ``copy_``) or the backend, dtype or device change.
+        The cache holds the buffers themselves, so identity cannot be a reused address."""
+        lv, s = self.levels, self.weight_scale
+        state = (lv._version, s._version, weight.dtype, weight.device, self.quant_backend)
+        cached = self.__dict__.get("_quant_table_cache")
+        if cached is None or cached[0] is not lv or cached[1] is not s or cached[2] != state:
+            table, backend = quantize_table(lv, s, weight.dtype, weight.device, backend=self.quant_backend)
+            cached = self.__dict__["_quant_table_cache"] = (lv, s, state, table, backend)
+        return cached[3], cached[4]
 
     @classmethod
     def from_float(cls, layer: nn.Module, levels: torch.Tensor, scale: torch.Tensor | None = None):
