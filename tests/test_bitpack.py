@@ -62,6 +62,21 @@ def test_bitpack_cpu_paths_and_fused_value_check(no_avx512, dim, monkeypatch):
             bitpack(bad, dim, backend="cpu")
 
 
+@pytest.mark.parametrize("no_avx512", ["0", "1"])
+def test_bitunpack_cpu_float32_paths(no_avx512, monkeypatch):
+    """The CPU unpack to float32 (AVX-512: 16 values per masked move; the scalar loop without
+    it) against the reference: rows whose size ends mid-word and mid-half-word, every bit
+    pattern of the last word (random words, the sign bit included), one long row."""
+    monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx512)
+    words = torch.randint(-(2**31), 2**31 - 1, (5, 4), dtype=torch.int32)
+    for size in [1, 15, 16, 17, 31, 32, 33, 47, 48, 100, 128]:
+        w = words[:, : -(-size // 32)].contiguous()
+        ref = bitunpack(w, -1, size, torch.float32, backend="reference")
+        assert torch.equal(bitunpack(w, -1, size, torch.float32, backend="cpu"), ref), size
+    x = _spikes((1, 3 * 4096 + 5))
+    assert torch.equal(bitunpack(bitpack(x, -1), -1, x.shape[1], torch.float32, backend="cpu"), x)
+
+
 def test_bitpack_threshold_and_non_contiguous():
     h = torch.randn(5, 40, 3)
     spikes = (h >= 0.3).float()
