@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import kernels, resolve_backend
+from .._backend import call, kernels, resolve_backend
 from ..utils import check_choice, check_finite, check_kernel_dtype, check_same_device, check_tensor
 from . import reference
 from .params import DEFAULT_ALPHA, NEURONS, SURROGATES, NeuronParams
@@ -30,14 +30,16 @@ def _output_grads(grad_spike, grad_v_last, spike_like: torch.Tensor):
     return grad_spike, grad_v_last
 
 
-@torch.library.custom_op("cbp_kernels::neuron_forward", mutates_args=())
-def _neuron_forward(
+def _forward(
     x_seq: torch.Tensor, v_init: torch.Tensor, decay: torch.Tensor, v_threshold: float, v_reset: float | None,
     kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # the scalars are NeuronParams' fields in order (p.fields()): NeuronParams(*them) is p
     p = NeuronParams(v_threshold, v_reset, kind, decay_input, detach_reset, surrogate, alpha)
     return kernels(__package__, backend).forward(x_seq, v_init, decay, p)
+
+
+_neuron_forward = torch.library.custom_op("cbp_kernels::neuron_forward", _forward, mutates_args=())
 
 
 # Backends whose forward saves no H (returned empty): their backward recomputes it from x_seq.
@@ -51,8 +53,7 @@ def _(x_seq, v_init, decay, *args):
     return torch.empty_like(x_seq), x_seq.new_empty(x_seq.shape[1:], dtype=torch.float32), h_seq
 
 
-@torch.library.custom_op("cbp_kernels::neuron_backward", mutates_args=())
-def _neuron_backward(
+def _backward_kernels(
     grad_spike: torch.Tensor, grad_v_last: torch.Tensor, h_seq: torch.Tensor, spike_seq: torch.Tensor,
     x_seq: torch.Tensor, v_init: torch.Tensor, decay: torch.Tensor, v_threshold: float, v_reset: float | None,
     kind: int, decay_input: bool, detach_reset: bool, surrogate: int, alpha: float, backend: str,
@@ -60,6 +61,9 @@ def _neuron_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = NeuronParams(v_threshold, v_reset, kind, decay_input, detach_reset, surrogate, alpha)
     return kernels(__package__, backend).backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, p, need_grad_decay)
+
+
+_neuron_backward = torch.library.custom_op("cbp_kernels::neuron_backward", _backward_kernels, mutates_args=())
 
 
 @_neuron_backward.register_fake
@@ -198,7 +202,11 @@ def run(x_seq, v_init, decay, p: NeuronParams, backend: str) -> tuple[torch.Tens
     if backend == "reference":
         spike, v_last, _ = reference.forward(x_seq, v_init, decay, p)
         return spike, v_last
-    spike, v_last, _ = _neuron_forward(x_seq, v_init, decay, *p.fields(), backend)
+    args = (x_seq, v_init, decay, *p.fields(), backend)
+    if torch.is_grad_enabled():  # the custom op, for its autograd
+        spike, v_last, _ = _neuron_forward(*args)
+    else:  # no graph (e.g. inside BatchNormNeuronFunction): eager skips the op's Python dispatch, ~20 us
+        spike, v_last, _ = call(_neuron_forward, _forward, *args)
     return spike, v_last
 
 
@@ -215,6 +223,6 @@ def backward_from_input(grad_spike, grad_v_last, x_seq, v_init, decay, p: Neuron
     if backend in _RECOMPUTE_H:
         spike_seq = h_seq = x_seq.new_empty(0)
     else:
-        spike_seq, _, h_seq = _neuron_forward(x_seq, v_init, decay, *args, backend)
-    return _neuron_backward(grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay, *args, backend,
-                            need_grad_decay)
+        spike_seq, _, h_seq = call(_neuron_forward, _forward, x_seq, v_init, decay, *args, backend)
+    return call(_neuron_backward, _backward_kernels, grad_spike, grad_v_last, h_seq, spike_seq, x_seq, v_init, decay,
+                *args, backend, need_grad_decay)
