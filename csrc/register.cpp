@@ -10,6 +10,7 @@
 #include "common/bitconv_api.h"
 #include "common/bitpack_api.h"
 #include "common/constraint_api.h"
+#include "common/max_pool_api.h"
 #include "common/neuron_api.h"
 #include "common/sigmoid_quant_api.h"
 
@@ -22,6 +23,7 @@ TORCH_LIBRARY(cbp_kernels_ext, m) {
   cbp::define<cbp::ConstraintPassOp>(m);
   cbp::define<cbp::ConstraintQuantizeOp>(m);
   cbp::define<cbp::ConstraintMultiplierStepOp>(m);
+  cbp::define<cbp::MaxPool2d3x3s2Op>(m);
   cbp::define<cbp::NeuronForwardOp>(m);
   cbp::define<cbp::NeuronBackwardOp>(m);
   cbp::define<cbp::SigmoidQuantForwardOp>(m);

@@ -108,10 +108,11 @@ OPS = {
     "sigmoid_quant_forward": ("cbp_kernels.ops.sigmoid_quant", _sigmoid_args),
     "sigmoid_quant_backward": ("cbp_kernels.ops.sigmoid_quant", _sigmoid_backward_args),
     "batch_norm_stats": ("cbp_kernels.ops.batch_norm_stats", _batch_norm_stats_args),
+    "max_pool2d_3x3s2": ("cbp_kernels.ops.max_pool", lambda b: (torch.randn(6, 9, 12), b)),
 }
 PLAIN_REFERENCE = {"neuron_forward", "neuron_backward", "sigmoid_quant_forward", "sigmoid_quant_backward"}
 # Ops with a CPU kernel only (ATen's CPU arithmetic reproduced bit for bit; CUDA keeps ATen's op).
-CPU_ONLY = {"batch_norm_stats"}
+CPU_ONLY = {"batch_norm_stats", "max_pool2d_3x3s2"}
 
 
 def _cases():
@@ -125,6 +126,7 @@ def test_every_custom_op_is_listed():
     """A new op registered under cbp_kernels:: without a case here fails this test, and every
     custom op has its C++ kernel under the same name (cbp_kernels_ext::<name>)."""
     import cbp_kernels.ops.batch_norm_stats  # noqa: F401  (registers its op)
+    import cbp_kernels.ops.max_pool  # noqa: F401  (registers its op)
     import cbp_kernels.ops.sigmoid_quant  # noqa: F401  (registers its ops)
 
     registered = {name for name in dir(torch.ops.cbp_kernels) if not name.startswith("_")
@@ -198,6 +200,12 @@ def test_compile_sigmoid_quant():
     w, alpha, beta = torch.randn(4, 9, requires_grad=True), torch.tensor(0.7), torch.tensor(1.3, requires_grad=True)
     fn = lambda w, alpha, beta: sigmoid_quantize(w, alpha, beta, [-1.0, 0.0, 1.0], 5.0)  # noqa: E731
     _compiled_equals_eager(fn, w, alpha, beta, loss=lambda y: (y * y).sum())
+
+
+def test_compile_max_pool():
+    from cbp_kernels.ops.max_pool import max_pool2d_3x3s2
+
+    _compiled_equals_eager(max_pool2d_3x3s2, torch.randn(2, 3, 9, 12))
 
 
 def test_compile_batch_norm_stats():

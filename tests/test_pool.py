@@ -1,12 +1,15 @@
 """MaxPool2d against torch.nn.MaxPool2d: values and input gradients bit for bit (spikes, ties,
 random floats; pooling shapes of the models and odd ones; NCHW and channels-last input;
-float32 and bfloat16), and what its training keeps for the backward (the argmax alone)."""
+float32 and bfloat16), and what its training keeps for the backward (the argmax alone); the
+stems' pool op ``ops.max_pool2d_3x3s2`` against its reference (ATen), NaN and infinities
+included, with and without AVX-512."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from cbp_kernels.nn import MaxPool2d
+from cbp_kernels.ops.max_pool import has_cpu_kernel, max_pool2d_3x3s2
 
 POOLS = [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2), dict(kernel_size=3, stride=2, ceil_mode=True),
          dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(1, 2))]
@@ -60,3 +63,36 @@ def test_max_pool_falls_back_to_torch():
     y, idx = MaxPool2d(2, return_indices=True)(x.unsqueeze(0))
     y_ref, idx_ref = torch.nn.MaxPool2d(2, return_indices=True)(x.unsqueeze(0))
     assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref)
+
+
+@pytest.mark.skipif(not has_cpu_kernel(), reason="needs the compiled CPU kernel (make build)")
+@pytest.mark.parametrize("no_avx512", ["0", "1"])
+def test_max_pool_op_is_atens_values_and_argmax(no_avx512, monkeypatch):
+    """Values and int16 argmax bitwise ATen's (the reference) on planes from 1x1 to 2^15 cells,
+    widths around the 16-output blocks, ties (spikes, all -inf: the first cell wins), +-inf and
+    NaN (ATen takes the last NaN of a window)."""
+    monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx512)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, 1, 1), (1, 2, 2), (3, 5, 7), (2, 9, 31), (2, 33, 34), (1, 3, 65), (2, 112, 112), (1, 128, 256)]
+    for shape in shapes:
+        floats = torch.randn(shape, generator=gen)
+        specials = floats.clone()
+        pick = torch.rand(shape, generator=gen)
+        specials[pick < 0.06] = float("nan")
+        specials[(pick >= 0.06) & (pick < 0.12)] = float("inf")
+        specials[(pick >= 0.12) & (pick < 0.3)] = float("-inf")
+        spikes = (torch.rand(shape, generator=gen) > 0.7).float()
+        for x in (floats, specials, spikes, torch.full(shape, float("-inf"))):
+            y, idx = max_pool2d_3x3s2(x, backend="cpu")
+            y_ref, idx_ref = max_pool2d_3x3s2(x, backend="reference")
+            assert idx.dtype == torch.int16 and torch.equal(idx, idx_ref), shape
+            assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(0.5), y_ref.nan_to_num(0.5)), shape
+
+
+def test_max_pool_op_bad_input():
+    with pytest.raises(ValueError, match="H \\* W"):
+        max_pool2d_3x3s2(torch.zeros(1, 200, 200))
+    with pytest.raises(ValueError, match="contiguous"):
+        max_pool2d_3x3s2(torch.zeros(2, 9, 8).transpose(1, 2))
+    with pytest.raises(TypeError, match="float32"):
+        max_pool2d_3x3s2(torch.zeros(2, 8, 8, dtype=torch.float64))

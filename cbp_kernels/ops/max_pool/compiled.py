@@ -1,0 +1,9 @@
+"""The `cpu` backend: the extension's kernel (csrc/cpu/max_pool.cpp); CPU only (see ``op.py``).
+Same signature as ``reference``."""
+from __future__ import annotations
+
+import torch
+
+
+def max_pool2d_3x3s2(x):
+    return tuple(torch.ops.cbp_kernels_ext.max_pool2d_3x3s2(x))

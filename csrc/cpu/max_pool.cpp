@@ -1,0 +1,140 @@
+// Max pooling 3x3 / stride 2 / padding 1 of float32 NCHW planes on the CPU (every ResNet
+// stem's pool), values and int16 argmax bitwise ATen's (csrc/common/max_pool_api.h).
+// ATen pools NCHW with a scalar loop per output (13 ms for SEW-ResNet-18's stem spikes
+// [4, 64, 112, 112], one thread); its channels-last kernel is vectorized but needs the input
+// transposed there and the output and argmax back (5.5 ms in all). Here 16 outputs of a row at
+// once, reading the planes as they lie: per window row, two 32-value loads (columns 2j-1 ..
+// 2j+30 and 2j+1 .. 2j+32) whose even / odd lanes are the window's left, middle and right
+// columns (_mm512_permutex2var_ps), cells outside the plane read as -inf (never a maximum,
+// and the first valid cell starts as the argmax, as ATen's loop). Without AVX-512 (cpu/isa.h)
+// ATen's loop itself, one output at a time.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "common/max_pool_api.h"
+#include "cpu/isa.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace cbp {
+namespace {
+
+// Output row i of one plane, ATen's loop (aten/src/ATen/native/cpu/MaxPoolKernel.cpp,
+// cpu_max_pool): the window's cells inside the plane in row-major order, a cell taken when
+// val > max or val is NaN, from max = -inf at the first cell.
+void pool_row_scalar(const float* x, int64_t H, int64_t W, int64_t OW, int64_t i, float* y, int16_t* idx) {
+  const int64_t h0 = std::max<int64_t>(2 * i - 1, 0), h1 = std::min<int64_t>(2 * i + 2, H);
+  for (int64_t j = 0; j < OW; ++j) {
+    const int64_t w0 = std::max<int64_t>(2 * j - 1, 0), w1 = std::min<int64_t>(2 * j + 2, W);
+    int64_t best = h0 * W + w0;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const float v = x[h * W + w];
+        if (v > m || std::isnan(v)) {
+          m = v;
+          best = h * W + w;
+        }
+      }
+    }
+    y[j] = m;
+    idx[j] = static_cast<int16_t>(best);
+  }
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CBP_AVX512F __attribute__((target("avx512f")))
+
+bool has_avx512f() { return avx512_allowed() && __builtin_cpu_supports("avx512f"); }
+
+// 16 values of a row from column c on, -inf where the column is outside [0, W) (masked: the
+// lanes outside are not read).
+CBP_AVX512F inline __m512 load_row(const float* row, int64_t c, int64_t W) {
+  const int64_t lo = std::max<int64_t>(0, -c), hi = std::min<int64_t>(16, W - c);
+  const uint32_t in = hi > lo ? ((1u << hi) - 1u) & ~((1u << lo) - 1u) : 0u;
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                              static_cast<__mmask16>(in), row + c);
+}
+
+// ATen's update for 16 outputs at once: lanes where v > m or v is NaN take v and its index.
+CBP_AVX512F inline void take(__m512 v, __m512i at, __m512& m, __m512i& best) {
+  const __mmask16 up = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  m = _mm512_mask_mov_ps(m, up, v);
+  best = _mm512_mask_mov_epi32(best, up, at);
+}
+
+CBP_AVX512F void pool_row_avx512(const float* x, int64_t H, int64_t W, int64_t OW, int64_t i, float* y,
+                                 int16_t* idx) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const int64_t h0 = std::max<int64_t>(2 * i - 1, 0), h1 = std::min<int64_t>(2 * i + 2, H);
+  for (int64_t j0 = 0; j0 < OW; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, OW - j0);
+    const int64_t c = 2 * j0 - 1;  // the left column of output j0's window
+    const __m512i left = _mm512_add_epi32(even, _mm512_set1_epi32(static_cast<int>(c)));  // 2j - 1 per lane
+    __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512i zero = _mm512_setzero_si512();  // the first cell: column max(2j - 1, 0) of row h0
+    __m512i best = _mm512_add_epi32(_mm512_mask_mov_epi32(left, _mm512_cmplt_epi32_mask(left, zero), zero),
+                                    _mm512_set1_epi32(static_cast<int>(h0 * W)));
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* row = x + h * W;
+      const __m512 a0 = load_row(row, c, W), a1 = load_row(row, c + 16, W);        // columns 2j-1, 2j
+      const __m512 b0 = load_row(row, c + 2, W), b1 = load_row(row, c + 18, W);    // columns 2j+1
+      const __m512i at = _mm512_add_epi32(left, _mm512_set1_epi32(static_cast<int>(h * W)));
+      take(_mm512_permutex2var_ps(a0, even, a1), at, m, best);
+      take(_mm512_permutex2var_ps(a0, odd, a1), _mm512_add_epi32(at, _mm512_set1_epi32(1)), m, best);
+      take(_mm512_permutex2var_ps(b0, even, b1), _mm512_add_epi32(at, _mm512_set1_epi32(2)), m, best);
+    }
+    const __mmask16 out = static_cast<__mmask16>((1u << n) - 1u);
+    _mm512_mask_storeu_ps(y + j0, out, m);
+    _mm512_mask_cvtepi32_storeu_epi16(idx + j0, out, best);
+  }
+}
+#endif
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_3x3s2_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == at::kFloat,
+              "max_pool2d_3x3s2: x must be a contiguous float32 [B, H, W] tensor");
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2);
+  TORCH_CHECK(H >= 1 && W >= 1 && H * W <= (int64_t{1} << 15), "max_pool2d_3x3s2: needs 1 <= H * W <= 2^15");
+  const int64_t OH = (H - 1) / 2 + 1, OW = (W - 1) / 2 + 1;
+  auto y = at::empty({B, OH, OW}, x.options());
+  auto idx = at::empty({B, OH, OW}, x.options().dtype(at::kShort));
+  const float* src = x.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  int16_t* arg = idx.data_ptr<int16_t>();
+  bool vector = false;
+#if defined(__x86_64__) || defined(_M_X64)
+  vector = has_avx512f();
+#endif
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < OH; ++i) {
+      const float* plane = src + b * H * W;
+      float* yr = dst + (b * OH + i) * OW;
+      int16_t* ir = arg + (b * OH + i) * OW;
+#if defined(__x86_64__) || defined(_M_X64)
+      if (vector) {
+        pool_row_avx512(plane, H, W, OW, i, yr, ir);
+        continue;
+      }
+#endif
+      pool_row_scalar(plane, H, W, OW, i, yr, ir);
+    }
+  }
+  return {y, idx};
+}
+
+TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) { CBP_IMPL(m, MaxPool2d3x3s2Op, max_pool2d_3x3s2_cpu); }
+
+}  // namespace cbp
