@@ -24,6 +24,7 @@ TORCH_LIBRARY(cbp_kernels_ext, m) {
   cbp::define<cbp::ConstraintQuantizeOp>(m);
   cbp::define<cbp::ConstraintMultiplierStepOp>(m);
   cbp::define<cbp::MaxPool2d3x3s2Op>(m);
+  cbp::define<cbp::MaxPool2d3x3s2BackwardOp>(m);
   cbp::define<cbp::NeuronForwardOp>(m);
   cbp::define<cbp::NeuronBackwardOp>(m);
   cbp::define<cbp::SigmoidQuantForwardOp>(m);

@@ -90,6 +90,13 @@ def _batch_norm_stats_args(backend: str) -> tuple:
     return (torch.randn(3, 10, 4, 5), torch.zeros(10), torch.ones(10), 0.1, 1e-5, backend)
 
 
+def _max_pool_backward_args(backend: str) -> tuple:
+    from cbp_kernels.ops.max_pool import max_pool2d_3x3s2
+
+    _, argmax = max_pool2d_3x3s2(torch.randn(6, 9, 12), backend="reference")
+    return (torch.randn(argmax.shape), argmax, 9, 12, backend)
+
+
 # op name (the custom op cbp_kernels::<name>, its C++ kernels cbp_kernels_ext::<name>) ->
 # (its package, opcheck's args for a backend). The neuron and sigmoid-sum ops with
 # backend="reference" run as plain PyTorch (the reference's own autograd, float64 gradcheck),
@@ -109,10 +116,11 @@ OPS = {
     "sigmoid_quant_backward": ("cbp_kernels.ops.sigmoid_quant", _sigmoid_backward_args),
     "batch_norm_stats": ("cbp_kernels.ops.batch_norm_stats", _batch_norm_stats_args),
     "max_pool2d_3x3s2": ("cbp_kernels.ops.max_pool", lambda b: (torch.randn(6, 9, 12), b)),
+    "max_pool2d_3x3s2_backward": ("cbp_kernels.ops.max_pool", _max_pool_backward_args),
 }
 PLAIN_REFERENCE = {"neuron_forward", "neuron_backward", "sigmoid_quant_forward", "sigmoid_quant_backward"}
 # Ops with a CPU kernel only (ATen's CPU arithmetic reproduced bit for bit; CUDA keeps ATen's op).
-CPU_ONLY = {"batch_norm_stats", "max_pool2d_3x3s2"}
+CPU_ONLY = {"batch_norm_stats", "max_pool2d_3x3s2", "max_pool2d_3x3s2_backward"}
 
 
 def _cases():
@@ -203,9 +211,11 @@ def test_compile_sigmoid_quant():
 
 
 def test_compile_max_pool():
-    from cbp_kernels.ops.max_pool import max_pool2d_3x3s2
+    from cbp_kernels.ops.max_pool import max_pool2d_3x3s2, max_pool2d_3x3s2_backward
 
     _compiled_equals_eager(max_pool2d_3x3s2, torch.randn(2, 3, 9, 12))
+    _, argmax = max_pool2d_3x3s2(torch.randn(2, 3, 9, 12))
+    _compiled_equals_eager(lambda g, a: max_pool2d_3x3s2_backward(g, a, 9, 12), torch.randn(argmax.shape), argmax)
 
 
 def test_compile_batch_norm_stats():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cbp_kernels.nn import MaxPool2d
-from cbp_kernels.ops.max_pool import has_cpu_kernel, max_pool2d_3x3s2
+from cbp_kernels.ops.max_pool import has_cpu_kernel, max_pool2d_3x3s2, max_pool2d_3x3s2_backward
 
 POOLS = [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2), dict(kernel_size=3, stride=2, ceil_mode=True),
          dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(1, 2))]
@@ -70,7 +70,8 @@ def test_max_pool_falls_back_to_torch():
 def test_max_pool_op_is_atens_values_and_argmax(no_avx512, monkeypatch):
     """Values and int16 argmax bitwise ATen's (the reference) on planes from 1x1 to 2^15 cells,
     widths around the 16-output blocks, ties (spikes, all -inf: the first cell wins), +-inf and
-    NaN (ATen takes the last NaN of a window)."""
+    NaN (ATen takes the last NaN of a window); the backward from that argmax bitwise ATen's
+    (a cell shared by up to four windows sums their gradients in output order)."""
     monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx512)
     gen = torch.Generator().manual_seed(0)
     shapes = [(2, 1, 1), (1, 2, 2), (3, 5, 7), (2, 9, 31), (2, 33, 34), (1, 3, 65), (2, 112, 112), (1, 128, 256)]
@@ -87,6 +88,10 @@ def test_max_pool_op_is_atens_values_and_argmax(no_avx512, monkeypatch):
             y_ref, idx_ref = max_pool2d_3x3s2(x, backend="reference")
             assert idx.dtype == torch.int16 and torch.equal(idx, idx_ref), shape
             assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(0.5), y_ref.nan_to_num(0.5)), shape
+            # the backward: gradients of mixed magnitudes (the order of the additions shows)
+            g = torch.randn(y.shape, generator=gen) * 10.0 ** torch.randint(-6, 7, y.shape, generator=gen)
+            grad = max_pool2d_3x3s2_backward(g, idx, *shape[1:], backend="cpu")
+            assert torch.equal(grad, max_pool2d_3x3s2_backward(g, idx, *shape[1:], backend="reference")), shape
 
 
 def test_max_pool_op_bad_input():
@@ -96,3 +101,10 @@ def test_max_pool_op_bad_input():
         max_pool2d_3x3s2(torch.zeros(2, 9, 8).transpose(1, 2))
     with pytest.raises(TypeError, match="float32"):
         max_pool2d_3x3s2(torch.zeros(2, 8, 8, dtype=torch.float64))
+    g, idx = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.int16)
+    with pytest.raises(ValueError, match="height / width"):
+        max_pool2d_3x3s2_backward(g, idx, 9, 9)
+    with pytest.raises(ValueError, match="one shape"):
+        max_pool2d_3x3s2_backward(g, idx[:1], 8, 8)
+    with pytest.raises(TypeError, match="int16"):
+        max_pool2d_3x3s2_backward(g, idx.long(), 8, 8)

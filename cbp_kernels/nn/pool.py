@@ -14,7 +14,9 @@ ATen's NCHW kernel.
   plane-local (h * W + w) in int16 when H * W <= 2^15, else int32 (the stem at batch 1: 1.6 MB
   instead of 12.8 MB of input and 6.4 MB of indices).
 - The backward is ATen's (``max_pool2d_with_indices_backward``: each output's gradient added
-  to its argmax, in the same order), bit for bit autograd's.
+  to its argmax, in the same order), bit for bit autograd's; for the stems' pool on CPU its
+  equal ``ops.max_pool2d_3x3s2_backward`` (from the int16 argmax, no zero fill: each input
+  cell gathers its windows once).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..ops.max_pool import has_cpu_kernel, max_pool2d_3x3s2, supported as max_pool_supported
+from ..ops.max_pool import has_cpu_kernel, max_pool2d_3x3s2, max_pool2d_3x3s2_backward, supported as max_pool_supported
 
 __all__ = ["MaxPool2d", "MaxPool2dFunction"]
 
@@ -67,6 +69,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
         shape, args = ctx.conf
+        if args == _STEM and idx.dtype == torch.int16 and max_pool_supported(grad_out) and has_cpu_kernel():
+            return max_pool2d_3x3s2_backward(grad_out, idx, shape[-2], shape[-1]), None
         # the kernel reads the input's shape only: a zero-stride stand-in (no memory)
         stand_in = grad_out.new_zeros(()).expand(shape)
         return torch.ops.aten.max_pool2d_with_indices_backward(grad_out, stand_in, *args, idx.to(torch.int64)), None

@@ -50,6 +50,25 @@ void pool_row_scalar(const float* x, int64_t H, int64_t W, int64_t OW, int64_t i
   }
 }
 
+// Input row h of one plane of the backward: each cell gathers the gradients of the outputs
+// whose argmax it is, in output order (rows i, then columns j, ascending), from 0: the order
+// in which ATen's backward scatter-adds them. Cell h lies in the windows of rows h >> 1 and
+// (h + 1) >> 1 (one row when h is even), columns alike.
+void unpool_row_scalar(const float* g, const int16_t* idx, int64_t OH, int64_t OW, int64_t W, int64_t h, float* out) {
+  const int64_t i0 = h >> 1, i1 = std::min<int64_t>((h + 1) >> 1, OH - 1);
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t j0 = w >> 1, j1 = std::min<int64_t>((w + 1) >> 1, OW - 1);
+    const int64_t cell = h * W + w;
+    float acc = 0.0f;
+    for (int64_t i = i0; i <= i1; ++i) {
+      for (int64_t j = j0; j <= j1; ++j) {
+        if (idx[i * OW + j] == cell) acc += g[i * OW + j];
+      }
+    }
+    out[w] = acc;
+  }
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define CBP_AVX512F __attribute__((target("avx512f")))
 
@@ -98,6 +117,43 @@ CBP_AVX512F void pool_row_avx512(const float* x, int64_t H, int64_t W, int64_t O
     _mm512_mask_cvtepi32_storeu_epi16(idx + j0, out, best);
   }
 }
+
+// The backward's input row h, 16 cells at once: the outputs of cells w0 .. w0+15 are columns
+// w0/2 .. w0/2+8 of an output row; lane l's windows are columns w0/2 + (l >> 1) and, for odd
+// l, the next one (permutexvar of the 16 gradients / argmaxes loaded from w0/2; the maskz forms
+// with a full mask: gcc 12 warns on the plain ones' undefined source).
+CBP_AVX512F void unpool_row_avx512(const float* g, const int16_t* idx, int64_t OH, int64_t OW, int64_t W, int64_t h,
+                                   float* out) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i first = _mm512_srli_epi32(lane, 1);                            // l >> 1
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(1));        // (l >> 1) + 1
+  const __mmask16 odd = 0xAAAA;
+  const int64_t i0 = h >> 1, i1 = std::min<int64_t>((h + 1) >> 1, OH - 1);
+  for (int64_t w0 = 0; w0 < W; w0 += 16) {
+    const int64_t n = std::min<int64_t>(16, W - w0), j0 = w0 / 2, m = std::min<int64_t>(16, OW - j0);
+    const __mmask16 cells = static_cast<__mmask16>((1u << n) - 1u);
+    // the second window exists where its column is inside the output row
+    const __mmask16 next = odd & _mm512_cmplt_epi32_mask(second, _mm512_set1_epi32(static_cast<int>(m)));
+    const __m512i cell = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(h * W + w0)));
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = i0; i <= i1; ++i) {
+      const __mmask16 in = static_cast<__mmask16>((1u << m) - 1u);
+      const __m512 gv = _mm512_maskz_loadu_ps(in, g + i * OW + j0);
+      int16_t tail[16] = {0};  // int16 loads without AVX-512BW: the row's last columns copied
+      const int16_t* src = idx + i * OW + j0;
+      if (m < 16) {
+        std::copy(src, src + m, tail);
+        src = tail;
+      }
+      const __m512i iv = _mm512_maskz_cvtepi16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+      const __mmask16 a = cells & _mm512_cmpeq_epi32_mask(_mm512_maskz_permutexvar_epi32(0xFFFF, first, iv), cell);
+      acc = _mm512_mask_add_ps(acc, a, acc, _mm512_maskz_permutexvar_ps(0xFFFF, first, gv));
+      const __mmask16 b = cells & next & _mm512_cmpeq_epi32_mask(_mm512_maskz_permutexvar_epi32(0xFFFF, second, iv), cell);
+      acc = _mm512_mask_add_ps(acc, b, acc, _mm512_maskz_permutexvar_ps(0xFFFF, second, gv));
+    }
+    _mm512_mask_storeu_ps(out + w0, cells, acc);
+  }
+}
 #endif
 
 }  // namespace
@@ -135,6 +191,45 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_3x3s2_cpu(const at::Tensor& x) {
   return {y, idx};
 }
 
-TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) { CBP_IMPL(m, MaxPool2d3x3s2Op, max_pool2d_3x3s2_cpu); }
+at::Tensor max_pool2d_3x3s2_backward_cpu(const at::Tensor& grad_y, const at::Tensor& argmax, int64_t height,
+                                          int64_t width) {
+  TORCH_CHECK(grad_y.dim() == 3 && grad_y.is_contiguous() && grad_y.scalar_type() == at::kFloat,
+              "max_pool2d_3x3s2_backward: grad_y must be a contiguous float32 [B, OH, OW] tensor");
+  TORCH_CHECK(argmax.sizes() == grad_y.sizes() && argmax.is_contiguous() && argmax.scalar_type() == at::kShort,
+              "max_pool2d_3x3s2_backward: argmax must be a contiguous int16 tensor shaped as grad_y");
+  TORCH_CHECK(height >= 1 && width >= 1 && height * width <= (int64_t{1} << 15) &&
+                  grad_y.size(1) == (height - 1) / 2 + 1 && grad_y.size(2) == (width - 1) / 2 + 1,
+              "max_pool2d_3x3s2_backward: height / width do not give grad_y's shape (or H * W > 2^15)");
+  const int64_t B = grad_y.size(0), OH = grad_y.size(1), OW = grad_y.size(2);
+  auto grad_x = at::empty({B, height, width}, grad_y.options());
+  const float* g = grad_y.data_ptr<float>();
+  const int16_t* idx = argmax.data_ptr<int16_t>();
+  float* dst = grad_x.data_ptr<float>();
+  bool vector = false;
+#if defined(__x86_64__) || defined(_M_X64)
+  vector = has_avx512f();
+#endif
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < height; ++h) {
+      const float* gp = g + b * OH * OW;
+      const int16_t* ip = idx + b * OH * OW;
+      float* row = dst + (b * height + h) * width;
+#if defined(__x86_64__) || defined(_M_X64)
+      if (vector) {
+        unpool_row_avx512(gp, ip, OH, OW, width, h, row);
+        continue;
+      }
+#endif
+      unpool_row_scalar(gp, ip, OH, OW, width, h, row);
+    }
+  }
+  return grad_x;
+}
+
+TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
+  CBP_IMPL(m, MaxPool2d3x3s2Op, max_pool2d_3x3s2_cpu);
+  CBP_IMPL(m, MaxPool2d3x3s2BackwardOp, max_pool2d_3x3s2_backward_cpu);
+}
 
 }  // namespace cbp

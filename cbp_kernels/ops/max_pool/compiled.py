@@ -7,3 +7,7 @@ import torch
 
 def max_pool2d_3x3s2(x):
     return tuple(torch.ops.cbp_kernels_ext.max_pool2d_3x3s2(x))
+
+
+def max_pool2d_3x3s2_backward(grad_y, argmax, height: int, width: int):
+    return torch.ops.cbp_kernels_ext.max_pool2d_3x3s2_backward(grad_y, argmax, height, width)
