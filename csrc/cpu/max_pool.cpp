@@ -158,6 +158,24 @@ CBP_AVX512F void unpool_row_avx512(const float* g, const int16_t* idx, int64_t O
 
 }  // namespace
 
+namespace {
+
+// row(vector, b, r) for every plane b < B and row r < R, in one OpenMP loop; vector: AVX-512
+// allowed (cpu/isa.h) and present.
+template <typename Row>
+void for_each_row(int64_t B, int64_t R, const Row& row) {
+  bool vector = false;
+#if defined(__x86_64__) || defined(_M_X64)
+  vector = has_avx512f();
+#endif
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t r = 0; r < R; ++r) row(vector, b, r);
+  }
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_3x3s2_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == at::kFloat,
               "max_pool2d_3x3s2: x must be a contiguous float32 [B, H, W] tensor");
@@ -169,25 +187,15 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_3x3s2_cpu(const at::Tensor& x) {
   const float* src = x.data_ptr<float>();
   float* dst = y.data_ptr<float>();
   int16_t* arg = idx.data_ptr<int16_t>();
-  bool vector = false;
+  for_each_row(B, OH, [&](bool vector, int64_t b, int64_t i) {
+    const float* plane = src + b * H * W;
+    float* yr = dst + (b * OH + i) * OW;
+    int16_t* ir = arg + (b * OH + i) * OW;
 #if defined(__x86_64__) || defined(_M_X64)
-  vector = has_avx512f();
+    if (vector) return pool_row_avx512(plane, H, W, OW, i, yr, ir);
 #endif
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 0; i < OH; ++i) {
-      const float* plane = src + b * H * W;
-      float* yr = dst + (b * OH + i) * OW;
-      int16_t* ir = arg + (b * OH + i) * OW;
-#if defined(__x86_64__) || defined(_M_X64)
-      if (vector) {
-        pool_row_avx512(plane, H, W, OW, i, yr, ir);
-        continue;
-      }
-#endif
-      pool_row_scalar(plane, H, W, OW, i, yr, ir);
-    }
-  }
+    pool_row_scalar(plane, H, W, OW, i, yr, ir);
+  });
   return {y, idx};
 }
 
@@ -205,25 +213,15 @@ at::Tensor max_pool2d_3x3s2_backward_cpu(const at::Tensor& grad_y, const at::Ten
   const float* g = grad_y.data_ptr<float>();
   const int16_t* idx = argmax.data_ptr<int16_t>();
   float* dst = grad_x.data_ptr<float>();
-  bool vector = false;
+  for_each_row(B, height, [&](bool vector, int64_t b, int64_t h) {
+    const float* gp = g + b * OH * OW;
+    const int16_t* ip = idx + b * OH * OW;
+    float* row = dst + (b * height + h) * width;
 #if defined(__x86_64__) || defined(_M_X64)
-  vector = has_avx512f();
+    if (vector) return unpool_row_avx512(gp, ip, OH, OW, width, h, row);
 #endif
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < height; ++h) {
-      const float* gp = g + b * OH * OW;
-      const int16_t* ip = idx + b * OH * OW;
-      float* row = dst + (b * height + h) * width;
-#if defined(__x86_64__) || defined(_M_X64)
-      if (vector) {
-        unpool_row_avx512(gp, ip, OH, OW, width, h, row);
-        continue;
-      }
-#endif
-      unpool_row_scalar(gp, ip, OH, OW, width, h, row);
-    }
-  }
+    unpool_row_scalar(gp, ip, OH, OW, width, h, row);
+  });
   return grad_x;
 }
 
