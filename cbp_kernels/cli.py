@@ -87,6 +87,10 @@ def _add_run_arguments(cmd: argparse.ArgumentParser, levels_default: str) -> Non
     cmd.add_argument("--float-forward", action="store_true", default=None,
                      help="CBP's quantized layers compute their forward in float32, F.conv2d(x, Q(W)) (the authors' "
                           "rounding), instead of the exact integer forward on spike inputs (CBPConfig.integer_forward)")
+    cmd.add_argument("--flush-denormal", action="store_true", default=None,
+                     help="the CPU computes floats below 1.18e-38 as 0 (torch.set_flush_denormal): late CPU training "
+                          "steps whose gradients underflow stop slowing down many-fold; changes only such tiny "
+                          "values (README: Denormals in CPU training; kept by --resume)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -372,3 +372,45 @@ def test_float_forward_switch_reaches_the_quantized_layers(flag):
     assert cfg["cbp"]["integer_forward"] is not flag
     quantizer = _quantizer("cbp", "binary", DigitsNet(), cfg)
     assert quantizer.layers and all(m.integer_forward is (not flag) for m in quantizer.layers.values())
+
+
+_DENORMAL_JOB = """
+import json, sys, torch
+torch.set_num_threads(2)
+if sys.argv[1] == "late":  # a parallel convolution starts torch's worker threads before the job
+    torch.nn.functional.conv2d(torch.rand(8, 8, 64, 64), torch.rand(8, 8, 3, 3))
+from cbp_kernels.cli import main
+status = main(["run", *sys.argv[3:], "--flush-denormal", "--out", sys.argv[2], "--quiet"])
+tiny = torch.full((8, 8, 64, 64), 1e-21)  # products 1e-42: denormal float32
+print(json.dumps({"status": status, "denormals": int(torch.nn.functional.conv2d(tiny, tiny[:8, :, :3, :3])
+                                                       .count_nonzero())}))
+"""
+
+
+@pytest.mark.parametrize("when", ["first", "late"])
+def test_flush_denormal_holds_on_every_thread_or_is_refused(when, tmp_path):
+    """``--flush-denormal`` (README "Denormals in CPU training"): set at the job's start, every
+    intra-op thread computes denormal products as 0 for the whole run, and config.json keeps it
+    for --resume; after torch's worker threads have started (here: a 2-thread convolution
+    before the job, from Python) it cannot reach them: one line, nothing written."""
+    _data_dir(tmp_path / "data")
+    out = tmp_path / "run"
+    tiny = ["--data", "npz", "--data-path", str(tmp_path / "data"), "--levels", "binary", "--pretrain-epochs", "0",
+            "--epochs", "0"]
+    done = subprocess.run([sys.executable, "-c", _DENORMAL_JOB, when, str(out), *tiny], cwd=ROOT,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    if when == "first":
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1]) == {"status": 0, "denormals": 0}
+        assert json.loads((out / "config.json").read_text())["flush_denormal"] is True
+    else:
+        assert done.returncode == 2 and not out.exists()
+        err = done.stderr.strip()
+        assert err.count("\n") == 0 and "--flush-denormal: torch's worker threads started before it" in err, err
+
+
+def test_flush_denormal_is_a_switch():
+    from cbp_kernels.pipeline.config import RUN_DEFAULTS, resolve_config
+
+    with pytest.raises(RunError, match="--flush-denormal is a switch"):
+        resolve_config({**RUN_DEFAULTS, "flush_denormal": "yes"})

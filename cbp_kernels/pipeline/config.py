@@ -19,14 +19,15 @@ import os
 import torch
 
 __all__ = ["RunError", "RUN_DEFAULTS", "METHODS", "CQ_WEIGHT_BITS", "parse_levels", "resolve_config",
-           "load_config", "create_run_dir", "stages", "stage_dir", "methods", "check_environment", "read_json"]
+           "load_config", "create_run_dir", "stages", "stage_dir", "methods", "check_environment", "flush_denormals",
+           "read_json"]
 
 DEFAULT_LEVELS = "binary,ternary"
 COMPARE_LEVELS = "binary"
 RUN_DEFAULTS = dict(model="digits-net", data="digits", data_path=None, checkpoint=None, levels=None,
                     preset=None, epochs=None, pretrain_epochs=4, pretrain_lr=1e-2, batch_size=None, timesteps=None,
                     device=None, out=None, seed=0, image_size=None, workers=0, method="cbp", amp=None,
-                    float_forward=False)
+                    float_forward=False, flush_denormal=False)
 # method -> (name in tables, file name of the per-epoch plot); "compare" runs all three.
 METHODS = {"cbp": ("CBP", "accuracy_cfs_g.png"), "sigmoid": ("Sigmoid-sum", "accuracy_temperature.png"),
            "cq": ("CQ", "accuracy.png")}
@@ -177,8 +178,9 @@ def resolve_config(options: dict) -> dict:
         raise RunError(f"--method cq: CQ's ANN is built for digits-net on digits only, got --model {cfg['model']} "
                        f"--data {cfg['data']}")
     recipe = dict(epochs=max(cfg["epochs"], 1), batch_size=cfg["batch_size"], seed=cfg["seed"])
-    if not isinstance(cfg["float_forward"], bool):
-        raise RunError(f"--float-forward is a switch (true / false), got {cfg['float_forward']!r}")
+    for name in ("float_forward", "flush_denormal"):
+        if not isinstance(cfg[name], bool):
+            raise RunError(f"--{name.replace('_', '-')} is a switch (true / false), got {cfg[name]!r}")
     integer_forward = False if cfg["float_forward"] else cbp.integer_forward
     cfg["cbp"] = dataclasses.asdict(dataclasses.replace(cbp, **recipe, amp=cfg["amp"] or cbp.amp,
                                                         integer_forward=integer_forward))
@@ -295,3 +297,21 @@ def check_environment(cfg: dict, threads: int, world: int, allow_change: bool) -
                            "(recorded in config.json)")
         changes.append({"from": was, "to": now, "at": datetime.datetime.now(datetime.timezone.utc).isoformat()})
     return changes
+
+
+def flush_denormals() -> None:
+    """``--flush-denormal``: this process's CPU threads read and write every float below the
+    smallest normal (float32 1.18e-38) as 0 (``torch.set_flush_denormal``; README "Denormals
+    in CPU training"). The mode is per thread and torch's intra-op workers copy it only when
+    they are created, at the first parallel tensor op, so it must come before any: a
+    convolution on denormal products, run on every thread, checks that; RunError when a
+    worker still computes them (set too late) or the CPU has no such mode."""
+    if not torch.set_flush_denormal(True):
+        raise RunError("--flush-denormal: this CPU has no flush-to-zero mode")
+    # products 1e-42, denormal in float32; 4 images a thread: smaller convolutions ran on one thread
+    tiny = torch.full((4 * torch.get_num_threads(), 8, 64, 64), 1e-21)
+    if torch.nn.functional.conv2d(tiny, tiny[:8, :, :3, :3]).count_nonzero():
+        torch.set_flush_denormal(False)
+        raise RunError("--flush-denormal: torch's worker threads started before it and keep denormals; set it "
+                       "before any tensor work (cbp-quantize does), or call torch.set_flush_denormal(True) "
+                       "right after import torch")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..export import atomic_write
-from .config import (CONFIG_NAME, RunError, check_environment, create_run_dir, load_config, read_json,
-                     resolve_config, stage_dir, stages)
+from .config import (CONFIG_NAME, RunError, check_environment, create_run_dir, flush_denormals, load_config,
+                     read_json, resolve_config, stage_dir, stages)
 from .stages import (_accuracy, _arch_for, _barrier, _broadcast, _build_model, _check_finite, _check_fits,
                      _check_stages, _cq_stage, _datasets, _fp32_stage, _Job, _labels, _predict, _quant_stage,
                      _read_run_file, _setup_dist, _show_progress, _test_is_train, _write_json)
@@ -63,7 +63,9 @@ def run(resume: str | None = None, *, say: Callable[[str], None] | None = print,
     (``model``, ``data``, ``data_path``, ``checkpoint``, ``levels`` (``"binary,ternary"``),
     ``preset``, ``epochs``, ``pretrain_epochs``, ``pretrain_lr``, ``batch_size``,
     ``timesteps``, ``image_size``, ``device``, ``workers``, ``out``, ``seed``, ``method``:
-    ``cbp`` / ``sigmoid`` / ``cq`` / ``compare``); None or absent: the default. ``resume``:
+    ``cbp`` / ``sigmoid`` / ``cq`` / ``compare``, ``amp``, ``float_forward``,
+    ``flush_denormal``: set here, before any tensor work, see ``config.flush_denormals``);
+    None or absent: the default. ``resume``:
     a run directory to continue with its saved configuration (no other options), from any
     working directory; a changed thread count or world size is refused unless
     ``allow_env_change`` (then recorded). ``say``: where progress lines go (None: nowhere;
@@ -73,6 +75,8 @@ def run(resume: str | None = None, *, say: Callable[[str], None] | None = print,
     Raises RunError (a ValueError) for any bad option, file or data, before the run
     directory is created; FloatingPointError when training diverges."""
     cfg, run_dir, out = _start(resume, options)
+    if cfg.get("flush_denormal"):  # before any tensor work (runs saved before the option have none)
+        flush_denormals()
     threads = torch.get_num_threads()
     dist = _setup_dist(cfg["device"])
     if resume is not None:
