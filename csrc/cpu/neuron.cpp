@@ -51,8 +51,9 @@ constexpr int64_t kBlock = 16384;
 // 512 bytes as float32 (256 columns) measured 0.90-0.98x fwd+bwd at T = 4, 16, 64 (forward
 // 0.89-0.94x), 64 columns 0.86-0.93x forward in L2-resident calls; prefetching the row slice 8
 // steps ahead in the chunk's own sequence (at most 8 lines per cache set in flight: rows 2 MiB
-// apart share sets) was 0.91-1.01x, into L2 instead of L1 0.94-1.03x (one thread, A/B in one
-// process, under load).
+// apart share sets) was 0.91-1.01x, into L2 instead of L1 0.94-1.03x; prefetching 1 chunk
+// ahead 1.02-1.04x at T = 64 and 0.99x at T = 16, 3, 4 or 6 chunks 0.84-0.95x at T = 64 (one
+// thread, A/B in one process, under load).
 constexpr int64_t kChunk = 128;
 constexpr int64_t kPrefetchAhead = 2 * kChunk;
 
