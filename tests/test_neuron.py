@@ -145,6 +145,44 @@ def test_long_sequences(device, T, n):
             assert_close(ga, gr, 1e-5, 1e-4 * (10 if name == "tau" else 1), f"{b} grad {name}")
 
 
+def _c10_bfloat16_bits(values: torch.Tensor) -> torch.Tensor:
+    """c10::BFloat16(float)'s bits of float32 ``values`` (as int32 in [0, 0xFFFF]): round to
+    nearest even on the bits, (u + 0x7FFF + ((u >> 16) & 1)) >> 16, and 0x7FC0 for every NaN."""
+    u = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return torch.where(values.isnan(), 0x7FC0, bits).to(torch.int32)
+
+
+@pytest.mark.parametrize("isa", ["best", "portable"])
+@pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
+def test_cpu_bfloat16_grad_rounds_like_c10(monkeypatch, isa, surrogate):
+    """The CPU kernel computes in float32 whatever the dtype and rounds dL/dX to bfloat16 as
+    c10 does, on the AVX512-BF16 path (cpu/bf16_rows.h) as on the portable one: bit for bit the
+    float32 kernel's gradient on the same, widened, inputs, rounded by c10's formula. With
+    values that need rounding, NaN (c10 writes 0x7FC0 for any sign and payload, which the
+    AVX512-BF16 instruction keeps) and gradients that are float32 denormals (which it reads as
+    zero), in whole groups of 32 columns and a tail."""
+    if isa == "portable":
+        monkeypatch.setenv("CBP_KERNELS_NO_AVX512", "1")
+    T, n = 5, 3 * 4096 + 37
+    x, _ = _inputs((T, n), torch.bfloat16)
+    grad = torch.randn(T, n).to(torch.bfloat16)
+    grad[:, ::89] = 1e-39  # every step of these columns tiny: dL/dX a float32 denormal
+    grad[:, 5::83] = -3e-40
+    grad[1, ::97] = float("nan")  # and NaN from t = 1 down: 0x7FC0
+    grad.view(torch.int16)[3, 7::101] = -63  # 0xFFC1: a NaN with its sign and a payload
+
+    def grad_x(x, grad):
+        x = x.clone().requires_grad_()
+        spike, _ = multistep_neuron(x, surrogate=surrogate, backend="cpu")
+        return torch.autograd.grad(spike, x, grad)[0]
+
+    expected = grad_x(x.float(), grad.float())
+    assert expected.isnan().any() and ((expected.abs() < torch.finfo(torch.float32).tiny) & (expected != 0)).any()
+    got = grad_x(x, grad).view(torch.int16).to(torch.int32) & 0xFFFF
+    assert torch.equal(got, _c10_bfloat16_bits(expected)), f"{int((got != _c10_bfloat16_bits(expected)).sum())} values"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_streamed_outputs_bitwise(dtype):
     """The CPU kernel writes S over 4 MiB (and then V[T-1]) and dL/dX over 16 MiB with

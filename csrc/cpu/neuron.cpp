@@ -9,6 +9,9 @@
 // recomputes the chunk's H[0..T-1] from X into an L1/L2-resident buffer before its reverse
 // time loop, so a training step streams X, S, dL/dS and dL/dX (4 [T, N] tensors, 5 passes)
 // instead of also writing and reading H and reading S back (7 passes). H is returned empty.
+// The arithmetic is float32 whatever the storage dtype: float16 / bfloat16 rows are widened as
+// they are read (GCC vectorizes c10's conversions) and rounded as they are written (bfloat16
+// dL/dX through cpu/bf16_rows.h where the CPU has AVX512-BF16).
 // Equations: csrc/common/neuron_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
@@ -25,6 +28,7 @@
 #include "common/neuron_api.h"
 #include "common/neuron_host.h"
 #include "common/neuron_math.h"
+#include "cpu/bf16_rows.h"
 #include "cpu/isa.h"
 
 namespace cbp {
@@ -43,7 +47,13 @@ constexpr int64_t kBlock = 16384;
 // (memcpy: 13.5-13.9; at T = 4 dL/dX is too small to stream, see stream_output);
 // with both, 32 or 64 columns forward and 64 or 256 backward were 5-25% slower than 128. A
 // run-time chunk length was 20-30% slower at T=16 than a compile-time one, so only the last,
-// partial chunk of a block has one.
+// partial chunk of a block has one. bfloat16 keeps 128 columns (256 bytes per row): the same
+// 512 bytes as float32 (256 columns) measured 0.90-0.98x fwd+bwd at T = 4, 16, 64 (forward
+// 0.89-0.94x), 64 columns 0.86-0.93x forward in L2-resident calls; prefetching the row slice 8
+// steps ahead in the chunk's own sequence (at most 8 lines per cache set in flight: rows 2 MiB
+// apart share sets) was 0.91-1.01x, into L2 instead of L1 0.94-1.03x; prefetching 1 chunk
+// ahead 1.02-1.04x at T = 64 and 0.99x at T = 16, 3, 4 or 6 chunks 0.84-0.95x at T = 64 (one
+// thread, A/B in one process, under load).
 constexpr int64_t kChunk = 128;
 constexpr int64_t kPrefetchAhead = 2 * kChunk;
 
@@ -88,16 +98,50 @@ CBP_ALWAYS_INLINE void prefetch_ahead(const scalar_t* row, const scalar_t* end) 
   for (; ahead < stop; ahead += 64) __builtin_prefetch(ahead);
 }
 
-// Writes a chunk's output row: non-temporal 16-byte stores (past the caches, no read for
-// ownership) when `stream` (dst 16-byte aligned, len a whole number of them), else plain ones.
-template <typename scalar_t, typename Len>
+// Non-temporal 64-byte stores of `bytes` (a multiple of 64) from src to dst, both 64-byte
+// aligned: one instruction per cache line where the portable build writes four 16-byte ones
+// (float32 forward 1.04-1.09x at [T, 2^20], T = 4..64, bfloat16 the same; one thread, A/B in
+// one process).
+__attribute__((target("avx512f"), noinline)) void stream_row_avx512(void* dst, const void* src, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(static_cast<char*>(dst) + i),
+                        _mm512_load_si512(static_cast<const char*>(src) + i));
+  }
+}
+
+// Writes a chunk's output row: non-temporal stores (past the caches, no read for ownership)
+// when `stream` (dst 64-byte aligned, len a whole number of 64 bytes; 64-byte stores in the
+// AVX-512 build, kWide), else plain ones.
+template <bool kWide, typename scalar_t, typename Len>
 CBP_ALWAYS_INLINE void store_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, Len len, bool stream) {
-  if (stream) {
+  if (kWide && stream) {
+    stream_row_avx512(dst, src, len * static_cast<int64_t>(sizeof(scalar_t)));
+  } else if (stream) {
     for (int64_t i = 0; i < len; i += 16 / sizeof(scalar_t)) {
       _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_load_si128(reinterpret_cast<const __m128i*>(src + i)));
     }
   } else {
     std::copy(src, src + len, dst);
+  }
+}
+
+// Writes a chunk's output row from float values, dst[i] = scalar_t(src[i]) (c10's rounding), as
+// store_row. bfloat16 rows go through store_bf16_row_avx512 where `bf16_rows` (the CPU has
+// AVX512-BF16 and this is the AVX-512 build: use_avx512_bf16()): bfloat16 backward 1.05-1.17x
+// at [T, 2^20], T = 4..64 (ATan, one thread, A/B in one process), GCC's vectorized c10
+// rounding being ~7 instructions per 16 values.
+template <bool kWide, typename scalar_t, typename Len>
+CBP_ALWAYS_INLINE void store_row_from_float(scalar_t* __restrict__ dst, const float* __restrict__ src, Len len,
+                                            bool stream, bool bf16_rows) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    store_row<kWide>(dst, src, len, stream);
+  } else {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (bf16_rows) return store_bf16_row_avx512(dst, src, len, stream);
+    }
+    alignas(64) scalar_t out[kChunk];
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<scalar_t>(src[i]);
+    store_row<kWide>(dst, out, len, stream);
   }
 }
 
@@ -111,7 +155,9 @@ CBP_ALWAYS_INLINE void store_row(scalar_t* __restrict__ dst, const scalar_t* __r
 // (float32, one thread under load, forward ms, median of 31 interleaved calls, streamed S and
 // V[T-1] / plain): [4, 2^18] (4 MiB) 0.41 / 0.56, [8, 2^17] (4 MiB) 0.60 / 0.40, [4, 2^19]
 // 0.74 / 1.16, [4, 2^20] 1.73 / 2.36, [8, 2^20] 2.97 / 4.50; [4, 2^16], [4, 2^17] (1, 2 MiB)
-// 0.21 / 0.12, 0.44 / 0.26. V[T-1] streamed alone: [4, 2^20] 2.16 / 2.36.
+// 0.21 / 0.12, 0.44 / 0.26. V[T-1] streamed alone: [4, 2^20] 2.16 / 2.36. bfloat16, one thread,
+// A/B in one process: streaming dL/dX of [4, 2^20] and [8, 2^20] (8, 16 MiB) too was 0.83x and
+// 0.92x backward; S of both not streamed 0.78x forward: the thresholds hold in bytes.
 constexpr int64_t kStreamBackward = int64_t{16} << 20;
 constexpr int64_t kStreamForward = int64_t{4} << 20;
 template <typename scalar_t>
@@ -132,7 +178,7 @@ CBP_ALWAYS_INLINE void for_each_chunk(int64_t begin, int64_t end, Chunk&& chunk)
 // One chunk of len <= kChunk columns, all T steps: H = charge(V, X); S = (H - V_th >= 0);
 // V = reset(H, S). `stream`: S's full chunks get non-temporal stores (stream_output), and so does
 // V[T-1] where `v_last` is 64-byte aligned too.
-template <typename scalar_t, typename Len>
+template <bool kWide, typename scalar_t, typename Len>
 CBP_ALWAYS_INLINE void forward_chunk(const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
                                      const NeuronParams q, scalar_t* __restrict__ spike,
                                      float* __restrict__ v_last, int64_t T, int64_t N, int64_t start, Len len,
@@ -150,9 +196,9 @@ CBP_ALWAYS_INLINE void forward_chunk(const scalar_t* __restrict__ x, const float
       out[i] = static_cast<scalar_t>(s);
       v[i] = neuron_reset(h, s, q);
     }
-    store_row(spike + row, out, len, stream);
+    store_row<kWide>(spike + row, out, len, stream);
   }
-  store_row(v_last + start, v, len, stream && reinterpret_cast<std::uintptr_t>(v_last) % 64 == 0);
+  store_row<kWide>(v_last + start, v, len, stream && reinterpret_cast<std::uintptr_t>(v_last) % 64 == 0);
 }
 
 // One chunk of len <= kChunk columns, reverse time: gH = gS sg'(H - V_th) + gV dV/dH;
@@ -161,16 +207,16 @@ CBP_ALWAYS_INLINE void forward_chunk(const scalar_t* __restrict__ x, const float
 // spike bit for bit) into h[t * len + i]. PLIF (kGradK): returns sum over the chunk's columns and
 // t of gH dH/dk, with V[t-1] = reset(H[t-1], S[t-1]) (v_init at t = 0); per-column float sums,
 // added up in double. grad_v_init may be null (not wanted). `stream`: as the forward's, for dL/dX.
-template <typename scalar_t, int kSurrogate, bool kGradK, typename Len>
+template <bool kWide, typename scalar_t, int kSurrogate, bool kGradK, typename Len>
 CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike, const float* __restrict__ grad_v_last,
                                         const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
                                         const NeuronParams q, scalar_t* __restrict__ grad_x,
                                         float* __restrict__ grad_v_init, int64_t T, int64_t N, int64_t start,
-                                        Len len, float* __restrict__ h, bool stream) {
+                                        Len len, float* __restrict__ h, bool stream, bool bf16_rows) {
   const float dh_dv = charge_dh_dv(k, q);
   const float dh_dx = charge_dh_dx(k, q);
   float gv[kChunk], gk[kChunk], dk[kChunk], sg[kChunk];
-  alignas(64) scalar_t out[kChunk];
+  alignas(64) float out[kChunk];  // dL/dX[t] before store_row_from_float converts it
   stream = stream && len == kChunk;
   load_state(v_init, q.v_reset, start, len, gv);  // gv holds V while H is recomputed
   for (int64_t t = 0; t < T; ++t) {
@@ -201,17 +247,23 @@ CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike,
         for (int64_t i = 0; i < len; ++i) dk[i] = charge_dh_dk(dk[i], 0.0f, q);
       }
     }
-    // The surrogate in a loop of its own: with the Sigmoid's exp inlined into the loop below,
-    // GCC no longer unswitched that loop's flags and left it scalar (5x slower).
-    for (int64_t i = 0; i < len; ++i) sg[i] = surrogate_grad(hr[i] - q.v_threshold, kSurrogate, q.alpha);
+    // The Sigmoid's surrogate in a loop of its own: with its exp inlined into the loop below,
+    // GCC no longer unswitched that loop's flags and left it scalar (5x slower). The others are
+    // computed in that loop: one pass over the chunk instead of two (ATan at [T, 2^20], one
+    // thread, A/B in one process: bfloat16 backward 1.02-1.09x at T = 4..64, float32 the same).
+    constexpr bool kSurrogateLoop = kSurrogate == kSigmoid;
+    if constexpr (kSurrogateLoop) {
+      for (int64_t i = 0; i < len; ++i) sg[i] = surrogate_grad(hr[i] - q.v_threshold, kSurrogate, q.alpha);
+    }
     for (int64_t i = 0; i < len; ++i) {
+      const float sgi = kSurrogateLoop ? sg[i] : surrogate_grad(hr[i] - q.v_threshold, kSurrogate, q.alpha);
       const float s = (hr[i] - q.v_threshold >= 0.0f) ? 1.0f : 0.0f;
-      const float gh = static_cast<float>(grad_spike[row + i]) * sg[i] + gv[i] * reset_dv_dh(hr[i], s, sg[i], q);
-      out[i] = static_cast<scalar_t>(gh * dh_dx);
+      const float gh = static_cast<float>(grad_spike[row + i]) * sgi + gv[i] * reset_dv_dh(hr[i], s, sgi, q);
+      out[i] = gh * dh_dx;
       if (kGradK) gk[i] += gh * dk[i];
       gv[i] = gh * dh_dv;
     }
-    store_row(grad_x + row, out, len, stream);
+    store_row_from_float<kWide>(grad_x + row, out, len, stream, bf16_rows);
   }
   if (grad_v_init != nullptr) std::copy(gv, gv + len, grad_v_init + start);
   double sum = 0.0;
@@ -232,7 +284,7 @@ float* thread_scratch(int64_t floats) {
 // The OpenMP loops over column blocks, one per instruction set. The chunk lambdas are
 // always_inline, so they are compiled for the enclosing function's instruction set. The sfence
 // orders a block's non-temporal stores before the loop's closing barrier (outputs seen by all).
-#define CBP_NEURON_LOOPS(ATTR, SUFFIX)                                                                           \
+#define CBP_NEURON_LOOPS(ATTR, SUFFIX, WIDE)                                                                     \
   template <typename scalar_t>                                                                                  \
   ATTR void forward_##SUFFIX(const scalar_t* x, const float* v_init, float k, const NeuronParams p,             \
                              scalar_t* spike, float* v_last, int64_t T, int64_t N) {                            \
@@ -240,7 +292,7 @@ float* thread_scratch(int64_t floats) {
     _Pragma("omp parallel for schedule(static)") for (int64_t begin = 0; begin < N; begin += kBlock) {          \
       for_each_chunk<kChunk>(begin, std::min(begin + kBlock, N), [&](int64_t start, auto len)                  \
                                                                      CBP_ALWAYS_INLINE_LAMBDA {                 \
-        forward_chunk(x, v_init, k, p, spike, v_last, T, N, start, len, stream);                                \
+        forward_chunk<WIDE>(x, v_init, k, p, spike, v_last, T, N, start, len, stream);                          \
       });                                                                                                       \
       _mm_sfence();                                                                                             \
     }                                                                                                           \
@@ -251,21 +303,23 @@ float* thread_scratch(int64_t floats) {
                               float* grad_v_init, double* partial, int64_t T, int64_t N) {                      \
     const int64_t blocks = (N + kBlock - 1) / kBlock;                                                           \
     const bool stream = stream_output(grad_x, T, N, kStreamBackward);                                           \
+    const bool bf16_rows = WIDE && use_avx512_bf16();                                                           \
     _Pragma("omp parallel for schedule(static)") for (int64_t b = 0; b < blocks; ++b) {                         \
       float* h = thread_scratch(T * kChunk);                                                                    \
       double sum = 0.0;                                                                                         \
       for_each_chunk<kChunk>(b * kBlock, std::min((b + 1) * kBlock, N), [&](int64_t start, auto len)           \
                                                                            CBP_ALWAYS_INLINE_LAMBDA {           \
-        sum += backward_chunk<scalar_t, kSurrogate, kGradK>(grad_spike, grad_v_last, x, v_init, k, p, grad_x,  \
-                                                            grad_v_init, T, N, start, len, h, stream);          \
+        sum += backward_chunk<WIDE, scalar_t, kSurrogate, kGradK>(grad_spike, grad_v_last, x, v_init, k, p,    \
+                                                            grad_x, grad_v_init, T, N, start, len, h, stream,   \
+                                                            bf16_rows);                                         \
       });                                                                                                       \
       _mm_sfence();                                                                                             \
       partial[b] = sum;                                                                                         \
     }                                                                                                           \
   }
 
-CBP_NEURON_LOOPS(, portable)
-CBP_NEURON_LOOPS(CBP_AVX512, avx512)
+CBP_NEURON_LOOPS(, portable, false)
+CBP_NEURON_LOOPS(CBP_AVX512, avx512, true)
 #undef CBP_NEURON_LOOPS
 
 template <typename scalar_t>
