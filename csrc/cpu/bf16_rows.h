@@ -19,11 +19,11 @@
 
 namespace cbp {
 
-// True when the CPU has AVX512-BF16 (and F, BW, DQ) and cpu/isa.h allows AVX-512.
+// True when the CPU has AVX512-BF16 (and F, BW, DQ) and cpu/isa.h allows it.
 inline bool use_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
-  return has && avx512_allowed();
+  return has && avx512_bf16_allowed();
 }
 
 // dst[i] = c10::BFloat16(src[i]) for i < len, with non-temporal 64-byte stores when `stream`
