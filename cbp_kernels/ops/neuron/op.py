@@ -85,10 +85,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_spike, grad_v_last, _grad_h):
+def _backward(ctx, grad_spike, grad_v_last, _grad_h, kernels_op=_neuron_backward):
+    """The forward op's autograd; ``kernels_op``: the backward custom op (traceable), or its body
+    ``_backward_kernels`` (``_EagerNeuron``)."""
     h_seq, spike_seq, x_saved, v_init, decay = ctx.saved_tensors
     grad_spike, grad_v_last = _output_grads(grad_spike, grad_v_last, spike_seq)
-    grad_x, grad_v, grad_k = _neuron_backward(
+    grad_x, grad_v, grad_k = kernels_op(
         grad_spike, grad_v_last, h_seq, spike_seq, x_saved, v_init, decay, *ctx.args, ctx.need_grad_decay
     )
     grad_v = grad_v if v_init.numel() else None  # the default (empty) v_init has no gradient
@@ -96,6 +98,23 @@ def _backward(ctx, grad_spike, grad_v_last, _grad_h):
 
 
 torch.library.register_autograd("cbp_kernels::neuron_forward", _backward, setup_context=_setup_context)
+
+
+class _EagerNeuron(torch.autograd.Function):
+    """The custom op's autograd (same ``_setup_context`` and ``_backward``) around its body, for
+    eager calls with a graph: skips the custom op's Python dispatch. ``forward`` takes ``ctx``
+    itself: with a separate ``setup_context`` staticmethod, ``Function.apply`` binds the
+    arguments with ``inspect.signature`` on every call (~60 us)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, kernels_op=_backward_kernels)
 
 
 def _checked_tau(neuron: str, tau, x_seq: torch.Tensor) -> torch.Tensor:
@@ -203,10 +222,12 @@ def run(x_seq, v_init, decay, p: NeuronParams, backend: str) -> tuple[torch.Tens
         spike, v_last, _ = reference.forward(x_seq, v_init, decay, p)
         return spike, v_last
     args = (x_seq, v_init, decay, *p.fields(), backend)
-    if torch.is_grad_enabled():  # the custom op, for its autograd
+    if torch.compiler.is_compiling():  # the custom op, traced
         spike, v_last, _ = _neuron_forward(*args)
-    else:  # no graph (e.g. inside BatchNormNeuronFunction): eager skips the op's Python dispatch, ~20 us
-        spike, v_last, _ = call(_neuron_forward, _forward, *args)
+    elif torch.is_grad_enabled():  # eager: the op's body and autograd without its Python dispatch
+        spike, v_last, _ = _EagerNeuron.apply(*args)
+    else:  # no graph (e.g. inside BatchNormNeuronFunction), ~20 us less
+        spike, v_last, _ = _forward(*args)
     return spike, v_last
 
 

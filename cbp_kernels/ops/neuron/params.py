@@ -4,7 +4,7 @@ whole to every backend. The custom ops' schemas take its fields in their order
 derived or renamed on the way."""
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 
 NEURONS = {"if": 0, "lif": 1, "plif": 1}  # PLIF runs the LIF kernel; its decay gets a gradient
 SURROGATES = {"atan": 0, "sigmoid": 1, "rectangle": 2, "triangle": 3, "piecewise_quadratic": 4}
@@ -25,8 +25,9 @@ class NeuronParams:
     alpha: float = 2.0
 
     def fields(self) -> tuple:
-        """The fields in order: the custom ops' scalar arguments (``NeuronParams(*p.fields()) == p``)."""
-        return astuple(self)
+        """The fields in order: the custom ops' scalar arguments (``NeuronParams(*p.fields()) == p``).
+        Not ``dataclasses.astuple``, which deep-copies each field (~35 us a call)."""
+        return tuple(getattr(self, name) for name in _FIELD_NAMES)
 
     @property
     def soft_reset(self) -> bool:
@@ -36,3 +37,6 @@ class NeuronParams:
     def reset_value(self) -> float:
         """V_reset in the charge and reset equations (0 for the soft reset)."""
         return 0.0 if self.v_reset is None else self.v_reset
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(NeuronParams))
