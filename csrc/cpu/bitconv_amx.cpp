@@ -1,6 +1,7 @@
 // The AMX-INT8 path of the CPU popcount convolution (the equation and the choice of path:
 // bitconv.cpp).
 #include "cpu/bitconv_paths.h"
+#include "cpu/amx.h"
 
 #ifdef CBP_HAVE_X86
 namespace cbp {
@@ -39,20 +40,7 @@ constexpr int64_t kAmxMinPixels = 128;
 // True when the layer has kAmxMinPixels, the CPU has AMX-INT8, Linux grants this process the
 // tile state and cpu/isa.h allows AMX (CBP_KERNELS_NO_AMX=1 tests the AVX-512 path).
 bool use_amx(const BitConvGeometry& g) {
-  if (g.N * g.OH * g.OW < kAmxMinPixels || !amx_allowed() || !use_avx512() ||
-      !__builtin_cpu_supports("avx512bw"))
-    return false;
-#ifdef __linux__
-  static const bool granted = [] {
-    unsigned a, b, c, d;
-    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0 || (d & (3u << 24)) != (3u << 24)) return false;  // AMX-TILE, -INT8
-    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
-  }();
-  return granted;
-#else
-  return false;
-#endif
+  return g.N * g.OH * g.OW >= kAmxMinPixels && use_avx512() && amx_usable(/*int8=*/true);
 }
 
 struct FreeDeleter {
@@ -74,19 +62,7 @@ constexpr int64_t kItemBytes = 512 * 1024;
 // conv and layer4.0.conv1, lose 5% on layer4 conv; 8 loses 5-30% everywhere.
 constexpr int64_t kStepMax = 16;
 
-// Tiles 0-3: the 2 x 2 blocks of counts; 4-5: A; 6-7: B; all 16 rows x 64 bytes. The palette
-// is a constant in memory, not a stack copy:
-// GCC may drop the stores to a local struct whose only reader is LDTILECFG (seen when this
-// function was not inlined: the tiles then ran unconfigured and TILEZERO raised SIGILL).
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-constexpr TileConfig kTileConfig{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
-
-CBP_AMX void amx_tile_config() { _tile_loadconfig(&kTileConfig); }
-
+// Tiles 0-3: the 2 x 2 blocks of counts; 4-5: A; 6-7: B (cpu/amx.h: all 16 rows x 64 bytes).
 struct AmxConv {
   const BitConvGeometry& g;
   const uint32_t* x;
