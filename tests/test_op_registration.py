@@ -11,6 +11,7 @@ import torch
 from cbp_kernels.ops import (bitpack, bitunpack, constraint_pass, multiplier_step, multistep_neuron, pack_spikes,
                              pack_weight, packed_conv2d, packed_conv2d_lif, quantize)
 from cbp_kernels.ops.constraint import reference as constraint_ref
+from cbp_kernels.ops.conv_weight_grad import conv_weight_grad  # noqa: F401  (registers its op)
 from cbp_kernels.ops.neuron.params import NeuronParams
 from cbp_kernels.ops.sigmoid_quant.op import sigmoid_quantize
 
@@ -117,10 +118,12 @@ OPS = {
     "batch_norm_stats": ("cbp_kernels.ops.batch_norm_stats", _batch_norm_stats_args),
     "max_pool2d_3x3s2": ("cbp_kernels.ops.max_pool", lambda b: (torch.randn(6, 9, 12), b)),
     "max_pool2d_3x3s2_backward": ("cbp_kernels.ops.max_pool", _max_pool_backward_args),
+    "conv_weight_grad": ("cbp_kernels.ops.conv_weight_grad", lambda b: (
+        torch.randn(2, 20, 4, 5), torch.randint(0, 3, (2, 3, 7, 9)).float(), [3, 3], [2, 2], [1, 1], b)),
 }
 PLAIN_REFERENCE = {"neuron_forward", "neuron_backward", "sigmoid_quant_forward", "sigmoid_quant_backward"}
 # Ops with a CPU kernel only (ATen's CPU arithmetic reproduced bit for bit; CUDA keeps ATen's op).
-CPU_ONLY = {"batch_norm_stats", "max_pool2d_3x3s2", "max_pool2d_3x3s2_backward"}
+CPU_ONLY = {"batch_norm_stats", "max_pool2d_3x3s2", "max_pool2d_3x3s2_backward", "conv_weight_grad"}
 
 
 def _cases():

@@ -382,7 +382,7 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x, a
     const AmxWgrad conv(g);
     auto acc = at::zeros({conv.taps, conv.Op, conv.Cp}, x.options());
     conv.run(grad_y.data_ptr<float>(), x.data_ptr<float>(), acc.data_ptr<float>());
-    return acc.narrow(1, 0, g.O).narrow(2, 0, g.C).permute({1, 2, 0}).reshape({g.O, g.C, g.KH, g.KW});
+    return acc.narrow(1, 0, g.O).narrow(2, 0, g.C).permute({1, 2, 0}).contiguous().view({g.O, g.C, g.KH, g.KW});
   }
 #endif
   const auto w = at::empty({g.O, g.C, g.KH, g.KW}, x.options());  // only its shape is read
