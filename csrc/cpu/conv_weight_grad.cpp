@@ -322,34 +322,40 @@ struct AmxWgrad {
     _tile_stored(3, c + 16 * Cp + 16, cs);
   }
 
-  // acc[taps][Op][Cp] (zeroed) += every block.
+  // acc[taps][Op][Cp] (zeroed) += every block. Each thread runs its own range of items
+  // (ob, cb, tap) over all blocks, building the B it reads (its channel blocks) itself: no
+  // barrier between blocks (a thread waiting at one for a descheduled peer on a busy machine
+  // cost up to 10x), at the price of building B once per thread.
   CBP_AMX_BF16 void run(const float* gy, const float* x, float* acc) const {
-    const Buffer<uint16_t> b = buffer64<uint16_t>(slots * (Kb / 2) * Cp * 2);
 #pragma omp parallel
     {
-      amx_tile_config();
-      const Buffer<uint16_t> a = buffer64<uint16_t>(3 * 32 * a_pitch), stage = buffer64<uint16_t>(16 * Kb);
       const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
       const int64_t lo = items * t / threads, hi = items * (t + 1) / threads, per_ob = ncb * taps;
-      std::vector<std::vector<Run>> runs(slots);
-      for (int64_t k0 = 0; k0 < Kpad; k0 += Kb) {
-        const int64_t len = std::min(Kb, Kpad - k0);
-        for (int64_t s = 0; s < slots; ++s) runs[s] = b_runs(slot_phase[s], k0, len);
-#pragma omp for schedule(static) collapse(2)
-        for (int64_t s = 0; s < slots; ++s)
-          for (int64_t c0 = 0; c0 < Cp; c0 += 16) build_b(x, s, c0, len, runs[s], stage.get(), b.get());
-        const std::vector<Run> arow = a_runs(k0, len);
-        for (int64_t ob = lo / per_ob; ob * per_ob < hi; ++ob) {
-          build_a(gy, ob, arow, a.get());
-          const int64_t i0 = std::max(lo, ob * per_ob), i1 = std::min(hi, (ob + 1) * per_ob);
-          for (int64_t ks = 0; ks < len; ks += kSub) {
-            for (int64_t it = i0; it < i1; ++it)
-              item(ob, it % taps, it / taps % ncb, ks, std::min(kSub, len - ks), a.get(), b.get(), acc);
+      if (lo < hi) {
+        amx_tile_config();
+        const Buffer<uint16_t> a = buffer64<uint16_t>(3 * 32 * a_pitch), stage = buffer64<uint16_t>(16 * Kb);
+        const Buffer<uint16_t> b = buffer64<uint16_t>(slots * (Kb / 2) * Cp * 2);
+        // the channel blocks of this thread's items: all unless they lie in one output-channel block
+        const bool one_ob = lo / per_ob == (hi - 1) / per_ob;
+        const int64_t cb0 = one_ob ? lo % per_ob / taps : 0, cb1 = one_ob ? (hi - 1) % per_ob / taps + 1 : ncb;
+        for (int64_t k0 = 0; k0 < Kpad; k0 += Kb) {
+          const int64_t len = std::min(Kb, Kpad - k0);
+          for (int64_t s = 0; s < slots; ++s) {
+            const std::vector<Run> runs = b_runs(slot_phase[s], k0, len);
+            for (int64_t c0 = cb0 * 32; c0 < cb1 * 32; c0 += 16) build_b(x, s, c0, len, runs, stage.get(), b.get());
+          }
+          const std::vector<Run> arow = a_runs(k0, len);
+          for (int64_t ob = lo / per_ob; ob * per_ob < hi; ++ob) {
+            build_a(gy, ob, arow, a.get());
+            const int64_t i0 = std::max(lo, ob * per_ob), i1 = std::min(hi, (ob + 1) * per_ob);
+            for (int64_t ks = 0; ks < len; ks += kSub) {
+              for (int64_t it = i0; it < i1; ++it)
+                item(ob, it % taps, it / taps % ncb, ks, std::min(kSub, len - ks), a.get(), b.get(), acc);
+            }
           }
         }
-#pragma omp barrier
+        _tile_release();
       }
-      _tile_release();
     }
   }
 };
