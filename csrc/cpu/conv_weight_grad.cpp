@@ -33,8 +33,8 @@
 // read) is built once, shared (stays in each core's L2); each thread then runs its share of
 // the (output-channel block of 32, tap, channel block of 32) items, building A for an output-
 // channel block (its three parts, Kb + margin columns) when it reaches one; an item loads its
-// 2 x 2 accumulator tiles from acc[tap][O][C] (float32), runs the block's k and stores them.
-// The end transposes acc to [O, C, KH, KW].
+// 2 x 2 accumulator tiles (from zero on its first visit, else from its float32 buffer), runs
+// the columns and stores them (its last visit: to grad_w).
 // GCC 12 reads the "undefined" pass-through operand of the unmasked AVX-512 intrinsics
 // (unpack, cvtepi32_epi16, shuffle_i32x4) as maybe-uninitialized: a false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -68,9 +68,20 @@ struct FreeDeleter {
 };
 template <typename T>
 using Buffer = std::unique_ptr<T[], FreeDeleter>;
-template <typename T>
-Buffer<T> buffer64(int64_t n) {  // uninitialised, 64-byte aligned
-  return Buffer<T>(static_cast<T*>(std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64)));
+
+// n uninitialised, 64-byte aligned values of scratch space number `Slot` of this thread, kept
+// between calls (grown, never shrunk): a fresh large buffer is mapped anew on every call and
+// page-faults on first touch (~5000 faults per call for layer4's accumulators and B, 3-5 ms).
+template <typename T, int Slot>
+T* scratch(int64_t n) {
+  thread_local Buffer<char> buf;
+  thread_local int64_t size = 0;
+  const int64_t bytes = (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+  if (bytes > size) {
+    buf.reset(static_cast<char*>(std::aligned_alloc(64, static_cast<size_t>(bytes))));
+    size = bytes;
+  }
+  return reinterpret_cast<T*>(buf.get());
 }
 
 // Bytes of one k block's B (all channels, every phase read) plus one output-channel block's A
@@ -86,7 +97,7 @@ constexpr int64_t kSub = 128;
 
 struct AmxWgrad {
   Geometry g;
-  int64_t Hs, Ws, P, Op, Cp, taps, Kpad, Kb, margin, a_pitch, nob, ncb, items, slots;
+  int64_t Hs, Ws, P, Q, Op, Cp, taps, Kpad, Kb, margin, a_pitch, nob, ncb, items, slots;
   std::vector<int64_t> tap_off, tap_slot;  // per tap: grid offset, B slot of its phase
   std::vector<int64_t> slot_phase;         // per B slot: the phase a * sw + b
 
@@ -97,7 +108,6 @@ struct AmxWgrad {
     Op = (g.O + 31) / 32 * 32;
     Cp = (g.C + 31) / 32 * 32;
     taps = g.KH * g.KW;
-    Kpad = (g.N * P + 31) / 32 * 32;
     std::vector<int64_t> slot_of(g.sh * g.sw, -1);
     int64_t off_max = 0;
     for (int64_t kh = 0; kh < g.KH; ++kh) {
@@ -113,6 +123,18 @@ struct AmxWgrad {
       }
     }
     slots = static_cast<int64_t>(slot_phase.size());
+    // Images Q = P - overlap * Ws columns apart: the grid rows that are padding (zero) at the
+    // bottom of an image and at the top of the next, in every phase read, are shared (3x3
+    // stride 1 padding 1: one row; layer4's 7 x 7 images: 72 columns instead of 81).
+    int64_t overlap = Hs;
+    for (const int64_t phase : slot_phase) {
+      const int64_t a = phase / g.sw;
+      const int64_t top = g.ph > a ? (g.ph - a + g.sh - 1) / g.sh : 0;           // rows with ih < 0
+      const int64_t bottom = Hs - (g.H + g.ph - a + g.sh - 1) / g.sh;             // rows with ih >= H
+      overlap = std::min({overlap, top, std::max<int64_t>(bottom, 0)});
+    }
+    Q = P - overlap * Ws;
+    Kpad = ((g.N - 1) * Q + P + 31) / 32 * 32;
     margin = off_max;
     const int64_t per_k = slots * Cp * 2 + 3 * 32 * 2;
     Kb = std::clamp<int64_t>(kBlockBytes / per_k / 32 * 32, 256, 16384);
@@ -139,9 +161,9 @@ struct AmxWgrad {
       int64_t end = kend, valid = 0, src = 0;
       if (k < 0) {
         end = std::min<int64_t>(0, kend);
-      } else if (k < g.N * P) {
-        const int64_t n = k / P, v = k % P, oh = v / Ws, ow = v % Ws;
-        end = std::min(kend, oh >= g.OH ? (n + 1) * P : k + Ws - ow);  // this grid row, or the image's rest
+      } else if (k < g.N * Q) {
+        const int64_t n = k / Q, v = k % Q, oh = v / Ws, ow = v % Ws;
+        end = std::min(kend, oh >= g.OH ? (n + 1) * Q : k + Ws - ow);  // this grid row, or the image's rest
         valid = oh >= g.OH ? 0 : std::clamp<int64_t>(g.OW - ow, 0, end - k);
         src = (n * g.O * g.OH + oh) * g.OW + ow;
       }
@@ -159,7 +181,7 @@ struct AmxWgrad {
     // grid columns j whose x column j * sw + b - pw lies in [0, W)
     const int64_t jlo = g.pw > b ? (g.pw - b + g.sw - 1) / g.sw : 0, jhi = (g.W + g.pw - b + g.sw - 1) / g.sw;
     for (int64_t k = k0; k < k0 + len;) {
-      const int64_t n = k / P, u = k % P, i = u / Ws, j = u % Ws, ih = i * g.sh + a - g.ph;
+      const int64_t n = k / Q, u = k % Q, i = u / Ws, j = u % Ws, ih = i * g.sh + a - g.ph;
       const int64_t end = std::min(k0 + len, k + Ws - j);
       if (n < g.N && ih >= 0 && ih < g.H) {
         const int64_t jb = std::clamp(jlo, j, j + end - k), je = std::clamp(jhi, jb, j + end - k);
@@ -289,23 +311,30 @@ struct AmxWgrad {
     }
   }
 
-  // Item (ob, tap, cb) over the block's len columns: acc[tap][32 ob .. +32][32 cb .. +32] +=
-  // sum over the block's k and g's 3 parts. Tiles 0-3: the 2 x 2 accumulators; 4-5: A; 6-7: B.
+  // Item (ob, tap, cb) over columns [k0, k0 + len) of the block: its 32 x 32 sums (acc, rows
+  // o, columns c) += the columns' products, g's 3 parts. Tiles 0-3: the 2 x 2 accumulators;
+  // 4-5: A; 6-7: B. The item's first visit starts from zero; its last writes grad_w
+  // (out[o][c][tap], o < O, c < C) instead of acc.
   CBP_AMX_BF16 void item(int64_t ob, int64_t tap, int64_t cb, int64_t k0, int64_t len, const uint16_t* a,
-                         const uint16_t* b, float* acc) const {
-    float* c = acc + (tap * Op + ob * 32) * Cp + cb * 32;
-    const int64_t cs = Cp * 4;
-    _tile_loadd(0, c, cs);
-    _tile_loadd(1, c + 16, cs);
-    _tile_loadd(2, c + 16 * Cp, cs);
-    _tile_loadd(3, c + 16 * Cp + 16, cs);
+                         const uint16_t* b, float* acc, bool first, float* out) const {
+    if (first) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    } else {
+      _tile_loadd(0, acc, 128);
+      _tile_loadd(1, acc + 16, 128);
+      _tile_loadd(2, acc + 16 * 32, 128);
+      _tile_loadd(3, acc + 16 * 32 + 16, 128);
+    }
     const uint16_t* ar = a + margin - tap_off[tap];
     const uint16_t* br = b + tap_slot[tap] * (Kb / 2) * Cp * 2 + cb * 64;
-    const int64_t as = a_pitch * 2, part = 32 * a_pitch;
+    const int64_t as = a_pitch * 2, bs = Cp * 4, part = 32 * a_pitch;
     for (int64_t k = k0; k < k0 + len; k += 32) {
       const uint16_t* bk = br + (k / 2) * Cp * 2;
-      _tile_loadd(6, bk, cs);
-      _tile_loadd(7, bk + 32, cs);
+      _tile_loadd(6, bk, bs);
+      _tile_loadd(7, bk + 32, bs);
       for (int64_t p = 0; p < 3; ++p) {
         const uint16_t* ak = ar + p * part + k;
         _tile_loadd(4, ak, as);
@@ -316,25 +345,38 @@ struct AmxWgrad {
         _tile_dpbf16ps(3, 5, 7);
       }
     }
-    _tile_stored(0, c, cs);
-    _tile_stored(1, c + 16, cs);
-    _tile_stored(2, c + 16 * Cp, cs);
-    _tile_stored(3, c + 16 * Cp + 16, cs);
+    _tile_stored(0, acc, 128);
+    _tile_stored(1, acc + 16, 128);
+    _tile_stored(2, acc + 16 * 32, 128);
+    _tile_stored(3, acc + 16 * 32 + 16, 128);
+    if (out == nullptr) return;
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(taps)));
+    for (int64_t r = 0; r < 32 && ob * 32 + r < g.O; ++r) {
+      float* row = out + ((ob * 32 + r) * g.C + cb * 32) * taps + tap;
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t left = g.C - cb * 32 - 16 * h;
+        if (left <= 0) break;
+        const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+        _mm512_mask_i32scatter_ps(row + 16 * h * taps, m, lane, _mm512_loadu_ps(acc + r * 32 + 16 * h), 4);
+      }
+    }
   }
 
-  // acc[taps][Op][Cp] (zeroed) += every block. Each thread runs its own range of items
+  // grad_w to out [O, C, KH, KW], the items' sums between blocks in acc[ob][cb][tap][32][32]. Each thread runs its own range of items
   // (ob, cb, tap) over all blocks, building the B it reads (its channel blocks) itself: no
   // barrier between blocks (a thread waiting at one for a descheduled peer on a busy machine
   // cost up to 10x), at the price of building B once per thread.
-  CBP_AMX_BF16 void run(const float* gy, const float* x, float* acc) const {
+  CBP_AMX_BF16 void run(const float* gy, const float* x, float* acc, float* out) const {
 #pragma omp parallel
     {
       const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
       const int64_t lo = items * t / threads, hi = items * (t + 1) / threads, per_ob = ncb * taps;
       if (lo < hi) {
         amx_tile_config();
-        const Buffer<uint16_t> a = buffer64<uint16_t>(3 * 32 * a_pitch), stage = buffer64<uint16_t>(16 * Kb);
-        const Buffer<uint16_t> b = buffer64<uint16_t>(slots * (Kb / 2) * Cp * 2);
+        uint16_t* a = scratch<uint16_t, 0>(3 * 32 * a_pitch);
+        uint16_t* stage = scratch<uint16_t, 1>(16 * Kb);
+        uint16_t* b = scratch<uint16_t, 2>(slots * (Kb / 2) * Cp * 2);
         // the channel blocks of this thread's items: all unless they lie in one output-channel block
         const bool one_ob = lo / per_ob == (hi - 1) / per_ob;
         const int64_t cb0 = one_ob ? lo % per_ob / taps : 0, cb1 = one_ob ? (hi - 1) % per_ob / taps + 1 : ncb;
@@ -342,15 +384,17 @@ struct AmxWgrad {
           const int64_t len = std::min(Kb, Kpad - k0);
           for (int64_t s = 0; s < slots; ++s) {
             const std::vector<Run> runs = b_runs(slot_phase[s], k0, len);
-            for (int64_t c0 = cb0 * 32; c0 < cb1 * 32; c0 += 16) build_b(x, s, c0, len, runs, stage.get(), b.get());
+            for (int64_t c0 = cb0 * 32; c0 < cb1 * 32; c0 += 16) build_b(x, s, c0, len, runs, stage, b);
           }
           const std::vector<Run> arow = a_runs(k0, len);
           for (int64_t ob = lo / per_ob; ob * per_ob < hi; ++ob) {
-            build_a(gy, ob, arow, a.get());
+            build_a(gy, ob, arow, a);
             const int64_t i0 = std::max(lo, ob * per_ob), i1 = std::min(hi, (ob + 1) * per_ob);
             for (int64_t ks = 0; ks < len; ks += kSub) {
+              const bool first = k0 == 0 && ks == 0, last = k0 + Kb >= Kpad && ks + kSub >= len;
               for (int64_t it = i0; it < i1; ++it)
-                item(ob, it % taps, it / taps % ncb, ks, std::min(kSub, len - ks), a.get(), b.get(), acc);
+                item(ob, it % taps, it / taps % ncb, ks, std::min(kSub, len - ks), a, b, acc + it * 1024,
+                     first, last ? out : nullptr);
             }
           }
         }
@@ -386,9 +430,10 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x, a
 #if defined(__x86_64__) || defined(_M_X64)
   if (g.N * g.C * g.O > 0 && use_amx(g)) {
     const AmxWgrad conv(g);
-    auto acc = at::zeros({conv.taps, conv.Op, conv.Cp}, x.options());
-    conv.run(grad_y.data_ptr<float>(), x.data_ptr<float>(), acc.data_ptr<float>());
-    return acc.narrow(1, 0, g.O).narrow(2, 0, g.C).permute({1, 2, 0}).contiguous().view({g.O, g.C, g.KH, g.KW});
+    auto grad_w = at::empty({g.O, g.C, g.KH, g.KW}, x.options());
+    float* acc = scratch<float, 3>(conv.items * 32 * 32);
+    conv.run(grad_y.data_ptr<float>(), x.data_ptr<float>(), acc, grad_w.data_ptr<float>());
+    return grad_w;
   }
 #endif
   const auto w = at::empty({g.O, g.C, g.KH, g.KW}, x.options());  // only its shape is read
