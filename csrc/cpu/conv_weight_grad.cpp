@@ -17,24 +17,26 @@
 //
 // Addressing without im2col (as the popcount conv's, csrc/cpu/bitconv_amx.cpp): x is split
 // into its stride phases; phase (a, b) holds x pixel (i*sh + a - ph, j*sw + b - pw) at grid
-// position u = i*Ws + j (Hs x Ws grid, Ws even, zero where padding), and tap (kh, kw) reads
-// phase (kh % sh, kw % sw) at u = v + off(tap), off = (kh / sh)*Ws + kw / sw, from output
-// "virtual row" v = oh*Ws + ow. With the images' grids back to back, k = n*P + u (P = Hs*Ws),
-// each tap is one matrix product over k:
+// position u = i*Ws + j (Hs x Ws grid, zero where padding), and tap (kh, kw) reads phase
+// (kh % sh, kw % sw) at u = v + off(tap), off = (kh / sh)*Ws + kw / sw, from output "virtual
+// row" v = oh*Ws + ow. With the images' grids Q columns apart, k = n*Q + u (Q = Hs*Ws less the
+// padding rows an image's bottom and the next one's top share), each tap is one matrix
+// product over k:
 //   grad_w[o, c, tap] = sum_k A[o][k - off(tap)] * B_phase(tap)[k][c],
-//   A[o][n*P + v] = g[n, o, oh, ow] (0 for ow >= OW, oh >= OH, k < 0: the front margin),
-//   B_phase[n*P + u][c] = x's phase grid;
+//   A[o][n*Q + v] = g[n, o, oh, ow] (0 for ow >= OW, oh >= OH, and k < 0: a front margin),
+//   B_phase[n*Q + u][c] = x's phase grid;
 // the tap moves A's row start (any element offset loads as a tile), so B's k-pairs stay
 // aligned (VNNI layout [k/2][C][2]); k - off never reads another image's values (an image's
 // last off_max virtual rows are past its last output). g's three parts are three A operands
-// summed into the same accumulators: one B tile load serves three TDPBF16PS.
+// summed into the same accumulators: one B tile load serves six TDPBF16PS.
 //
-// Blocking: k in blocks of Kb (all threads): the block's B (all channels, all phases the taps
-// read) is built once, shared (stays in each core's L2); each thread then runs its share of
-// the (output-channel block of 32, tap, channel block of 32) items, building A for an output-
-// channel block (its three parts, Kb + margin columns) when it reaches one; an item loads its
-// 2 x 2 accumulator tiles (from zero on its first visit, else from its float32 buffer), runs
-// the columns and stores them (its last visit: to grad_w).
+// Work: items (32 output channels ob, 32 channels cb, tap), 2 x 2 tiles of 16 x 16 sums each,
+// split in contiguous ranges between the threads. k runs in blocks of Kb columns (their B and
+// an ob's A fit in L2); per block a thread builds the B of its channel blocks (phase rows to
+// bfloat16, 16 x 16 transposes to VNNI), then per ob the three parts of A, then visits the
+// ob's items 128 columns at a time (A and a cb's B stay in L1 across the taps). A visit loads
+// its accumulators (zero on the first), runs its columns and stores them to its 4 KiB buffer
+// (on the last visit: to grad_w [O, C, KH, KW]).
 // GCC 12 reads the "undefined" pass-through operand of the unmasked AVX-512 intrinsics
 // (unpack, cvtepi32_epi16, shuffle_i32x4) as maybe-uninitialized: a false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -311,7 +313,7 @@ struct AmxWgrad {
     }
   }
 
-  // Item (ob, tap, cb) over columns [k0, k0 + len) of the block: its 32 x 32 sums (acc, rows
+  // A visit of item (ob, tap, cb): columns [k0, k0 + len) of the block: its 32 x 32 sums (acc, rows
   // o, columns c) += the columns' products, g's 3 parts. Tiles 0-3: the 2 x 2 accumulators;
   // 4-5: A; 6-7: B. The item's first visit starts from zero; its last writes grad_w
   // (out[o][c][tap], o < O, c < C) instead of acc.
@@ -363,10 +365,11 @@ struct AmxWgrad {
     }
   }
 
-  // grad_w to out [O, C, KH, KW], the items' sums between blocks in acc[ob][cb][tap][32][32]. Each thread runs its own range of items
-  // (ob, cb, tap) over all blocks, building the B it reads (its channel blocks) itself: no
-  // barrier between blocks (a thread waiting at one for a descheduled peer on a busy machine
-  // cost up to 10x), at the price of building B once per thread.
+  // grad_w to out [O, C, KH, KW]; the items' sums between visits in acc[ob][cb][tap][32][32].
+  // Each thread runs its own range of items (ob, cb, tap) over all blocks, building the B it
+  // reads (its channel blocks) itself: no barrier between blocks (threads waiting at one for a
+  // descheduled peer on a busy machine took up to 10x longer), at the price of building B
+  // once per thread.
   CBP_AMX_BF16 void run(const float* gy, const float* x, float* acc, float* out) const {
 #pragma omp parallel
     {
@@ -404,10 +407,6 @@ struct AmxWgrad {
   }
 };
 
-bool use_amx(const Geometry& g) {
-  // int32 gather indices within one image: c * H * W
-  return g.C * g.H * g.W < (int64_t{1} << 31) && amx_usable(/*int8=*/false);
-}
 #endif
 
 }  // namespace
@@ -428,7 +427,7 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x, a
                   g.OH >= 1 && g.OW >= 1,
               "conv_weight_grad: grad_y's shape is not the convolution's output shape");
 #if defined(__x86_64__) || defined(_M_X64)
-  if (g.N * g.C * g.O > 0 && use_amx(g)) {
+  if (g.N * g.C * g.O > 0 && amx_usable(/*int8=*/false)) {
     const AmxWgrad conv(g);
     auto grad_w = at::empty({g.O, g.C, g.KH, g.KW}, x.options());
     float* acc = scratch<float, 3>(conv.items * 32 * 32);
