@@ -194,6 +194,13 @@ struct AmxWgrad {
     return runs;
   }
 
+  // Prefetches n floats from p into L1. The operands are built row by row (32 rows of g, 16
+  // of x) from as many streams; fetching the next row's run while converting this one: 3-10%
+  // faster per layer, one thread, A/B in one process (the 1 x 1 layer at 14 x 14: 10% slower).
+  static void prefetch(const float* p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+  }
+
   // dst[i] = the bfloat16 (truncated; exact by precondition) of src[i * stride], i < n.
   CBP_AMX_BF16 static void to_bf16(const float* src, int64_t stride, int64_t n, uint16_t* dst) {
     const __m512i high = _mm512_setr_epi32(0x30001, 0x70005, 0xB0009, 0xF000D, 0x130011, 0x170015, 0x1B0019, 0x1F001D,
@@ -266,7 +273,10 @@ struct AmxWgrad {
     std::memset(stage, 0, 16 * len * 2);
     for (int64_t c = c0; c < std::min(c0 + 16, g.C); ++c) {
       uint16_t* row = stage + (c - c0) * len;
-      for (const Run& r : runs) to_bf16(x + c * g.H * g.W + r.src, g.sw, r.valid, row + r.j + r.skip);
+      for (const Run& r : runs) {
+        if (c + 1 < g.C) prefetch(x + (c + 1) * g.H * g.W + r.src, r.valid * g.sw);  // the next channel's run
+        to_bf16(x + c * g.H * g.W + r.src, g.sw, r.valid, row + r.j + r.skip);
+      }
     }
     const uint32_t* st = reinterpret_cast<const uint32_t*>(stage);
     uint32_t* dst = reinterpret_cast<uint32_t*>(b) + s * (Kb / 2) * Cp + c0;
@@ -309,7 +319,10 @@ struct AmxWgrad {
         continue;
       }
       const float* plane = gy + o * g.OH * g.OW;
-      for (const Run& run : runs) split_row(plane + run.src, run.valid, run.len, row + run.j, part);
+      for (const Run& run : runs) {
+        if (o + 1 < g.O) prefetch(plane + g.OH * g.OW + run.src, run.valid);  // the next row's run
+        split_row(plane + run.src, run.valid, run.len, row + run.j, part);
+      }
     }
   }
 
