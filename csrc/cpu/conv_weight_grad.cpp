@@ -140,7 +140,8 @@ struct AmxWgrad {
     margin = off_max;
     const int64_t per_k = slots * Cp * 2 + 3 * 32 * 2;
     Kb = std::clamp<int64_t>(kBlockBytes / per_k / 32 * 32, 256, 16384);
-    Kb = std::min(Kb, Kpad);
+    const int64_t blocks = (Kpad + Kb - 1) / Kb;
+    Kb = ((Kpad + blocks - 1) / blocks + 31) / 32 * 32;  // blocks of one size (no short last block)
     a_pitch = (margin + Kb + 31) / 32 * 32;  // elements: whole 64-byte lines, an odd number of them
     if ((a_pitch / 32) % 2 == 0) a_pitch += 32;
     nob = Op / 32;
