@@ -10,6 +10,7 @@
 #include "common/bitconv_api.h"
 #include "common/bitpack_api.h"
 #include "common/constraint_api.h"
+#include "common/conv_input_grad_api.h"
 #include "common/max_pool_api.h"
 #include "common/neuron_api.h"
 #include "common/sigmoid_quant_api.h"
@@ -23,6 +24,7 @@ TORCH_LIBRARY(cbp_kernels_ext, m) {
   cbp::define<cbp::ConstraintPassOp>(m);
   cbp::define<cbp::ConstraintQuantizeOp>(m);
   cbp::define<cbp::ConstraintMultiplierStepOp>(m);
+  cbp::define<cbp::ConvInputGradOp>(m);
   cbp::define<cbp::MaxPool2d3x3s2Op>(m);
   cbp::define<cbp::MaxPool2d3x3s2BackwardOp>(m);
   cbp::define<cbp::NeuronForwardOp>(m);

@@ -1,0 +1,323 @@
+// The input gradient of a convolution with weights exact in bfloat16 (CBP's levels) on the
+// AMX-BF16 tile unit (csrc/common/conv_input_grad_api.h: the equation, the op's contract):
+//   grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw} grad_y[n, o, oh, ow] * weight[o, c, kh, kw],
+//   ih = oh*sh - ph + kh, iw = ow*sw - pw + kw.
+// Exactness: grad_y is split into three bfloat16 parts, g = g1 + g2 + g3 (truncation:
+// g1 = bits(g) & 0xFFFF0000, g2 = the same of g - g1, g3 = g - g1 - g2; each exact in
+// float32, 8 + 8 + 8 significant bits), the weight is bfloat16 as it is, so every product
+// g_i * w is exact in float32 and TDPBF16PS sums them in float32: the exact products summed in
+// float32 in an unspecified order (oneDNN's float32 sums them in another). AMX reads bfloat16
+// denormals as 0: parts below 2^-126 are lost (|g| < 2^-110 may lose bits, each at most
+// 2^-126 * |w|), and the result is flushed below 2^-126. Non-finite g (inf - inf in the
+// split) gives NaN where ATen may give inf.
+//
+// Phases: input pixels ih = ih0_a + i*sh with (ih + ph) % sh == a read the taps kh = a + m*sh
+// (m = 0, 1, ...) at oh = i + q_a - m (q_a = (ih0_a + ph - a) / sh): per phase (a, b) a
+// stride-1 correlation of grad_y with its taps (stride 1: one phase, the full kernel flipped).
+// grad_y lies in a zero-padded grid of Hp x Wp pixels per image (PT rows above, PL columns
+// left, zeros past OH / OW), images back to back; phase pixel (n, i, j) is "virtual row"
+// u = n*Hp*Wp + i*Wp + j and tap (m_h, m_w) reads grid pixel u + (q_a - m_h + PT)*Wp +
+// (q_b - m_w + PL): 16 consecutive u are one tile load, the tap moves its start (virtual rows
+// with i >= Hi or j >= Wj are computed and dropped, as the popcount conv's, bitconv_amx.cpp).
+// The product runs transposed, grad_x^T = W^T . G, so that a C tile is 16 channels x 16
+// consecutive pixels (rows of the NCHW planes, no transposition in the epilogue):
+//   A (16 c x 32 o bf16): the weights, [c block][k][16 c][32 o], prepared once per call;
+//   B (16 o-pairs x 16 pixels x 2 bf16, VNNI): grad_y's parts as [part][o / 2][pixel][2],
+//     split and interleaved from NCHW per work item into an L2-resident window;
+//   K = (tap, 32 o): per step 2 A tiles and 3 parts x 2 B tiles -> 12 TDPBF16PS into 2 x 2
+//   C tiles (32 c x 32 pixels); the epilogue scales by alpha and writes each C row's runs of
+//   valid pixels to grad_x.
+#include <ATen/ATen.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "common/conv_input_grad_api.h"
+#include "cpu/amx.h"
+
+namespace cbp {
+namespace {
+
+// alpha * aten::convolution_backward's input gradient in float32 (the path where AMX-BF16
+// is not usable, or the weight is not exact in bfloat16).
+at::Tensor aten_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, double alpha) {
+  const auto stand_in = at::empty({grad_y.size(0), weight.size(1), input_size[0], input_size[1]}, grad_y.options());
+  auto grad_x = std::get<0>(at::convolution_backward(grad_y, stand_in, weight, std::nullopt, stride, padding, {1, 1},
+                                                     false, {0, 0}, 1, {true, false, false}));
+  return alpha == 1.0 ? grad_x : grad_x.mul_(alpha);
+}
+
+// Every weight exact in bfloat16 (its low 16 bits zero): then its bfloat16 is its high half.
+bool exact_in_bf16(const float* w, int64_t n) {
+  uint32_t low = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, w + i, 4);
+    low |= bits & 0xFFFFu;
+  }
+  return low == 0;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CBP_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+
+constexpr int64_t kRows = 32;        // pixels per block (2 B tiles)
+constexpr int64_t kTileElems = 512;  // an A tile: 16 c x 32 o bfloat16
+// Window bytes of a work item (3 parts x O x pixels x 2 bytes, L2-resident while the item
+// walks its phases and channel blocks).
+constexpr int64_t kItemBytes = 512 * 1024;
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using Buffer = std::unique_ptr<T[], FreeDeleter>;
+template <typename T>
+Buffer<T> buffer64(int64_t n) {  // uninitialised, 64-byte aligned
+  return Buffer<T>(static_cast<T*>(std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64)));
+}
+
+// One dimension's phases: input index x0[a] + i*s (i < cnt[a]) reads the taps a + m*s at
+// output index i + q[a] - m; in the padded grid of `size` positions the outputs sit from `pad` on.
+struct Dim {
+  std::vector<int64_t> x0, cnt, q, taps;  // taps[a]: how many
+  int64_t pad = 0, size = 0;
+  Dim(int64_t X, int64_t Y, int64_t K, int64_t s, int64_t p) {
+    int64_t reach = Y;
+    for (int64_t a = 0; a < s; ++a) {
+      const int64_t first = ((a - p) % s + s) % s;
+      x0.push_back(first);
+      cnt.push_back(first < X ? (X - first + s - 1) / s : 0);
+      q.push_back((first + p - a) / s);
+      taps.push_back(a < K ? (K - a + s - 1) / s : 0);
+      if (cnt[a] > 0 && taps[a] > 0) {
+        pad = std::max(pad, taps[a] - 1 - q[a]);
+        reach = std::max(reach, cnt[a] + q[a]);
+      }
+    }
+    size = pad + reach;
+  }
+};
+
+struct Phase {
+  int64_t a, b, k0, k1, span;  // K steps [k0, k1); virtual rows [0, span) hold its valid pixels
+};
+
+struct AmxInputGrad {
+  int64_t N, O, OH, OW, C, H, W, KH, KW, sh, sw;
+  Dim dh, dw;
+  int64_t Oq, Cp, Hp, Wp, grid, K = 0, maxoff = 0, blocks = 0, per_item = 1, items = 0, L = 0;
+  std::vector<Phase> phases;
+  std::vector<int64_t> koff, kq;  // per K step: the tap's pixel offset, its first o-pair
+  std::vector<int64_t> ktap;      // per K step: kh * KW + kw
+  bool zero_fill = false;          // some input pixels read no tap (their gradient is 0)
+
+  AmxInputGrad(const at::Tensor& g, const at::Tensor& w, at::IntArrayRef in, at::IntArrayRef s, at::IntArrayRef p)
+      : N(g.size(0)), O(g.size(1)), OH(g.size(2)), OW(g.size(3)), C(w.size(1)), H(in[0]), W(in[1]),
+        KH(w.size(2)), KW(w.size(3)), sh(s[0]), sw(s[1]), dh(H, OH, KH, sh, p[0]), dw(W, OW, KW, sw, p[1]) {
+    Oq = (O + 31) / 32 * 16;  // o-pairs, O padded to whole K steps of 32
+    Cp = (C + 31) / 32 * 32;
+    Hp = dh.size;
+    Wp = dw.size;
+    grid = Hp * Wp;
+    int64_t span = 0;
+    for (int64_t a = 0; a < sh; ++a)
+      for (int64_t b = 0; b < sw; ++b) {
+        if (dh.cnt[a] == 0 || dw.cnt[b] == 0) continue;
+        if (dh.taps[a] == 0 || dw.taps[b] == 0) {
+          zero_fill = true;
+          continue;
+        }
+        Phase ph{a, b, K, 0, (N - 1) * grid + (dh.cnt[a] - 1) * Wp + dw.cnt[b]};
+        for (int64_t mh = 0; mh < dh.taps[a]; ++mh)
+          for (int64_t mw = 0; mw < dw.taps[b]; ++mw) {
+            const int64_t off = (dh.q[a] - mh + dh.pad) * Wp + dw.q[b] - mw + dw.pad;
+            maxoff = std::max(maxoff, off);
+            for (int64_t oq = 0; oq < Oq; oq += 16, ++K) {
+              koff.push_back(off);
+              kq.push_back(oq);
+              ktap.push_back((a + mh * sh) * KW + b + mw * sw);
+            }
+          }
+        ph.k1 = K;
+        phases.push_back(ph);
+        span = std::max(span, ph.span);
+      }
+    blocks = (span + kRows - 1) / kRows;
+    const int64_t threads = omp_get_max_threads();
+    const int64_t fit = (kItemBytes / (3 * Oq * 4) - maxoff) / kRows;
+    per_item = std::max<int64_t>(1, std::min(fit, (blocks + threads - 1) / threads));
+    items = (blocks + per_item - 1) / per_item;
+    // Window pixels: an item's blocks plus the taps' reach; a row pitch of an odd number of
+    // 64-byte lines, so that a tile's 16 o-pair rows do not share L1 sets.
+    L = (per_item * kRows + maxoff + 15) / 16 * 16;
+    if ((L / 16) % 2 == 0) L += 16;
+  }
+
+  // The A tiles: at[(cb * K + k) * 512 + c * 32 + o] = bfloat16 of weight[32 kq[k] + o]
+  // [16 cb + c] at tap ktap[k] (exact: its high half), 0 past O / C.
+  void prepare_weights(const float* w, uint16_t* at) const {
+    const int64_t taps = KH * KW;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t cb = 0; cb < Cp / 16; ++cb)
+      for (int64_t k = 0; k < K; ++k) {
+        uint16_t* dst = at + (cb * K + k) * kTileElems;
+        for (int64_t c = 0; c < 16; ++c)
+          for (int64_t o = 0; o < 32; ++o) {
+            const int64_t oo = 2 * kq[k] + o, cc = cb * 16 + c;
+            uint32_t bits = 0;
+            if (oo < O && cc < C) std::memcpy(&bits, w + (oo * C + cc) * taps + ktap[k], 4);
+            dst[c * 32 + o] = static_cast<uint16_t>(bits >> 16);
+          }
+      }
+  }
+
+  // The window of grid pixels [lo, lo + L): win[(part * Oq + q) * L + r] = the bfloat16 pair
+  // (part of grad_y channel 2q in the low half, of 2q + 1 in the high half) at pixel lo + r;
+  // 0 at padding, past the last image and past O. Segment by segment of one grid row.
+  CBP_AMX_BF16 void fill_window(const float* g, int64_t lo, uint32_t* win) const {
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t r = lo; r < lo + L;) {
+      const int64_t n = r / grid, y = r % grid / Wp, x = r % Wp, x1 = std::min(Wp, x + lo + L - r);
+      const bool row_in = n < N && y >= dh.pad && y < dh.pad + OH;
+      const int64_t xb = row_in ? std::clamp(dw.pad, x, x1) : x1, xe = row_in ? std::clamp(dw.pad + OW, xb, x1) : x1;
+      for (int64_t part = 0; part < 3; ++part)
+        for (int64_t q = 0; q < Oq; ++q) {
+          uint32_t* dst = win + (part * Oq + q) * L + (r - lo);
+          std::memset(dst, 0, (xb - x) * 4);
+          std::memset(dst + (xe - x), 0, (x1 - xe) * 4);
+        }
+      for (int64_t q = 0; q < Oq && xe > xb; ++q) {
+        const int64_t o = 2 * q;
+        const float* even = o < O ? g + ((n * O + o) * OH + y - dh.pad) * OW + xb - dw.pad : nullptr;
+        const float* odd = o + 1 < O ? even + OH * OW : nullptr;
+        uint32_t* dst = win + q * L + (r - lo) + (xb - x);
+        for (int64_t c = 0; c < xe - xb; c += 16) {
+          const __mmask16 m = static_cast<__mmask16>(xe - xb - c >= 16 ? 0xFFFFu : (1u << (xe - xb - c)) - 1u);
+          __m512 ge = even ? _mm512_maskz_loadu_ps(m, even + c) : _mm512_setzero_ps();
+          __m512 go = odd ? _mm512_maskz_loadu_ps(m, odd + c) : _mm512_setzero_ps();
+          for (int64_t part = 0; part < 3; ++part) {  // g_part = the high half of what is left
+            const __m512i pe = _mm512_and_si512(_mm512_castps_si512(ge), high);
+            const __m512i po = _mm512_and_si512(_mm512_castps_si512(go), high);
+            _mm512_mask_storeu_epi32(dst + part * Oq * L + c, m, _mm512_or_si512(po, _mm512_srli_epi32(pe, 16)));
+            ge = _mm512_sub_ps(ge, _mm512_castsi512_ps(pe));
+            go = _mm512_sub_ps(go, _mm512_castsi512_ps(po));
+          }
+        }
+      }
+      r += x1 - x;
+    }
+  }
+
+  // grad_x[n, c0 + c, ih, iw] = alpha * acc[c][r] for the valid pixels r of the block from
+  // virtual row u0 of phase ph: runs of consecutive pixels of one input row (stride sw).
+  CBP_AMX_BF16 void store(const float* acc, int64_t u0, const Phase& ph, int64_t c0, float alpha, float* gx) const {
+    const int64_t Hi = dh.cnt[ph.a], Wj = dw.cnt[ph.b], plane = H * W;
+    const __m512 scale = _mm512_set1_ps(alpha);
+    const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(sw)));
+    const int64_t width = std::min<int64_t>(32, C - c0);
+    int64_t n = u0 / grid, i = u0 % grid / Wp, j = u0 % Wp;
+    for (int64_t r = 0; r < kRows && n < N;) {
+      const int64_t run = std::min(kRows - r, Wp - j);  // pixels to the end of this grid row
+      if (i < Hi && j < Wj) {
+        const int64_t len = std::min(run, Wj - j);
+        float* dst = gx + (n * C + c0) * plane + (dh.x0[ph.a] + i * sh) * W + dw.x0[ph.b] + j * sw;
+        for (int64_t c = 0; c < width; ++c, dst += plane) {
+          for (int64_t l = 0; l < len; l += 16) {
+            const __mmask16 m = static_cast<__mmask16>(len - l >= 16 ? 0xFFFFu : (1u << (len - l)) - 1u);
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + c * kRows + r + l), scale);
+            if (sw == 1) _mm512_mask_storeu_ps(dst + l, m, v);
+            else _mm512_mask_i32scatter_ps(dst + l * sw, m, step, v, 4);
+          }
+        }
+      }
+      r += run;
+      j += run;
+      if (j == Wp) {
+        j = 0;
+        if (++i == Hp) i = 0, ++n;
+      }
+    }
+  }
+
+  CBP_AMX_BF16 void run(const float* g, const uint16_t* at, float alpha, float* gx) const {
+    const int64_t pitch = L * 4, part_stride = Oq * L;
+#pragma omp parallel
+    {
+      amx_tile_config();
+      const Buffer<uint32_t> win = buffer64<uint32_t>(3 * Oq * L);
+      alignas(64) float acc[32 * kRows];
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows;
+        fill_window(g, lo, win.get());
+        for (const Phase& ph : phases)
+          for (int64_t cb = 0; cb < Cp / 32; ++cb) {
+            const uint16_t* a0 = at + 2 * cb * K * kTileElems;
+            const uint16_t* a1 = a0 + K * kTileElems;
+            for (int64_t b = b0; b < b1 && b * kRows < ph.span; ++b) {
+              _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+              for (int64_t k = ph.k0; k < ph.k1; ++k) {
+                _tile_loadd(4, a0 + k * kTileElems, 64);
+                _tile_loadd(5, a1 + k * kTileElems, 64);
+                const uint32_t* src = win.get() + kq[k] * L + b * kRows - lo + koff[k];
+                for (int64_t part = 0; part < 3; ++part, src += part_stride) {
+                  _tile_loadd(6, src, pitch);
+                  _tile_loadd(7, src + 16, pitch);
+                  _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                }
+              }
+              _tile_stored(0, acc, kRows * 4); _tile_stored(1, acc + 16, kRows * 4);
+              _tile_stored(2, acc + 16 * kRows, kRows * 4); _tile_stored(3, acc + 16 * kRows + 16, kRows * 4);
+              store(acc, b * kRows, ph, cb * 32, alpha, gx);
+            }
+          }
+      }
+      _tile_release();
+    }
+  }
+};
+#endif
+
+}  // namespace
+
+at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, double alpha) {
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.is_contiguous() && grad_y.scalar_type() == at::kFloat,
+              "conv_input_grad: grad_y must be a contiguous float32 [N, O, OH, OW] tensor");
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
+                  weight.size(0) == grad_y.size(1),
+              "conv_input_grad: weight must be a contiguous float32 [O, C, KH, KW] tensor, O = grad_y.size(1)");
+  TORCH_CHECK(input_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 &&
+                  stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
+              "conv_input_grad: input_size, stride and padding must be pairs (stride >= 1, padding >= 0)");
+  TORCH_CHECK(grad_y.size(2) == (input_size[0] + 2 * padding[0] - weight.size(2)) / stride[0] + 1 &&
+                  grad_y.size(3) == (input_size[1] + 2 * padding[1] - weight.size(3)) / stride[1] + 1,
+              "conv_input_grad: grad_y's OH / OW do not follow from input_size, the kernel, stride and padding");
+  const int64_t numel = grad_y.size(0) * weight.size(1) * input_size[0] * input_size[1];
+#if defined(__x86_64__) || defined(_M_X64)
+  if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false) &&
+      exact_in_bf16(weight.data_ptr<float>(), weight.numel())) {
+    const AmxInputGrad conv(grad_y, weight, input_size, stride, padding);
+    auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
+                                 : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
+    const Buffer<uint16_t> at = buffer64<uint16_t>(conv.Cp / 16 * conv.K * kTileElems);
+    conv.prepare_weights(weight.data_ptr<float>(), at.get());
+    conv.run(grad_y.data_ptr<float>(), at.get(), static_cast<float>(alpha), grad_x.data_ptr<float>());
+    return grad_x;
+  }
+#endif
+  return aten_input_grad(grad_y, weight, input_size, stride, padding, alpha);
+}
+
+TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) { CBP_IMPL(m, ConvInputGradOp, conv_input_grad_cpu); }
+
+}  // namespace cbp
