@@ -54,17 +54,6 @@ at::Tensor aten_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, a
   return alpha == 1.0 ? grad_x : grad_x.mul_(alpha);
 }
 
-// Every weight exact in bfloat16 (its low 16 bits zero): then its bfloat16 is its high half.
-bool exact_in_bf16(const float* w, int64_t n) {
-  uint32_t low = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, w + i, 4);
-    low |= bits & 0xFFFFu;
-  }
-  return low == 0;
-}
-
 #if defined(__x86_64__) || defined(_M_X64)
 #define CBP_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
 
@@ -136,16 +125,17 @@ struct AmxInputGrad {
           continue;
         }
         Phase ph{a, b, K, 0, (N - 1) * grid + (dh.cnt[a] - 1) * Wp + dw.cnt[b]};
-        for (int64_t mh = 0; mh < dh.taps[a]; ++mh)
-          for (int64_t mw = 0; mw < dw.taps[b]; ++mw) {
-            const int64_t off = (dh.q[a] - mh + dh.pad) * Wp + dw.q[b] - mw + dw.pad;
-            maxoff = std::max(maxoff, off);
-            for (int64_t oq = 0; oq < Oq; oq += 16, ++K) {
+        // K steps: the taps within each 32 channels, so that the steps of one tap row read
+        // overlapping window lines (L1 hits: 9 taps x 1 KiB per part, within 3 x 34 pixels)
+        for (int64_t oq = 0; oq < Oq; oq += 16)
+          for (int64_t mh = 0; mh < dh.taps[a]; ++mh)
+            for (int64_t mw = 0; mw < dw.taps[b]; ++mw, ++K) {
+              const int64_t off = (dh.q[a] - mh + dh.pad) * Wp + dw.q[b] - mw + dw.pad;
+              maxoff = std::max(maxoff, off);
               koff.push_back(off);
               kq.push_back(oq);
               ktap.push_back((a + mh * sh) * KW + b + mw * sw);
             }
-          }
         ph.k1 = K;
         phases.push_back(ph);
         span = std::max(span, ph.span);
@@ -161,22 +151,32 @@ struct AmxInputGrad {
     if ((L / 16) % 2 == 0) L += 16;
   }
 
-  // The A tiles: at[(cb * K + k) * 512 + c * 32 + o] = bfloat16 of weight[32 kq[k] + o]
-  // [16 cb + c] at tap ktap[k] (exact: its high half), 0 past O / C.
-  void prepare_weights(const float* w, uint16_t* at) const {
+  // The A tiles: at[(cb * K + k) * 512 + c * 32 + o] = bfloat16 of weight[2 kq[k] + o]
+  // [16 cb + c] at tap ktap[k] (its high half), 0 past O / C; 16 o per gather. Returns whether
+  // every weight is exact in bfloat16 (each is gathered once: the low halves all 0).
+  CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* at) const {
     const int64_t taps = KH * KW;
-#pragma omp parallel for collapse(2) schedule(static)
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(C * taps)));
+    int low = 0;
+#pragma omp parallel for collapse(2) schedule(static) reduction(| : low)
     for (int64_t cb = 0; cb < Cp / 16; ++cb)
       for (int64_t k = 0; k < K; ++k) {
         uint16_t* dst = at + (cb * K + k) * kTileElems;
+        __m512i lows = _mm512_setzero_si512();
         for (int64_t c = 0; c < 16; ++c)
-          for (int64_t o = 0; o < 32; ++o) {
-            const int64_t oo = 2 * kq[k] + o, cc = cb * 16 + c;
-            uint32_t bits = 0;
-            if (oo < O && cc < C) std::memcpy(&bits, w + (oo * C + cc) * taps + ktap[k], 4);
-            dst[c * 32 + o] = static_cast<uint16_t>(bits >> 16);
+          for (int64_t h = 0; h < 2; ++h) {
+            const int64_t o = 2 * kq[k] + 16 * h, cc = cb * 16 + c, left = cc < C ? O - o : 0;
+            const __mmask16 m = left <= 0 ? 0 : left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+            const float* src = w + (std::min(o, O - 1) * C + std::min(cc, C - 1)) * taps + ktap[k];
+            const __m512i bits = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4);
+            lows = _mm512_or_si512(lows, bits);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * 32 + 16 * h),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
           }
+        low |= _mm512_test_epi32_mask(lows, _mm512_set1_epi32(0xFFFF)) != 0;
       }
+    return low == 0;
   }
 
   // The window of grid pixels [lo, lo + L): win[(part * Oq + q) * L + r] = the bfloat16 pair
@@ -304,15 +304,15 @@ at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weigh
               "conv_input_grad: grad_y's OH / OW do not follow from input_size, the kernel, stride and padding");
   const int64_t numel = grad_y.size(0) * weight.size(1) * input_size[0] * input_size[1];
 #if defined(__x86_64__) || defined(_M_X64)
-  if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false) &&
-      exact_in_bf16(weight.data_ptr<float>(), weight.numel())) {
+  if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false)) {
     const AmxInputGrad conv(grad_y, weight, input_size, stride, padding);
-    auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
-                                 : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
     const Buffer<uint16_t> at = buffer64<uint16_t>(conv.Cp / 16 * conv.K * kTileElems);
-    conv.prepare_weights(weight.data_ptr<float>(), at.get());
-    conv.run(grad_y.data_ptr<float>(), at.get(), static_cast<float>(alpha), grad_x.data_ptr<float>());
-    return grad_x;
+    if (conv.prepare_weights(weight.data_ptr<float>(), at.get())) {  // else ATen's float32
+      auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
+                                   : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
+      conv.run(grad_y.data_ptr<float>(), at.get(), static_cast<float>(alpha), grad_x.data_ptr<float>());
+      return grad_x;
+    }
   }
 #endif
   return aten_input_grad(grad_y, weight, input_size, stride, padding, alpha);
