@@ -19,14 +19,16 @@
 // u = n*Hp*Wp + i*Wp + j and tap (m_h, m_w) reads grid pixel u + (q_a - m_h + PT)*Wp +
 // (q_b - m_w + PL): 16 consecutive u are one tile load, the tap moves its start (virtual rows
 // with i >= Hi or j >= Wj are computed and dropped, as the popcount conv's, bitconv_amx.cpp).
-// The product runs transposed, grad_x^T = W^T . G, so that a C tile is 16 channels x 16
-// consecutive pixels (rows of the NCHW planes, no transposition in the epilogue):
-//   A (16 c x 32 o bf16): the weights, [c block][k][16 c][32 o], prepared once per call;
-//   B (16 o-pairs x 16 pixels x 2 bf16, VNNI): grad_y's parts as [part][o / 2][pixel][2],
-//     split and interleaved from NCHW per work item into an L2-resident window;
-//   K = (tap, 32 o): per step 2 A tiles and 3 parts x 2 B tiles -> 12 TDPBF16PS into 2 x 2
-//   C tiles (32 c x 32 pixels); the epilogue scales by alpha and writes each C row's runs of
-//   valid pixels to grad_x.
+// The product: M = virtual rows, N = input channels c, K = (tap, o):
+//   A (16 pixels x 32 o bf16): grad_y's parts as [part][pixel][O] (NHWC), split and transposed
+//     from NCHW per work item into an L2-resident window; a tap moves the tile's first row by
+//     whole rows, so every tile row is one aligned 64-byte line (rows shifted by a pixel inside
+//     the lines, as a [o][pixel] layout would have, run at half speed from L2: measured);
+//   B (16 o-pairs x 16 c x 2 bf16, VNNI): the weights, [c block][k][16 o-pairs][16 c][2],
+//     prepared once per call;
+//   per K step 2 B tiles and 3 parts x 2 A tiles -> 12 TDPBF16PS into 2 x 2 C tiles (32
+//   pixels x 32 c); the epilogue transposes them (16 x 16 in registers), scales by alpha and
+//   writes each channel's runs of valid pixels to grad_x's NCHW rows.
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -57,8 +59,8 @@ at::Tensor aten_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, a
 #if defined(__x86_64__) || defined(_M_X64)
 #define CBP_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
 
-constexpr int64_t kRows = 32;        // pixels per block (2 B tiles)
-constexpr int64_t kTileElems = 512;  // an A tile: 16 c x 32 o bfloat16
+constexpr int64_t kRows = 32;        // pixels per block (2 A tiles)
+constexpr int64_t kTileElems = 512;  // a tile of 16 rows x 32 bfloat16
 // Window bytes of a work item (3 parts x O x pixels x 2 bytes, L2-resident while the item
 // walks its phases and channel blocks).
 constexpr int64_t kItemBytes = 512 * 1024;
@@ -145,74 +147,104 @@ struct AmxInputGrad {
     const int64_t fit = (kItemBytes / (3 * Oq * 4) - maxoff) / kRows;
     per_item = std::max<int64_t>(1, std::min(fit, (blocks + threads - 1) / threads));
     items = (blocks + per_item - 1) / per_item;
-    // Window pixels: an item's blocks plus the taps' reach; a row pitch of an odd number of
-    // 64-byte lines, so that a tile's 16 o-pair rows do not share L1 sets.
-    L = (per_item * kRows + maxoff + 15) / 16 * 16;
-    if ((L / 16) % 2 == 0) L += 16;
+    L = per_item * kRows + maxoff;  // window pixels: an item's blocks plus the taps' reach
   }
 
-  // The A tiles: at[(cb * K + k) * 512 + c * 32 + o] = bfloat16 of weight[2 kq[k] + o]
-  // [16 cb + c] at tap ktap[k] (its high half), 0 past O / C; 16 o per gather. Returns whether
-  // every weight is exact in bfloat16 (each is gathered once: the low halves all 0).
-  CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* at) const {
+  // The B tiles: bt[(cb * K + k) * 512 + r * 32 + 2 c + e] = bfloat16 of weight[2 (kq[k] + r) + e]
+  // [16 cb + c] at tap ktap[k] (its high half), 0 past O / C; per o a gather of 16 c (576
+  // consecutive bytes for 3 x 3). Returns whether every weight is exact in bfloat16 (each is
+  // gathered once: the low halves all 0).
+  CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
     const int64_t taps = KH * KW;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(static_cast<int>(C * taps)));
+                                            _mm512_set1_epi32(static_cast<int>(taps)));
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     int low = 0;
 #pragma omp parallel for collapse(2) schedule(static) reduction(| : low)
     for (int64_t cb = 0; cb < Cp / 16; ++cb)
       for (int64_t k = 0; k < K; ++k) {
-        uint16_t* dst = at + (cb * K + k) * kTileElems;
+        uint16_t* dst = bt + (cb * K + k) * kTileElems;
+        const int64_t c0 = cb * 16, left = std::min<int64_t>(16, C - c0);
+        const __mmask16 m = left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
         __m512i lows = _mm512_setzero_si512();
-        for (int64_t c = 0; c < 16; ++c)
-          for (int64_t h = 0; h < 2; ++h) {
-            const int64_t o = 2 * kq[k] + 16 * h, cc = cb * 16 + c, left = cc < C ? O - o : 0;
-            const __mmask16 m = left <= 0 ? 0 : left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
-            const float* src = w + (std::min(o, O - 1) * C + std::min(cc, C - 1)) * taps + ktap[k];
-            const __m512i bits = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4);
-            lows = _mm512_or_si512(lows, bits);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * 32 + 16 * h),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-          }
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t o = 2 * (kq[k] + r);
+          const float* src = w + (std::min(o, O - 1) * C + std::min(c0, C - 1)) * taps + ktap[k];
+          const __m512i even = o < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4)
+                                     : _mm512_setzero_si512();
+          const __m512i odd = o + 1 < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + C * taps, 4)
+                                        : _mm512_setzero_si512();
+          lows = _mm512_or_si512(lows, _mm512_or_si512(even, odd));
+          _mm512_storeu_si512(dst + r * 32, _mm512_or_si512(_mm512_and_si512(odd, high), _mm512_srli_epi32(even, 16)));
+        }
         low |= _mm512_test_epi32_mask(lows, _mm512_set1_epi32(0xFFFF)) != 0;
       }
     return low == 0;
   }
 
-  // The window of grid pixels [lo, lo + L): win[(part * Oq + q) * L + r] = the bfloat16 pair
-  // (part of grad_y channel 2q in the low half, of 2q + 1 in the high half) at pixel lo + r;
-  // 0 at padding, past the last image and past O. Segment by segment of one grid row.
-  CBP_AMX_BF16 void fill_window(const float* g, int64_t lo, uint32_t* win) const {
+  // The window of grid pixels [lo, lo + L): win[(part * L + r) * Op + o] = that part of
+  // grad_y channel o at pixel lo + r (0 at padding, past the last image and past O). Per
+  // segment of a grid row inside the image: 16 channels x 16 pixels loaded, transposed, split.
+  CBP_AMX_BF16 void fill_window(const float* g, int64_t lo, uint16_t* win) const {
+    const int64_t Op = 2 * Oq, part_stride = L * Op;
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t r = lo; r < lo + L;) {
       const int64_t n = r / grid, y = r % grid / Wp, x = r % Wp, x1 = std::min(Wp, x + lo + L - r);
       const bool row_in = n < N && y >= dh.pad && y < dh.pad + OH;
       const int64_t xb = row_in ? std::clamp(dw.pad, x, x1) : x1, xe = row_in ? std::clamp(dw.pad + OW, xb, x1) : x1;
-      for (int64_t part = 0; part < 3; ++part)
-        for (int64_t q = 0; q < Oq; ++q) {
-          uint32_t* dst = win + (part * Oq + q) * L + (r - lo);
-          std::memset(dst, 0, (xb - x) * 4);
-          std::memset(dst + (xe - x), 0, (x1 - xe) * 4);
-        }
-      for (int64_t q = 0; q < Oq && xe > xb; ++q) {
-        const int64_t o = 2 * q;
-        const float* even = o < O ? g + ((n * O + o) * OH + y - dh.pad) * OW + xb - dw.pad : nullptr;
-        const float* odd = o + 1 < O ? even + OH * OW : nullptr;
-        uint32_t* dst = win + q * L + (r - lo) + (xb - x);
+      uint16_t* row = win + (r - lo) * Op;
+      for (int64_t part = 0; part < 3; ++part) {
+        std::memset(row + part * part_stride, 0, (xb - x) * Op * 2);
+        std::memset(row + part * part_stride + (xe - x) * Op, 0, (x1 - xe) * Op * 2);
+      }
+      for (int64_t o0 = 0; o0 < Op && xe > xb; o0 += 16) {
+        const float* src = g + ((n * O + o0) * OH + y - dh.pad) * OW + xb - dw.pad;
         for (int64_t c = 0; c < xe - xb; c += 16) {
           const __mmask16 m = static_cast<__mmask16>(xe - xb - c >= 16 ? 0xFFFFu : (1u << (xe - xb - c)) - 1u);
-          __m512 ge = even ? _mm512_maskz_loadu_ps(m, even + c) : _mm512_setzero_ps();
-          __m512 go = odd ? _mm512_maskz_loadu_ps(m, odd + c) : _mm512_setzero_ps();
-          for (int64_t part = 0; part < 3; ++part) {  // g_part = the high half of what is left
-            const __m512i pe = _mm512_and_si512(_mm512_castps_si512(ge), high);
-            const __m512i po = _mm512_and_si512(_mm512_castps_si512(go), high);
-            _mm512_mask_storeu_epi32(dst + part * Oq * L + c, m, _mm512_or_si512(po, _mm512_srli_epi32(pe, 16)));
-            ge = _mm512_sub_ps(ge, _mm512_castsi512_ps(pe));
-            go = _mm512_sub_ps(go, _mm512_castsi512_ps(po));
+          __m512 v[16];
+          for (int64_t i = 0; i < 16; ++i)
+            v[i] = o0 + i < O ? _mm512_maskz_loadu_ps(m, src + i * OH * OW + c) : _mm512_setzero_ps();
+          transpose16(v);  // v[j]: the 16 channels of pixel xb + c + j
+          uint16_t* dst = row + (xb - x + c) * Op + o0;
+          for (int64_t j = 0; j < std::min<int64_t>(16, xe - xb - c); ++j) {
+            __m512 rest = v[j];
+            for (int64_t part = 0; part < 3; ++part) {  // the part: the high half of what is left
+              const __m512i bits = _mm512_and_si512(_mm512_castps_si512(rest), high);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + part * part_stride + j * Op),
+                                  _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+              rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(bits));
+            }
           }
         }
       }
       r += x1 - x;
+    }
+  }
+
+  // v[j][i] <- v[i][j] (16 x 16 floats): unpack pairs of rows, then pairs of pairs (as
+  // doubles), then 128-bit lanes in two shuffles.
+  CBP_AMX_BF16 static void transpose16(__m512* v) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+    }
+    __m512 s[16];  // s[4q + c], 128-bit lane l: column 4l + c of rows 4q .. 4q + 3
+    for (int q = 0; q < 4; ++q) {
+      const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 1]);
+      const __m512d c = _mm512_castps_pd(t[4 * q + 2]), d = _mm512_castps_pd(t[4 * q + 3]);
+      s[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      s[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      s[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      s[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; ++c) {
+      const __m512 u = _mm512_shuffle_f32x4(s[c], s[4 + c], 0x88), w = _mm512_shuffle_f32x4(s[c], s[4 + c], 0xDD);
+      const __m512 u2 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0x88), w2 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0xDD);
+      v[c] = _mm512_shuffle_f32x4(u, u2, 0x88);
+      v[8 + c] = _mm512_shuffle_f32x4(u, u2, 0xDD);
+      v[4 + c] = _mm512_shuffle_f32x4(w, w2, 0x88);
+      v[12 + c] = _mm512_shuffle_f32x4(w, w2, 0xDD);
     }
   }
 
@@ -248,35 +280,42 @@ struct AmxInputGrad {
     }
   }
 
-  CBP_AMX_BF16 void run(const float* g, const uint16_t* at, float alpha, float* gx) const {
-    const int64_t pitch = L * 4, part_stride = Oq * L;
+  CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, float alpha, float* gx) const {
+    const int64_t Op = 2 * Oq, pitch = Op * 2, part_stride = L * Op;
 #pragma omp parallel
     {
       amx_tile_config();
-      const Buffer<uint32_t> win = buffer64<uint32_t>(3 * Oq * L);
-      alignas(64) float acc[32 * kRows];
+      const Buffer<uint16_t> win = buffer64<uint16_t>(3 * L * Op);
+      alignas(64) float tiles[kRows * 32], acc[32 * kRows];  // [pixel][c], [c][pixel]
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows;
         fill_window(g, lo, win.get());
         for (const Phase& ph : phases)
           for (int64_t cb = 0; cb < Cp / 32; ++cb) {
-            const uint16_t* a0 = at + 2 * cb * K * kTileElems;
-            const uint16_t* a1 = a0 + K * kTileElems;
+            const uint16_t* b0t = bt + 2 * cb * K * kTileElems;
+            const uint16_t* b1t = b0t + K * kTileElems;
             for (int64_t b = b0; b < b1 && b * kRows < ph.span; ++b) {
               _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
               for (int64_t k = ph.k0; k < ph.k1; ++k) {
-                _tile_loadd(4, a0 + k * kTileElems, 64);
-                _tile_loadd(5, a1 + k * kTileElems, 64);
-                const uint32_t* src = win.get() + kq[k] * L + b * kRows - lo + koff[k];
+                _tile_loadd(6, b0t + k * kTileElems, 64);
+                _tile_loadd(7, b1t + k * kTileElems, 64);
+                const uint16_t* src = win.get() + (b * kRows - lo + koff[k]) * Op + 2 * kq[k];
                 for (int64_t part = 0; part < 3; ++part, src += part_stride) {
-                  _tile_loadd(6, src, pitch);
-                  _tile_loadd(7, src + 16, pitch);
+                  _tile_loadd(4, src, pitch);
+                  _tile_loadd(5, src + 16 * Op, pitch);
                   _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
                 }
               }
-              _tile_stored(0, acc, kRows * 4); _tile_stored(1, acc + 16, kRows * 4);
-              _tile_stored(2, acc + 16 * kRows, kRows * 4); _tile_stored(3, acc + 16 * kRows + 16, kRows * 4);
+              _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);
+              _tile_stored(2, tiles + 16 * 32, 128); _tile_stored(3, tiles + 16 * 32 + 16, 128);
+              for (int64_t h = 0; h < 2; ++h)  // acc[c][pixel] = tiles[pixel][c], 16 x 16 at a time
+                for (int64_t w = 0; w < 2; ++w) {
+                  __m512 v[16];
+                  for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(tiles + (16 * h + i) * 32 + 16 * w);
+                  transpose16(v);
+                  for (int i = 0; i < 16; ++i) _mm512_store_ps(acc + (16 * w + i) * kRows + 16 * h, v[i]);
+                }
               store(acc, b * kRows, ph, cb * 32, alpha, gx);
             }
           }
@@ -306,11 +345,11 @@ at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weigh
 #if defined(__x86_64__) || defined(_M_X64)
   if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false)) {
     const AmxInputGrad conv(grad_y, weight, input_size, stride, padding);
-    const Buffer<uint16_t> at = buffer64<uint16_t>(conv.Cp / 16 * conv.K * kTileElems);
-    if (conv.prepare_weights(weight.data_ptr<float>(), at.get())) {  // else ATen's float32
+    const Buffer<uint16_t> bt = buffer64<uint16_t>(conv.Cp / 16 * conv.K * kTileElems);
+    if (conv.prepare_weights(weight.data_ptr<float>(), bt.get())) {  // else ATen's float32
       auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
                                    : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
-      conv.run(grad_y.data_ptr<float>(), at.get(), static_cast<float>(alpha), grad_x.data_ptr<float>());
+      conv.run(grad_y.data_ptr<float>(), bt.get(), static_cast<float>(alpha), grad_x.data_ptr<float>());
       return grad_x;
     }
   }
