@@ -104,7 +104,7 @@ struct Phase {
 struct AmxInputGrad {
   int64_t N, O, OH, OW, C, H, W, KH, KW, sh, sw;
   Dim dh, dw;
-  int64_t Oq, Cp, Hp, Wp, grid, K = 0, maxoff = 0, blocks = 0, per_item = 1, items = 0, L = 0;
+  int64_t Oq, P, Cp, Hp, Wp, grid, K = 0, maxoff = 0, blocks = 0, per_item = 1, items = 0, L = 0;
   std::vector<Phase> phases;
   std::vector<int64_t> koff, kq;  // per K step: the tap's pixel offset, its first o-pair
   std::vector<int64_t> ktap;      // per K step: kh * KW + kw
@@ -114,6 +114,11 @@ struct AmxInputGrad {
       : N(g.size(0)), O(g.size(1)), OH(g.size(2)), OW(g.size(3)), C(w.size(1)), H(in[0]), W(in[1]),
         KH(w.size(2)), KW(w.size(3)), sh(s[0]), sw(s[1]), dh(H, OH, KH, sh, p[0]), dw(W, OW, KW, sw, p[1]) {
     Oq = (O + 31) / 32 * 16;  // o-pairs, O padded to whole K steps of 32
+    // Window pitch per pixel: an odd number of 64-byte lines, so that a tile's rows and the
+    // taps' neighbouring rows spread over all L1 sets. One thread, A/B in one process (min of
+    // 5), pitch 2 Oq / + 1 line / + 2 lines: 512@7 21.5 / 16.1 / 16.4 ms (1 KiB apart: 4 sets,
+    // the A loads stalled), 256@14 12.5 / 11.3 / 12.4, 64@56 16.7 / 16.0 / 18.1.
+    P = Oq / 16 % 2 == 1 ? 2 * Oq : 2 * Oq + 32;
     Cp = (C + 31) / 32 * 32;
     Hp = dh.size;
     Wp = dw.size;
@@ -144,7 +149,7 @@ struct AmxInputGrad {
       }
     blocks = (span + kRows - 1) / kRows;
     const int64_t threads = omp_get_max_threads();
-    const int64_t fit = (kItemBytes / (3 * Oq * 4) - maxoff) / kRows;
+    const int64_t fit = (kItemBytes / (3 * P * 2) - maxoff) / kRows;
     per_item = std::max<int64_t>(1, std::min(fit, (blocks + threads - 1) / threads));
     items = (blocks + per_item - 1) / per_item;
     L = per_item * kRows + maxoff;  // window pixels: an item's blocks plus the taps' reach
@@ -182,20 +187,20 @@ struct AmxInputGrad {
     return low == 0;
   }
 
-  // The window of grid pixels [lo, lo + L): win[(part * L + r) * Op + o] = that part of
+  // The window of grid pixels [lo, lo + L): win[(part * L + r) * P + o] = that part of
   // grad_y channel o at pixel lo + r (0 at padding, past the last image and past O). Per
   // segment of a grid row inside the image: 16 channels x 16 pixels loaded, transposed, split.
   CBP_AMX_BF16 void fill_window(const float* g, int64_t lo, uint16_t* win) const {
-    const int64_t Op = 2 * Oq, part_stride = L * Op;
+    const int64_t Op = 2 * Oq, part_stride = L * P;
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t r = lo; r < lo + L;) {
       const int64_t n = r / grid, y = r % grid / Wp, x = r % Wp, x1 = std::min(Wp, x + lo + L - r);
       const bool row_in = n < N && y >= dh.pad && y < dh.pad + OH;
       const int64_t xb = row_in ? std::clamp(dw.pad, x, x1) : x1, xe = row_in ? std::clamp(dw.pad + OW, xb, x1) : x1;
-      uint16_t* row = win + (r - lo) * Op;
+      uint16_t* row = win + (r - lo) * P;
       for (int64_t part = 0; part < 3; ++part) {
-        std::memset(row + part * part_stride, 0, (xb - x) * Op * 2);
-        std::memset(row + part * part_stride + (xe - x) * Op, 0, (x1 - xe) * Op * 2);
+        std::memset(row + part * part_stride, 0, (xb - x) * P * 2);
+        std::memset(row + part * part_stride + (xe - x) * P, 0, (x1 - xe) * P * 2);
       }
       for (int64_t o0 = 0; o0 < Op && xe > xb; o0 += 16) {
         const float* src = g + ((n * O + o0) * OH + y - dh.pad) * OW + xb - dw.pad;
@@ -205,12 +210,12 @@ struct AmxInputGrad {
           for (int64_t i = 0; i < 16; ++i)
             v[i] = o0 + i < O ? _mm512_maskz_loadu_ps(m, src + i * OH * OW + c) : _mm512_setzero_ps();
           transpose16(v);  // v[j]: the 16 channels of pixel xb + c + j
-          uint16_t* dst = row + (xb - x + c) * Op + o0;
+          uint16_t* dst = row + (xb - x + c) * P + o0;
           for (int64_t j = 0; j < std::min<int64_t>(16, xe - xb - c); ++j) {
             __m512 rest = v[j];
             for (int64_t part = 0; part < 3; ++part) {  // the part: the high half of what is left
               const __m512i bits = _mm512_and_si512(_mm512_castps_si512(rest), high);
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + part * part_stride + j * Op),
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + part * part_stride + j * P),
                                   _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
               rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(bits));
             }
@@ -281,11 +286,11 @@ struct AmxInputGrad {
   }
 
   CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, float alpha, float* gx) const {
-    const int64_t Op = 2 * Oq, pitch = Op * 2, part_stride = L * Op;
+    const int64_t pitch = P * 2, part_stride = L * P;
 #pragma omp parallel
     {
       amx_tile_config();
-      const Buffer<uint16_t> win = buffer64<uint16_t>(3 * L * Op);
+      const Buffer<uint16_t> win = buffer64<uint16_t>(3 * L * P);
       alignas(64) float tiles[kRows * 32], acc[32 * kRows];  // [pixel][c], [c][pixel]
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
@@ -300,10 +305,10 @@ struct AmxInputGrad {
               for (int64_t k = ph.k0; k < ph.k1; ++k) {
                 _tile_loadd(6, b0t + k * kTileElems, 64);
                 _tile_loadd(7, b1t + k * kTileElems, 64);
-                const uint16_t* src = win.get() + (b * kRows - lo + koff[k]) * Op + 2 * kq[k];
+                const uint16_t* src = win.get() + (b * kRows - lo + koff[k]) * P + 2 * kq[k];
                 for (int64_t part = 0; part < 3; ++part, src += part_stride) {
                   _tile_loadd(4, src, pitch);
-                  _tile_loadd(5, src + 16 * Op, pitch);
+                  _tile_loadd(5, src + 16 * P, pitch);
                   _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
                 }
               }
