@@ -15,23 +15,13 @@ import torch
 
 from cbp_kernels.ops.conv_input_grad import conv_input_grad
 
+from bench_bitconv import LAYERS as BITCONV_LAYERS
 from harness import num_threads, run, thread_counts
 
 N = 32  # batch 8 x T = 4
 SCALE = 0.0371
-# (name, C_in, C_out, input H = W, kernel, stride); padding kernel // 2.
-LAYERS = [
-    ("sew18.layer1.conv", 64, 64, 56, 3, 1),
-    ("sew18.layer2.0.conv1", 64, 128, 56, 3, 2),
-    ("sew18.layer2.conv", 128, 128, 28, 3, 1),
-    ("sew18.layer2.0.downsample", 64, 128, 56, 1, 2),
-    ("sew18.layer3.0.conv1", 128, 256, 28, 3, 2),
-    ("sew18.layer3.conv", 256, 256, 14, 3, 1),
-    ("sew18.layer3.0.downsample", 128, 256, 28, 1, 2),
-    ("sew18.layer4.0.conv1", 256, 512, 14, 3, 2),
-    ("sew18.layer4.conv", 512, 512, 7, 3, 1),
-    ("sew18.layer4.0.downsample", 256, 512, 14, 1, 2),
-]
+# SEW-ResNet-18's spiking convolutions (name, C_in, C_out, input H = W, kernel, stride); padding kernel // 2.
+LAYERS = [layer for layer in BITCONV_LAYERS if layer[0].startswith("sew18.")]
 ROLES = {"cbp_kernels": "ours", "aten_float32": "baseline"}
 
 

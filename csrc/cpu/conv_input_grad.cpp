@@ -35,9 +35,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "common/conv_input_grad_api.h"
@@ -64,16 +62,6 @@ constexpr int64_t kTileElems = 512;  // a tile of 16 rows x 32 bfloat16
 // Window bytes of a work item (3 parts x O x pixels x 2 bytes, L2-resident while the item
 // walks its phases and channel blocks).
 constexpr int64_t kItemBytes = 512 * 1024;
-
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-template <typename T>
-using Buffer = std::unique_ptr<T[], FreeDeleter>;
-template <typename T>
-Buffer<T> buffer64(int64_t n) {  // uninitialised, 64-byte aligned
-  return Buffer<T>(static_cast<T*>(std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64)));
-}
 
 // One dimension's phases: input index x0[a] + i*s (i < cnt[a]) reads the taps a + m*s at
 // output index i + q[a] - m; in the padded grid of `size` positions the outputs sit from `pad` on.
@@ -290,12 +278,13 @@ struct AmxInputGrad {
 #pragma omp parallel
     {
       amx_tile_config();
-      const Buffer<uint16_t> win = buffer64<uint16_t>(3 * L * P);
+      const at::Tensor window = at::empty({3 * L * P}, at::kShort);  // 64-byte aligned (c10's CPU allocator)
+      uint16_t* win = reinterpret_cast<uint16_t*>(window.data_ptr<int16_t>());
       alignas(64) float tiles[kRows * 32], acc[32 * kRows];  // [pixel][c], [c][pixel]
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows;
-        fill_window(g, lo, win.get());
+        fill_window(g, lo, win);
         for (const Phase& ph : phases)
           for (int64_t cb = 0; cb < Cp / 32; ++cb) {
             const uint16_t* b0t = bt + 2 * cb * K * kTileElems;
@@ -305,7 +294,7 @@ struct AmxInputGrad {
               for (int64_t k = ph.k0; k < ph.k1; ++k) {
                 _tile_loadd(6, b0t + k * kTileElems, 64);
                 _tile_loadd(7, b1t + k * kTileElems, 64);
-                const uint16_t* src = win.get() + (b * kRows - lo + koff[k]) * P + 2 * kq[k];
+                const uint16_t* src = win + (b * kRows - lo + koff[k]) * P + 2 * kq[k];
                 for (int64_t part = 0; part < 3; ++part, src += part_stride) {
                   _tile_loadd(4, src, pitch);
                   _tile_loadd(5, src + 16 * P, pitch);
@@ -350,11 +339,12 @@ at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weigh
 #if defined(__x86_64__) || defined(_M_X64)
   if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false)) {
     const AmxInputGrad conv(grad_y, weight, input_size, stride, padding);
-    const Buffer<uint16_t> bt = buffer64<uint16_t>(conv.Cp / 16 * conv.K * kTileElems);
-    if (conv.prepare_weights(weight.data_ptr<float>(), bt.get())) {  // else ATen's float32
+    const at::Tensor tiles = at::empty({conv.Cp / 16 * conv.K * kTileElems}, at::kShort);
+    uint16_t* bt = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
+    if (conv.prepare_weights(weight.data_ptr<float>(), bt)) {  // else ATen's float32
       auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
                                    : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
-      conv.run(grad_y.data_ptr<float>(), bt.get(), static_cast<float>(alpha), grad_x.data_ptr<float>());
+      conv.run(grad_y.data_ptr<float>(), bt, static_cast<float>(alpha), grad_x.data_ptr<float>());
       return grad_x;
     }
   }
