@@ -153,6 +153,28 @@ def test_aten_path_is_the_references(path):
 
 
 @needs_kernel
+@needs_amx
+def test_thread_count_does_not_change_the_result(monkeypatch):
+    """Each output's sum runs in one fixed K order whatever work item holds it: the result is
+    bitwise the same on 1, 2 and 3 threads."""
+    monkeypatch.setenv("CBP_KERNELS_NO_AMX", "0")
+    gen = torch.Generator().manual_seed(4)
+    for k, s, p in [(3, 1, 1), (3, 2, 1)]:
+        g = _grad(3, 40, 9 // s, 9 // s, gen)
+        w = _levels(40, 24, k, k, gen)
+        size = (9 // s * s, 9 // s * s)
+        threads = torch.get_num_threads()
+        try:
+            results = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(conv_input_grad(g, w, size, s, p))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@needs_kernel
 def test_non_contiguous_inputs(path):
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(2, 10, 9, 32, generator=gen).transpose(2, 3)  # [2, 10, 32, 9] strided
