@@ -55,7 +55,7 @@ at::Tensor aten_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, a
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-#define CBP_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+#define CBP_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2,amx-tile,amx-bf16")))
 
 constexpr int64_t kRows = 32;        // pixels per block (2 A tiles)
 constexpr int64_t kTileElems = 512;  // a tile of 16 rows x 32 bfloat16
@@ -248,6 +248,8 @@ struct AmxInputGrad {
     const __m512 scale = _mm512_set1_ps(alpha);
     const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(sw)));
+    const __m512i half0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // lane 2t <- t
+    const __m512i half1 = _mm512_add_epi32(half0, _mm512_set1_epi32(8));
     const int64_t width = std::min<int64_t>(32, C - c0);
     int64_t n = u0 / grid, i = u0 % grid / Wp, j = u0 % Wp;
     for (int64_t r = 0; r < kRows && n < N;) {
@@ -259,8 +261,16 @@ struct AmxInputGrad {
           for (int64_t l = 0; l < len; l += 16) {
             const __mmask16 m = static_cast<__mmask16>(len - l >= 16 ? 0xFFFFu : (1u << (len - l)) - 1u);
             const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + c * kRows + r + l), scale);
-            if (sw == 1) _mm512_mask_storeu_ps(dst + l, m, v);
-            else _mm512_mask_i32scatter_ps(dst + l * sw, m, step, v, 4);
+            if (sw == 1) {
+              _mm512_mask_storeu_ps(dst + l, m, v);
+            } else if (sw == 2) {  // every other column: lanes t -> 2t, two masked stores
+              _mm512_mask_storeu_ps(dst + 2 * l, static_cast<__mmask16>(_pdep_u32(m & 0xFFu, 0x5555u)),
+                                    _mm512_permutexvar_ps(half0, v));
+              _mm512_mask_storeu_ps(dst + 2 * l + 16, static_cast<__mmask16>(_pdep_u32(m >> 8, 0x5555u)),
+                                    _mm512_permutexvar_ps(half1, v));
+            } else {
+              _mm512_mask_i32scatter_ps(dst + l * sw, m, step, v, 4);
+            }
           }
         }
       }
@@ -285,11 +295,14 @@ struct AmxInputGrad {
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows;
         fill_window(g, lo, win);
-        for (const Phase& ph : phases)
-          for (int64_t cb = 0; cb < Cp / 32; ++cb) {
-            const uint16_t* b0t = bt + 2 * cb * K * kTileElems;
-            const uint16_t* b1t = b0t + K * kTileElems;
-            for (int64_t b = b0; b < b1 && b * kRows < ph.span; ++b) {
+        // The phases innermost: a block's outputs of all phases (interleaved columns and rows of
+        // grad_x) are written together, so each output line is fetched once
+        for (int64_t cb = 0; cb < Cp / 32; ++cb) {
+          const uint16_t* b0t = bt + 2 * cb * K * kTileElems;
+          const uint16_t* b1t = b0t + K * kTileElems;
+          for (int64_t b = b0; b < b1; ++b)
+            for (const Phase& ph : phases) {
+              if (b * kRows >= ph.span) continue;
               _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
               for (int64_t k = ph.k0; k < ph.k1; ++k) {
                 _tile_loadd(6, b0t + k * kTileElems, 64);
