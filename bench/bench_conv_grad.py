@@ -1,5 +1,7 @@
 """The gradients of SEW-ResNet-18's quantized convolutions (the backward of the CBP training
-step) on AMX-BF16 against ATen's float32 ``convolution_backward``, one gradient at a time.
+step) on AMX-BF16 against ATen's float32 ``convolution_backward``, one gradient at a time:
+``conv_input_grad`` (grad_x from grad_y and the levels q, the scale as alpha) and
+``conv_weight_grad`` (grad_w from grad_y and the input spikes).
 
 Layers: the spiking convolutions of SEW-ResNet-18 at ImageNet size, batch 8 x T = 4 (N = 32
 images), NCHW float32; one thread and every core. Providers: ``cbp_kernels`` (role "ours") and
@@ -13,25 +15,49 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cbp_kernels.ops.conv_input_grad import conv_input_grad
 from cbp_kernels.ops.conv_weight_grad import conv_weight_grad
 
+from bench_bitconv import LAYERS as BITCONV_LAYERS
 from harness import num_threads, run, thread_counts
 
 N = 32  # batch 8 x T = 4
-# (name, C_in, C_out, input H = W, kernel, stride); padding kernel // 2.
-LAYERS = [
-    ("sew18.layer1.conv", 64, 64, 56, 3, 1),
-    ("sew18.layer2.0.conv1", 64, 128, 56, 3, 2),
-    ("sew18.layer2.conv", 128, 128, 28, 3, 1),
-    ("sew18.layer2.0.downsample", 64, 128, 56, 1, 2),
-    ("sew18.layer3.0.conv1", 128, 256, 28, 3, 2),
-    ("sew18.layer3.conv", 256, 256, 14, 3, 1),
-    ("sew18.layer3.0.downsample", 128, 256, 28, 1, 2),
-    ("sew18.layer4.0.conv1", 256, 512, 14, 3, 2),
-    ("sew18.layer4.conv", 512, 512, 7, 3, 1),
-    ("sew18.layer4.0.downsample", 256, 512, 14, 1, 2),
-]
+SCALE = 0.0371
+# SEW-ResNet-18's spiking convolutions (name, C_in, C_out, input H = W, kernel, stride); padding kernel // 2.
+LAYERS = [layer for layer in BITCONV_LAYERS if layer[0].startswith("sew18.")]
 ROLES = {"cbp_kernels": "ours", "aten_float32": "baseline"}
+
+
+def _case(layer):
+    name, C, O, H, k, stride = layer
+    pad = k // 2
+    OH = (H + 2 * pad - k) // stride + 1
+    torch.manual_seed(0)
+    return name, C, O, H, k, stride, pad, torch.randn(N, O, OH, OH)
+
+
+def _run(benchmark, fn, name, provider, threads, macs):
+    with num_threads(threads):
+        run(benchmark, fn, rounds=5, warmup=1, layer=name, provider=provider, role=ROLES[provider], threads=threads,
+            batch=N, macs=macs)
+
+
+@pytest.mark.parametrize("threads", thread_counts())
+@pytest.mark.parametrize("provider", list(ROLES))
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer[0])
+def test_conv_input_grad(benchmark, layer, provider, threads):
+    """grad_x of a layer from grad_y and the levels q (scale s as alpha): ``conv_input_grad``
+    vs ``aten.convolution_backward(grad_y, x, s * q, ..., [True, False, False])``."""
+    name, C, O, H, k, stride, pad, grad_y = _case(layer)
+    q = torch.randint(-1, 2, (O, C, k, k)).float()
+    if provider == "cbp_kernels":
+        fn = lambda: conv_input_grad(grad_y, q, (H, H), stride, pad, SCALE)  # noqa: E731
+    else:
+        x, w = torch.empty(N, C, H, H), q * SCALE
+        fn = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+            grad_y, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True, False, False])
+    benchmark.group = f"conv_input_grad {name} {threads}thr"
+    _run(benchmark, fn, name, provider, threads, N * C * O * k * k * grad_y.shape[-1] ** 2)
 
 
 @pytest.mark.parametrize("threads", thread_counts())
@@ -40,11 +66,7 @@ ROLES = {"cbp_kernels": "ours", "aten_float32": "baseline"}
 def test_conv_weight_grad(benchmark, layer, provider, threads):
     """grad_w of a layer from grad_y and its input spikes x (~20% firing): ``conv_weight_grad``
     vs ``aten.convolution_backward(grad_y, x, w, ..., [False, True, False])``."""
-    name, C, O, H, k, stride = layer
-    pad = k // 2
-    OH = (H + 2 * pad - k) // stride + 1
-    torch.manual_seed(0)
-    grad_y = torch.randn(N, O, OH, OH)
+    name, C, O, H, k, stride, pad, grad_y = _case(layer)
     x = (torch.rand(N, C, H, H) < 0.2).float()
     if provider == "cbp_kernels":
         fn = lambda: conv_weight_grad(grad_y, x, k, stride, pad)  # noqa: E731
@@ -53,6 +75,4 @@ def test_conv_weight_grad(benchmark, layer, provider, threads):
         fn = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
             grad_y, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [False, True, False])
     benchmark.group = f"conv_weight_grad {name} {threads}thr"
-    with num_threads(threads):
-        run(benchmark, fn, rounds=5, warmup=1, layer=name, provider=provider, role=ROLES[provider], threads=threads,
-            batch=N, macs=N * C * O * k * k * OH * OH)
+    _run(benchmark, fn, name, provider, threads, N * C * O * k * k * grad_y.shape[-1] ** 2)

@@ -10,6 +10,7 @@
 #include "common/bitconv_api.h"
 #include "common/bitpack_api.h"
 #include "common/constraint_api.h"
+#include "common/conv_input_grad_api.h"
 #include "common/conv_weight_grad_api.h"
 #include "common/max_pool_api.h"
 #include "common/neuron_api.h"
@@ -24,6 +25,7 @@ TORCH_LIBRARY(cbp_kernels_ext, m) {
   cbp::define<cbp::ConstraintPassOp>(m);
   cbp::define<cbp::ConstraintQuantizeOp>(m);
   cbp::define<cbp::ConstraintMultiplierStepOp>(m);
+  cbp::define<cbp::ConvInputGradOp>(m);
   cbp::define<cbp::ConvWeightGradOp>(m);
   cbp::define<cbp::MaxPool2d3x3s2Op>(m);
   cbp::define<cbp::MaxPool2d3x3s2BackwardOp>(m);

@@ -1,0 +1,97 @@
+"""The public input-gradient op of a convolution with level weights: validation, backend
+choice, the torch.library custom op (with its fake for torch.compile).
+
+``conv_input_grad(grad_y, weight, input_size, stride, padding, alpha)`` is
+``alpha * aten.convolution_backward(grad_y, x, weight, ...)``'s input gradient (groups 1,
+dilation 1) for a weight whose values are exact in bfloat16 (CBP's levels q in {-1, 0, 1}; the
+layer's scale s comes as ``alpha``, applied once to the float32 sum). On CPUs with AMX-BF16
+(Sapphire Rapids and later) the C++ kernel splits grad_y exactly into three bfloat16 parts
+(``split_bf16``), so that every product is exact in float32, and sums them with TDPBF16PS in
+float32: as accurate as ATen's float32 (the same exact products, summed in another order), not
+bitwise equal to it. A weight not exact in bfloat16, a CPU without AMX-BF16 or
+``CBP_KERNELS_NO_AMX=1`` run ATen's float32 call inside the same op. CPU only: on CUDA the layer
+keeps cuDNN.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backend import _available, call, kernels, resolve_backend
+from ..utils import check_finite, check_tensor
+
+__all__ = ["conv_input_grad", "has_cpu_kernel", "split_bf16"]
+
+
+def _grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
+          alpha: float, backend: str) -> torch.Tensor:
+    return kernels(__package__, backend).conv_input_grad(grad_y, weight, input_size, stride, padding, alpha)
+
+
+_conv_input_grad = torch.library.custom_op("cbp_kernels::conv_input_grad", _grad, mutates_args=())
+
+
+@_conv_input_grad.register_fake
+def _(grad_y, weight, input_size, stride, padding, alpha, backend):
+    return grad_y.new_empty(grad_y.shape[0], weight.shape[1], *input_size)
+
+
+def has_cpu_kernel() -> bool:
+    """Whether the extension holds the CPU kernel."""
+    return _available("conv_input_grad", "cpu", "cpu", __package__)
+
+
+def split_bf16(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's exact split of float32 ``g`` into three bfloat16 parts, g = g1 + g2 + g3:
+    g1 = g with its low 16 bits cleared (truncation), g2 the same of g - g1, g3 = g - g1 - g2,
+    each subtraction exact in float32; 8 + 8 + 8 significant bits cover float32's 24, so g3 is
+    exact in bfloat16 while it is normal. AMX reads bfloat16 denormals (below 2^-126) as 0:
+    |g| >= 2^-102 splits with every part normal or 0; below, the parts under 2^-126 are lost.
+    Non-finite g gives NaN parts (inf - inf)."""
+    parts = []
+    rest = g.to(torch.float32)
+    for _ in range(3):
+        part = (rest.view(torch.int32) & -65536).view(torch.float32)  # -65536 = 0xFFFF0000
+        parts.append(part.to(torch.bfloat16))
+        rest = rest - part
+    return tuple(parts)
+
+
+def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stride, padding, alpha: float = 1.0,
+                    backend: str = "auto") -> torch.Tensor:
+    """The input gradient of ``conv2d(x, alpha * weight, stride=stride, padding=padding)``
+    (groups 1, dilation 1): ``grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw} grad_y[n, o, oh, ow]
+    * weight[o, c, kh, kw]`` over ``ih = oh * sh - ph + kh``, ``iw = ow * sw - pw + kw``.
+
+    Args:
+        grad_y: float32 CPU ``[N, O, OH, OW]`` (made contiguous), the output's gradient.
+        weight: float32 CPU ``[O, C, KH, KW]`` (made contiguous); exact in bfloat16 (e.g. the
+            levels {-1, 0, 1}) for the AMX path, else ATen's float32 runs.
+        input_size: (H, W) of the input; OH = (H + 2 ph - KH) // sh + 1 and OW alike.
+        stride, padding: pairs (sh, sw) >= 1, (ph, pw) >= 0 (or one int for both).
+        alpha: finite float applied once to each float32 sum (the layer's scale s).
+        backend: "auto", "cpu" or "reference".
+
+    Returns:
+        grad_x float32 ``[N, C, H, W]``.
+    """
+    check_tensor("grad_y", grad_y, dtypes=(torch.float32,))
+    check_tensor("weight", weight, dtypes=(torch.float32,))
+    if grad_y.dim() != 4 or weight.dim() != 4 or weight.shape[0] != grad_y.shape[1]:
+        raise ValueError(f"grad_y [N, O, OH, OW] and weight [O, C, KH, KW] must be 4-D with one O, got "
+                         f"{tuple(grad_y.shape)} and {tuple(weight.shape)}")
+    if grad_y.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"grad_y and weight must be CPU tensors, got {grad_y.device} and {weight.device}")
+    pairs = {}
+    for name, value, low in (("input_size", input_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        pair = [value, value] if isinstance(value, int) else list(value)
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair):
+            raise ValueError(f"{name} must be an int or a pair of ints >= {low}, got {value!r}")
+        pairs[name] = pair
+    size, s, p = pairs["input_size"], pairs["stride"], pairs["padding"]
+    expected = [(size[i] + 2 * p[i] - weight.shape[2 + i]) // s[i] + 1 for i in range(2)]
+    if list(grad_y.shape[2:]) != expected or min(expected) < 1:
+        raise ValueError(f"grad_y's (OH, OW) {tuple(grad_y.shape[2:])} do not follow from input_size {size}, kernel "
+                         f"{tuple(weight.shape[2:])}, stride {s} and padding {p}: expected {tuple(expected)}")
+    alpha = check_finite("alpha", alpha)
+    backend = resolve_backend(backend, "conv_input_grad", grad_y.device, __package__)
+    return call(_conv_input_grad, _grad, grad_y.contiguous(), weight.contiguous(), size, s, p, alpha, backend)

@@ -1,0 +1,32 @@
+// The C++ entry point of the input gradient of a convolution whose weights are exact in
+// bfloat16 (CBP's levels q in {-1, 0, 1}, the scale s passed as alpha), declared once; CPU
+// only (csrc/cpu/conv_input_grad.cpp): on CUDA the layer keeps cuDNN. Schema:
+// csrc/common/op_schema.h.
+//   conv_input_grad(grad_y, weight, input_size, stride, padding, alpha) -> grad_x:
+//     grad_y float32 [N, O, OH, OW] contiguous, weight float32 [O, C, KH, KW] contiguous,
+//     input_size (H, W), stride (sh, sw) >= 1, padding (ph, pw) >= 0 (groups 1, dilation 1),
+//     OH = (H + 2 ph - KH) / sh + 1 (OW alike) -> grad_x float32 [N, C, H, W],
+//       grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw : ih = oh*sh - ph + kh, iw = ow*sw - pw + kw}
+//                              grad_y[n, o, oh, ow] * weight[o, c, kh, kw]
+//     (alpha applied once to the float32 sum): alpha * aten::convolution_backward's input
+//     gradient. AMX-BF16 where the weight is exact in bfloat16 and the CPU allows it (exact
+//     products, float32 accumulation in another order than ATen's), else that ATen call.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+
+#include "common/op_schema.h"
+
+namespace cbp {
+
+struct ConvInputGradOp {
+  static constexpr const char* name = "conv_input_grad";
+  using Fn = at::Tensor(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
+                        at::IntArrayRef stride, at::IntArrayRef padding, double alpha);
+  static constexpr std::array<const char*, 6> args{"grad_y", "weight", "input_size", "stride", "padding", "alpha"};
+};
+ConvInputGradOp::Fn conv_input_grad_cpu;
+
+}  // namespace cbp

@@ -1,0 +1,370 @@
+// The input gradient of a convolution with weights exact in bfloat16 (CBP's levels) on the
+// AMX-BF16 tile unit (csrc/common/conv_input_grad_api.h: the equation, the op's contract):
+//   grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw} grad_y[n, o, oh, ow] * weight[o, c, kh, kw],
+//   ih = oh*sh - ph + kh, iw = ow*sw - pw + kw.
+// Exactness: grad_y is split into three bfloat16 parts, g = g1 + g2 + g3 (truncation:
+// g1 = bits(g) & 0xFFFF0000, g2 = the same of g - g1, g3 = g - g1 - g2; each exact in
+// float32, 8 + 8 + 8 significant bits), the weight is bfloat16 as it is, so every product
+// g_i * w is exact in float32 and TDPBF16PS sums them in float32: the exact products summed in
+// float32 in an unspecified order (oneDNN's float32 sums them in another). AMX reads bfloat16
+// denormals as 0: parts below 2^-126 are lost (|g| < 2^-110 may lose bits, each at most
+// 2^-126 * |w|), and the result is flushed below 2^-126. Non-finite g (inf - inf in the
+// split) gives NaN where ATen may give inf.
+//
+// Phases: input pixels ih = ih0_a + i*sh with (ih + ph) % sh == a read the taps kh = a + m*sh
+// (m = 0, 1, ...) at oh = i + q_a - m (q_a = (ih0_a + ph - a) / sh): per phase (a, b) a
+// stride-1 correlation of grad_y with its taps (stride 1: one phase, the full kernel flipped).
+// grad_y lies in a zero-padded grid of Hp x Wp pixels per image (PT rows above, PL columns
+// left, zeros past OH / OW), images back to back; phase pixel (n, i, j) is "virtual row"
+// u = n*Hp*Wp + i*Wp + j and tap (m_h, m_w) reads grid pixel u + (q_a - m_h + PT)*Wp +
+// (q_b - m_w + PL): 16 consecutive u are one tile load, the tap moves its start (virtual rows
+// with i >= Hi or j >= Wj are computed and dropped, as the popcount conv's, bitconv_amx.cpp).
+// The product: M = virtual rows, N = input channels c, K = (tap, o):
+//   A (16 pixels x 32 o bf16): grad_y's parts as [part][pixel][O] (NHWC), split and transposed
+//     from NCHW per work item into an L2-resident window; a tap moves the tile's first row by
+//     whole rows, so every tile row is one aligned 64-byte line (rows shifted by a pixel inside
+//     the lines, as a [o][pixel] layout would have, run at half speed from L2: measured);
+//   B (16 o-pairs x 16 c x 2 bf16, VNNI): the weights, [c block][k][16 o-pairs][16 c][2],
+//     prepared once per call;
+//   per K step 2 B tiles and 3 parts x 2 A tiles -> 12 TDPBF16PS into 2 x 2 C tiles (32
+//   pixels x 32 c); the epilogue transposes them (16 x 16 in registers), scales by alpha and
+//   writes each channel's runs of valid pixels to grad_x's NCHW rows.
+#include <ATen/ATen.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/conv_input_grad_api.h"
+#include "cpu/amx.h"
+
+namespace cbp {
+namespace {
+
+// alpha * aten::convolution_backward's input gradient in float32 (the path where AMX-BF16
+// is not usable, or the weight is not exact in bfloat16).
+at::Tensor aten_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, double alpha) {
+  const auto stand_in = at::empty({grad_y.size(0), weight.size(1), input_size[0], input_size[1]}, grad_y.options());
+  auto grad_x = std::get<0>(at::convolution_backward(grad_y, stand_in, weight, std::nullopt, stride, padding, {1, 1},
+                                                     false, {0, 0}, 1, {true, false, false}));
+  return alpha == 1.0 ? grad_x : grad_x.mul_(alpha);
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CBP_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2,amx-tile,amx-bf16")))
+
+constexpr int64_t kRows = 32;        // pixels per block (2 A tiles)
+constexpr int64_t kTileElems = 512;  // a tile of 16 rows x 32 bfloat16
+// Window bytes of a work item (3 parts x O x pixels x 2 bytes, L2-resident while the item
+// walks its phases and channel blocks).
+constexpr int64_t kItemBytes = 512 * 1024;
+
+// One dimension's phases: input index x0[a] + i*s (i < cnt[a]) reads the taps a + m*s at
+// output index i + q[a] - m; in the padded grid of `size` positions the outputs sit from `pad` on.
+struct Dim {
+  std::vector<int64_t> x0, cnt, q, taps;  // taps[a]: how many
+  int64_t pad = 0, size = 0;
+  Dim(int64_t X, int64_t Y, int64_t K, int64_t s, int64_t p) {
+    int64_t reach = Y;
+    for (int64_t a = 0; a < s; ++a) {
+      const int64_t first = ((a - p) % s + s) % s;
+      x0.push_back(first);
+      cnt.push_back(first < X ? (X - first + s - 1) / s : 0);
+      q.push_back((first + p - a) / s);
+      taps.push_back(a < K ? (K - a + s - 1) / s : 0);
+      if (cnt[a] > 0 && taps[a] > 0) {
+        pad = std::max(pad, taps[a] - 1 - q[a]);
+        reach = std::max(reach, cnt[a] + q[a]);
+      }
+    }
+    size = pad + reach;
+  }
+};
+
+struct Phase {
+  int64_t a, b, k0, k1, span;  // K steps [k0, k1); virtual rows [0, span) hold its valid pixels
+};
+
+struct AmxInputGrad {
+  int64_t N, O, OH, OW, C, H, W, KH, KW, sh, sw;
+  Dim dh, dw;
+  int64_t Oq, P, Cp, Hp, Wp, grid, K = 0, maxoff = 0, blocks = 0, per_item = 1, items = 0, L = 0;
+  std::vector<Phase> phases;
+  std::vector<int64_t> koff, kq;  // per K step: the tap's pixel offset, its first o-pair
+  std::vector<int64_t> ktap;      // per K step: kh * KW + kw
+  bool zero_fill = false;          // some input pixels read no tap (their gradient is 0)
+
+  AmxInputGrad(const at::Tensor& g, const at::Tensor& w, at::IntArrayRef in, at::IntArrayRef s, at::IntArrayRef p)
+      : N(g.size(0)), O(g.size(1)), OH(g.size(2)), OW(g.size(3)), C(w.size(1)), H(in[0]), W(in[1]),
+        KH(w.size(2)), KW(w.size(3)), sh(s[0]), sw(s[1]), dh(H, OH, KH, sh, p[0]), dw(W, OW, KW, sw, p[1]) {
+    Oq = (O + 31) / 32 * 16;  // o-pairs, O padded to whole K steps of 32
+    // Window pitch per pixel: an odd number of 64-byte lines, so that a tile's rows and the
+    // taps' neighbouring rows spread over all L1 sets. One thread, A/B in one process (min of
+    // 5), pitch 2 Oq / + 1 line / + 2 lines: 512@7 21.5 / 16.1 / 16.4 ms (1 KiB apart: 4 sets,
+    // the A loads stalled), 256@14 12.5 / 11.3 / 12.4, 64@56 16.7 / 16.0 / 18.1.
+    P = Oq / 16 % 2 == 1 ? 2 * Oq : 2 * Oq + 32;
+    Cp = (C + 31) / 32 * 32;
+    Hp = dh.size;
+    Wp = dw.size;
+    grid = Hp * Wp;
+    int64_t span = 0;
+    for (int64_t a = 0; a < sh; ++a)
+      for (int64_t b = 0; b < sw; ++b) {
+        if (dh.cnt[a] == 0 || dw.cnt[b] == 0) continue;
+        if (dh.taps[a] == 0 || dw.taps[b] == 0) {
+          zero_fill = true;
+          continue;
+        }
+        Phase ph{a, b, K, 0, (N - 1) * grid + (dh.cnt[a] - 1) * Wp + dw.cnt[b]};
+        // K steps: the taps within each 32 channels, so that the steps of one tap row read
+        // overlapping window lines (L1 hits: 9 taps x 1 KiB per part, within 3 x 34 pixels)
+        for (int64_t oq = 0; oq < Oq; oq += 16)
+          for (int64_t mh = 0; mh < dh.taps[a]; ++mh)
+            for (int64_t mw = 0; mw < dw.taps[b]; ++mw, ++K) {
+              const int64_t off = (dh.q[a] - mh + dh.pad) * Wp + dw.q[b] - mw + dw.pad;
+              maxoff = std::max(maxoff, off);
+              koff.push_back(off);
+              kq.push_back(oq);
+              ktap.push_back((a + mh * sh) * KW + b + mw * sw);
+            }
+        ph.k1 = K;
+        phases.push_back(ph);
+        span = std::max(span, ph.span);
+      }
+    blocks = (span + kRows - 1) / kRows;
+    const int64_t threads = omp_get_max_threads();
+    const int64_t fit = (kItemBytes / (3 * P * 2) - maxoff) / kRows;
+    per_item = std::max<int64_t>(1, std::min(fit, (blocks + threads - 1) / threads));
+    items = (blocks + per_item - 1) / per_item;
+    L = per_item * kRows + maxoff;  // window pixels: an item's blocks plus the taps' reach
+  }
+
+  // The B tiles: bt[(cb * K + k) * 512 + r * 32 + 2 c + e] = bfloat16 of weight[2 (kq[k] + r) + e]
+  // [16 cb + c] at tap ktap[k] (its high half), 0 past O / C; per o a gather of 16 c (576
+  // consecutive bytes for 3 x 3). Returns whether every weight is exact in bfloat16 (each is
+  // gathered once: the low halves all 0).
+  CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
+    const int64_t taps = KH * KW;
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(taps)));
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    int low = 0;
+#pragma omp parallel for collapse(2) schedule(static) reduction(| : low)
+    for (int64_t cb = 0; cb < Cp / 16; ++cb)
+      for (int64_t k = 0; k < K; ++k) {
+        uint16_t* dst = bt + (cb * K + k) * kTileElems;
+        const int64_t c0 = cb * 16, left = std::min<int64_t>(16, C - c0);
+        const __mmask16 m = left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
+        __m512i lows = _mm512_setzero_si512();
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t o = 2 * (kq[k] + r);
+          const float* src = w + (std::min(o, O - 1) * C + std::min(c0, C - 1)) * taps + ktap[k];
+          const __m512i even = o < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4)
+                                     : _mm512_setzero_si512();
+          const __m512i odd = o + 1 < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + C * taps, 4)
+                                        : _mm512_setzero_si512();
+          lows = _mm512_or_si512(lows, _mm512_or_si512(even, odd));
+          _mm512_storeu_si512(dst + r * 32, _mm512_or_si512(_mm512_and_si512(odd, high), _mm512_srli_epi32(even, 16)));
+        }
+        low |= _mm512_test_epi32_mask(lows, _mm512_set1_epi32(0xFFFF)) != 0;
+      }
+    return low == 0;
+  }
+
+  // The window of grid pixels [lo, lo + L): win[(part * L + r) * P + o] = that part of
+  // grad_y channel o at pixel lo + r (0 at padding, past the last image and past O). Per
+  // segment of a grid row inside the image: 16 channels x 16 pixels loaded, transposed, split.
+  CBP_AMX_BF16 void fill_window(const float* g, int64_t lo, uint16_t* win) const {
+    const int64_t Op = 2 * Oq, part_stride = L * P;
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t r = lo; r < lo + L;) {
+      const int64_t n = r / grid, y = r % grid / Wp, x = r % Wp, x1 = std::min(Wp, x + lo + L - r);
+      const bool row_in = n < N && y >= dh.pad && y < dh.pad + OH;
+      const int64_t xb = row_in ? std::clamp(dw.pad, x, x1) : x1, xe = row_in ? std::clamp(dw.pad + OW, xb, x1) : x1;
+      uint16_t* row = win + (r - lo) * P;
+      for (int64_t part = 0; part < 3; ++part) {
+        std::memset(row + part * part_stride, 0, (xb - x) * P * 2);
+        std::memset(row + part * part_stride + (xe - x) * P, 0, (x1 - xe) * P * 2);
+      }
+      for (int64_t o0 = 0; o0 < Op && xe > xb; o0 += 16) {
+        const float* src = g + ((n * O + o0) * OH + y - dh.pad) * OW + xb - dw.pad;
+        for (int64_t c = 0; c < xe - xb; c += 16) {
+          const __mmask16 m = static_cast<__mmask16>(xe - xb - c >= 16 ? 0xFFFFu : (1u << (xe - xb - c)) - 1u);
+          __m512 v[16];
+          for (int64_t i = 0; i < 16; ++i)
+            v[i] = o0 + i < O ? _mm512_maskz_loadu_ps(m, src + i * OH * OW + c) : _mm512_setzero_ps();
+          transpose16(v);  // v[j]: the 16 channels of pixel xb + c + j
+          uint16_t* dst = row + (xb - x + c) * P + o0;
+          for (int64_t j = 0; j < std::min<int64_t>(16, xe - xb - c); ++j) {
+            __m512 rest = v[j];
+            for (int64_t part = 0; part < 3; ++part) {  // the part: the high half of what is left
+              const __m512i bits = _mm512_and_si512(_mm512_castps_si512(rest), high);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + part * part_stride + j * P),
+                                  _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+              rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(bits));
+            }
+          }
+        }
+      }
+      r += x1 - x;
+    }
+  }
+
+  // v[j][i] <- v[i][j] (16 x 16 floats): unpack pairs of rows, then pairs of pairs (as
+  // doubles), then 128-bit lanes in two shuffles.
+  CBP_AMX_BF16 static void transpose16(__m512* v) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+    }
+    __m512 s[16];  // s[4q + c], 128-bit lane l: column 4l + c of rows 4q .. 4q + 3
+    for (int q = 0; q < 4; ++q) {
+      const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 1]);
+      const __m512d c = _mm512_castps_pd(t[4 * q + 2]), d = _mm512_castps_pd(t[4 * q + 3]);
+      s[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      s[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      s[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      s[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; ++c) {
+      const __m512 u = _mm512_shuffle_f32x4(s[c], s[4 + c], 0x88), w = _mm512_shuffle_f32x4(s[c], s[4 + c], 0xDD);
+      const __m512 u2 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0x88), w2 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0xDD);
+      v[c] = _mm512_shuffle_f32x4(u, u2, 0x88);
+      v[8 + c] = _mm512_shuffle_f32x4(u, u2, 0xDD);
+      v[4 + c] = _mm512_shuffle_f32x4(w, w2, 0x88);
+      v[12 + c] = _mm512_shuffle_f32x4(w, w2, 0xDD);
+    }
+  }
+
+  // grad_x[n, c0 + c, ih, iw] = alpha * acc[c][r] for the valid pixels r of the block from
+  // virtual row u0 of phase ph: runs of consecutive pixels of one input row (stride sw).
+  CBP_AMX_BF16 void store(const float* acc, int64_t u0, const Phase& ph, int64_t c0, float alpha, float* gx) const {
+    const int64_t Hi = dh.cnt[ph.a], Wj = dw.cnt[ph.b], plane = H * W;
+    const __m512 scale = _mm512_set1_ps(alpha);
+    const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(sw)));
+    const __m512i half0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // lane 2t <- t
+    const __m512i half1 = _mm512_add_epi32(half0, _mm512_set1_epi32(8));
+    const int64_t width = std::min<int64_t>(32, C - c0);
+    int64_t n = u0 / grid, i = u0 % grid / Wp, j = u0 % Wp;
+    for (int64_t r = 0; r < kRows && n < N;) {
+      const int64_t run = std::min(kRows - r, Wp - j);  // pixels to the end of this grid row
+      if (i < Hi && j < Wj) {
+        const int64_t len = std::min(run, Wj - j);
+        float* dst = gx + (n * C + c0) * plane + (dh.x0[ph.a] + i * sh) * W + dw.x0[ph.b] + j * sw;
+        for (int64_t c = 0; c < width; ++c, dst += plane) {
+          for (int64_t l = 0; l < len; l += 16) {
+            const __mmask16 m = static_cast<__mmask16>(len - l >= 16 ? 0xFFFFu : (1u << (len - l)) - 1u);
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + c * kRows + r + l), scale);
+            if (sw == 1) {
+              _mm512_mask_storeu_ps(dst + l, m, v);
+            } else if (sw == 2) {  // every other column: lanes t -> 2t, two masked stores
+              _mm512_mask_storeu_ps(dst + 2 * l, static_cast<__mmask16>(_pdep_u32(m & 0xFFu, 0x5555u)),
+                                    _mm512_permutexvar_ps(half0, v));
+              _mm512_mask_storeu_ps(dst + 2 * l + 16, static_cast<__mmask16>(_pdep_u32(m >> 8, 0x5555u)),
+                                    _mm512_permutexvar_ps(half1, v));
+            } else {
+              _mm512_mask_i32scatter_ps(dst + l * sw, m, step, v, 4);
+            }
+          }
+        }
+      }
+      r += run;
+      j += run;
+      if (j == Wp) {
+        j = 0;
+        if (++i == Hp) i = 0, ++n;
+      }
+    }
+  }
+
+  CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, float alpha, float* gx) const {
+    const int64_t pitch = P * 2, part_stride = L * P;
+#pragma omp parallel
+    {
+      amx_tile_config();
+      const at::Tensor window = at::empty({3 * L * P}, at::kShort);  // 64-byte aligned (c10's CPU allocator)
+      uint16_t* win = reinterpret_cast<uint16_t*>(window.data_ptr<int16_t>());
+      alignas(64) float tiles[kRows * 32], acc[32 * kRows];  // [pixel][c], [c][pixel]
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows;
+        fill_window(g, lo, win);
+        // The phases innermost: a block's outputs of all phases (interleaved columns and rows of
+        // grad_x) are written together, so each output line is fetched once
+        for (int64_t cb = 0; cb < Cp / 32; ++cb) {
+          const uint16_t* b0t = bt + 2 * cb * K * kTileElems;
+          const uint16_t* b1t = b0t + K * kTileElems;
+          for (int64_t b = b0; b < b1; ++b)
+            for (const Phase& ph : phases) {
+              if (b * kRows >= ph.span) continue;
+              _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+              for (int64_t k = ph.k0; k < ph.k1; ++k) {
+                _tile_loadd(6, b0t + k * kTileElems, 64);
+                _tile_loadd(7, b1t + k * kTileElems, 64);
+                const uint16_t* src = win + (b * kRows - lo + koff[k]) * P + 2 * kq[k];
+                for (int64_t part = 0; part < 3; ++part, src += part_stride) {
+                  _tile_loadd(4, src, pitch);
+                  _tile_loadd(5, src + 16 * P, pitch);
+                  _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                }
+              }
+              _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);
+              _tile_stored(2, tiles + 16 * 32, 128); _tile_stored(3, tiles + 16 * 32 + 16, 128);
+              for (int64_t h = 0; h < 2; ++h)  // acc[c][pixel] = tiles[pixel][c], 16 x 16 at a time
+                for (int64_t w = 0; w < 2; ++w) {
+                  __m512 v[16];
+                  for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(tiles + (16 * h + i) * 32 + 16 * w);
+                  transpose16(v);
+                  for (int i = 0; i < 16; ++i) _mm512_store_ps(acc + (16 * w + i) * kRows + 16 * h, v[i]);
+                }
+              store(acc, b * kRows, ph, cb * 32, alpha, gx);
+            }
+          }
+      }
+      _tile_release();
+    }
+  }
+};
+#endif
+
+}  // namespace
+
+at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, double alpha) {
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.is_contiguous() && grad_y.scalar_type() == at::kFloat,
+              "conv_input_grad: grad_y must be a contiguous float32 [N, O, OH, OW] tensor");
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
+                  weight.size(0) == grad_y.size(1),
+              "conv_input_grad: weight must be a contiguous float32 [O, C, KH, KW] tensor, O = grad_y.size(1)");
+  TORCH_CHECK(input_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 &&
+                  stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
+              "conv_input_grad: input_size, stride and padding must be pairs (stride >= 1, padding >= 0)");
+  TORCH_CHECK(grad_y.size(2) == (input_size[0] + 2 * padding[0] - weight.size(2)) / stride[0] + 1 &&
+                  grad_y.size(3) == (input_size[1] + 2 * padding[1] - weight.size(3)) / stride[1] + 1,
+              "conv_input_grad: grad_y's OH / OW do not follow from input_size, the kernel, stride and padding");
+  const int64_t numel = grad_y.size(0) * weight.size(1) * input_size[0] * input_size[1];
+#if defined(__x86_64__) || defined(_M_X64)
+  if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false)) {
+    const AmxInputGrad conv(grad_y, weight, input_size, stride, padding);
+    const at::Tensor tiles = at::empty({conv.Cp / 16 * conv.K * kTileElems}, at::kShort);
+    uint16_t* bt = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
+    if (conv.prepare_weights(weight.data_ptr<float>(), bt)) {  // else ATen's float32
+      auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
+                                   : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
+      conv.run(grad_y.data_ptr<float>(), bt, static_cast<float>(alpha), grad_x.data_ptr<float>());
+      return grad_x;
+    }
+  }
+#endif
+  return aten_input_grad(grad_y, weight, input_size, stride, padding, alpha);
+}
+
+TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) { CBP_IMPL(m, ConvInputGradOp, conv_input_grad_cpu); }
+
+}  // namespace cbp

@@ -1,0 +1,200 @@
+"""The input gradient of a convolution with level weights (``ops.conv_input_grad``) against float64
+truth: every SEW-ResNet-18 layer shape at small spatial sizes, odd channel counts, other
+kernels / strides / paddings (hypothesis), gradients spanning 2^-60 .. 2^20 with exact zeros; the
+bound |got - truth| <= 2 K 2^-24 (alpha |g| * |w| summed), which the float32 reference also
+meets; the exact three-part bfloat16 split; ATen's float32 path (no AMX, a weight not exact in
+bfloat16) bit for bit the reference's; validation."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cbp_kernels.ops.conv_input_grad import conv_input_grad, has_cpu_kernel, reference, split_bf16
+
+needs_kernel = pytest.mark.skipif(not has_cpu_kernel(), reason="needs the compiled CPU kernel (make build)")
+
+
+def _cpu_has_amx_bf16() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and re.search(r"\bamx_bf16\b", cpuinfo.read_text()) is not None
+
+
+needs_amx = pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (Sapphire Rapids or later)")
+
+# (C, O, kernel, stride, padding) of SEW-ResNet-18's convolutions after the stem.
+SEW_LAYERS = [(64, 64, 3, 1, 1), (64, 128, 3, 2, 1), (64, 128, 1, 2, 0), (128, 128, 3, 1, 1), (128, 256, 3, 2, 1),
+              (128, 256, 1, 2, 0), (256, 256, 3, 1, 1), (256, 512, 3, 2, 1), (256, 512, 1, 2, 0), (512, 512, 3, 1, 1)]
+
+
+def _levels(O, C, KH, KW, gen):
+    return torch.randint(-1, 2, (O, C, KH, KW), generator=gen).float()
+
+
+def _grad(N, O, OH, OW, gen, spread=False):
+    g = torch.randn(N, O, OH, OW, generator=gen, dtype=torch.float64)
+    if spread:  # magnitudes 2^-60 .. 2^20 and exact zeros
+        g = g.sign() * torch.exp2(torch.empty_like(g).uniform_(-60, 20, generator=gen)) * (1 + torch.rand_like(g))
+        g[torch.rand(g.shape, generator=gen) < 0.2] = 0
+    return g.float()
+
+
+def _check(g, w, size, stride, padding, alpha=0.37):
+    """The op against float64 truth within 2 K 2^-24 (alpha |g| * |w| summed), K = O KH KW the
+    products per output; the float32 reference meets the same bound (it is not loose)."""
+    got = conv_input_grad(g, w, size, stride, padding, alpha)
+    size, stride, padding = (list(v) if isinstance(v, tuple) else [v, v] for v in (size, stride, padding))
+    truth = reference.conv_input_grad(g.double(), w.double(), size, stride, padding, alpha)
+    scale = reference.conv_input_grad(g.double().abs(), w.double().abs(), size, stride, padding, abs(alpha))
+    K = w.shape[0] * w.shape[2] * w.shape[3]
+    bound = 2 * K * 2.0**-24 * scale
+    assert got.dtype == torch.float32 and got.shape == truth.shape
+    for name, value in (("op", got), ("float32 reference", reference.conv_input_grad(g, w, size, stride, padding, alpha))):
+        err = (value.double() - truth).abs()
+        bad = int((err > bound).sum())
+        assert bad == 0, f"{name}: {bad} of {err.numel()} beyond the bound, worst {float((err - bound).max()):.3g}"
+    return got
+
+
+@pytest.fixture(params=["amx", "no_amx"])
+def path(request, monkeypatch):
+    monkeypatch.setenv("CBP_KERNELS_NO_AMX", "1" if request.param == "no_amx" else "0")
+    return request.param
+
+
+@needs_kernel
+@pytest.mark.parametrize("layer", SEW_LAYERS, ids=lambda t: "C{}-O{}-k{}s{}p{}".format(*t))
+def test_sew_resnet18_layers(layer, path):
+    C, O, k, s, p = layer
+    gen = torch.Generator().manual_seed(C + O + k + s)
+    for N, H, W in [(1, 7, 7), (2, 9, 8), (1, 14, 17)]:
+        OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        _check(_grad(N, O, OH, OW, gen), _levels(O, C, k, k, gen), (H, W), s, p)
+
+
+@needs_kernel
+@pytest.mark.parametrize("C,O", [(3, 5), (20, 48), (48, 20), (33, 64), (1, 1)])
+@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (1, 1, 0)])
+def test_odd_channel_counts(C, O, k, s, p, path):
+    gen = torch.Generator().manual_seed(C * O + k)
+    for N, H, W in [(5, 11, 13), (3, 16, 15)]:
+        OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        _check(_grad(N, O, OH, OW, gen, spread=True), _levels(O, C, k, k, gen), (H, W), s, p, alpha=-2.5)
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 3), C=st.integers(1, 40), O=st.integers(1, 40), H=st.integers(1, 13), W=st.integers(1, 13),
+       KH=st.integers(1, 5), KW=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       ph=st.integers(0, 3), pw=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_any_kernel_stride_padding(N, C, O, H, W, KH, KW, sh, sw, ph, pw, seed):
+    """Rectangular kernels, strides and paddings, including kernels larger than the input,
+    paddings of the kernel's size or more and strides larger than the kernel (input pixels that
+    no tap reads: gradient 0)."""
+    OH, OW = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    if OH < 1 or OW < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    _check(_grad(N, O, OH, OW, gen, spread=seed % 2 == 0), _levels(O, C, KH, KW, gen), (H, W), (sh, sw), (ph, pw))
+
+
+def test_split_is_exact():
+    """g = g1 + g2 + g3 exactly, each part exact in bfloat16, over float32's range down to 2^-102
+    (every part normal or 0 there), huge and tiny values, zeros and random bits."""
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (100_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    g = bits.view(torch.float32)
+    g = g[torch.isfinite(g) & (g.abs() >= 2.0**-102)]
+    edges = torch.tensor([0.0, -0.0, 2.0**-102, -(2.0**-102) * 1.9999999, 3.4028235e38, -3.4028235e38, 1.0, 1 + 2**-23,
+                          -(1 + 2**-23), 0.1, 65504.0])
+    g = torch.cat([g, edges, torch.randn(1000, generator=gen)])
+    parts = split_bf16(g)
+    assert all(p.dtype == torch.bfloat16 for p in parts)
+    total = sum(p.double() for p in parts)
+    assert torch.equal(total, g.double())
+    assert all(bool((p.float().abs()[p != 0] >= 2.0**-126).all()) for p in parts)  # normal: AMX keeps them
+
+
+@needs_kernel
+@needs_amx
+def test_amx_path_sums_the_three_parts_exactly(monkeypatch):
+    """A 1x1 identity convolution returns g itself (g1 + g2 + g3 summed exactly in float32) down
+    to 2^-102, and within 2^-124 below it (parts under 2^-126 are read as 0 by AMX, sums under
+    it flushed), where ATen's float32 keeps denormals: this also shows the AMX path ran."""
+    monkeypatch.setenv("CBP_KERNELS_NO_AMX", "0")
+    gen = torch.Generator().manual_seed(1)
+    C = 40
+    eye = torch.eye(C).view(C, C, 1, 1)
+    shape = (2, C, 9, 11)
+    g = (1 + torch.rand(shape, generator=gen)) * torch.exp2(torch.randint(-100, 100, shape, generator=gen).float())
+    g = torch.where(torch.rand(shape, generator=gen) < 0.5, -g, g)
+    assert torch.equal(conv_input_grad(g, eye, (9, 11), 1, 0), g)
+    tiny = torch.randn(2, C, 9, 11, generator=gen) * 2.0**-118
+    got = conv_input_grad(tiny, eye, (9, 11), 1, 0)
+    assert float((got - tiny).abs().max()) <= 2.0**-124
+    assert not torch.equal(got, tiny)  # some bits below 2^-126 lost: the AMX path, not ATen's
+
+
+@needs_kernel
+def test_aten_path_is_the_references(path):
+    """A weight not exact in bfloat16 (one weight is enough), and without AMX any weight, runs the
+    float32 reference bit for bit (ATen's own call)."""
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(3, 24, 8, 8, generator=gen)
+    inexact = _levels(24, 16, 3, 3, gen)
+    inexact[5, 3, 1, 2] = 1 + 2**-20
+    cases = [(inexact, (8, 8), 1)] + ([] if path == "amx" else [(_levels(24, 16, 3, 3, gen), (15, 16), 2)])
+    for w, size, s in cases:
+        got = conv_input_grad(g, w, size, s, 1, 0.7)
+        assert torch.equal(got, reference.conv_input_grad(g, w, list(size), [s, s], [1, 1], 0.7))
+
+
+@needs_kernel
+@needs_amx
+def test_thread_count_does_not_change_the_result(monkeypatch):
+    """Each output's sum runs in one fixed K order whatever work item holds it: the result is
+    bitwise the same on 1, 2 and 3 threads."""
+    monkeypatch.setenv("CBP_KERNELS_NO_AMX", "0")
+    gen = torch.Generator().manual_seed(4)
+    for k, s, p in [(3, 1, 1), (3, 2, 1)]:
+        g = _grad(3, 40, 9 // s, 9 // s, gen)
+        w = _levels(40, 24, k, k, gen)
+        size = (9 // s * s, 9 // s * s)
+        threads = torch.get_num_threads()
+        try:
+            results = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(conv_input_grad(g, w, size, s, p))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@needs_kernel
+def test_non_contiguous_inputs(path):
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(2, 10, 9, 32, generator=gen).transpose(2, 3)  # [2, 10, 32, 9] strided
+    w = _levels(10, 7, 3, 3, gen).transpose(2, 3)
+    _check(g, w, (32, 9), 1, 1)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(grad_y=torch.zeros(2, 4, 5, 5, dtype=torch.float64)), "grad_y must have dtype"),
+    (dict(weight=torch.zeros(3, 2, 3, 3)), "one O"),
+    (dict(input_size=(9, 9, 1)), "input_size"),
+    (dict(input_size=(12, 9)), "do not follow"),
+    (dict(stride=0), "stride"),
+    (dict(padding=(-1, 0)), "padding"),
+    (dict(alpha=float("nan")), "alpha"),
+])
+def test_bad_arguments_are_named(change, message):
+    args = dict(grad_y=torch.zeros(2, 4, 5, 5), weight=torch.zeros(4, 2, 3, 3), input_size=(9, 9), stride=2, padding=1,
+                alpha=1.0)
+    args.update(change)
+    with pytest.raises((TypeError, ValueError), match=message):
+        conv_input_grad(**args)
