@@ -22,10 +22,14 @@ True (the default) runs it where it is the faster forward, a rule on the weight'
 the declared input range (``prefers_integer``, ``MIN_PRODUCTS_PER_PLANE``); ``"always"`` on
 every layer it applies to; False never.
 
-The backward is the float layer's (``SpikeConv2dFunction`` in ``lifconv.py``:
-``aten.convolution_backward`` with the float Q(W); for a linear layer the matrix products
-of ``F.linear``'s autograd): the input gradient with Q(W) in float32, the weight gradient
-straight through ``ops.quantize`` to W, the bias gradient.
+The backward computes the float layer's gradients (``SpikeConv2dFunction`` in ``lifconv.py``;
+for a linear layer the matrix products of ``F.linear``'s autograd): the input gradient with
+Q(W), the weight gradient straight through ``ops.quantize`` to W, the bias gradient. On the CPU
+a convolution's runs on AMX-BF16 (``lifconv._level_backward``: dy split exactly into three
+bfloat16 parts times the exact q and x, float32 sums: ``ops.conv_input_grad``,
+``ops.conv_weight_grad``), elsewhere ``aten.convolution_backward`` with the float Q(W).
+``integer_forward=False`` keeps both the float forward and ATen's backward (the authors'
+rounding, for the lock-step comparison).
 """
 from __future__ import annotations
 

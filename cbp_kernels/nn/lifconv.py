@@ -27,6 +27,8 @@ from torch import nn
 from ..ops import quantize
 from ..ops.bitconv import PackedWeight, pack_spikes, packed_conv2d_lif
 from ..ops.bitpack import bitpack, bitunpack, pack_bits
+from ..ops.conv_input_grad import conv_input_grad
+from ..ops.conv_weight_grad import conv_weight_grad
 from ..ops.levels import LevelSet
 from .bn_neuron import batch_norm_neuron, fold_batch_norm
 from .integer_forward import check_input_max, integer_conv2d, integer_spec, popcount_name
@@ -163,6 +165,25 @@ def run_neuron_saving_packed_spikes(neuron: nn.Module, x: torch.Tensor) -> torch
     return mark_spikes(spikes, packed)
 
 
+def _level_backward_applies(x: torch.Tensor, groups: int, dilation) -> bool:
+    """Whether ``_level_backward`` runs a layer's backward: on the CPU, groups 1, dilation 1."""
+    return x.device.type == "cpu" and groups == 1 and tuple(dilation) == (1, 1)
+
+
+def _level_backward(grad_y, x, wq, scale, x_shape, stride, padding, needs):
+    """The backward of the integer forward's convolution (x integers, Q(W) = s * q, q = sign(Q(W))
+    since s > 0): dx = s * conv_transpose2d(dy, q) (``ops.conv_input_grad``), dw = correlate(x,
+    dy) (``ops.conv_weight_grad``), db = sum of dy over (N, H, W). Both ops split dy exactly into
+    three bfloat16 parts and multiply them by the bfloat16-exact q or x on AMX-BF16: every
+    product exact, float32 sums (another order than oneDNN's float32, as accurate); ATen's
+    float32 where AMX-BF16 is not usable."""
+    grad_y = grad_y.contiguous()
+    gx = conv_input_grad(grad_y, torch.sign(wq), x_shape[-2:], stride, padding, float(scale)) if needs[0] else None
+    gw = conv_weight_grad(grad_y, x, tuple(wq.shape[-2:]), stride, padding) if needs[1] else None
+    gb = grad_y.sum((0, 2, 3)) if needs[2] else None
+    return gx, gw, gb
+
+
 class SpikeConv2dFunction(torch.autograd.Function):
     """y = conv2d(x, w, b) whose saved input x is stored compactly (1 bit per spike, see
     ``_compact``; ``packed``: x's compact copy, already made, with x's element order); x is
@@ -170,9 +191,11 @@ class SpikeConv2dFunction(torch.autograd.Function):
 
     ``integer``: an ``integer_forward.IntegerForward``: the forward is the exact
     ``integer_conv2d`` (w = Q(W) = s * q, x integers in [0, integer.input_max], saved in 1 or
-    8 bits without a value check; ``compact=False``: saved as is); the backward is the same.
+    8 bits without a value check; ``compact=False``: saved as is); on the CPU (groups 1,
+    dilation 1) the float32 backward is ``_level_backward``'s: the same gradients with every
+    product exact on AMX-BF16.
 
-    Backward (one ``aten.convolution_backward`` call): dx = conv_transpose2d(dy, w),
+    Backward otherwise (one ``aten.convolution_backward`` call): dx = conv_transpose2d(dy, w),
     dw = correlate(x, dy), db = sum of dy over (N, H, W)."""
 
     @staticmethod
@@ -189,6 +212,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(saved if isinstance(saved, torch.Tensor) else saved.data, weight)
         ctx.conf = (x.shape, stride, padding, dilation, groups, None if bias is None else list(bias.shape))
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.scale = integer.scale if integer is not None and _level_backward_applies(x, groups, dilation) else None
         if integer is not None:
             return integer_conv2d(x, weight, bias, stride, padding, dilation, groups, integer)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # under autocast: in its dtype
@@ -201,6 +225,9 @@ class SpikeConv2dFunction(torch.autograd.Function):
             x = _Compact(x, *ctx.compact).restore()
         elif x.numel() == 0:  # weight grad not wanted: only the input's shape is used
             x = grad_y.new_zeros(()).expand(x_shape)
+        if ctx.scale is not None and grad_y.dtype == torch.float32:
+            gx, gw, gb = _level_backward(grad_y, x, weight, ctx.scale, x_shape, stride, padding, ctx.needs_input_grad)
+            return gx, gw, gb, None, None, None, None, None, None, None
         # autocast ran the forward conv in grad_y's dtype (bf16 / fp16): so does the backward,
         # and each gradient returns in its input's dtype, as autocast's casts would give
         dt = grad_y.dtype
