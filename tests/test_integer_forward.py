@@ -103,7 +103,7 @@ def _float32_bounds(q, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
 
 def _check_layer(q, x: torch.Tensor) -> None:
     """The integer forward exact; its gradients the float path's: bit for bit for a linear layer
-    (the same matrix products); for a conv on the CPU (``lifconv._level_backward``: exact
+    (the same matrix products); for a conv on the CPU (``lifconv._tile_backward``: exact
     products on AMX-BF16, float32 sums in another order) each within twice the float32 bound
     of the other (both are within the bound of the exact gradient)."""
     y, grads, g = _forward_backward(q, x, None, integer=True)

@@ -25,7 +25,7 @@ every layer it applies to; False never.
 The backward computes the float layer's gradients (``SpikeConv2dFunction`` in ``lifconv.py``;
 for a linear layer the matrix products of ``F.linear``'s autograd): the input gradient with
 Q(W), the weight gradient straight through ``ops.quantize`` to W, the bias gradient. On the CPU
-a convolution's runs on AMX-BF16 (``lifconv._level_backward``: dy split exactly into three
+a convolution's runs on AMX-BF16 (``lifconv._tile_backward``: dy split exactly into three
 bfloat16 parts times the exact q and x, float32 sums: ``ops.conv_input_grad``,
 ``ops.conv_weight_grad``), elsewhere ``aten.convolution_backward`` with the float Q(W).
 ``integer_forward=False`` keeps both the float forward and ATen's backward (the authors'

@@ -165,21 +165,20 @@ def run_neuron_saving_packed_spikes(neuron: nn.Module, x: torch.Tensor) -> torch
     return mark_spikes(spikes, packed)
 
 
-def _level_backward_applies(x: torch.Tensor, groups: int, dilation) -> bool:
-    """Whether ``_level_backward`` runs a layer's backward: on the CPU, groups 1, dilation 1."""
-    return x.device.type == "cpu" and groups == 1 and tuple(dilation) == (1, 1)
-
-
-def _level_backward(grad_y, x, wq, scale, x_shape, stride, padding, needs):
-    """The backward of the integer forward's convolution (x integers, Q(W) = s * q, q = sign(Q(W))
-    since s > 0): dx = s * conv_transpose2d(dy, q) (``ops.conv_input_grad``), dw = correlate(x,
-    dy) (``ops.conv_weight_grad``), db = sum of dy over (N, H, W). Both ops split dy exactly into
-    three bfloat16 parts and multiply them by the bfloat16-exact q or x on AMX-BF16: every
-    product exact, float32 sums (another order than oneDNN's float32, as accurate); ATen's
-    float32 where AMX-BF16 is not usable."""
+def _tile_backward(grad_y, x, w, scale, x_shape, stride, padding, needs):
+    """A convolution's float32 backward on AMX-BF16, for an input x of integers (spikes, SEW ADD
+    sums, exact in bfloat16; only read for dw): dx = conv_transpose2d(dy, w)
+    (``ops.conv_input_grad``; for the integer forward's Q(W) = s * q as s * conv_transpose2d(dy,
+    q), q = sign(Q(W)) since s > 0), dw = correlate(x, dy) (``ops.conv_weight_grad``), db = sum
+    of dy over (N, H, W). Both ops split dy exactly into three bfloat16 parts (and a float
+    weight too): every product exact, float32 sums in another order than oneDNN's float32, as
+    accurate; ATen's float32 inside the ops where AMX-BF16 is not usable."""
     grad_y = grad_y.contiguous()
-    gx = conv_input_grad(grad_y, torch.sign(wq), x_shape[-2:], stride, padding, float(scale)) if needs[0] else None
-    gw = conv_weight_grad(grad_y, x, tuple(wq.shape[-2:]), stride, padding) if needs[1] else None
+    gx = None
+    if needs[0]:
+        q, alpha = (w, 1.0) if scale is None else (torch.sign(w), float(scale))
+        gx = conv_input_grad(grad_y, q, x_shape[-2:], stride, padding, alpha)
+    gw = conv_weight_grad(grad_y, x, tuple(w.shape[-2:]), stride, padding) if needs[1] else None
     gb = grad_y.sum((0, 2, 3)) if needs[2] else None
     return gx, gw, gb
 
@@ -191,15 +190,16 @@ class SpikeConv2dFunction(torch.autograd.Function):
 
     ``integer``: an ``integer_forward.IntegerForward``: the forward is the exact
     ``integer_conv2d`` (w = Q(W) = s * q, x integers in [0, integer.input_max], saved in 1 or
-    8 bits without a value check; ``compact=False``: saved as is); on the CPU (groups 1,
-    dilation 1) the float32 backward is ``_level_backward``'s: the same gradients with every
-    product exact on AMX-BF16.
+    8 bits without a value check; ``compact=False``: saved as is).
 
-    Backward otherwise (one ``aten.convolution_backward`` call): dx = conv_transpose2d(dy, w),
+    Backward: with ``tile``, on the CPU in float32 (groups 1, dilation 1) with x saved compactly
+    (integers) or not needed, ``_tile_backward``'s (the same gradients, every product exact on
+    AMX-BF16); otherwise one ``aten.convolution_backward`` call: dx = conv_transpose2d(dy, w),
     dw = correlate(x, dy), db = sum of dy over (N, H, W)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, packed=None, integer=None, compact=True):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, packed=None, integer=None, compact=True,
+                tile=True):
         if not ctx.needs_input_grad[1]:
             saved = x.new_empty(0)
         elif packed is not None:
@@ -212,7 +212,9 @@ class SpikeConv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(saved if isinstance(saved, torch.Tensor) else saved.data, weight)
         ctx.conf = (x.shape, stride, padding, dilation, groups, None if bias is None else list(bias.shape))
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.scale = integer.scale if integer is not None and _level_backward_applies(x, groups, dilation) else None
+        ctx.tile = (tile and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and groups == 1
+                    and tuple(dilation) == (1, 1) and (ctx.compact is not None or not ctx.needs_input_grad[1]))
+        ctx.scale = None if integer is None else integer.scale
         if integer is not None:
             return integer_conv2d(x, weight, bias, stride, padding, dilation, groups, integer)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # under autocast: in its dtype
@@ -225,9 +227,9 @@ class SpikeConv2dFunction(torch.autograd.Function):
             x = _Compact(x, *ctx.compact).restore()
         elif x.numel() == 0:  # weight grad not wanted: only the input's shape is used
             x = grad_y.new_zeros(()).expand(x_shape)
-        if ctx.scale is not None and grad_y.dtype == torch.float32:
-            gx, gw, gb = _level_backward(grad_y, x, weight, ctx.scale, x_shape, stride, padding, ctx.needs_input_grad)
-            return gx, gw, gb, None, None, None, None, None, None, None
+        if ctx.tile and grad_y.dtype == torch.float32:
+            gx, gw, gb = _tile_backward(grad_y, x, weight, ctx.scale, x_shape, stride, padding, ctx.needs_input_grad)
+            return gx, gw, gb, None, None, None, None, None, None, None, None
         # autocast ran the forward conv in grad_y's dtype (bf16 / fp16): so does the backward,
         # and each gradient returns in its input's dtype, as autocast's casts would give
         dt = grad_y.dtype
@@ -236,7 +238,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
             list(ctx.needs_input_grad[:3]),
         )
         gx, gw, gb = (g if g is None else g.to(t) for g, t in zip((gx, gw, gb), ctx.dtypes))
-        return gx, gw, gb, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
 class LIFConv2d(nn.Conv2d):
@@ -352,7 +354,9 @@ class LIFConv2d(nn.Conv2d):
         if integer is not None and not torch.is_grad_enabled():
             return integer_conv2d(x, weight, bias, *conv, integer)
         if compact or integer is not None:
-            return SpikeConv2dFunction.apply(x, weight, bias, *conv, packed, integer, compact)
+            # integer_forward=False on a quantized layer keeps ATen's backward too (the authors' rounding)
+            tile = self.levels is None or self.integer_forward is not False
+            return SpikeConv2dFunction.apply(x, weight, bias, *conv, packed, integer, compact, tile)
         return F.conv2d(x, weight, bias, *conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
