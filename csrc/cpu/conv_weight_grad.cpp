@@ -88,13 +88,14 @@ T* scratch(int64_t n) {
 
 // Bytes of one k block's B (all channels, every phase read) plus one output-channel block's A
 // (three parts of 32 rows), kept L2-resident (2 MiB per core here): 1 MiB measured best
-// (batch-8 SEW-ResNet-18 layers, one thread: 4 and 16 MiB gain 5-10% on layer4 but lose
-// 20-35% on the stride-2 3x3 layers).
+// (batch-8 SEW-ResNet-18 layers, one thread, A/B in one process: 512 KiB within +-5%, 1.5 MiB
+// 0-14% slower; 4 and 16 MiB gained 5-10% on layer4 but lost 20-35% on the stride-2 3x3 ones).
 constexpr int64_t kBlockBytes = 1 << 20;
 // Columns per visit of an item: an output-channel block's items (its channel blocks, taps)
 // run over 128 columns of the block, then the next 128, so that A's rows and a channel
 // block's B are read from L1 across the taps; the accumulators travel each time (4 KiB
-// in, 4 KiB out). 128 vs the whole block: 5-15% faster on the 3x3 layers; 64 and 256 slower.
+// in, 4 KiB out). 128 vs the whole block: 5-15% faster on the 3x3 layers; 64, 96, 192, 256
+// and 512 slower, and so were groups of 2-4 items run over the whole block per visit.
 constexpr int64_t kSub = 128;
 
 struct AmxWgrad {
