@@ -154,3 +154,16 @@ def test_same_bits_on_any_thread_count():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@pytest.mark.parametrize("shape", [(2, 20, 24, 11, 11, (3, 3), (1, 1), (1, 1)), (3, 33, 40, 12, 9, (3, 3), (2, 2), (1, 1)),
+                                   (2, 40, 17, 14, 14, (1, 1), (2, 2), (0, 0)), (1, 5, 9, 10, 13, (3, 2), (3, 2), (1, 0))],
+                         ids=["s1", "s2", "1x1s2", "s3x2"])
+def test_uint8_input_is_the_float_one(shape, path):
+    """x as uint8 (e.g. a layer's saved 8-bit copy of SEW sums): the same bits as x in float32."""
+    N, C, O, H, W, k, s, p = shape
+    g, x = _inputs(N, C, O, H, W, k, s, p, torch.Generator().manual_seed(7), input_max=255)
+    got = conv_weight_grad(g, x.to(torch.uint8), k, s, p)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, conv_weight_grad(g, x, k, s, p))
+    check_accuracy(g, x, k, s, p)

@@ -2,8 +2,8 @@
 // CPU only (csrc/cpu/conv_weight_grad.cpp): on CUDA the layers keep cuDNN. Schema:
 // csrc/common/op_schema.h.
 //   conv_weight_grad(grad_y, x, kernel_size, stride, padding) -> grad_w: grad_y float32
-//     [N, O, OH, OW] and x float32 [N, C, H, W], both contiguous, x's values exact in bfloat16
-//     (spikes, small integers: a precondition, not checked), groups 1, dilation 1,
+//     [N, O, OH, OW] and x [N, C, H, W], both contiguous, x float32 with values exact in
+//     bfloat16 (spikes, small integers: a precondition, not checked) or uint8, groups 1, dilation 1,
 //     OH = (H + 2 * pad_h - KH) / stride_h + 1 (OW alike) -> grad_w float32 [O, C, KH, KW],
 //       grad_w[o, c, kh, kw] = sum_{n, oh, ow} grad_y[n, o, oh, ow] * x[n, c, oh*sh + kh - ph, ow*sw + kw - pw]
 //     (x zero outside its plane): aten::convolution_backward's weight gradient, with float32

@@ -88,13 +88,14 @@ T* scratch(int64_t n) {
 
 // Bytes of one k block's B (all channels, every phase read) plus one output-channel block's A
 // (three parts of 32 rows), kept L2-resident (2 MiB per core here): 1 MiB measured best
-// (batch-8 SEW-ResNet-18 layers, one thread: 4 and 16 MiB gain 5-10% on layer4 but lose
-// 20-35% on the stride-2 3x3 layers).
+// (batch-8 SEW-ResNet-18 layers, one thread, A/B in one process: 512 KiB within +-5%, 1.5 MiB
+// 0-14% slower; 4 and 16 MiB gained 5-10% on layer4 but lost 20-35% on the stride-2 3x3 ones).
 constexpr int64_t kBlockBytes = 1 << 20;
 // Columns per visit of an item: an output-channel block's items (its channel blocks, taps)
 // run over 128 columns of the block, then the next 128, so that A's rows and a channel
 // block's B are read from L1 across the taps; the accumulators travel each time (4 KiB
-// in, 4 KiB out). 128 vs the whole block: 5-15% faster on the 3x3 layers; 64 and 256 slower.
+// in, 4 KiB out). 128 vs the whole block: 5-15% faster on the 3x3 layers; 64, 96, 192, 256
+// and 512 slower, and so were groups of 2-4 items run over the whole block per visit.
 constexpr int64_t kSub = 128;
 
 struct AmxWgrad {
@@ -198,8 +199,10 @@ struct AmxWgrad {
   // Prefetches n floats from p into L1. The operands are built row by row (32 rows of g, 16
   // of x) from as many streams; fetching the next row's run while converting this one: 3-10%
   // faster per layer, one thread, A/B in one process (the 1 x 1 layer at 14 x 14: 10% slower).
-  static void prefetch(const float* p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+  template <typename T>
+  static void prefetch(const T* p, int64_t n) {
+    for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p) + i, _MM_HINT_T0);
   }
 
   // dst[i] = the bfloat16 (truncated; exact by precondition) of src[i * stride], i < n.
@@ -237,6 +240,39 @@ struct AmxWgrad {
     }
   }
 
+  // The same from bytes (integers 0..255, exact in bfloat16).
+  CBP_AMX_BF16 static void store_bf16(uint16_t* dst, int64_t m, __m512i ints) {  // m of 16 int32 as bfloat16
+    const __m512i bits = _mm512_castps_si512(_mm512_cvtepi32_ps(ints));
+    _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1u),
+                             _mm512_cvtepi32_epi16(_mm512_maskz_srli_epi32(0xFFFF, bits, 16)));
+  }
+
+  CBP_AMX_BF16 static void to_bf16(const uint8_t* src, int64_t stride, int64_t n, uint16_t* dst) {
+    int64_t i = 0;
+    if (stride == 1) {
+      for (; i < n; i += 16) {
+        const int64_t m = std::min<int64_t>(16, n - i);
+        store_bf16(dst + i, m, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1u),
+                                                              src + i)));
+      }
+    } else if (stride == 2) {
+      for (; i < n; i += 16) {
+        const int64_t m = std::min<int64_t>(16, n - i), count = 2 * m - 1;  // bytes read
+        const __m256i raw = _mm256_maskz_loadu_epi8(count == 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1u,
+                                                    src + 2 * i);
+        // as 16 dwords of two words each, the low word is the even byte
+        store_bf16(dst + i, m, _mm512_and_si512(_mm512_cvtepu8_epi16(raw), _mm512_set1_epi32(0xFFFF)));
+      }
+    } else {
+      for (; i < n; ++i) {
+        const float v = src[i * stride];
+        uint32_t bits;
+        std::memcpy(&bits, &v, 4);
+        dst[i] = static_cast<uint16_t>(bits >> 16);
+      }
+    }
+  }
+
   // out[r] (16 dwords) = column r of the 16 x 16 dword matrix in rows[0..16).
   CBP_AMX_BF16 static void transpose16(__m512i* r) {
     __m512i t[16];
@@ -269,7 +305,8 @@ struct AmxWgrad {
   // Cp * 2 + 2c + i] = bf16(x phase at k0 + 2 * pair + i, channel c). The 16 channels' rows
   // to `stage` (bfloat16, [16][len]: dword `pair` of a row is that pair), then 16 x 16 dword
   // blocks transposed into B.
-  CBP_AMX_BF16 void build_b(const float* x, int64_t s, int64_t c0, int64_t len, const std::vector<Run>& runs,
+  template <typename T>
+  CBP_AMX_BF16 void build_b(const T* x, int64_t s, int64_t c0, int64_t len, const std::vector<Run>& runs,
                             uint16_t* stage, uint16_t* b) const {
     std::memset(stage, 0, 16 * len * 2);
     for (int64_t c = c0; c < std::min(c0 + 16, g.C); ++c) {
@@ -385,7 +422,8 @@ struct AmxWgrad {
   // reads (its channel blocks) itself: no barrier between blocks (threads waiting at one for a
   // descheduled peer on a busy machine took up to 10x longer), at the price of building B
   // once per thread.
-  CBP_AMX_BF16 void run(const float* gy, const float* x, float* acc, float* out) const {
+  template <typename T>
+  CBP_AMX_BF16 void run(const float* gy, const T* x, float* acc, float* out) const {
 #pragma omp parallel
     {
       const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
@@ -432,8 +470,8 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x, a
                                 at::IntArrayRef stride, at::IntArrayRef padding) {
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.is_contiguous() && grad_y.scalar_type() == at::kFloat,
               "conv_weight_grad: grad_y must be a contiguous float32 [N, O, OH, OW] tensor");
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "conv_weight_grad: x must be a contiguous float32 [N, C, H, W] tensor");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kByte),
+              "conv_weight_grad: x must be a contiguous float32 or uint8 [N, C, H, W] tensor");
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
               "conv_weight_grad: kernel_size, stride and padding take 2 values each");
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), grad_y.size(1), grad_y.size(2), grad_y.size(3),
@@ -446,14 +484,18 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x, a
 #if defined(__x86_64__) || defined(_M_X64)
   if (g.N * g.C * g.O > 0 && amx_usable(/*int8=*/false)) {
     const AmxWgrad conv(g);
-    auto grad_w = at::empty({g.O, g.C, g.KH, g.KW}, x.options());
+    auto grad_w = at::empty({g.O, g.C, g.KH, g.KW}, grad_y.options());
     float* acc = scratch<float, 3>(conv.items * 32 * 32);
-    conv.run(grad_y.data_ptr<float>(), x.data_ptr<float>(), acc, grad_w.data_ptr<float>());
+    if (x.scalar_type() == at::kByte) {
+      conv.run(grad_y.data_ptr<float>(), x.data_ptr<uint8_t>(), acc, grad_w.data_ptr<float>());
+    } else {
+      conv.run(grad_y.data_ptr<float>(), x.data_ptr<float>(), acc, grad_w.data_ptr<float>());
+    }
     return grad_w;
   }
 #endif
-  const auto w = at::empty({g.O, g.C, g.KH, g.KW}, x.options());  // only its shape is read
-  return std::get<1>(at::convolution_backward(grad_y, x, w, std::nullopt, stride, padding, {1, 1}, false, {0, 0}, 1,
+  const auto w = at::empty({g.O, g.C, g.KH, g.KW}, grad_y.options());  // only its shape is read
+  return std::get<1>(at::convolution_backward(grad_y, x.to(at::kFloat), w, std::nullopt, stride, padding, {1, 1}, false, {0, 0}, 1,
                                               {false, true, false}));
 }
 
