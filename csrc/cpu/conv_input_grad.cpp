@@ -62,6 +62,11 @@ constexpr int64_t kTileElems = 512;  // a tile of 16 rows x 32 bfloat16
 // Window bytes of a work item (3 parts x O x pixels x 2 bytes, L2-resident while the item
 // walks its phases and channel blocks).
 constexpr int64_t kItemBytes = 512 * 1024;
+// A block's epilogue runs inside the next block's K steps when that has at least this many.
+// One thread, A/B in one process (min of 9; never / 8 / 4): 64@56 s1 16.5 / 14.3 / 14.2 ms,
+// 128@28 16.2 / 14.8 / 15.3, s2 3x3 12.0 / 10.5 / 9.9, 1x1 s2 (4 steps) 7.9 / 7.1 / 9.2,
+// 256@14 and 512@7 alike.
+constexpr int64_t kDeferSteps = 8;
 
 // One dimension's phases: input index x0[a] + i*s (i < cnt[a]) reads the taps a + m*s at
 // output index i + q[a] - m; in the padded grid of `size` positions the outputs sit from `pad` on.
@@ -283,14 +288,52 @@ struct AmxInputGrad {
     }
   }
 
-  CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, float alpha, float* gx) const {
+  // K steps [k0, k1) of the block from window pixel `first`: C tiles 0-3 += A (tiles 4-5,
+  // 32 pixels of one part) . B (tiles 6-7, 32 channels), the parts one after the other.
+  CBP_AMX_BF16 void steps(const uint16_t* win, int64_t first, const uint16_t* b0t, const uint16_t* b1t, int64_t k0,
+                          int64_t k1) const {
     const int64_t pitch = P * 2, part_stride = L * P;
+    for (int64_t k = k0; k < k1; ++k) {
+      _tile_loadd(6, b0t + k * kTileElems, 64);
+      _tile_loadd(7, b1t + k * kTileElems, 64);
+      const uint16_t* src = win + (first + koff[k]) * P + 2 * kq[k];
+      for (int64_t part = 0; part < 3; ++part, src += part_stride) {
+        _tile_loadd(4, src, pitch);
+        _tile_loadd(5, src + 16 * P, pitch);
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+
+  // A block's C tiles as stored ([pixel][c]), waiting for their epilogue.
+  struct Pending {
+    const float* tiles = nullptr;
+    int64_t u0 = 0, c0 = 0;
+    const Phase* ph = nullptr;
+  };
+
+  // The epilogue of a pending block: acc[c][pixel] = tiles[pixel][c] (16 x 16 at a time),
+  // then store.
+  CBP_AMX_BF16 void finish(const Pending& p, float alpha, float* gx) const {
+    alignas(64) float acc[32 * kRows];
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t w = 0; w < 2; ++w) {
+        __m512 v[16];
+        for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(p.tiles + (16 * h + i) * 32 + 16 * w);
+        transpose16(v);
+        for (int i = 0; i < 16; ++i) _mm512_store_ps(acc + (16 * w + i) * kRows + 16 * h, v[i]);
+      }
+    store(acc, p.u0, *p.ph, p.c0, alpha, gx);
+  }
+
+  CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, float alpha, float* gx) const {
 #pragma omp parallel
     {
       amx_tile_config();
       const at::Tensor window = at::empty({3 * L * P}, at::kShort);  // 64-byte aligned (c10's CPU allocator)
       uint16_t* win = reinterpret_cast<uint16_t*>(window.data_ptr<int16_t>());
-      alignas(64) float tiles[kRows * 32], acc[32 * kRows];  // [pixel][c], [c][pixel]
+      alignas(64) float tiles[kRows * 32];  // the last block's C tiles, pending until read
+      Pending pending;
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows;
@@ -304,29 +347,25 @@ struct AmxInputGrad {
             for (const Phase& ph : phases) {
               if (b * kRows >= ph.span) continue;
               _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-              for (int64_t k = ph.k0; k < ph.k1; ++k) {
-                _tile_loadd(6, b0t + k * kTileElems, 64);
-                _tile_loadd(7, b1t + k * kTileElems, 64);
-                const uint16_t* src = win + (b * kRows - lo + koff[k]) * P + 2 * kq[k];
-                for (int64_t part = 0; part < 3; ++part, src += part_stride) {
-                  _tile_loadd(4, src, pitch);
-                  _tile_loadd(5, src + 16 * P, pitch);
-                  _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                }
-              }
-              _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);
+              // the previous block's epilogue between the two halves of this one's K steps: the
+              // tile unit works on the queued steps meanwhile (with fewer than kDeferSteps steps
+              // the epilogue follows them)
+              const bool defer = ph.k1 - ph.k0 >= kDeferSteps;
+              const int64_t mid = defer ? ph.k0 + (ph.k1 - ph.k0) / 2 : ph.k1;
+              steps(win, b * kRows - lo, b0t, b1t, ph.k0, mid);
+              if (pending.tiles) finish(pending, alpha, gx);
+              steps(win, b * kRows - lo, b0t, b1t, mid, ph.k1);
+              _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);  // after finish read them
               _tile_stored(2, tiles + 16 * 32, 128); _tile_stored(3, tiles + 16 * 32 + 16, 128);
-              for (int64_t h = 0; h < 2; ++h)  // acc[c][pixel] = tiles[pixel][c], 16 x 16 at a time
-                for (int64_t w = 0; w < 2; ++w) {
-                  __m512 v[16];
-                  for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(tiles + (16 * h + i) * 32 + 16 * w);
-                  transpose16(v);
-                  for (int i = 0; i < 16; ++i) _mm512_store_ps(acc + (16 * w + i) * kRows + 16 * h, v[i]);
-                }
-              store(acc, b * kRows, ph, cb * 32, alpha, gx);
+              pending = {tiles, b * kRows, cb * 32, &ph};
+              if (!defer) {
+                finish(pending, alpha, gx);
+                pending = {};
+              }
             }
-          }
+        }
       }
+      if (pending.tiles) finish(pending, alpha, gx);
       _tile_release();
     }
   }
