@@ -69,12 +69,15 @@ constexpr int64_t kItemBytes = 512 * 1024;
 constexpr int64_t kDeferSteps = 8;
 
 // One dimension's phases: input index x0[a] + i*s (i < cnt[a]) reads the taps a + m*s at
-// output index i + q[a] - m; in the padded grid of `size` positions the outputs sit from `pad` on.
+// output index i + q[a] - m. The grid: `size` positions per row (image), the Y outputs first,
+// then zeros, enough for both sides: a read before 0 lands in the previous row's (image's)
+// zeros, a read past Y in this one's (one zero column between 7-pixel rows, not two: 64 grid
+// pixels per 7 x 7 image instead of 81).
 struct Dim {
   std::vector<int64_t> x0, cnt, q, taps;  // taps[a]: how many
-  int64_t pad = 0, size = 0;
+  int64_t size = 0;
   Dim(int64_t X, int64_t Y, int64_t K, int64_t s, int64_t p) {
-    int64_t reach = Y;
+    int64_t before = 0, reach = Y;  // the most positions read before 0, the end of the reads
     for (int64_t a = 0; a < s; ++a) {
       const int64_t first = ((a - p) % s + s) % s;
       x0.push_back(first);
@@ -82,11 +85,11 @@ struct Dim {
       q.push_back((first + p - a) / s);
       taps.push_back(a < K ? (K - a + s - 1) / s : 0);
       if (cnt[a] > 0 && taps[a] > 0) {
-        pad = std::max(pad, taps[a] - 1 - q[a]);
+        before = std::max(before, taps[a] - 1 - q[a]);
         reach = std::max(reach, cnt[a] + q[a]);
       }
     }
-    size = pad + reach;
+    size = std::max(Y + before, reach);
   }
 };
 
@@ -97,7 +100,7 @@ struct Phase {
 struct AmxInputGrad {
   int64_t N, O, OH, OW, C, H, W, KH, KW, sh, sw;
   Dim dh, dw;
-  int64_t Oq, P, Cp, Hp, Wp, grid, K = 0, maxoff = 0, blocks = 0, per_item = 1, items = 0, L = 0;
+  int64_t Oq, P, Cp, Hp, Wp, grid, K = 0, minoff = 0, maxoff = 0, blocks = 0, per_item = 1, items = 0, L = 0;
   std::vector<Phase> phases;
   std::vector<int64_t> koff, kq;  // per K step: the tap's pixel offset, its first o-pair
   std::vector<int64_t> ktap;      // per K step: kh * KW + kw
@@ -130,7 +133,8 @@ struct AmxInputGrad {
         for (int64_t oq = 0; oq < Oq; oq += 16)
           for (int64_t mh = 0; mh < dh.taps[a]; ++mh)
             for (int64_t mw = 0; mw < dw.taps[b]; ++mw, ++K) {
-              const int64_t off = (dh.q[a] - mh + dh.pad) * Wp + dw.q[b] - mw + dw.pad;
+              const int64_t off = (dh.q[a] - mh) * Wp + dw.q[b] - mw;
+              minoff = std::min(minoff, off);
               maxoff = std::max(maxoff, off);
               koff.push_back(off);
               kq.push_back(oq);
@@ -142,10 +146,10 @@ struct AmxInputGrad {
       }
     blocks = (span + kRows - 1) / kRows;
     const int64_t threads = omp_get_max_threads();
-    const int64_t fit = (kItemBytes / (3 * P * 2) - maxoff) / kRows;
+    const int64_t fit = (kItemBytes / (3 * P * 2) - (maxoff - minoff)) / kRows;
     per_item = std::max<int64_t>(1, std::min(fit, (blocks + threads - 1) / threads));
     items = (blocks + per_item - 1) / per_item;
-    L = per_item * kRows + maxoff;  // window pixels: an item's blocks plus the taps' reach
+    L = per_item * kRows + maxoff - minoff;  // window pixels: an item's blocks plus the taps' reach
   }
 
   // The B tiles: bt[(cb * K + k) * 512 + r * 32 + 2 c + e] = bfloat16 of weight[2 (kq[k] + r) + e]
@@ -187,16 +191,22 @@ struct AmxInputGrad {
     const int64_t Op = 2 * Oq, part_stride = L * P;
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t r = lo; r < lo + L;) {
+      if (r < 0) {  // before the first image: zeros
+        const int64_t end = std::min<int64_t>(0, lo + L);
+        for (int64_t part = 0; part < 3; ++part) std::memset(win + part * part_stride + (r - lo) * P, 0, (end - r) * P * 2);
+        r = end;
+        continue;
+      }
       const int64_t n = r / grid, y = r % grid / Wp, x = r % Wp, x1 = std::min(Wp, x + lo + L - r);
-      const bool row_in = n < N && y >= dh.pad && y < dh.pad + OH;
-      const int64_t xb = row_in ? std::clamp(dw.pad, x, x1) : x1, xe = row_in ? std::clamp(dw.pad + OW, xb, x1) : x1;
+      const bool row_in = n < N && y < OH;
+      const int64_t xb = row_in ? x : x1, xe = row_in ? std::clamp(OW, xb, x1) : x1;  // data: columns < OW
       uint16_t* row = win + (r - lo) * P;
       for (int64_t part = 0; part < 3; ++part) {
         std::memset(row + part * part_stride, 0, (xb - x) * P * 2);
         std::memset(row + part * part_stride + (xe - x) * P, 0, (x1 - xe) * P * 2);
       }
       for (int64_t o0 = 0; o0 < Op && xe > xb; o0 += 16) {
-        const float* src = g + ((n * O + o0) * OH + y - dh.pad) * OW + xb - dw.pad;
+        const float* src = g + ((n * O + o0) * OH + y) * OW + xb;
         for (int64_t c = 0; c < xe - xb; c += 16) {
           const __mmask16 m = static_cast<__mmask16>(xe - xb - c >= 16 ? 0xFFFFu : (1u << (xe - xb - c)) - 1u);
           __m512 v[16];
@@ -336,7 +346,7 @@ struct AmxInputGrad {
       Pending pending;
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
-        const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows;
+        const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows + minoff;
         fill_window(g, lo, win);
         // The phases innermost: a block's outputs of all phases (interleaved columns and rows of
         // grad_x) are written together, so each output line is fetched once
