@@ -7,18 +7,20 @@
 // float32, 8 + 8 + 8 significant bits), the weight is bfloat16 as it is, so every product
 // g_i * w is exact in float32 and TDPBF16PS sums them in float32: the exact products summed in
 // float32 in an unspecified order (oneDNN's float32 sums them in another). AMX reads bfloat16
-// denormals as 0: parts below 2^-126 are lost (|g| < 2^-110 may lose bits, each at most
-// 2^-126 * |w|), and the result is flushed below 2^-126. Non-finite g (inf - inf in the
+// denormals as 0: parts below 2^-126 are lost (|g| >= 2^-102 splits into normal parts; below,
+// each lost part is under 2^-126), and the result is flushed below 2^-126. Non-finite g (inf - inf in the
 // split) gives NaN where ATen may give inf.
 //
 // Phases: input pixels ih = ih0_a + i*sh with (ih + ph) % sh == a read the taps kh = a + m*sh
 // (m = 0, 1, ...) at oh = i + q_a - m (q_a = (ih0_a + ph - a) / sh): per phase (a, b) a
 // stride-1 correlation of grad_y with its taps (stride 1: one phase, the full kernel flipped).
-// grad_y lies in a zero-padded grid of Hp x Wp pixels per image (PT rows above, PL columns
-// left, zeros past OH / OW), images back to back; phase pixel (n, i, j) is "virtual row"
-// u = n*Hp*Wp + i*Wp + j and tap (m_h, m_w) reads grid pixel u + (q_a - m_h + PT)*Wp +
-// (q_b - m_w + PL): 16 consecutive u are one tile load, the tap moves its start (virtual rows
-// with i >= Hi or j >= Wj are computed and dropped, as the popcount conv's, bitconv_amx.cpp).
+// grad_y lies in a grid of Hp x Wp pixels per image, images back to back: rows of OW values
+// then zeros to Wp, OH such rows then zero rows to Hp (a read before the first column / row
+// lands in the previous row's / image's zeros: one zero column serves both sides, see Dim);
+// phase pixel (n, i, j) is "virtual row" u = n*Hp*Wp + i*Wp + j and tap (m_h, m_w) reads grid
+// pixel u + (q_a - m_h)*Wp + (q_b - m_w): 16 consecutive u are one tile load, the tap moves
+// its start (virtual rows with i >= Hi or j >= Wj are computed and dropped, as the popcount
+// conv's, bitconv_amx.cpp).
 // The product: M = virtual rows, N = input channels c, K = (tap, o):
 //   A (16 pixels x 32 o bf16): grad_y's parts as [part][pixel][O] (NHWC), split and transposed
 //     from NCHW per work item into an L2-resident window; a tap moves the tile's first row by
