@@ -156,8 +156,9 @@ struct AmxInputGrad {
 
   // The B tiles: bt[(cb * K + k) * 512 + r * 32 + 2 c + e] = bfloat16 of weight[2 (kq[k] + r) + e]
   // [16 cb + c] at tap ktap[k] (its high half), 0 past O / C; per o a gather of 16 c (576
-  // consecutive bytes for 3 x 3). Returns whether every weight is exact in bfloat16 (each is
-  // gathered once: the low halves all 0).
+  // consecutive bytes for 3 x 3). Returns whether every weight that reaches an output is exact
+  // in bfloat16 (each is gathered once: the low halves all 0; a tap no input pixel reads, e.g.
+  // stride > H, is not).
   CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
     const int64_t taps = KH * KW;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
