@@ -7,18 +7,20 @@
 // float32, 8 + 8 + 8 significant bits), the weight is bfloat16 as it is, so every product
 // g_i * w is exact in float32 and TDPBF16PS sums them in float32: the exact products summed in
 // float32 in an unspecified order (oneDNN's float32 sums them in another). AMX reads bfloat16
-// denormals as 0: parts below 2^-126 are lost (|g| < 2^-110 may lose bits, each at most
-// 2^-126 * |w|), and the result is flushed below 2^-126. Non-finite g (inf - inf in the
+// denormals as 0: parts below 2^-126 are lost (|g| >= 2^-102 splits into normal parts; below,
+// each lost part is under 2^-126), and the result is flushed below 2^-126. Non-finite g (inf - inf in the
 // split) gives NaN where ATen may give inf.
 //
 // Phases: input pixels ih = ih0_a + i*sh with (ih + ph) % sh == a read the taps kh = a + m*sh
 // (m = 0, 1, ...) at oh = i + q_a - m (q_a = (ih0_a + ph - a) / sh): per phase (a, b) a
 // stride-1 correlation of grad_y with its taps (stride 1: one phase, the full kernel flipped).
-// grad_y lies in a zero-padded grid of Hp x Wp pixels per image (PT rows above, PL columns
-// left, zeros past OH / OW), images back to back; phase pixel (n, i, j) is "virtual row"
-// u = n*Hp*Wp + i*Wp + j and tap (m_h, m_w) reads grid pixel u + (q_a - m_h + PT)*Wp +
-// (q_b - m_w + PL): 16 consecutive u are one tile load, the tap moves its start (virtual rows
-// with i >= Hi or j >= Wj are computed and dropped, as the popcount conv's, bitconv_amx.cpp).
+// grad_y lies in a grid of Hp x Wp pixels per image, images back to back: rows of OW values
+// then zeros to Wp, OH such rows then zero rows to Hp (a read before the first column / row
+// lands in the previous row's / image's zeros: one zero column serves both sides, see Dim);
+// phase pixel (n, i, j) is "virtual row" u = n*Hp*Wp + i*Wp + j and tap (m_h, m_w) reads grid
+// pixel u + (q_a - m_h)*Wp + (q_b - m_w): 16 consecutive u are one tile load, the tap moves
+// its start (virtual rows with i >= Hi or j >= Wj are computed and dropped, as the popcount
+// conv's, bitconv_amx.cpp).
 // The product: M = virtual rows, N = input channels c, K = (tap, o):
 //   A (16 pixels x 32 o bf16): grad_y's parts as [part][pixel][O] (NHWC), split and transposed
 //     from NCHW per work item into an L2-resident window; a tap moves the tile's first row by
@@ -62,14 +64,22 @@ constexpr int64_t kTileElems = 512;  // a tile of 16 rows x 32 bfloat16
 // Window bytes of a work item (3 parts x O x pixels x 2 bytes, L2-resident while the item
 // walks its phases and channel blocks).
 constexpr int64_t kItemBytes = 512 * 1024;
+// A block's epilogue runs inside the next block's K steps when that has at least this many.
+// One thread, A/B in one process (min of 9; never / 8 / 4): 64@56 s1 16.5 / 14.3 / 14.2 ms,
+// 128@28 16.2 / 14.8 / 15.3, s2 3x3 12.0 / 10.5 / 9.9, 1x1 s2 (4 steps) 7.9 / 7.1 / 9.2,
+// 256@14 and 512@7 alike.
+constexpr int64_t kDeferSteps = 8;
 
 // One dimension's phases: input index x0[a] + i*s (i < cnt[a]) reads the taps a + m*s at
-// output index i + q[a] - m; in the padded grid of `size` positions the outputs sit from `pad` on.
+// output index i + q[a] - m. The grid: `size` positions per row (image), the Y outputs first,
+// then zeros, enough for both sides: a read before 0 lands in the previous row's (image's)
+// zeros, a read past Y in this one's (one zero column between 7-pixel rows, not two: 64 grid
+// pixels per 7 x 7 image instead of 81).
 struct Dim {
   std::vector<int64_t> x0, cnt, q, taps;  // taps[a]: how many
-  int64_t pad = 0, size = 0;
+  int64_t size = 0;
   Dim(int64_t X, int64_t Y, int64_t K, int64_t s, int64_t p) {
-    int64_t reach = Y;
+    int64_t before = 0, reach = Y;  // the most positions read before 0, the end of the reads
     for (int64_t a = 0; a < s; ++a) {
       const int64_t first = ((a - p) % s + s) % s;
       x0.push_back(first);
@@ -77,11 +87,11 @@ struct Dim {
       q.push_back((first + p - a) / s);
       taps.push_back(a < K ? (K - a + s - 1) / s : 0);
       if (cnt[a] > 0 && taps[a] > 0) {
-        pad = std::max(pad, taps[a] - 1 - q[a]);
+        before = std::max(before, taps[a] - 1 - q[a]);
         reach = std::max(reach, cnt[a] + q[a]);
       }
     }
-    size = pad + reach;
+    size = std::max(Y + before, reach);
   }
 };
 
@@ -92,7 +102,7 @@ struct Phase {
 struct AmxInputGrad {
   int64_t N, O, OH, OW, C, H, W, KH, KW, sh, sw;
   Dim dh, dw;
-  int64_t Oq, P, Cp, Hp, Wp, grid, K = 0, maxoff = 0, blocks = 0, per_item = 1, items = 0, L = 0;
+  int64_t Oq, P, Cp, Hp, Wp, grid, K = 0, minoff = 0, maxoff = 0, blocks = 0, per_item = 1, items = 0, L = 0;
   std::vector<Phase> phases;
   std::vector<int64_t> koff, kq;  // per K step: the tap's pixel offset, its first o-pair
   std::vector<int64_t> ktap;      // per K step: kh * KW + kw
@@ -125,7 +135,8 @@ struct AmxInputGrad {
         for (int64_t oq = 0; oq < Oq; oq += 16)
           for (int64_t mh = 0; mh < dh.taps[a]; ++mh)
             for (int64_t mw = 0; mw < dw.taps[b]; ++mw, ++K) {
-              const int64_t off = (dh.q[a] - mh + dh.pad) * Wp + dw.q[b] - mw + dw.pad;
+              const int64_t off = (dh.q[a] - mh) * Wp + dw.q[b] - mw;
+              minoff = std::min(minoff, off);
               maxoff = std::max(maxoff, off);
               koff.push_back(off);
               kq.push_back(oq);
@@ -137,16 +148,17 @@ struct AmxInputGrad {
       }
     blocks = (span + kRows - 1) / kRows;
     const int64_t threads = omp_get_max_threads();
-    const int64_t fit = (kItemBytes / (3 * P * 2) - maxoff) / kRows;
+    const int64_t fit = (kItemBytes / (3 * P * 2) - (maxoff - minoff)) / kRows;
     per_item = std::max<int64_t>(1, std::min(fit, (blocks + threads - 1) / threads));
     items = (blocks + per_item - 1) / per_item;
-    L = per_item * kRows + maxoff;  // window pixels: an item's blocks plus the taps' reach
+    L = per_item * kRows + maxoff - minoff;  // window pixels: an item's blocks plus the taps' reach
   }
 
   // The B tiles: bt[(cb * K + k) * 512 + r * 32 + 2 c + e] = bfloat16 of weight[2 (kq[k] + r) + e]
   // [16 cb + c] at tap ktap[k] (its high half), 0 past O / C; per o a gather of 16 c (576
-  // consecutive bytes for 3 x 3). Returns whether every weight is exact in bfloat16 (each is
-  // gathered once: the low halves all 0).
+  // consecutive bytes for 3 x 3). Returns whether every weight that reaches an output is exact
+  // in bfloat16 (each is gathered once: the low halves all 0; a tap no input pixel reads, e.g.
+  // stride > H, is not).
   CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
     const int64_t taps = KH * KW;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -182,16 +194,22 @@ struct AmxInputGrad {
     const int64_t Op = 2 * Oq, part_stride = L * P;
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t r = lo; r < lo + L;) {
+      if (r < 0) {  // before the first image: zeros
+        const int64_t end = std::min<int64_t>(0, lo + L);
+        for (int64_t part = 0; part < 3; ++part) std::memset(win + part * part_stride + (r - lo) * P, 0, (end - r) * P * 2);
+        r = end;
+        continue;
+      }
       const int64_t n = r / grid, y = r % grid / Wp, x = r % Wp, x1 = std::min(Wp, x + lo + L - r);
-      const bool row_in = n < N && y >= dh.pad && y < dh.pad + OH;
-      const int64_t xb = row_in ? std::clamp(dw.pad, x, x1) : x1, xe = row_in ? std::clamp(dw.pad + OW, xb, x1) : x1;
+      const bool row_in = n < N && y < OH;
+      const int64_t xb = row_in ? x : x1, xe = row_in ? std::clamp(OW, xb, x1) : x1;  // data: columns < OW
       uint16_t* row = win + (r - lo) * P;
       for (int64_t part = 0; part < 3; ++part) {
         std::memset(row + part * part_stride, 0, (xb - x) * P * 2);
         std::memset(row + part * part_stride + (xe - x) * P, 0, (x1 - xe) * P * 2);
       }
       for (int64_t o0 = 0; o0 < Op && xe > xb; o0 += 16) {
-        const float* src = g + ((n * O + o0) * OH + y - dh.pad) * OW + xb - dw.pad;
+        const float* src = g + ((n * O + o0) * OH + y) * OW + xb;
         for (int64_t c = 0; c < xe - xb; c += 16) {
           const __mmask16 m = static_cast<__mmask16>(xe - xb - c >= 16 ? 0xFFFFu : (1u << (xe - xb - c)) - 1u);
           __m512 v[16];
@@ -283,17 +301,55 @@ struct AmxInputGrad {
     }
   }
 
-  CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, float alpha, float* gx) const {
+  // K steps [k0, k1) of the block from window pixel `first`: C tiles 0-3 += A (tiles 4-5,
+  // 32 pixels of one part) . B (tiles 6-7, 32 channels), the parts one after the other.
+  CBP_AMX_BF16 void steps(const uint16_t* win, int64_t first, const uint16_t* b0t, const uint16_t* b1t, int64_t k0,
+                          int64_t k1) const {
     const int64_t pitch = P * 2, part_stride = L * P;
+    for (int64_t k = k0; k < k1; ++k) {
+      _tile_loadd(6, b0t + k * kTileElems, 64);
+      _tile_loadd(7, b1t + k * kTileElems, 64);
+      const uint16_t* src = win + (first + koff[k]) * P + 2 * kq[k];
+      for (int64_t part = 0; part < 3; ++part, src += part_stride) {
+        _tile_loadd(4, src, pitch);
+        _tile_loadd(5, src + 16 * P, pitch);
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+
+  // A block's C tiles as stored ([pixel][c]), waiting for their epilogue.
+  struct Pending {
+    const float* tiles = nullptr;
+    int64_t u0 = 0, c0 = 0;
+    const Phase* ph = nullptr;
+  };
+
+  // The epilogue of a pending block: acc[c][pixel] = tiles[pixel][c] (16 x 16 at a time),
+  // then store.
+  CBP_AMX_BF16 void finish(const Pending& p, float alpha, float* gx) const {
+    alignas(64) float acc[32 * kRows];
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t w = 0; w < 2; ++w) {
+        __m512 v[16];
+        for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(p.tiles + (16 * h + i) * 32 + 16 * w);
+        transpose16(v);
+        for (int i = 0; i < 16; ++i) _mm512_store_ps(acc + (16 * w + i) * kRows + 16 * h, v[i]);
+      }
+    store(acc, p.u0, *p.ph, p.c0, alpha, gx);
+  }
+
+  CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, float alpha, float* gx) const {
 #pragma omp parallel
     {
       amx_tile_config();
       const at::Tensor window = at::empty({3 * L * P}, at::kShort);  // 64-byte aligned (c10's CPU allocator)
       uint16_t* win = reinterpret_cast<uint16_t*>(window.data_ptr<int16_t>());
-      alignas(64) float tiles[kRows * 32], acc[32 * kRows];  // [pixel][c], [c][pixel]
+      alignas(64) float tiles[kRows * 32];  // the last block's C tiles, pending until read
+      Pending pending;
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
-        const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows;
+        const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows + minoff;
         fill_window(g, lo, win);
         // The phases innermost: a block's outputs of all phases (interleaved columns and rows of
         // grad_x) are written together, so each output line is fetched once
@@ -304,29 +360,25 @@ struct AmxInputGrad {
             for (const Phase& ph : phases) {
               if (b * kRows >= ph.span) continue;
               _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-              for (int64_t k = ph.k0; k < ph.k1; ++k) {
-                _tile_loadd(6, b0t + k * kTileElems, 64);
-                _tile_loadd(7, b1t + k * kTileElems, 64);
-                const uint16_t* src = win + (b * kRows - lo + koff[k]) * P + 2 * kq[k];
-                for (int64_t part = 0; part < 3; ++part, src += part_stride) {
-                  _tile_loadd(4, src, pitch);
-                  _tile_loadd(5, src + 16 * P, pitch);
-                  _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                }
-              }
-              _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);
+              // the previous block's epilogue between the two halves of this one's K steps: the
+              // tile unit works on the queued steps meanwhile (with fewer than kDeferSteps steps
+              // the epilogue follows them)
+              const bool defer = ph.k1 - ph.k0 >= kDeferSteps;
+              const int64_t mid = defer ? ph.k0 + (ph.k1 - ph.k0) / 2 : ph.k1;
+              steps(win, b * kRows - lo, b0t, b1t, ph.k0, mid);
+              if (pending.tiles) finish(pending, alpha, gx);
+              steps(win, b * kRows - lo, b0t, b1t, mid, ph.k1);
+              _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);  // after finish read them
               _tile_stored(2, tiles + 16 * 32, 128); _tile_stored(3, tiles + 16 * 32 + 16, 128);
-              for (int64_t h = 0; h < 2; ++h)  // acc[c][pixel] = tiles[pixel][c], 16 x 16 at a time
-                for (int64_t w = 0; w < 2; ++w) {
-                  __m512 v[16];
-                  for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(tiles + (16 * h + i) * 32 + 16 * w);
-                  transpose16(v);
-                  for (int i = 0; i < 16; ++i) _mm512_store_ps(acc + (16 * w + i) * kRows + 16 * h, v[i]);
-                }
-              store(acc, b * kRows, ph, cb * 32, alpha, gx);
+              pending = {tiles, b * kRows, cb * 32, &ph};
+              if (!defer) {
+                finish(pending, alpha, gx);
+                pending = {};
+              }
             }
-          }
+        }
       }
+      if (pending.tiles) finish(pending, alpha, gx);
       _tile_release();
     }
   }
