@@ -50,10 +50,12 @@ class _Compact:
     def __init__(self, data, shape, dtype, bits):
         self.data, self.shape, self.dtype, self.bits = data, shape, dtype, bits
 
-    def restore(self) -> torch.Tensor:
+    def restore(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, in its own dtype or ``dtype`` (e.g. uint8, which ``ops.conv_weight_grad`` reads)."""
+        dtype = self.dtype if dtype is None else dtype
         if self.bits == 1:
-            return bitunpack(self.data, 0, self.shape.numel(), self.dtype).view(self.shape)
-        return self.data.view(self.shape).to(self.dtype)
+            return bitunpack(self.data, 0, self.shape.numel(), dtype).view(self.shape)
+        return self.data.view(self.shape).to(dtype)
 
 
 def _pack_spikes(t: torch.Tensor) -> _Compact:
@@ -223,11 +225,12 @@ class SpikeConv2dFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         x_shape, stride, padding, dilation, groups, bias_shape = ctx.conf
-        if ctx.compact is not None:
-            x = _Compact(x, *ctx.compact).restore()
+        tile = ctx.tile and grad_y.dtype == torch.float32
+        if ctx.compact is not None:  # the tile backward reads the integers as uint8 (4x fewer bytes)
+            x = _Compact(x, *ctx.compact).restore(torch.uint8 if tile else None)
         elif x.numel() == 0:  # weight grad not wanted: only the input's shape is used
             x = grad_y.new_zeros(()).expand(x_shape)
-        if ctx.tile and grad_y.dtype == torch.float32:
+        if tile:
             gx, gw, gb = _tile_backward(grad_y, x, weight, ctx.scale, x_shape, stride, padding, ctx.needs_input_grad)
             return gx, gw, gb, None, None, None, None, None, None, None, None
         # autocast ran the forward conv in grad_y's dtype (bf16 / fp16): so does the backward,

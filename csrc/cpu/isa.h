@@ -4,7 +4,8 @@
 //   CBP_KERNELS_CPU_ISA=base|avx2|avx512   the widest instruction set the kernels may use
 //                                           (unset or any other value: no cap);
 //   CBP_KERNELS_NO_AVX512=1                caps it at AVX2 (the portable / AVX2 paths);
-//   CBP_KERNELS_NO_AMX=1                   no AMX tiles (the popcount conv's AVX-512 path);
+//   CBP_KERNELS_NO_AMX=1                   no AMX tiles (the popcount conv's AVX-512 path; the
+//                                           conv gradients' ATen float32 call);
 //   CBP_KERNELS_NO_AVX512_BF16=1           no AVX512-BF16 conversions (the neuron's bfloat16
 //                                           rows through c10's cast, as on AVX-512 CPUs without it).
 // A "=1" switch with any other value is off. Each kernel still checks that the CPU has the
