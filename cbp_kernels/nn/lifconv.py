@@ -170,8 +170,8 @@ def run_neuron_saving_packed_spikes(neuron: nn.Module, x: torch.Tensor) -> torch
 def _tile_backward(grad_y, x, w, scale, x_shape, stride, padding, needs):
     """A convolution's float32 backward on AMX-BF16, for an input x of integers (spikes, SEW ADD
     sums, exact in bfloat16; only read for dw): dx = conv_transpose2d(dy, w)
-    (``ops.conv_input_grad``; for the integer forward's Q(W) = s * q as s * conv_transpose2d(dy,
-    q), q = sign(Q(W)) since s > 0), dw = correlate(x, dy) (``ops.conv_weight_grad``), db = sum
+    (``ops.conv_input_grad``; for a binary / ternary Q(W) = s * q, ``scale`` s, as
+    s * conv_transpose2d(dy, q), q = sign(Q(W)) since s > 0: q is exact in bfloat16), dw = correlate(x, dy) (``ops.conv_weight_grad``), db = sum
     of dy over (N, H, W). Both ops split dy exactly into three bfloat16 parts (and a float
     weight too): every product exact, float32 sums in another order than oneDNN's float32, as
     accurate; ATen's float32 inside the ops where AMX-BF16 is not usable."""
@@ -192,7 +192,8 @@ class SpikeConv2dFunction(torch.autograd.Function):
 
     ``integer``: an ``integer_forward.IntegerForward``: the forward is the exact
     ``integer_conv2d`` (w = Q(W) = s * q, x integers in [0, integer.input_max], saved in 1 or
-    8 bits without a value check; ``compact=False``: saved as is).
+    8 bits without a value check; ``compact=False``: saved as is). ``scale``: s of a binary /
+    ternary w = s * q on the float forward (the integer forward's is ``integer.scale``).
 
     Backward: with ``tile``, on the CPU in float32 (groups 1, dilation 1) with x saved compactly
     (integers) or not needed, ``_tile_backward``'s (the same gradients, every product exact on
@@ -201,7 +202,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, packed=None, integer=None, compact=True,
-                tile=True):
+                tile=True, scale=None):
         if not ctx.needs_input_grad[1]:
             saved = x.new_empty(0)
         elif packed is not None:
@@ -216,7 +217,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.tile = (tile and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and groups == 1
                     and tuple(dilation) == (1, 1) and (ctx.compact is not None or not ctx.needs_input_grad[1]))
-        ctx.scale = None if integer is None else integer.scale
+        ctx.scale = integer.scale if integer is not None else scale
         if integer is not None:
             return integer_conv2d(x, weight, bias, stride, padding, dilation, groups, integer)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # under autocast: in its dtype
@@ -232,7 +233,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
             x = grad_y.new_zeros(()).expand(x_shape)
         if tile:
             gx, gw, gb = _tile_backward(grad_y, x, weight, ctx.scale, x_shape, stride, padding, ctx.needs_input_grad)
-            return gx, gw, gb, None, None, None, None, None, None, None, None
+            return gx, gw, gb, None, None, None, None, None, None, None, None, None
         # autocast ran the forward conv in grad_y's dtype (bf16 / fp16): so does the backward,
         # and each gradient returns in its input's dtype, as autocast's casts would give
         dt = grad_y.dtype
@@ -241,7 +242,7 @@ class SpikeConv2dFunction(torch.autograd.Function):
             list(ctx.needs_input_grad[:3]),
         )
         gx, gw, gb = (g if g is None else g.to(t) for g, t in zip((gx, gw, gb), ctx.dtypes))
-        return gx, gw, gb, None, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 class LIFConv2d(nn.Conv2d):
@@ -359,7 +360,8 @@ class LIFConv2d(nn.Conv2d):
         if compact or integer is not None:
             # integer_forward=False on a quantized layer keeps ATen's backward too (the authors' rounding)
             tile = self.levels is None or self.integer_forward is not False
-            return SpikeConv2dFunction.apply(x, weight, bias, *conv, packed, integer, compact, tile)
+            scale = self.quant_scale() if self.popcount_levels is not None else None  # w = s * q
+            return SpikeConv2dFunction.apply(x, weight, bias, *conv, packed, integer, compact, tile, scale)
         return F.conv2d(x, weight, bias, *conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
