@@ -27,23 +27,30 @@ ROLES = {"cbp_kernels": "ours", "aten_float32": "baseline"}
 
 @pytest.mark.parametrize("threads", thread_counts())
 @pytest.mark.parametrize("provider", list(ROLES))
+@pytest.mark.parametrize("weights", ["levels", "float"])
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer[0])
-def test_conv_input_grad(benchmark, layer, provider, threads):
-    """grad_x of a layer from grad_y and the levels q (scale s as alpha): ``conv_input_grad``
-    vs ``aten.convolution_backward(grad_y, x, s * q, ..., [True, False, False])``."""
+def test_conv_input_grad(benchmark, layer, weights, provider, threads):
+    """grad_x of a layer from grad_y and the weight: the levels q (scale s as alpha, one
+    bfloat16 part: 3 products per MAC) or a float32 weight w (three parts: 6 products):
+    ``conv_input_grad`` vs ``aten.convolution_backward(grad_y, x, s * q or w, ...,
+    [True, False, False])``."""
     name, C, O, H, k, stride = layer
     pad = k // 2
     OH = (H + 2 * pad - k) // stride + 1
     torch.manual_seed(0)
     grad_y = torch.randn(N, O, OH, OH)
     q = torch.randint(-1, 2, (O, C, k, k)).float()
+    if weights == "float":
+        q = torch.randn(O, C, k, k) * SCALE  # not exact in bfloat16; alpha 1 below
+    alpha = SCALE if weights == "levels" else 1.0
     if provider == "cbp_kernels":
-        fn = lambda: conv_input_grad(grad_y, q, (H, H), stride, pad, SCALE)  # noqa: E731
+        fn = lambda: conv_input_grad(grad_y, q, (H, H), stride, pad, alpha)  # noqa: E731
     else:
-        x, w = torch.empty(N, C, H, H), q * SCALE
+        x, w = torch.empty(N, C, H, H), q * alpha
         fn = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
             grad_y, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True, False, False])
-    benchmark.group = f"conv_input_grad {name} {threads}thr"
+    benchmark.group = f"conv_input_grad {name} {weights} {threads}thr"
     with num_threads(threads):
         run(benchmark, fn, rounds=5, warmup=1, layer=name, provider=provider, role=ROLES[provider], threads=threads,
+            weights=weights,
             batch=N, macs=N * C * O * k * k * OH * OH)

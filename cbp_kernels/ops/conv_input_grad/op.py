@@ -1,14 +1,19 @@
-"""The public input-gradient op of a convolution with level weights: validation, backend
-choice, the torch.library custom op (with its fake for torch.compile).
+"""The public input-gradient op of a convolution: validation, backend choice, the torch.library
+custom op (with its fake for torch.compile).
 
 ``conv_input_grad(grad_y, weight, input_size, stride, padding, alpha)`` is
 ``alpha * aten.convolution_backward(grad_y, x, weight, ...)``'s input gradient (groups 1,
-dilation 1) for a weight whose values are exact in bfloat16 (CBP's levels q in {-1, 0, 1}; the
-layer's scale s comes as ``alpha``, applied once to the float32 sum). On CPUs with AMX-BF16
-(Sapphire Rapids and later) the C++ kernel splits grad_y exactly into three bfloat16 parts
-(``split_bf16``), so that every product is exact in float32, and sums them with TDPBF16PS in
-float32: as accurate as ATen's float32 (the same exact products, summed in another order), not
-bitwise equal to it. A weight not exact in bfloat16, a CPU without AMX-BF16 or
+dilation 1). On CPUs with AMX-BF16 (Sapphire Rapids and later) the C++ kernel splits grad_y
+exactly into three bfloat16 parts (``split_bf16``) and sums the products with TDPBF16PS in
+float32:
+- a weight exact in bfloat16 (CBP's levels q in {-1, 0, 1}; the layer's scale s comes as
+  ``alpha``, applied once to the float32 sum) is its own one part: 3 exact products per
+  multiply-add, as accurate as ATen's float32 (the same exact products, summed in another order),
+  not bitwise equal to it;
+- any other float32 weight is split by the same rule into three parts and the pairs g_i w_j with
+  i + j <= 4 are summed (6 products); the dropped g2 w3 + g3 w2 + g3 w3 are below 2^-21 |g w| per
+  product, so the result is within float32's summation error plus 2^-21 alpha sum |g| |w|.
+The choice is made per call by checking the weight. A CPU without AMX-BF16 or
 ``CBP_KERNELS_NO_AMX=1`` run ATen's float32 call inside the same op. CPU only: on CUDA the layer
 keeps cuDNN.
 """
@@ -41,10 +46,11 @@ def has_cpu_kernel() -> bool:
 
 
 def split_bf16(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's exact split of float32 ``g`` into three bfloat16 parts, g = g1 + g2 + g3:
+    """The kernel's exact split of float32 ``g`` (grad_y, and a weight not exact in bfloat16)
+    into three bfloat16 parts, g = g1 + g2 + g3:
     g1 = g with its low 16 bits cleared (truncation), g2 the same of g - g1, g3 = g - g1 - g2,
     each subtraction exact in float32; 8 + 8 + 8 significant bits cover float32's 24, so g3 is
-    exact in bfloat16 while it is normal. AMX reads bfloat16 denormals (below 2^-126) as 0:
+    exact in bfloat16 while it is normal; |g2| + |g3| < 2^-7 |g|, |g3| < 2^-15 |g|. AMX reads bfloat16 denormals (below 2^-126) as 0:
     |g| >= 2^-102 splits with every part normal or 0; below, the parts under 2^-126 are lost.
     Non-finite g gives NaN parts (inf - inf)."""
     parts = []
@@ -65,7 +71,7 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
     Args:
         grad_y: float32 CPU ``[N, O, OH, OW]`` (made contiguous), the output's gradient.
         weight: float32 CPU ``[O, C, KH, KW]`` (made contiguous); exact in bfloat16 (e.g. the
-            levels {-1, 0, 1}) for the AMX path, else ATen's float32 runs.
+            levels {-1, 0, 1}: 3 products per multiply-add) or not (6 products, see above).
         input_size: (H, W) of the input; OH = (H + 2 ph - KH) // sh + 1 and OW alike.
         stride, padding: pairs (sh, sw) >= 1, (ph, pw) >= 0 (or one int for both).
         alpha: finite float applied once to each float32 sum (the layer's scale s).
