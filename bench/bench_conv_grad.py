@@ -6,6 +6,10 @@ images), NCHW float32; one thread and every core. Providers: ``cbp_kernels`` (ro
 ``aten_float32`` (role "baseline": ``aten.convolution_backward`` with the output mask selecting
 only that gradient). ``extra_info`` holds the layer, provider, role, threads and MACs.
 
+``test_conv2d_integer_input``: the forward of the stride-1 layers on spikes {0, 1} with float32
+weights, ``conv2d_integer_input`` (the input gradient's kernel, parts 2 and 3 of x skipped) vs
+``F.conv2d`` (role "baseline", provider "aten_float32").
+
 Run: ``python -m pytest -q bench/bench_conv_grad.py --benchmark-json=OUT.json``.
 """
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbp_kernels.ops.conv_input_grad import conv_input_grad
+import torch.nn.functional as F
+
+from cbp_kernels.ops.conv_input_grad import conv2d_integer_input, conv_input_grad
 
 from bench_bitconv import LAYERS as BITCONV_LAYERS
 from harness import num_threads, run, thread_counts
@@ -54,3 +60,20 @@ def test_conv_input_grad(benchmark, layer, weights, provider, threads):
         run(benchmark, fn, rounds=5, warmup=1, layer=name, provider=provider, role=ROLES[provider], threads=threads,
             weights=weights,
             batch=N, macs=N * C * O * k * k * OH * OH)
+
+
+@pytest.mark.parametrize("threads", thread_counts())
+@pytest.mark.parametrize("provider", list(ROLES))
+@pytest.mark.parametrize("layer", [layer for layer in LAYERS if layer[5] == 1], ids=lambda layer: layer[0])
+def test_conv2d_integer_input(benchmark, layer, provider, threads):
+    """y = conv2d(x, w, padding=k // 2) for spikes x and a float32 weight w: ``conv2d_integer_input``
+    vs ``F.conv2d``."""
+    name, C, O, H, k, _ = layer
+    torch.manual_seed(0)
+    x = torch.randint(0, 2, (N, C, H, H)).float()
+    w = torch.randn(O, C, k, k) * SCALE
+    fn = conv2d_integer_input if provider == "cbp_kernels" else lambda x, w, p: F.conv2d(x, w, padding=p)
+    benchmark.group = f"conv2d_integer_input {name} {threads}thr"
+    with num_threads(threads):
+        run(benchmark, fn, x, w, k // 2, rounds=5, warmup=1, layer=name, provider=provider, role=ROLES[provider],
+            threads=threads, batch=N, macs=N * C * O * k * k * H * H)

@@ -15,7 +15,9 @@
 // times that sum, K = O KH KW). AMX reads bfloat16 denormals as 0: parts below 2^-126 are lost
 // (|g|, |w| >= 2^-102 split into normal parts; below, each lost part is under 2^-126), and the
 // result is flushed below 2^-126. Non-finite g or w (inf - inf in the split) gives NaN where ATen
-// may give inf.
+// may give inf. A window of grad_y exact in bfloat16 (parts 2 and 3 all 0: the integer inputs of
+// conv2d_integer_input, cbp_kernels/ops/conv_input_grad/op.py) skips those parts: 1 product per
+// multiply-add for a weight exact in bfloat16, 3 for a float32 weight.
 //
 // Phases: input pixels ih = ih0_a + i*sh with (ih + ph) % sh == a read the taps kh = a + m*sh
 // (m = 0, 1, ...) at oh = i + q_a - m (q_a = (ih0_a + ph - a) / sh): per phase (a, b) a
@@ -213,8 +215,11 @@ struct AmxInputGrad {
   // The window of grid pixels [lo, lo + L): win[(part * L + r) * P + o] = that part of
   // grad_y channel o at pixel lo + r (0 at padding, past the last image and past O). Per
   // segment of a grid row inside the image: 16 channels x 16 pixels loaded, transposed, split.
-  CBP_AMX_BF16 void fill_window(const float* g, int64_t lo, uint16_t* win) const {
+  // Returns the grad_y parts the window needs: 1 where every value is exact in bfloat16 (parts 2
+  // and 3 all 0: e.g. the integer inputs of conv2d_integer_input), else 3.
+  CBP_AMX_BF16 int64_t fill_window(const float* g, int64_t lo, uint16_t* win) const {
     const int64_t Op = 2 * Oq, part_stride = L * P;
+    __m512i tails = _mm512_setzero_si512();  // what part 1 leaves, OR-ed
     for (int64_t r = lo; r < lo + L;) {
       if (r < 0) {  // before the first image: zeros
         const int64_t end = std::min<int64_t>(0, lo + L);
@@ -241,14 +246,17 @@ struct AmxInputGrad {
           uint16_t* dst = row + (xb - x + c) * P + o0;
           for (int64_t j = 0; j < std::min<int64_t>(16, xe - xb - c); ++j) {
             __m512 rest = v[j];
-            for (int64_t part = 0; part < kParts; ++part)
+            for (int64_t part = 0; part < kParts; ++part) {
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + part * part_stride + j * P),
                                   _mm512_cvtepi32_epi16(next_part(rest)));
+              if (part == 0) tails = _mm512_or_si512(tails, _mm512_castps_si512(rest));
+            }
           }
         }
       }
       r += x1 - x;
     }
+    return _mm512_test_epi32_mask(tails, _mm512_set1_epi32(0x7FFFFFFF)) == 0 ? 1 : kParts;  // -0 counts as 0
   }
 
   // v[j][i] <- v[i][j] (16 x 16 floats): unpack pairs of rows, then pairs of pairs (as
@@ -322,16 +330,17 @@ struct AmxInputGrad {
 
   // K steps [k0, k1) of the block from window pixel `first`: C tiles 0-3 += A (tiles 4-5,
   // 32 pixels of grad_y part i) . B (tiles 6-7, 32 channels of weight part j) over the kept
-  // pairs: per weight part its B tiles once, then the grad_y parts it meets.
+  // pairs (of a_parts grad_y parts, w_parts weight parts): per weight part its B tiles once,
+  // then the grad_y parts it meets.
   CBP_AMX_BF16 void steps(const uint16_t* win, int64_t first, const uint16_t* b0t, const uint16_t* b1t,
-                          int64_t w_parts, int64_t k0, int64_t k1) const {
+                          int64_t a_parts, int64_t w_parts, int64_t k0, int64_t k1) const {
     const int64_t pitch = P * 2, part_stride = L * P, b_part = K * kTileElems;
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t j = 0; j < w_parts; ++j) {
         _tile_loadd(6, b0t + j * b_part + k * kTileElems, 64);
         _tile_loadd(7, b1t + j * b_part + k * kTileElems, 64);
         const uint16_t* src = win + (first + koff[k]) * P + 2 * kq[k];
-        for (int64_t i = 0; i < kept_a_parts(j, kParts); ++i, src += part_stride) {
+        for (int64_t i = 0; i < kept_a_parts(j, a_parts); ++i, src += part_stride) {
           _tile_loadd(4, src, pitch);
           _tile_loadd(5, src + 16 * P, pitch);
           _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
@@ -373,7 +382,7 @@ struct AmxInputGrad {
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows + minoff;
-        fill_window(g, lo, win);
+        const int64_t a_parts = fill_window(g, lo, win);
         // The phases innermost: a block's outputs of all phases (interleaved columns and rows of
         // grad_x) are written together, so each output line is fetched once
         for (int64_t cb = 0; cb < Cp / 32; ++cb) {
@@ -388,9 +397,9 @@ struct AmxInputGrad {
               // the epilogue follows them)
               const bool defer = ph.k1 - ph.k0 >= kDeferSteps;
               const int64_t mid = defer ? ph.k0 + (ph.k1 - ph.k0) / 2 : ph.k1;
-              steps(win, b * kRows - lo, b0t, b1t, w_parts, ph.k0, mid);
+              steps(win, b * kRows - lo, b0t, b1t, a_parts, w_parts, ph.k0, mid);
               if (pending.tiles) finish(pending, alpha, gx);
-              steps(win, b * kRows - lo, b0t, b1t, w_parts, mid, ph.k1);
+              steps(win, b * kRows - lo, b0t, b1t, a_parts, w_parts, mid, ph.k1);
               _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);  // after finish read them
               _tile_stored(2, tiles + 16 * 32, 128); _tile_stored(3, tiles + 16 * 32 + 16, 128);
               pending = {tiles, b * kRows, cb * 32, &ph};
