@@ -1,12 +1,14 @@
-"""The gradients of SEW-ResNet-18's quantized convolutions (the backward of the CBP training
-step) on AMX-BF16 against ATen's float32 ``convolution_backward``, one gradient at a time:
-``conv_input_grad`` (grad_x from grad_y and the levels q, the scale as alpha) and
-``conv_weight_grad`` (grad_w from grad_y and the input spikes).
+"""The convolutions of SEW-ResNet-18's spiking layers on AMX-BF16 against ATen's float32, one
+product at a time: the input gradient ``conv_input_grad`` (from grad_y and the levels q, the
+scale as alpha, or a float32 weight), the weight gradient ``conv_weight_grad`` (from grad_y and
+the input spikes) and the stride-1 forward ``conv2d_integer_input`` (spikes times a float32
+weight).
 
 Layers: the spiking convolutions of SEW-ResNet-18 at ImageNet size, batch 8 x T = 4 (N = 32
 images), NCHW float32; one thread and every core. Providers: ``cbp_kernels`` (role "ours") and
 ``aten_float32`` (role "baseline": ``aten.convolution_backward`` with the output mask selecting
-only that gradient). ``extra_info`` holds the layer, provider, role, threads and MACs.
+only that gradient, or ``F.conv2d``). ``extra_info`` holds the layer, provider, role, threads
+and MACs.
 
 Run: ``python -m pytest -q bench/bench_conv_grad.py --benchmark-json=OUT.json``.
 """
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cbp_kernels.ops.conv_input_grad import conv_input_grad
+from cbp_kernels.ops.conv_input_grad import conv2d_integer_input, conv_input_grad
 from cbp_kernels.ops.conv_weight_grad import conv_weight_grad
 
 from bench_bitconv import LAYERS as BITCONV_LAYERS
@@ -36,28 +39,34 @@ def _case(layer):
     return name, C, O, H, k, stride, pad, torch.randn(N, O, OH, OH)
 
 
-def _run(benchmark, fn, name, provider, threads, macs):
+def _run(benchmark, fn, name, provider, threads, macs, **info):
     with num_threads(threads):
         run(benchmark, fn, rounds=5, warmup=1, layer=name, provider=provider, role=ROLES[provider], threads=threads,
-            batch=N, macs=macs)
+            batch=N, macs=macs, **info)
 
 
 @pytest.mark.parametrize("threads", thread_counts())
 @pytest.mark.parametrize("provider", list(ROLES))
+@pytest.mark.parametrize("weights", ["levels", "float"])
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer[0])
-def test_conv_input_grad(benchmark, layer, provider, threads):
-    """grad_x of a layer from grad_y and the levels q (scale s as alpha): ``conv_input_grad``
-    vs ``aten.convolution_backward(grad_y, x, s * q, ..., [True, False, False])``."""
+def test_conv_input_grad(benchmark, layer, weights, provider, threads):
+    """grad_x of a layer from grad_y and the weight: the levels q (scale s as alpha, one
+    bfloat16 part: 3 products per MAC) or a float32 weight w (three parts: 6 products):
+    ``conv_input_grad`` vs ``aten.convolution_backward(grad_y, x, s * q or w, ...,
+    [True, False, False])``."""
     name, C, O, H, k, stride, pad, grad_y = _case(layer)
     q = torch.randint(-1, 2, (O, C, k, k)).float()
+    if weights == "float":
+        q = torch.randn(O, C, k, k) * SCALE  # not exact in bfloat16; alpha 1 below
+    alpha = SCALE if weights == "levels" else 1.0
     if provider == "cbp_kernels":
-        fn = lambda: conv_input_grad(grad_y, q, (H, H), stride, pad, SCALE)  # noqa: E731
+        fn = lambda: conv_input_grad(grad_y, q, (H, H), stride, pad, alpha)  # noqa: E731
     else:
-        x, w = torch.empty(N, C, H, H), q * SCALE
+        x, w = torch.empty(N, C, H, H), q * alpha
         fn = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
             grad_y, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True, False, False])
-    benchmark.group = f"conv_input_grad {name} {threads}thr"
-    _run(benchmark, fn, name, provider, threads, N * C * O * k * k * grad_y.shape[-1] ** 2)
+    benchmark.group = f"conv_input_grad {name} {weights} {threads}thr"
+    _run(benchmark, fn, name, provider, threads, N * C * O * k * k * grad_y.shape[-1] ** 2, weights=weights)
 
 
 @pytest.mark.parametrize("threads", thread_counts())
@@ -76,3 +85,20 @@ def test_conv_weight_grad(benchmark, layer, provider, threads):
             grad_y, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [False, True, False])
     benchmark.group = f"conv_weight_grad {name} {threads}thr"
     _run(benchmark, fn, name, provider, threads, N * C * O * k * k * grad_y.shape[-1] ** 2)
+
+
+@pytest.mark.parametrize("threads", thread_counts())
+@pytest.mark.parametrize("provider", list(ROLES))
+@pytest.mark.parametrize("layer", [layer for layer in LAYERS if layer[5] == 1], ids=lambda layer: layer[0])
+def test_conv2d_integer_input(benchmark, layer, provider, threads):
+    """y = conv2d(x, w, padding=k // 2) for spikes x and a float32 weight w: ``conv2d_integer_input``
+    vs ``F.conv2d``."""
+    name, C, O, H, k, _, pad, _ = _case(layer)
+    x = torch.randint(0, 2, (N, C, H, H)).float()
+    w = torch.randn(O, C, k, k) * SCALE
+    if provider == "cbp_kernels":
+        fn = lambda: conv2d_integer_input(x, w, pad)  # noqa: E731
+    else:
+        fn = lambda: F.conv2d(x, w, padding=pad)  # noqa: E731
+    benchmark.group = f"conv2d_integer_input {name} {threads}thr"
+    _run(benchmark, fn, name, provider, threads, N * C * O * k * k * H * H)

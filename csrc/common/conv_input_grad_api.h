@@ -1,6 +1,6 @@
-// The C++ entry point of the input gradient of a convolution whose weights are exact in
-// bfloat16 (CBP's levels q in {-1, 0, 1}, the scale s passed as alpha), declared once; CPU
-// only (csrc/cpu/conv_input_grad.cpp): on CUDA the layer keeps cuDNN. Schema:
+// The C++ entry point of the input gradient of a convolution (weights exact in bfloat16, e.g.
+// CBP's levels q in {-1, 0, 1} with the scale s passed as alpha, or any float32), declared once;
+// CPU only (csrc/cpu/conv_input_grad.cpp): on CUDA the layer keeps cuDNN. Schema:
 // csrc/common/op_schema.h.
 //   conv_input_grad(grad_y, weight, input_size, stride, padding, alpha) -> grad_x:
 //     grad_y float32 [N, O, OH, OW] contiguous, weight float32 [O, C, KH, KW] contiguous,
@@ -9,8 +9,10 @@
 //       grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw : ih = oh*sh - ph + kh, iw = ow*sw - pw + kw}
 //                              grad_y[n, o, oh, ow] * weight[o, c, kh, kw]
 //     (alpha applied once to the float32 sum): alpha * aten::convolution_backward's input
-//     gradient. AMX-BF16 where the weight is exact in bfloat16 and the CPU allows it (exact
-//     products, float32 accumulation in another order than ATen's), else that ATen call.
+//     gradient. AMX-BF16 where the CPU allows it, else that ATen call: a weight exact in
+//     bfloat16 gives exact products with float32 accumulation in another order than ATen's;
+//     any other weight, split into three bfloat16 parts, is within 2^-21 alpha sum |g| |w| more
+//     (the pairs of parts dropped, csrc/cpu/conv_input_grad.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

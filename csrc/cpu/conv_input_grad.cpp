@@ -1,15 +1,23 @@
-// The input gradient of a convolution with weights exact in bfloat16 (CBP's levels) on the
-// AMX-BF16 tile unit (csrc/common/conv_input_grad_api.h: the equation, the op's contract):
+// The input gradient of a convolution on the AMX-BF16 tile unit
+// (csrc/common/conv_input_grad_api.h: the equation, the op's contract):
 //   grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw} grad_y[n, o, oh, ow] * weight[o, c, kh, kw],
 //   ih = oh*sh - ph + kh, iw = ow*sw - pw + kw.
-// Exactness: grad_y is split into three bfloat16 parts, g = g1 + g2 + g3 (truncation:
+// Exactness: grad_y is split into three bfloat16 parts, g = g1 + g2 + g3 (truncation, `next_part`:
 // g1 = bits(g) & 0xFFFF0000, g2 = the same of g - g1, g3 = g - g1 - g2; each exact in
-// float32, 8 + 8 + 8 significant bits), the weight is bfloat16 as it is, so every product
-// g_i * w is exact in float32 and TDPBF16PS sums them in float32: the exact products summed in
-// float32 in an unspecified order (oneDNN's float32 sums them in another). AMX reads bfloat16
-// denormals as 0: parts below 2^-126 are lost (|g| >= 2^-102 splits into normal parts; below,
-// each lost part is under 2^-126), and the result is flushed below 2^-126. Non-finite g (inf - inf in the
-// split) gives NaN where ATen may give inf.
+// float32, 8 + 8 + 8 significant bits). A weight exact in bfloat16 (CBP's levels) is its own
+// one part, so every product g_i * w is exact in float32 and TDPBF16PS sums the 3 products in
+// float32: the exact products summed in float32 in an unspecified order (oneDNN's float32 sums
+// them in another). Any other weight is split by the same rule, w = w1 + w2 + w3, and the pairs
+// i + j <= 4 are summed (6 products: g1 w1, g2 w1, g3 w1, g1 w2, g2 w2, g1 w3); with truncation
+// |g2| + |g3| < 2^-7 |g| and |g3| < 2^-15 |g| (w alike, parts of one sign), so the dropped
+// g2 w3 + g3 w2 + g3 w3 are below (|g2| + |g3|) |w3| + |g3| |w2| < 2^-21 |g w| per product:
+// |grad_x - exact| <= float32 summation error + 2^-21 alpha sum |g| |w| (tests: 2 K 2^-24 + 2^-21
+// times that sum, K = O KH KW). AMX reads bfloat16 denormals as 0: parts below 2^-126 are lost
+// (|g|, |w| >= 2^-102 split into normal parts; below, each lost part is under 2^-126), and the
+// result is flushed below 2^-126. Non-finite g or w (inf - inf in the split) gives NaN where ATen
+// may give inf. A window of grad_y exact in bfloat16 (parts 2 and 3 all 0: the integer inputs of
+// conv2d_integer_input, cbp_kernels/ops/conv_input_grad/op.py) skips those parts: 1 product per
+// multiply-add for a weight exact in bfloat16, 3 for a float32 weight.
 //
 // Phases: input pixels ih = ih0_a + i*sh with (ih + ph) % sh == a read the taps kh = a + m*sh
 // (m = 0, 1, ...) at oh = i + q_a - m (q_a = (ih0_a + ph - a) / sh): per phase (a, b) a
@@ -26,10 +34,11 @@
 //     from NCHW per work item into an L2-resident window; a tap moves the tile's first row by
 //     whole rows, so every tile row is one aligned 64-byte line (rows shifted by a pixel inside
 //     the lines, as a [o][pixel] layout would have, run at half speed from L2: measured);
-//   B (16 o-pairs x 16 c x 2 bf16, VNNI): the weights, [c block][k][16 o-pairs][16 c][2],
+//   B (16 o-pairs x 16 c x 2 bf16, VNNI): the weight's parts, [c block][part][k][16 o-pairs][16 c][2],
 //     prepared once per call;
-//   per K step 2 B tiles and 3 parts x 2 A tiles -> 12 TDPBF16PS into 2 x 2 C tiles (32
-//   pixels x 32 c); the epilogue transposes them (16 x 16 in registers), scales by alpha and
+//   per K step and weight part j 2 B tiles and the kept grad_y parts i x 2 A tiles -> 4
+//   TDPBF16PS per pair into 2 x 2 C tiles (32 pixels x 32 c; 12 per step for one weight part,
+//   24 for three); the epilogue transposes them (16 x 16 in registers), scales by alpha and
 //   writes each channel's runs of valid pixels to grad_x's NCHW rows.
 #include <ATen/ATen.h>
 #include <omp.h>
@@ -47,7 +56,7 @@ namespace cbp {
 namespace {
 
 // alpha * aten::convolution_backward's input gradient in float32 (the path where AMX-BF16
-// is not usable, or the weight is not exact in bfloat16).
+// is not usable).
 at::Tensor aten_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, double alpha) {
   const auto stand_in = at::empty({grad_y.size(0), weight.size(1), input_size[0], input_size[1]}, grad_y.options());
@@ -69,6 +78,20 @@ constexpr int64_t kItemBytes = 512 * 1024;
 // 128@28 16.2 / 14.8 / 15.3, s2 3x3 12.0 / 10.5 / 9.9, 1x1 s2 (4 steps) 7.9 / 7.1 / 9.2,
 // 256@14 and 512@7 alike.
 constexpr int64_t kDeferSteps = 8;
+constexpr int64_t kParts = 3;  // bfloat16 parts of a float32 (8 + 8 + 8 significant bits)
+
+// The split rule of split_bf16 (cbp_kernels/ops/conv_input_grad/op.py), one part per call: the
+// next bfloat16 part of `rest` (its high 16 bits, returned in each lane's low half) and
+// rest -= that part (exact in float32).
+CBP_AMX_BF16 inline __m512i next_part(__m512& rest) {
+  const __m512i bits = _mm512_and_si512(_mm512_castps_si512(rest), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(bits));
+  return _mm512_srli_epi32(bits, 16);
+}
+
+// The grad_y parts i (0-based) multiplied by weight part j: i + j <= 2 (the pairs i + j <= 4
+// counted from 1, see the header), at most the a_parts that grad_y has.
+constexpr int64_t kept_a_parts(int64_t j, int64_t a_parts) { return std::min(a_parts, kParts - j); }
 
 // One dimension's phases: input index x0[a] + i*s (i < cnt[a]) reads the taps a + m*s at
 // output index i + q[a] - m. The grid: `size` positions per row (image), the Y outputs first,
@@ -154,21 +177,20 @@ struct AmxInputGrad {
     L = per_item * kRows + maxoff - minoff;  // window pixels: an item's blocks plus the taps' reach
   }
 
-  // The B tiles: bt[(cb * K + k) * 512 + r * 32 + 2 c + e] = bfloat16 of weight[2 (kq[k] + r) + e]
-  // [16 cb + c] at tap ktap[k] (its high half), 0 past O / C; per o a gather of 16 c (576
-  // consecutive bytes for 3 x 3). Returns whether every weight that reaches an output is exact
-  // in bfloat16 (each is gathered once: the low halves all 0; a tap no input pixel reads, e.g.
-  // stride > H, is not).
-  CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
+  // The B tiles of weight parts [0, parts): bt[((cb * kParts + j) * K + k) * 512 + r * 32 + 2 c + e]
+  // = part j (next_part) of weight[2 (kq[k] + r) + e][16 cb + c] at tap ktap[k], 0 past O / C;
+  // per o a gather of 16 c (576 consecutive bytes for 3 x 3). Returns whether every weight that
+  // reaches an output is exact in bfloat16 (each is gathered once: the low halves all 0; a tap
+  // no input pixel reads, e.g. stride > H, is not).
+  CBP_AMX_BF16 bool prepare_weights(const float* w, int64_t parts, uint16_t* bt) const {
     const int64_t taps = KH * KW;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(taps)));
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     int low = 0;
 #pragma omp parallel for collapse(2) schedule(static) reduction(| : low)
     for (int64_t cb = 0; cb < Cp / 16; ++cb)
       for (int64_t k = 0; k < K; ++k) {
-        uint16_t* dst = bt + (cb * K + k) * kTileElems;
+        uint16_t* dst = bt + (cb * kParts * K + k) * kTileElems;
         const int64_t c0 = cb * 16, left = std::min<int64_t>(16, C - c0);
         const __mmask16 m = left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
         __m512i lows = _mm512_setzero_si512();
@@ -180,7 +202,10 @@ struct AmxInputGrad {
           const __m512i odd = o + 1 < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + C * taps, 4)
                                         : _mm512_setzero_si512();
           lows = _mm512_or_si512(lows, _mm512_or_si512(even, odd));
-          _mm512_storeu_si512(dst + r * 32, _mm512_or_si512(_mm512_and_si512(odd, high), _mm512_srli_epi32(even, 16)));
+          __m512 e = _mm512_castsi512_ps(even), d = _mm512_castsi512_ps(odd);
+          for (int64_t j = 0; j < parts; ++j)
+            _mm512_storeu_si512(dst + j * K * kTileElems + r * 32,
+                                _mm512_or_si512(_mm512_slli_epi32(next_part(d), 16), next_part(e)));
         }
         low |= _mm512_test_epi32_mask(lows, _mm512_set1_epi32(0xFFFF)) != 0;
       }
@@ -190,9 +215,11 @@ struct AmxInputGrad {
   // The window of grid pixels [lo, lo + L): win[(part * L + r) * P + o] = that part of
   // grad_y channel o at pixel lo + r (0 at padding, past the last image and past O). Per
   // segment of a grid row inside the image: 16 channels x 16 pixels loaded, transposed, split.
-  CBP_AMX_BF16 void fill_window(const float* g, int64_t lo, uint16_t* win) const {
+  // Returns the grad_y parts the window needs: 1 where every value is exact in bfloat16 (parts 2
+  // and 3 all 0: e.g. the integer inputs of conv2d_integer_input), else 3.
+  CBP_AMX_BF16 int64_t fill_window(const float* g, int64_t lo, uint16_t* win) const {
     const int64_t Op = 2 * Oq, part_stride = L * P;
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    __m512i tails = _mm512_setzero_si512();  // what part 1 leaves, OR-ed
     for (int64_t r = lo; r < lo + L;) {
       if (r < 0) {  // before the first image: zeros
         const int64_t end = std::min<int64_t>(0, lo + L);
@@ -219,17 +246,17 @@ struct AmxInputGrad {
           uint16_t* dst = row + (xb - x + c) * P + o0;
           for (int64_t j = 0; j < std::min<int64_t>(16, xe - xb - c); ++j) {
             __m512 rest = v[j];
-            for (int64_t part = 0; part < 3; ++part) {  // the part: the high half of what is left
-              const __m512i bits = _mm512_and_si512(_mm512_castps_si512(rest), high);
+            for (int64_t part = 0; part < kParts; ++part) {
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + part * part_stride + j * P),
-                                  _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-              rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(bits));
+                                  _mm512_cvtepi32_epi16(next_part(rest)));
+              if (part == 0) tails = _mm512_or_si512(tails, _mm512_castps_si512(rest));
             }
           }
         }
       }
       r += x1 - x;
     }
+    return _mm512_test_epi32_mask(tails, _mm512_set1_epi32(0x7FFFFFFF)) == 0 ? 1 : kParts;  // -0 counts as 0
   }
 
   // v[j][i] <- v[i][j] (16 x 16 floats): unpack pairs of rows, then pairs of pairs (as
@@ -302,18 +329,22 @@ struct AmxInputGrad {
   }
 
   // K steps [k0, k1) of the block from window pixel `first`: C tiles 0-3 += A (tiles 4-5,
-  // 32 pixels of one part) . B (tiles 6-7, 32 channels), the parts one after the other.
-  CBP_AMX_BF16 void steps(const uint16_t* win, int64_t first, const uint16_t* b0t, const uint16_t* b1t, int64_t k0,
-                          int64_t k1) const {
-    const int64_t pitch = P * 2, part_stride = L * P;
+  // 32 pixels of grad_y part i) . B (tiles 6-7, 32 channels of weight part j) over the kept
+  // pairs (of a_parts grad_y parts, w_parts weight parts): per weight part its B tiles once,
+  // then the grad_y parts it meets.
+  CBP_AMX_BF16 void steps(const uint16_t* win, int64_t first, const uint16_t* b0t, const uint16_t* b1t,
+                          int64_t a_parts, int64_t w_parts, int64_t k0, int64_t k1) const {
+    const int64_t pitch = P * 2, part_stride = L * P, b_part = K * kTileElems;
     for (int64_t k = k0; k < k1; ++k) {
-      _tile_loadd(6, b0t + k * kTileElems, 64);
-      _tile_loadd(7, b1t + k * kTileElems, 64);
-      const uint16_t* src = win + (first + koff[k]) * P + 2 * kq[k];
-      for (int64_t part = 0; part < 3; ++part, src += part_stride) {
-        _tile_loadd(4, src, pitch);
-        _tile_loadd(5, src + 16 * P, pitch);
-        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+      for (int64_t j = 0; j < w_parts; ++j) {
+        _tile_loadd(6, b0t + j * b_part + k * kTileElems, 64);
+        _tile_loadd(7, b1t + j * b_part + k * kTileElems, 64);
+        const uint16_t* src = win + (first + koff[k]) * P + 2 * kq[k];
+        for (int64_t i = 0; i < kept_a_parts(j, a_parts); ++i, src += part_stride) {
+          _tile_loadd(4, src, pitch);
+          _tile_loadd(5, src + 16 * P, pitch);
+          _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        }
       }
     }
   }
@@ -339,23 +370,24 @@ struct AmxInputGrad {
     store(acc, p.u0, *p.ph, p.c0, alpha, gx);
   }
 
-  CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, float alpha, float* gx) const {
+  // grad_x from grad_y and the B tiles of w_parts weight parts (1: exact in bfloat16, or 3).
+  CBP_AMX_BF16 void run(const float* g, const uint16_t* bt, int64_t w_parts, float alpha, float* gx) const {
 #pragma omp parallel
     {
       amx_tile_config();
-      const at::Tensor window = at::empty({3 * L * P}, at::kShort);  // 64-byte aligned (c10's CPU allocator)
+      const at::Tensor window = at::empty({kParts * L * P}, at::kShort);  // 64-byte aligned (c10's CPU allocator)
       uint16_t* win = reinterpret_cast<uint16_t*>(window.data_ptr<int16_t>());
       alignas(64) float tiles[kRows * 32];  // the last block's C tiles, pending until read
       Pending pending;
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows + minoff;
-        fill_window(g, lo, win);
+        const int64_t a_parts = fill_window(g, lo, win);
         // The phases innermost: a block's outputs of all phases (interleaved columns and rows of
         // grad_x) are written together, so each output line is fetched once
         for (int64_t cb = 0; cb < Cp / 32; ++cb) {
-          const uint16_t* b0t = bt + 2 * cb * K * kTileElems;
-          const uint16_t* b1t = b0t + K * kTileElems;
+          const uint16_t* b0t = bt + 2 * cb * kParts * K * kTileElems;
+          const uint16_t* b1t = b0t + kParts * K * kTileElems;
           for (int64_t b = b0; b < b1; ++b)
             for (const Phase& ph : phases) {
               if (b * kRows >= ph.span) continue;
@@ -365,9 +397,9 @@ struct AmxInputGrad {
               // the epilogue follows them)
               const bool defer = ph.k1 - ph.k0 >= kDeferSteps;
               const int64_t mid = defer ? ph.k0 + (ph.k1 - ph.k0) / 2 : ph.k1;
-              steps(win, b * kRows - lo, b0t, b1t, ph.k0, mid);
+              steps(win, b * kRows - lo, b0t, b1t, a_parts, w_parts, ph.k0, mid);
               if (pending.tiles) finish(pending, alpha, gx);
-              steps(win, b * kRows - lo, b0t, b1t, mid, ph.k1);
+              steps(win, b * kRows - lo, b0t, b1t, a_parts, w_parts, mid, ph.k1);
               _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);  // after finish read them
               _tile_stored(2, tiles + 16 * 32, 128); _tile_stored(3, tiles + 16 * 32 + 16, 128);
               pending = {tiles, b * kRows, cb * 32, &ph};
@@ -404,14 +436,15 @@ at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weigh
 #if defined(__x86_64__) || defined(_M_X64)
   if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false)) {
     const AmxInputGrad conv(grad_y, weight, input_size, stride, padding);
-    const at::Tensor tiles = at::empty({conv.Cp / 16 * conv.K * kTileElems}, at::kShort);
+    const at::Tensor tiles = at::empty({conv.Cp / 16 * kParts * conv.K * kTileElems}, at::kShort);
     uint16_t* bt = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
-    if (conv.prepare_weights(weight.data_ptr<float>(), bt)) {  // else ATen's float32
-      auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
-                                   : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
-      conv.run(grad_y.data_ptr<float>(), bt, static_cast<float>(alpha), grad_x.data_ptr<float>());
-      return grad_x;
-    }
+    // the weight's first part and the check; a weight not exact in bfloat16 takes all three
+    const int64_t w_parts = conv.prepare_weights(weight.data_ptr<float>(), 1, bt) ? 1 : kParts;
+    if (w_parts > 1) conv.prepare_weights(weight.data_ptr<float>(), w_parts, bt);
+    auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
+                                 : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
+    conv.run(grad_y.data_ptr<float>(), bt, w_parts, static_cast<float>(alpha), grad_x.data_ptr<float>());
+    return grad_x;
   }
 #endif
   return aten_input_grad(grad_y, weight, input_size, stride, padding, alpha);

@@ -1,14 +1,19 @@
-"""The public input-gradient op of a convolution with level weights: validation, backend
-choice, the torch.library custom op (with its fake for torch.compile).
+"""The public input-gradient op of a convolution: validation, backend choice, the torch.library
+custom op (with its fake for torch.compile).
 
 ``conv_input_grad(grad_y, weight, input_size, stride, padding, alpha)`` is
 ``alpha * aten.convolution_backward(grad_y, x, weight, ...)``'s input gradient (groups 1,
-dilation 1) for a weight whose values are exact in bfloat16 (CBP's levels q in {-1, 0, 1}; the
-layer's scale s comes as ``alpha``, applied once to the float32 sum). On CPUs with AMX-BF16
-(Sapphire Rapids and later) the C++ kernel splits grad_y exactly into three bfloat16 parts
-(``split_bf16``), so that every product is exact in float32, and sums them with TDPBF16PS in
-float32: as accurate as ATen's float32 (the same exact products, summed in another order), not
-bitwise equal to it. A weight not exact in bfloat16, a CPU without AMX-BF16 or
+dilation 1). On CPUs with AMX-BF16 (Sapphire Rapids and later) the C++ kernel splits grad_y
+exactly into three bfloat16 parts (``split_bf16``) and sums the products with TDPBF16PS in
+float32:
+- a weight exact in bfloat16 (CBP's levels q in {-1, 0, 1}; the layer's scale s comes as
+  ``alpha``, applied once to the float32 sum) is its own one part: 3 exact products per
+  multiply-add, as accurate as ATen's float32 (the same exact products, summed in another order),
+  not bitwise equal to it;
+- any other float32 weight is split by the same rule into three parts and the pairs g_i w_j with
+  i + j <= 4 are summed (6 products); the dropped g2 w3 + g3 w2 + g3 w3 are below 2^-21 |g w| per
+  product, so the result is within float32's summation error plus 2^-21 alpha sum |g| |w|.
+The choice is made per call by checking the weight. A CPU without AMX-BF16 or
 ``CBP_KERNELS_NO_AMX=1`` run ATen's float32 call inside the same op. CPU only: on CUDA the layer
 keeps cuDNN.
 """
@@ -19,7 +24,7 @@ import torch
 from .._backend import _available, call, kernels, resolve_backend
 from ..utils import check_finite, check_tensor
 
-__all__ = ["conv_input_grad", "has_cpu_kernel", "split_bf16"]
+__all__ = ["conv2d_integer_input", "conv_input_grad", "has_cpu_kernel", "split_bf16"]
 
 
 def _grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
@@ -41,10 +46,11 @@ def has_cpu_kernel() -> bool:
 
 
 def split_bf16(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's exact split of float32 ``g`` into three bfloat16 parts, g = g1 + g2 + g3:
+    """The kernel's exact split of float32 ``g`` (grad_y, and a weight not exact in bfloat16)
+    into three bfloat16 parts, g = g1 + g2 + g3:
     g1 = g with its low 16 bits cleared (truncation), g2 the same of g - g1, g3 = g - g1 - g2,
     each subtraction exact in float32; 8 + 8 + 8 significant bits cover float32's 24, so g3 is
-    exact in bfloat16 while it is normal. AMX reads bfloat16 denormals (below 2^-126) as 0:
+    exact in bfloat16 while it is normal; |g2| + |g3| < 2^-7 |g|, |g3| < 2^-15 |g|. AMX reads bfloat16 denormals (below 2^-126) as 0:
     |g| >= 2^-102 splits with every part normal or 0; below, the parts under 2^-126 are lost.
     Non-finite g gives NaN parts (inf - inf)."""
     parts = []
@@ -56,6 +62,16 @@ def split_bf16(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return tuple(parts)
 
 
+def _pair(name: str, value, low: int, high=(None, None)) -> list[int]:
+    """``value`` (an int or a pair of ints) as a pair, each in [low, high[i]] (None: unbounded)."""
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v and (h is None or v <= h)
+                                 for v, h in zip(pair, high)):
+        bounds = f">= {low}" if high == (None, None) else f"in [{low}, {list(high)}]"
+        raise ValueError(f"{name} must be an int or a pair of ints {bounds}, got {value!r}")
+    return pair
+
+
 def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stride, padding, alpha: float = 1.0,
                     backend: str = "auto") -> torch.Tensor:
     """The input gradient of ``conv2d(x, alpha * weight, stride=stride, padding=padding)``
@@ -65,7 +81,7 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
     Args:
         grad_y: float32 CPU ``[N, O, OH, OW]`` (made contiguous), the output's gradient.
         weight: float32 CPU ``[O, C, KH, KW]`` (made contiguous); exact in bfloat16 (e.g. the
-            levels {-1, 0, 1}) for the AMX path, else ATen's float32 runs.
+            levels {-1, 0, 1}: 3 products per multiply-add) or not (6 products, see above).
         input_size: (H, W) of the input; OH = (H + 2 ph - KH) // sh + 1 and OW alike.
         stride, padding: pairs (sh, sw) >= 1, (ph, pw) >= 0 (or one int for both).
         alpha: finite float applied once to each float32 sum (the layer's scale s).
@@ -81,13 +97,7 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
                          f"{tuple(grad_y.shape)} and {tuple(weight.shape)}")
     if grad_y.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(f"grad_y and weight must be CPU tensors, got {grad_y.device} and {weight.device}")
-    pairs = {}
-    for name, value, low in (("input_size", input_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
-        pair = [value, value] if isinstance(value, int) else list(value)
-        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair):
-            raise ValueError(f"{name} must be an int or a pair of ints >= {low}, got {value!r}")
-        pairs[name] = pair
-    size, s, p = pairs["input_size"], pairs["stride"], pairs["padding"]
+    size, s, p = _pair("input_size", input_size, 1), _pair("stride", stride, 1), _pair("padding", padding, 0)
     expected = [(size[i] + 2 * p[i] - weight.shape[2 + i]) // s[i] + 1 for i in range(2)]
     if list(grad_y.shape[2:]) != expected or min(expected) < 1:
         raise ValueError(f"grad_y's (OH, OW) {tuple(grad_y.shape[2:])} do not follow from input_size {size}, kernel "
@@ -95,3 +105,36 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
     alpha = check_finite("alpha", alpha)
     backend = resolve_backend(backend, "conv_input_grad", grad_y.device, __package__)
     return call(_conv_input_grad, _grad, grad_y.contiguous(), weight.contiguous(), size, s, p, alpha, backend)
+
+
+def conv2d_integer_input(x: torch.Tensor, weight: torch.Tensor, padding=0, backend: str = "auto") -> torch.Tensor:
+    """``F.conv2d(x, weight, padding=padding)`` (stride 1, groups 1, dilation 1) on the input
+    gradient's kernel: a stride-1 convolution is the input gradient of one with the weight
+    flipped in both spatial dims and its channels swapped, W'[c, o, kh, kw] = weight[o, c,
+    KH - 1 - kh, KW - 1 - kw], and padding K - 1 - p. For x exact in bfloat16 (integers up to
+    256 in magnitude: spikes, SEW sums) the kernel finds x's parts 2 and 3 zero and skips them:
+    1 x part times the weight's parts (1 product per multiply-add for weights exact in bfloat16,
+    3 for float32 weights, within 2^-21 sum |x| |w| more than float32's summation error); any
+    other x runs as conv_input_grad with float grad_y.
+
+    Args:
+        x: float32 CPU ``[N, C, H, W]`` (made contiguous), best exact in bfloat16.
+        weight: float32 CPU ``[O, C, KH, KW]``.
+        padding: int or pair (ph, pw), 0 <= ph <= KH - 1 (pw alike).
+        backend: "auto", "cpu" or "reference" (as ``conv_input_grad``).
+
+    Returns:
+        float32 ``[N, O, H + 2 ph - KH + 1, W + 2 pw - KW + 1]``.
+    """
+    check_tensor("x", x, dtypes=(torch.float32,))
+    check_tensor("weight", weight, dtypes=(torch.float32,))
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x [N, C, H, W] and weight [O, C, KH, KW] must be 4-D with one C, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    kernel = list(weight.shape[2:])
+    p = _pair("padding", padding, 0, (kernel[0] - 1, kernel[1] - 1))
+    out = [x.shape[2 + i] + 2 * p[i] - kernel[i] + 1 for i in range(2)]
+    if min(out) < 1:
+        raise ValueError(f"x's (H, W) {tuple(x.shape[2:])} with padding {p} are smaller than the kernel {tuple(kernel)}")
+    flipped = weight.flip(2, 3).transpose(0, 1)  # [C, O, KH, KW], made contiguous by conv_input_grad
+    return conv_input_grad(x, flipped, out, 1, [kernel[0] - 1 - p[0], kernel[1] - 1 - p[1]], 1.0, backend)
