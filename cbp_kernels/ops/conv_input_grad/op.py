@@ -136,5 +136,7 @@ def conv2d_integer_input(x: torch.Tensor, weight: torch.Tensor, padding=0, backe
     out = [x.shape[2 + i] + 2 * p[i] - kernel[i] + 1 for i in range(2)]
     if min(out) < 1:
         raise ValueError(f"x's (H, W) {tuple(x.shape[2:])} with padding {p} are smaller than the kernel {tuple(kernel)}")
-    flipped = weight.flip(2, 3).transpose(0, 1)  # [C, O, KH, KW], made contiguous by conv_input_grad
+    # [C, O, KH, KW]; transposed, copied, then flipped (one thread, 512 x 512 x 3 x 3, min of 9:
+    # 2.8 ms; flipped then copied by conv_input_grad: 3.6 ms)
+    flipped = weight.transpose(0, 1).contiguous().flip(2, 3)
     return conv_input_grad(x, flipped, out, 1, [kernel[0] - 1 - p[0], kernel[1] - 1 - p[1]], 1.0, backend)
