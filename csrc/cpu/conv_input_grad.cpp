@@ -38,8 +38,9 @@
 //     prepared once per call;
 //   per K step the kept pairs (grad_y part i, weight part j) in a walk that changes one
 //   operand at a time (2 A or 2 B tiles loaded per pair) -> 4 TDPBF16PS per pair into 2 x 2 C
-//   tiles (32 pixels x 32 c; 12 per step for one weight part, 24 for three); the epilogue transposes them (16 x 16 in registers), scales by alpha and
-//   writes each channel's runs of valid pixels to grad_x's NCHW rows.
+//   tiles (32 pixels x 32 c; 12 per step for one weight part, 24 for three); the epilogue
+//   transposes them (16 x 16 in registers), scales by alpha and writes each channel's runs of
+//   valid pixels to grad_x's NCHW rows.
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
