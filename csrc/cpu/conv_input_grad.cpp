@@ -36,10 +36,11 @@
 //     the lines, as a [o][pixel] layout would have, run at half speed from L2: measured);
 //   B (16 o-pairs x 16 c x 2 bf16, VNNI): the weight's parts, [c block][part][k][16 o-pairs][16 c][2],
 //     prepared once per call;
-//   per K step and weight part j 2 B tiles and the kept grad_y parts i x 2 A tiles -> 4
-//   TDPBF16PS per pair into 2 x 2 C tiles (32 pixels x 32 c; 12 per step for one weight part,
-//   24 for three); the epilogue transposes them (16 x 16 in registers), scales by alpha and
-//   writes each channel's runs of valid pixels to grad_x's NCHW rows.
+//   per K step the kept pairs (grad_y part i, weight part j) in a walk that changes one
+//   operand at a time (2 A or 2 B tiles loaded per pair) -> 4 TDPBF16PS per pair into 2 x 2 C
+//   tiles (32 pixels x 32 c; 12 per step for one weight part, 24 for three); the epilogue
+//   transposes them (16 x 16 in registers), scales by alpha and writes each channel's runs of
+//   valid pixels to grad_x's NCHW rows.
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -89,9 +90,21 @@ CBP_AMX_BF16 inline __m512i next_part(__m512& rest) {
   return _mm512_srli_epi32(bits, 16);
 }
 
-// The grad_y parts i (0-based) multiplied by weight part j: i + j <= 2 (the pairs i + j <= 4
-// counted from 1, see the header), at most the a_parts that grad_y has.
-constexpr int64_t kept_a_parts(int64_t j, int64_t a_parts) { return std::min(a_parts, kParts - j); }
+// The pairs (grad_y part i, weight part j), 0-based, that a K step sums: i + j <= 2 (i + j <= 4
+// counted from 1, see the header), i < a_parts, j < w_parts (each 1 or 3), in an order where
+// consecutive pairs share an operand, so that each pair after the first loads one operand's
+// 2 tiles (3 x 3 parts: 7 loads of 2 tiles instead of 9; one thread, one process, min of 7,
+// loaded machine, float weights, 3x3 s1, N = 32: 512@7 36.4 -> 35.3 ms, 256@14 29.2 -> 28.0,
+// 128@28 27.7 -> 25.7, 64@56 27.5 -> 27.4; 1 x 3 parts: 4 loads instead of 6).
+struct PairWalk {
+  int64_t n;
+  int64_t i[6], j[6];
+};
+inline const PairWalk& pair_walk(int64_t a_parts, int64_t w_parts) {
+  static constexpr PairWalk one{1, {0}, {0}}, a3{3, {0, 1, 2}, {0, 0, 0}}, w3{3, {0, 0, 0}, {0, 1, 2}},
+      both{6, {0, 0, 1, 1, 2, 0}, {2, 1, 1, 0, 0, 0}};
+  return a_parts == 1 ? (w_parts == 1 ? one : w3) : (w_parts == 1 ? a3 : both);
+}
 
 // One dimension's phases: input index x0[a] + i*s (i < cnt[a]) reads the taps a + m*s at
 // output index i + q[a] - m. The grid: `size` positions per row (image), the Y outputs first,
@@ -177,16 +190,20 @@ struct AmxInputGrad {
     L = per_item * kRows + maxoff - minoff;  // window pixels: an item's blocks plus the taps' reach
   }
 
-  // The B tiles of weight parts [0, parts): bt[((cb * kParts + j) * K + k) * 512 + r * 32 + 2 c + e]
+  // The B tiles of the weight's parts: bt[((cb * kParts + j) * K + k) * 512 + r * 32 + 2 c + e]
   // = part j (next_part) of weight[2 (kq[k] + r) + e][16 cb + c] at tap ktap[k], 0 past O / C;
-  // per o a gather of 16 c (576 consecutive bytes for 3 x 3). Returns whether every weight that
-  // reaches an output is exact in bfloat16 (each is gathered once: the low halves all 0; a tap
-  // no input pixel reads, e.g. stride > H, is not).
-  CBP_AMX_BF16 bool prepare_weights(const float* w, int64_t parts, uint16_t* bt) const {
+  // per o a gather of 16 c (576 consecutive bytes for 3 x 3), once. Returns whether every weight
+  // that reaches an output is exact in bfloat16 (the low halves all 0; a tap no input pixel
+  // reads, e.g. stride > H, is not): then only part 1 is written (the one the steps read), else
+  // parts 2 and 3 too (those of exact tiles zeroed after the loop). One pass instead of part 1
+  // then all three parts again: one thread, 512 -> 512 3 x 3 float weights, N = 1 at 7 x 7
+  // (almost all preparation), min of 9, loaded machine: 6.26 -> 3.56 ms (levels 3.14 -> 2.3).
+  CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
     const int64_t taps = KH * KW;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(taps)));
     int low = 0;
+    std::vector<uint8_t> split(Cp / 16 * K, 0);  // per tile: parts 2 and 3 written
 #pragma omp parallel for collapse(2) schedule(static) reduction(| : low)
     for (int64_t cb = 0; cb < Cp / 16; ++cb)
       for (int64_t k = 0; k < K; ++k) {
@@ -194,6 +211,7 @@ struct AmxInputGrad {
         const int64_t c0 = cb * 16, left = std::min<int64_t>(16, C - c0);
         const __mmask16 m = left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
         __m512i lows = _mm512_setzero_si512();
+        __m512 rest[2][16];  // what part 1 leaves of each row's even / odd o
         for (int64_t r = 0; r < 16; ++r) {
           const int64_t o = 2 * (kq[k] + r);
           const float* src = w + (std::min(o, O - 1) * C + std::min(c0, C - 1)) * taps + ktap[k];
@@ -202,13 +220,26 @@ struct AmxInputGrad {
           const __m512i odd = o + 1 < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + C * taps, 4)
                                         : _mm512_setzero_si512();
           lows = _mm512_or_si512(lows, _mm512_or_si512(even, odd));
-          __m512 e = _mm512_castsi512_ps(even), d = _mm512_castsi512_ps(odd);
-          for (int64_t j = 0; j < parts; ++j)
-            _mm512_storeu_si512(dst + j * K * kTileElems + r * 32,
-                                _mm512_or_si512(_mm512_slli_epi32(next_part(d), 16), next_part(e)));
+          rest[0][r] = _mm512_castsi512_ps(even);
+          rest[1][r] = _mm512_castsi512_ps(odd);
+          _mm512_storeu_si512(dst + r * 32, _mm512_or_si512(_mm512_slli_epi32(next_part(rest[1][r]), 16),
+                                                             next_part(rest[0][r])));
         }
-        low |= _mm512_test_epi32_mask(lows, _mm512_set1_epi32(0xFFFF)) != 0;
+        if (_mm512_test_epi32_mask(lows, _mm512_set1_epi32(0xFFFF)) == 0) continue;
+        low = 1;
+        split[cb * K + k] = 1;
+        for (int64_t j = 1; j < kParts; ++j)
+          for (int64_t r = 0; r < 16; ++r)
+            _mm512_storeu_si512(dst + j * K * kTileElems + r * 32,
+                                _mm512_or_si512(_mm512_slli_epi32(next_part(rest[1][r]), 16), next_part(rest[0][r])));
       }
+    if (low != 0) {
+#pragma omp parallel for collapse(2) schedule(static)
+      for (int64_t cb = 0; cb < Cp / 16; ++cb)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 1; j < kParts && !split[cb * K + k]; ++j)
+            std::memset(bt + ((cb * kParts + j) * K + k) * kTileElems, 0, kTileElems * 2);
+    }
     return low == 0;
   }
 
@@ -329,22 +360,24 @@ struct AmxInputGrad {
   }
 
   // K steps [k0, k1) of the block from window pixel `first`: C tiles 0-3 += A (tiles 4-5,
-  // 32 pixels of grad_y part i) . B (tiles 6-7, 32 channels of weight part j) over the kept
-  // pairs (of a_parts grad_y parts, w_parts weight parts): per weight part its B tiles once,
-  // then the grad_y parts it meets.
+  // 32 pixels of grad_y part i) . B (tiles 6-7, 32 channels of weight part j) over the pairs
+  // of pair_walk, loading only the operand that changes.
   CBP_AMX_BF16 void steps(const uint16_t* win, int64_t first, const uint16_t* b0t, const uint16_t* b1t,
-                          int64_t a_parts, int64_t w_parts, int64_t k0, int64_t k1) const {
+                          const PairWalk& walk, int64_t k0, int64_t k1) const {
     const int64_t pitch = P * 2, part_stride = L * P, b_part = K * kTileElems;
     for (int64_t k = k0; k < k1; ++k) {
-      for (int64_t j = 0; j < w_parts; ++j) {
-        _tile_loadd(6, b0t + j * b_part + k * kTileElems, 64);
-        _tile_loadd(7, b1t + j * b_part + k * kTileElems, 64);
-        const uint16_t* src = win + (first + koff[k]) * P + 2 * kq[k];
-        for (int64_t i = 0; i < kept_a_parts(j, a_parts); ++i, src += part_stride) {
-          _tile_loadd(4, src, pitch);
-          _tile_loadd(5, src + 16 * P, pitch);
-          _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+      const uint16_t* a = win + (first + koff[k]) * P + 2 * kq[k];
+      for (int64_t t = 0; t < walk.n; ++t) {
+        const int64_t i = walk.i[t], j = walk.j[t];
+        if (t == 0 || j != walk.j[t - 1]) {
+          _tile_loadd(6, b0t + j * b_part + k * kTileElems, 64);
+          _tile_loadd(7, b1t + j * b_part + k * kTileElems, 64);
         }
+        if (t == 0 || i != walk.i[t - 1]) {
+          _tile_loadd(4, a + i * part_stride, pitch);
+          _tile_loadd(5, a + i * part_stride + 16 * P, pitch);
+        }
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
       }
     }
   }
@@ -382,7 +415,7 @@ struct AmxInputGrad {
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * per_item, b1 = std::min(blocks, b0 + per_item), lo = b0 * kRows + minoff;
-        const int64_t a_parts = fill_window(g, lo, win);
+        const PairWalk& walk = pair_walk(fill_window(g, lo, win), w_parts);
         // The phases innermost: a block's outputs of all phases (interleaved columns and rows of
         // grad_x) are written together, so each output line is fetched once
         for (int64_t cb = 0; cb < Cp / 32; ++cb) {
@@ -397,9 +430,9 @@ struct AmxInputGrad {
               // the epilogue follows them)
               const bool defer = ph.k1 - ph.k0 >= kDeferSteps;
               const int64_t mid = defer ? ph.k0 + (ph.k1 - ph.k0) / 2 : ph.k1;
-              steps(win, b * kRows - lo, b0t, b1t, a_parts, w_parts, ph.k0, mid);
+              steps(win, b * kRows - lo, b0t, b1t, walk, ph.k0, mid);
               if (pending.tiles) finish(pending, alpha, gx);
-              steps(win, b * kRows - lo, b0t, b1t, a_parts, w_parts, mid, ph.k1);
+              steps(win, b * kRows - lo, b0t, b1t, walk, mid, ph.k1);
               _tile_stored(0, tiles, 128); _tile_stored(1, tiles + 16, 128);  // after finish read them
               _tile_stored(2, tiles + 16 * 32, 128); _tile_stored(3, tiles + 16 * 32 + 16, 128);
               pending = {tiles, b * kRows, cb * 32, &ph};
@@ -438,9 +471,7 @@ at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weigh
     const AmxInputGrad conv(grad_y, weight, input_size, stride, padding);
     const at::Tensor tiles = at::empty({conv.Cp / 16 * kParts * conv.K * kTileElems}, at::kShort);
     uint16_t* bt = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
-    // the weight's first part and the check; a weight not exact in bfloat16 takes all three
-    const int64_t w_parts = conv.prepare_weights(weight.data_ptr<float>(), 1, bt) ? 1 : kParts;
-    if (w_parts > 1) conv.prepare_weights(weight.data_ptr<float>(), w_parts, bt);
+    const int64_t w_parts = conv.prepare_weights(weight.data_ptr<float>(), bt) ? 1 : kParts;
     auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
                                  : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
     conv.run(grad_y.data_ptr<float>(), bt, w_parts, static_cast<float>(alpha), grad_x.data_ptr<float>());
