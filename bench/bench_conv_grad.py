@@ -1,13 +1,12 @@
-"""The convolutions of SEW-ResNet-18's spiking layers on AMX-BF16 against ATen's float32, one
-product at a time: the input gradient ``conv_input_grad`` (from grad_y and the levels q, the
-scale as alpha, or a float32 weight), the weight gradient ``conv_weight_grad`` (from grad_y and
-the input spikes) and the stride-1 forward ``conv2d_integer_input`` (spikes times a float32
-weight).
+"""The convolution gradients of SEW-ResNet-18's spiking layers on AMX-BF16 against ATen's float32,
+one at a time: the input gradient ``conv_input_grad`` (from grad_y and the levels q, the scale
+as alpha, or a float32 weight) and the weight gradient ``conv_weight_grad`` (from grad_y and the
+input spikes).
 
 Layers: the spiking convolutions of SEW-ResNet-18 at ImageNet size, batch 8 x T = 4 (N = 32
 images), NCHW float32; one thread and every core. Providers: ``cbp_kernels`` (role "ours") and
 ``aten_float32`` (role "baseline": ``aten.convolution_backward`` with the output mask selecting
-only that gradient, or ``F.conv2d``). ``extra_info`` holds the layer, provider, role, threads
+only that gradient). ``extra_info`` holds the layer, provider, role, threads
 and MACs.
 
 Run: ``python -m pytest -q bench/bench_conv_grad.py --benchmark-json=OUT.json``.
@@ -16,9 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from cbp_kernels.ops.conv_input_grad import conv2d_integer_input, conv_input_grad
+from cbp_kernels.ops.conv_input_grad import conv_input_grad
 from cbp_kernels.ops.conv_weight_grad import conv_weight_grad
 
 from bench_bitconv import LAYERS as BITCONV_LAYERS
@@ -85,20 +83,3 @@ def test_conv_weight_grad(benchmark, layer, provider, threads):
             grad_y, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [False, True, False])
     benchmark.group = f"conv_weight_grad {name} {threads}thr"
     _run(benchmark, fn, name, provider, threads, N * C * O * k * k * grad_y.shape[-1] ** 2)
-
-
-@pytest.mark.parametrize("threads", thread_counts())
-@pytest.mark.parametrize("provider", list(ROLES))
-@pytest.mark.parametrize("layer", [layer for layer in LAYERS if layer[5] == 1], ids=lambda layer: layer[0])
-def test_conv2d_integer_input(benchmark, layer, provider, threads):
-    """y = conv2d(x, w, padding=k // 2) for spikes x and a float32 weight w: ``conv2d_integer_input``
-    vs ``F.conv2d``."""
-    name, C, O, H, k, _, pad, _ = _case(layer)
-    x = torch.randint(0, 2, (N, C, H, H)).float()
-    w = torch.randn(O, C, k, k) * SCALE
-    if provider == "cbp_kernels":
-        fn = lambda: conv2d_integer_input(x, w, pad)  # noqa: E731
-    else:
-        fn = lambda: F.conv2d(x, w, padding=pad)  # noqa: E731
-    benchmark.group = f"conv2d_integer_input {name} {threads}thr"
-    _run(benchmark, fn, name, provider, threads, N * C * O * k * k * H * H)

@@ -15,8 +15,8 @@
 // times that sum, K = O KH KW). AMX reads bfloat16 denormals as 0: parts below 2^-126 are lost
 // (|g|, |w| >= 2^-102 split into normal parts; below, each lost part is under 2^-126), and the
 // result is flushed below 2^-126. Non-finite g or w (inf - inf in the split) gives NaN where ATen
-// may give inf. A window of grad_y exact in bfloat16 (parts 2 and 3 all 0: the integer inputs of
-// conv2d_integer_input, cbp_kernels/ops/conv_input_grad/op.py) skips those parts: 1 product per
+// may give inf. A window of grad_y exact in bfloat16 (parts 2 and 3 all 0, e.g. gradients that
+// vanish there) skips those parts: 1 product per
 // multiply-add for a weight exact in bfloat16, 3 for a float32 weight.
 //
 // Phases: input pixels ih = ih0_a + i*sh with (ih + ph) % sh == a read the taps kh = a + m*sh
@@ -247,7 +247,7 @@ struct AmxInputGrad {
   // grad_y channel o at pixel lo + r (0 at padding, past the last image and past O). Per
   // segment of a grid row inside the image: 16 channels x 16 pixels loaded, transposed, split.
   // Returns the grad_y parts the window needs: 1 where every value is exact in bfloat16 (parts 2
-  // and 3 all 0: e.g. the integer inputs of conv2d_integer_input), else 3.
+  // and 3 all 0), else 3.
   CBP_AMX_BF16 int64_t fill_window(const float* g, int64_t lo, uint16_t* win) const {
     const int64_t Op = 2 * Oq, part_stride = L * P;
     __m512i tails = _mm512_setzero_si512();  // what part 1 leaves, OR-ed

@@ -24,7 +24,7 @@ import torch
 from .._backend import _available, call, kernels, resolve_backend
 from ..utils import check_finite, check_tensor
 
-__all__ = ["conv2d_integer_input", "conv_input_grad", "has_cpu_kernel", "split_bf16"]
+__all__ = ["conv_input_grad", "has_cpu_kernel", "split_bf16"]
 
 
 def _grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
@@ -105,39 +105,3 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
     alpha = check_finite("alpha", alpha)
     backend = resolve_backend(backend, "conv_input_grad", grad_y.device, __package__)
     return call(_conv_input_grad, _grad, grad_y.contiguous(), weight.contiguous(), size, s, p, alpha, backend)
-
-
-def conv2d_integer_input(x: torch.Tensor, weight: torch.Tensor, padding=0, backend: str = "auto") -> torch.Tensor:
-    """``F.conv2d(x, weight, padding=padding)`` (stride 1, groups 1, dilation 1) on the input
-    gradient's kernel: a stride-1 convolution is the input gradient of one with the weight
-    flipped in both spatial dims and its channels swapped, W'[c, o, kh, kw] = weight[o, c,
-    KH - 1 - kh, KW - 1 - kw], and padding K - 1 - p. For x exact in bfloat16 (integers up to
-    256 in magnitude: spikes, SEW sums) the kernel finds x's parts 2 and 3 zero and skips them:
-    1 x part times the weight's parts (1 product per multiply-add for weights exact in bfloat16,
-    3 for float32 weights, within 2^-21 sum |x| |w| more than float32's summation error); any
-    other x runs as conv_input_grad with float grad_y.
-
-    Args:
-        x: float32 CPU ``[N, C, H, W]`` (made contiguous), best exact in bfloat16.
-        weight: float32 CPU ``[O, C, KH, KW]``.
-        padding: int or pair (ph, pw), 0 <= ph <= KH - 1 (pw alike).
-        backend: "auto", "cpu" or "reference" (as ``conv_input_grad``).
-
-    Returns:
-        float32 ``[N, O, H + 2 ph - KH + 1, W + 2 pw - KW + 1]``.
-    """
-    check_tensor("x", x, dtypes=(torch.float32,))
-    check_tensor("weight", weight, dtypes=(torch.float32,))
-    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x [N, C, H, W] and weight [O, C, KH, KW] must be 4-D with one C, got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
-    kernel = list(weight.shape[2:])
-    p = _pair("padding", padding, 0, (kernel[0] - 1, kernel[1] - 1))
-    out = [x.shape[2 + i] + 2 * p[i] - kernel[i] + 1 for i in range(2)]
-    if min(out) < 1:
-        raise ValueError(f"x's (H, W) {tuple(x.shape[2:])} with padding {p} are smaller than the kernel "
-                         f"{tuple(kernel)}")
-    # [C, O, KH, KW]; transposed, copied, then flipped (one thread, 512 x 512 x 3 x 3, min of 9:
-    # 2.8 ms; flipped then copied by conv_input_grad: 3.6 ms)
-    flipped = weight.transpose(0, 1).contiguous().flip(2, 3)
-    return conv_input_grad(x, flipped, out, 1, [kernel[0] - 1 - p[0], kernel[1] - 1 - p[1]], 1.0, backend)
