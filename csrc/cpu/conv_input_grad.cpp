@@ -2,7 +2,7 @@
 // (csrc/common/conv_input_grad_api.h: the equation, the op's contract):
 //   grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw} grad_y[n, o, oh, ow] * weight[o, c, kh, kw],
 //   ih = oh*sh - ph + kh, iw = ow*sw - pw + kw.
-// Exactness: grad_y is split into three bfloat16 parts, g = g1 + g2 + g3 (truncation, `next_part`:
+// Exactness: grad_y is split into three bfloat16 parts, g = g1 + g2 + g3 (truncation, cpu/bf16_split.h:
 // g1 = bits(g) & 0xFFFF0000, g2 = the same of g - g1, g3 = g - g1 - g2; each exact in
 // float32, 8 + 8 + 8 significant bits). A weight exact in bfloat16 (CBP's levels) is its own
 // one part, so every product g_i * w is exact in float32 and TDPBF16PS sums the 3 products in
@@ -52,6 +52,7 @@
 
 #include "common/conv_input_grad_api.h"
 #include "cpu/amx.h"
+#include "cpu/bf16_split.h"
 
 namespace cbp {
 namespace {
@@ -80,15 +81,6 @@ constexpr int64_t kItemBytes = 512 * 1024;
 // 256@14 and 512@7 alike.
 constexpr int64_t kDeferSteps = 8;
 constexpr int64_t kParts = 3;  // bfloat16 parts of a float32 (8 + 8 + 8 significant bits)
-
-// The split rule of split_bf16 (cbp_kernels/ops/conv_input_grad/op.py), one part per call: the
-// next bfloat16 part of `rest` (its high 16 bits, returned in each lane's low half) and
-// rest -= that part (exact in float32).
-CBP_AMX_BF16 inline __m512i next_part(__m512& rest) {
-  const __m512i bits = _mm512_and_si512(_mm512_castps_si512(rest), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(bits));
-  return _mm512_srli_epi32(bits, 16);
-}
 
 // The pairs (grad_y part i, weight part j), 0-based, that a K step sums: i + j <= 2 (i + j <= 4
 // counted from 1, see the header), i < a_parts, j < w_parts (each 1 or 3), in an order where
@@ -191,7 +183,7 @@ struct AmxInputGrad {
   }
 
   // The B tiles of the weight's parts: bt[((cb * kParts + j) * K + k) * 512 + r * 32 + 2 c + e]
-  // = part j (next_part) of weight[2 (kq[k] + r) + e][16 cb + c] at tap ktap[k], 0 past O / C;
+  // = part j (next_bf16_part) of weight[2 (kq[k] + r) + e][16 cb + c] at tap ktap[k], 0 past O / C;
   // per o a gather of 16 c (576 consecutive bytes for 3 x 3), once. Returns whether every weight
   // that reaches an output is exact in bfloat16 (the low halves all 0; a tap no input pixel
   // reads, e.g. stride > H, is not): then only part 1 is written (the one the steps read), else
@@ -222,8 +214,8 @@ struct AmxInputGrad {
           lows = _mm512_or_si512(lows, _mm512_or_si512(even, odd));
           rest[0][r] = _mm512_castsi512_ps(even);
           rest[1][r] = _mm512_castsi512_ps(odd);
-          _mm512_storeu_si512(dst + r * 32, _mm512_or_si512(_mm512_slli_epi32(next_part(rest[1][r]), 16),
-                                                             next_part(rest[0][r])));
+          _mm512_storeu_si512(dst + r * 32, _mm512_or_si512(_mm512_slli_epi32(next_bf16_part(rest[1][r]), 16),
+                                                             next_bf16_part(rest[0][r])));
         }
         if (_mm512_test_epi32_mask(lows, _mm512_set1_epi32(0xFFFF)) == 0) continue;
         low = 1;
@@ -231,7 +223,7 @@ struct AmxInputGrad {
         for (int64_t j = 1; j < kParts; ++j)
           for (int64_t r = 0; r < 16; ++r)
             _mm512_storeu_si512(dst + j * K * kTileElems + r * 32,
-                                _mm512_or_si512(_mm512_slli_epi32(next_part(rest[1][r]), 16), next_part(rest[0][r])));
+                                _mm512_or_si512(_mm512_slli_epi32(next_bf16_part(rest[1][r]), 16), next_bf16_part(rest[0][r])));
       }
     if (low != 0) {
 #pragma omp parallel for collapse(2) schedule(static)
@@ -279,7 +271,7 @@ struct AmxInputGrad {
             __m512 rest = v[j];
             for (int64_t part = 0; part < kParts; ++part) {
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + part * part_stride + j * P),
-                                  _mm512_cvtepi32_epi16(next_part(rest)));
+                                  _mm512_cvtepi32_epi16(next_bf16_part(rest)));
               if (part == 0) tails = _mm512_or_si512(tails, _mm512_castps_si512(rest));
             }
           }

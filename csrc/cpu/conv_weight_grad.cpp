@@ -4,7 +4,7 @@
 //
 //   grad_w[o, c, kh, kw] = sum_{n, oh, ow} g[n, o, oh, ow] * x[n, c, oh*sh + kh - ph, ow*sw + kw - pw]
 //
-// Exactness. g (float32) is split into three bfloat16 parts by truncation,
+// Exactness. g (float32) is split into three bfloat16 parts by truncation (cpu/bf16_split.h),
 //   g1 = trunc16(g), g2 = trunc16(g - g1), g3 = g - g1 - g2   (trunc16: bits & 0xFFFF0000),
 // each subtraction exact; g1 holds g's leading 8 significant bits, g2 the next 8, g3 the last
 // 8 (and is thus exact in bfloat16): g = g1 + g2 + g3 exactly for every finite g whose parts
@@ -54,6 +54,7 @@
 
 #include "common/conv_weight_grad_api.h"
 #include "cpu/amx.h"
+#include "cpu/bf16_split.h"
 
 namespace cbp {
 namespace {
@@ -329,19 +330,12 @@ struct AmxWgrad {
   // The three parts of g's values src[0 .. valid) to three bfloat16 rows (stride `part`),
   // then zeros up to len.
   CBP_AMX_BF16 static void split_row(const float* src, int64_t valid, int64_t len, uint16_t* dst, int64_t part) {
-    const __m512i hi = _mm512_set1_epi32(~0xFFFF);
     for (int64_t i = 0; i < len; i += 16) {
       const __mmask16 m = len - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - i)) - 1u);
       const __mmask16 in = valid - i >= 16 ? 0xFFFF : valid <= i ? 0 : static_cast<__mmask16>((1u << (valid - i)) - 1u);
-      const __m512 v = _mm512_maskz_loadu_ps(in, src + i);
-      const __m512i g1 = _mm512_and_si512(_mm512_castps_si512(v), hi);
-      const __m512 r1 = _mm512_sub_ps(v, _mm512_castsi512_ps(g1));  // exact: g1 is g's leading bits
-      const __m512i g2 = _mm512_and_si512(_mm512_castps_si512(r1), hi);
-      const __m512 g3 = _mm512_sub_ps(r1, _mm512_castsi512_ps(g2));  // exact, and exact in bfloat16
-      _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(_mm512_maskz_srli_epi32(0xFFFF, g1, 16)));
-      _mm256_mask_storeu_epi16(dst + part + i, m, _mm512_cvtepi32_epi16(_mm512_maskz_srli_epi32(0xFFFF, g2, 16)));
-      _mm256_mask_storeu_epi16(dst + 2 * part + i, m,
-                               _mm512_cvtepi32_epi16(_mm512_maskz_srli_epi32(0xFFFF, _mm512_castps_si512(g3), 16)));
+      __m512 rest = _mm512_maskz_loadu_ps(in, src + i);
+      for (int64_t p = 0; p < 3; ++p)  // g1, g2, g3 (cpu/bf16_split.h)
+        _mm256_mask_storeu_epi16(dst + p * part + i, m, _mm512_cvtepi32_epi16(next_bf16_part(rest)));
     }
   }
 
