@@ -40,6 +40,15 @@ def check_finite(name: str, value) -> float | torch.Tensor:
     return float(value)
 
 
+def check_pair(name: str, value, minimum: int) -> list[int]:
+    """``value`` (an int, or a pair of ints: a convolution's stride, padding, ...) as a pair of
+    ints >= ``minimum``; else one ValueError line naming ``name``."""
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return pair
+
+
 def check_choice(name: str, value: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")

@@ -18,7 +18,7 @@ from .._backend import call, kernels, resolve_backend
 from ..bitpack import WORD_BITS, packed_size
 from ..bitpack.op import pack_along
 from ..neuron.params import NEURONS, NeuronParams
-from ..utils import check_choice, check_finite, check_same_device
+from ..utils import check_choice, check_finite, check_pair, check_same_device
 from . import reference
 from .weight import PackedWeight
 
@@ -56,13 +56,6 @@ _bitconv2d_lif = torch.library.custom_op("cbp_kernels::bitconv2d_lif", _conv2d_l
 @_bitconv2d_lif.register_fake
 def _(x, planes, mul, add, stride, padding, dilation, groups, T, *args):
     return reference.Geometry.of(x, planes, stride, padding, dilation, groups).empty_lif_outputs(x, T)
-
-
-def _pair(name: str, value, minimum: int) -> list[int]:
-    pair = [value, value] if isinstance(value, int) else list(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair):
-        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
-    return pair
 
 
 def pack_spikes(spikes: torch.Tensor, groups: int = 1, *, backend: str = "auto") -> torch.Tensor:
@@ -149,7 +142,8 @@ def _check_conv(spikes_packed, w: PackedWeight, stride, padding, dilation, group
         )
     if spikes_packed.dim() != 4:
         raise ValueError(f"spikes_packed must be [N, H, W, words] (NHWC, time folded into N), got shape {tuple(spikes_packed.shape)}")
-    stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    stride, padding = check_pair("stride", stride, 1), check_pair("padding", padding, 0)
+    dilation = check_pair("dilation", dilation, 1)
     if not isinstance(groups, int) or groups < 1 or w.out_features % groups:
         raise ValueError(f"groups must be an int >= 1 dividing the {w.out_features} output channels, got {groups!r}")
     O, cin, KH, KW = w.shape

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import _available, call, kernels, resolve_backend
-from ..utils import check_finite, check_tensor
+from ..utils import check_finite, check_pair, check_tensor
 
 __all__ = ["conv_input_grad", "has_cpu_kernel", "split_bf16"]
 
@@ -62,16 +62,6 @@ def split_bf16(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return tuple(parts)
 
 
-def _pair(name: str, value, low: int, high=(None, None)) -> list[int]:
-    """``value`` (an int or a pair of ints) as a pair, each in [low, high[i]] (None: unbounded)."""
-    pair = [value, value] if isinstance(value, int) else list(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v and (h is None or v <= h)
-                                 for v, h in zip(pair, high)):
-        bounds = f">= {low}" if high == (None, None) else f"in [{low}, {list(high)}]"
-        raise ValueError(f"{name} must be an int or a pair of ints {bounds}, got {value!r}")
-    return pair
-
-
 def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stride, padding, alpha: float = 1.0,
                     backend: str = "auto") -> torch.Tensor:
     """The input gradient of ``conv2d(x, alpha * weight, stride=stride, padding=padding)``
@@ -97,7 +87,8 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
                          f"{tuple(grad_y.shape)} and {tuple(weight.shape)}")
     if grad_y.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(f"grad_y and weight must be CPU tensors, got {grad_y.device} and {weight.device}")
-    size, s, p = _pair("input_size", input_size, 1), _pair("stride", stride, 1), _pair("padding", padding, 0)
+    size, s = check_pair("input_size", input_size, 1), check_pair("stride", stride, 1)
+    p = check_pair("padding", padding, 0)
     expected = [(size[i] + 2 * p[i] - weight.shape[2 + i]) // s[i] + 1 for i in range(2)]
     if list(grad_y.shape[2:]) != expected or min(expected) < 1:
         raise ValueError(f"grad_y's (OH, OW) {tuple(grad_y.shape[2:])} do not follow from input_size {size}, kernel "

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import _available, call, kernels, resolve_backend
-from ..bitconv.op import _pair
-from ..utils import check_same_device, check_tensor
+from ..utils import check_pair, check_same_device, check_tensor
 
 __all__ = ["conv_weight_grad", "has_cpu_kernel"]
 
@@ -70,7 +69,8 @@ def conv_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, kernel_size, stride=
         raise ValueError(f"x must be a CPU tensor (on CUDA use aten.convolution_backward), got one on {x.device}")
     if x.dim() != 4 or grad_y.dim() != 4:
         raise ValueError(f"x and grad_y must be 4-D (NCHW), got shapes {tuple(x.shape)} and {tuple(grad_y.shape)}")
-    k, s, p = _pair("kernel_size", kernel_size, 1), _pair("stride", stride, 1), _pair("padding", padding, 0)
+    k, s = check_pair("kernel_size", kernel_size, 1), check_pair("stride", stride, 1)
+    p = check_pair("padding", padding, 0)
     N, C, H, W = x.shape
     out = [(H + 2 * p[0] - k[0]) // s[0] + 1, (W + 2 * p[1] - k[1]) // s[1] + 1]
     if min(out) < 1 or list(grad_y.shape) != [N, grad_y.shape[1], *out]:
