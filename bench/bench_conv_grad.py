@@ -9,14 +9,19 @@ images), NCHW float32; one thread and every core. Providers: ``cbp_kernels`` (ro
 only that gradient). ``extra_info`` holds the layer, provider, role, threads
 and MACs.
 
+``test_conv2d_integer_input``: the forward of the stride-1 layers on spikes {0, 1} (~20% firing)
+with float32 weights, ``conv2d_integer_input`` (the input gradient's kernel: x's one bfloat16 part
+times the weight's three) vs ``F.conv2d`` (provider "aten_float32", role "baseline").
+
 Run: ``python -m pytest -q bench/bench_conv_grad.py --benchmark-json=OUT.json``.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cbp_kernels.ops.conv_input_grad import conv_input_grad
+from cbp_kernels.ops.conv_input_grad import conv2d_integer_input, conv_input_grad
 from cbp_kernels.ops.conv_weight_grad import conv_weight_grad
 
 from bench_bitconv import LAYERS as BITCONV_LAYERS
@@ -83,3 +88,20 @@ def test_conv_weight_grad(benchmark, layer, provider, threads):
             grad_y, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [False, True, False])
     benchmark.group = f"conv_weight_grad {name} {threads}thr"
     _run(benchmark, fn, name, provider, threads, N * C * O * k * k * grad_y.shape[-1] ** 2)
+
+
+@pytest.mark.parametrize("threads", thread_counts())
+@pytest.mark.parametrize("provider", list(ROLES))
+@pytest.mark.parametrize("layer", [layer for layer in LAYERS if layer[-1] == 1], ids=lambda layer: layer[0])
+def test_conv2d_integer_input(benchmark, layer, provider, threads):
+    """y of a stride-1 layer from its input spikes x and a float32 weight: ``conv2d_integer_input``
+    vs ``F.conv2d``."""
+    name, C, O, H, k, stride, pad, _ = _case(layer)
+    x = (torch.rand(N, C, H, H) < 0.2).float()
+    w = torch.randn(O, C, k, k) * SCALE
+    if provider == "cbp_kernels":
+        fn = lambda: conv2d_integer_input(x, w, pad)  # noqa: E731
+    else:
+        fn = lambda: F.conv2d(x, w, padding=pad)  # noqa: E731
+    benchmark.group = f"conv2d_integer_input {name} {threads}thr"
+    _run(benchmark, fn, name, provider, threads, N * C * O * k * k * H * H)

@@ -26,6 +26,7 @@ TORCH_LIBRARY(cbp_kernels_ext, m) {
   cbp::define<cbp::ConstraintQuantizeOp>(m);
   cbp::define<cbp::ConstraintMultiplierStepOp>(m);
   cbp::define<cbp::ConvInputGradOp>(m);
+  cbp::define<cbp::Conv2dIntegerInputOp>(m);
   cbp::define<cbp::ConvWeightGradOp>(m);
   cbp::define<cbp::MaxPool2d3x3s2Op>(m);
   cbp::define<cbp::MaxPool2d3x3s2BackwardOp>(m);

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +61,15 @@ gpu = pytest.mark.gpu
 needs_spikingjelly = pytest.mark.skipif(
     importlib.util.find_spec("spikingjelly") is None,
     reason="needs spikingjelly 2.0, the oracle here (make setup installs it; bench/gpu_session.sh from .whl/)")
+
+
+def _cpu_has_amx_bf16() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and re.search(r"\bamx_bf16\b", cpuinfo.read_text()) is not None
+
+
+# Where a test needs the AMX-BF16 tile paths (conv_input_grad, conv_weight_grad) to run.
+needs_amx = pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (Sapphire Rapids or later)")
 
 
 def devices() -> list:

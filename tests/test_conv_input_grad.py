@@ -4,28 +4,23 @@ channel counts, other kernels / strides / paddings (hypothesis), gradients spann
 with exact zeros; the bound |got - truth| <= 2 K 2^-24 (alpha |g| * |w| summed), which the
 float32 reference also meets, plus 2^-21 times that sum for float weights (the dropped pairs of
 parts, csrc/cpu/conv_input_grad.cpp); the exact three-part bfloat16 split and which pairs of
-parts a float weight keeps; ATen's float32 path (no AMX) bit for bit the reference's; validation."""
+parts a float weight keeps; ATen's float32 path (no AMX) bit for bit the reference's; validation.
+``conv2d_integer_input`` (a stride-1 conv2d on the same kernel) against float64 ``F.conv2d`` with
+integer and float inputs, the same bounds."""
 from __future__ import annotations
 
-import re
-from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbp_kernels.ops.conv_input_grad import conv_input_grad, has_cpu_kernel, reference, split_bf16
+from cbp_kernels.ops.conv_input_grad import conv2d_integer_input, conv_input_grad, has_cpu_kernel, reference, split_bf16
+from conftest import needs_amx
 
 needs_kernel = pytest.mark.skipif(not has_cpu_kernel(), reason="needs the compiled CPU kernel (make build)")
 
-
-def _cpu_has_amx_bf16() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and re.search(r"\bamx_bf16\b", cpuinfo.read_text()) is not None
-
-
-needs_amx = pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (Sapphire Rapids or later)")
 
 # (C, O, kernel, stride, padding) of SEW-ResNet-18's convolutions after the stem.
 SEW_LAYERS = [(64, 64, 3, 1, 1), (64, 128, 3, 2, 1), (64, 128, 1, 2, 0), (128, 128, 3, 1, 1), (128, 256, 3, 2, 1),
@@ -187,13 +182,16 @@ def test_float_weights_keep_the_pairs_i_plus_j_at_most_4(monkeypatch):
 @needs_kernel
 def test_aten_path_is_the_references(monkeypatch):
     """Without AMX any weight (levels and float) runs the float32 reference bit for bit (ATen's
-    own call)."""
+    own call), and conv2d_integer_input is F.conv2d bit for bit: the lock-step comparison with
+    SpikingJelly (tests/test_models.py) runs on this path."""
     monkeypatch.setenv("CBP_KERNELS_NO_AMX", "1")
     gen = torch.Generator().manual_seed(2)
     g = torch.randn(3, 24, 8, 8, generator=gen)
     for w, size, s in [(_floats(24, 16, 3, 3, gen), (8, 8), 1), (_levels(24, 16, 3, 3, gen), (15, 16), 2)]:
         got = conv_input_grad(g, w, size, s, 1, 0.7)
         assert torch.equal(got, reference.conv_input_grad(g, w, list(size), [s, s], [1, 1], 0.7))
+    x, w = torch.randint(0, 2, (3, 24, 8, 8), generator=gen).float(), _floats(16, 24, 3, 3, gen)
+    assert torch.equal(conv2d_integer_input(x, w, 1), F.conv2d(x, w, padding=1))  # the forward: ATen's own call
 
 
 @needs_kernel
@@ -241,3 +239,58 @@ def test_bad_arguments_are_named(change, message):
     args.update(change)
     with pytest.raises((TypeError, ValueError), match=message):
         conv_input_grad(**args)
+
+
+def _check_conv2d(x, w, padding, dropped):
+    """conv2d_integer_input against float64 F.conv2d within (2 K 2^-24 + dropped) (|x| * |w|
+    summed), K = C KH KW; F.conv2d in float32 meets the same bound."""
+    got = conv2d_integer_input(x, w, padding)
+    truth = F.conv2d(x.double(), w.double(), padding=padding)
+    bound = (2 * w[0].numel() * 2.0**-24 + dropped) * F.conv2d(x.double().abs(), w.double().abs(), padding=padding)
+    assert got.dtype == torch.float32 and got.shape == truth.shape
+    for name, value in (("op", got), ("F.conv2d float32", F.conv2d(x, w, padding=padding))):
+        bad = int(((value.double() - truth).abs() > bound).sum())
+        assert bad == 0, f"{name}: {bad} of {truth.numel()} beyond the bound"
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("C,O,k,p", [(64, 64, 3, 1), (128, 128, 3, 1), (20, 48, 3, 0), (48, 20, 3, 2), (3, 5, 1, 0),
+                                     (33, 64, 5, 2), (1, 1, 3, 1)])
+def test_conv2d_integer_input(C, O, k, p, weights, path):
+    """Spikes {0, 1} and SEW sums {0, 1, 2} (parts 2 and 3 zero: skipped), and float inputs (all
+    three parts) at odd sizes; levels and float weights."""
+    gen = torch.Generator().manual_seed(C * O + k + p)
+    w = WEIGHTS[weights](O, C, k, k, gen)
+    for N, H, W, top in [(2, 7, 9, 1), (3, 11, 10, 2)]:
+        _check_conv2d(torch.randint(0, top + 1, (N, C, H, W), generator=gen).float(), w, p, DROPPED[weights])
+    _check_conv2d(_grad(2, C, 8, 9, gen, spread=True), w, p, DROPPED[weights])
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 3), C=st.integers(1, 40), O=st.integers(1, 40), H=st.integers(1, 12), W=st.integers(1, 12),
+       KH=st.integers(1, 5), KW=st.integers(1, 5), ph=st.integers(0, 4), pw=st.integers(0, 4),
+       seed=st.integers(0, 2**16), weights=st.sampled_from(list(WEIGHTS)))
+def test_conv2d_integer_input_any_kernel_padding(N, C, O, H, W, KH, KW, ph, pw, seed, weights):
+    """Rectangular kernels and every padding 0 .. K - 1 (the flipped kernel's K - 1 - p)."""
+    ph, pw = min(ph, KH - 1), min(pw, KW - 1)
+    if H + 2 * ph < KH or W + 2 * pw < KW:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 3, (N, C, H, W), generator=gen).float()
+    _check_conv2d(x, WEIGHTS[weights](O, C, KH, KW, gen), (ph, pw), DROPPED[weights])
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=torch.zeros(2, 4, 5, 5, dtype=torch.float64)), "x must have dtype"),
+    (dict(weight=torch.zeros(3, 2, 3, 3)), "one C"),
+    (dict(padding=3), "padding"),
+    (dict(padding=(1, -1)), "padding"),
+    (dict(x=torch.zeros(2, 4, 1, 5), padding=0), "smaller than the kernel"),
+])
+def test_conv2d_integer_input_bad_arguments_are_named(change, message):
+    args = dict(x=torch.zeros(2, 4, 5, 5), weight=torch.zeros(6, 4, 3, 3), padding=1)
+    args.update(change)
+    with pytest.raises((TypeError, ValueError), match=message):
+        conv2d_integer_input(**args)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from bench.harness import peak_memory
 from cbp_kernels import LIFConv2d, convert
 from cbp_kernels.nn import IF, LIF, PLIF
+from cbp_kernels.nn import lifconv
 from cbp_kernels.nn.lifconv import SpikeConv2dFunction, compact_saved_tensors
 
 from conftest import GRAD_TOL, assert_close, kernel_backends, needs_spikingjelly
@@ -141,6 +142,39 @@ def test_spike_conv_saves_compact_input_and_matches_conv2d(kind):
     assert_close(xa.grad, xb.grad, 1e-5, 1e-4, "grad x")
     assert_close(gw, w.grad, 1e-4, 1e-4, "grad w")
     assert_close(gb, b.grad, 1e-4, 1e-4, "grad b")
+
+
+@pytest.mark.parametrize("stride,spiking_input,tile_forward", [(1, True, True), (2, True, False), (1, False, False)])
+def test_float_layer_on_spikes_runs_the_tile_ops(monkeypatch, stride, spiking_input, tile_forward):
+    """A float (not quantized) LIFConv2d on spikes, on the CPU in float32: the forward through
+    ``conv2d_integer_input`` at stride 1 only, the input gradient through ``conv_input_grad``
+    with the float weight itself (enough pixels: ``TILE_INPUT_GRAD_MIN_PIXELS``); analogue input
+    (images) keeps ATen's path. Outputs and gradients are the ATen path's (``integer_forward =
+    False``, which calls neither) to float32 accuracy."""
+    torch.manual_seed(11)
+    x = torch.rand(2, 4, 24, 12, 12)  # 288 output pixels at stride 2
+    x = (x > 0.7).float() if spiking_input else x
+    calls = {"forward": [], "input_grad": []}
+    for key, name in (("forward", "conv2d_integer_input"), ("input_grad", "conv_input_grad")):
+        real = getattr(lifconv, name)
+        monkeypatch.setattr(lifconv, name, lambda *a, real=real, key=key: calls[key].append(a[1]) or real(*a))
+    results = {}
+    for mode in (True, False):
+        torch.manual_seed(12)
+        m = LIFConv2d(24, 16, 3, stride=stride, padding=1, bn=False, neuron=None)
+        m.integer_forward = mode
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        results[mode] = (y, xi.grad, m.weight.grad)
+        if mode:
+            assert len(calls["forward"]) == int(tile_forward)
+            assert len(calls["input_grad"]) == int(spiking_input)
+            assert all(w is m.weight for w in calls["forward"] + calls["input_grad"])
+    assert len(calls["forward"]) == int(tile_forward) and len(calls["input_grad"]) == int(spiking_input), \
+        "integer_forward=False must keep ATen's forward and backward"
+    for name, got, exp in zip(("output", "grad x", "grad w"), results[True], results[False]):
+        assert_close(got, exp, 1e-5, 1e-5, name)
 
 
 def test_compact_saved_tensors_restores_exactly():

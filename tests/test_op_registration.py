@@ -120,12 +120,15 @@ OPS = {
     "max_pool2d_3x3s2_backward": ("cbp_kernels.ops.max_pool", _max_pool_backward_args),
     "conv_input_grad": ("cbp_kernels.ops.conv_input_grad", lambda b: (
         torch.randn(2, 6, 5, 5), torch.randint(-1, 2, (6, 4, 3, 3)).float(), [9, 9], [2, 2], [1, 1], 0.5, b)),
+    "conv2d_integer_input": ("cbp_kernels.ops.conv_input_grad", lambda b: (
+        torch.randint(0, 2, (2, 4, 7, 9)).float(), torch.randn(6, 4, 3, 3), [1, 0], b)),
     "conv_weight_grad": ("cbp_kernels.ops.conv_weight_grad", lambda b: (
         torch.randn(2, 20, 4, 5), torch.randint(0, 3, (2, 3, 7, 9)).float(), [3, 3], [2, 2], [1, 1], b)),
 }
 PLAIN_REFERENCE = {"neuron_forward", "neuron_backward", "sigmoid_quant_forward", "sigmoid_quant_backward"}
 # Ops with a CPU kernel only (ATen's CPU arithmetic reproduced bit for bit; CUDA keeps ATen's op).
-CPU_ONLY = {"batch_norm_stats", "max_pool2d_3x3s2", "max_pool2d_3x3s2_backward", "conv_input_grad", "conv_weight_grad"}
+CPU_ONLY = {"batch_norm_stats", "max_pool2d_3x3s2", "max_pool2d_3x3s2_backward", "conv_input_grad", "conv2d_integer_input",
+            "conv_weight_grad"}
 
 
 def _cases():
@@ -139,7 +142,7 @@ def test_every_custom_op_is_listed():
     """A new op registered under cbp_kernels:: without a case here fails this test, and every
     custom op has its C++ kernel under the same name (cbp_kernels_ext::<name>)."""
     import cbp_kernels.ops.batch_norm_stats  # noqa: F401  (registers its op)
-    import cbp_kernels.ops.conv_input_grad  # noqa: F401  (registers its op)
+    import cbp_kernels.ops.conv_input_grad  # noqa: F401  (registers its ops)
     import cbp_kernels.ops.max_pool  # noqa: F401  (registers its op)
     import cbp_kernels.ops.sigmoid_quant  # noqa: F401  (registers its ops)
 

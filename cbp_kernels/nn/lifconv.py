@@ -27,7 +27,7 @@ from torch import nn
 from ..ops import quantize
 from ..ops.bitconv import PackedWeight, pack_spikes, packed_conv2d_lif
 from ..ops.bitpack import bitpack, bitunpack, pack_bits
-from ..ops.conv_input_grad import conv_input_grad
+from ..ops.conv_input_grad import conv2d_integer_input, conv_input_grad
 from ..ops.conv_weight_grad import conv_weight_grad
 from ..ops.levels import LevelSet
 from .bn_neuron import batch_norm_neuron, fold_batch_norm
@@ -167,21 +167,42 @@ def run_neuron_saving_packed_spikes(neuron: nn.Module, x: torch.Tensor) -> torch
     return mark_spikes(spikes, packed)
 
 
+# The tile ops for a float32 weight where they beat oneDNN's float32: one thread, min of 9, 3x3 s1
+# p1 C = O, F.conv2d / conv2d_integer_input on spikes: 512@7 N = 1 (49 output pixels) 1.13x,
+# N = 4 1.65x; 128@4 N = 2 (32) 0.87x; 64@56 N = 4 3.4x; conv_input_grad's 6 products of parts
+# against ATen's input gradient: 512@7 N = 2 (98) 0.80x, N = 4 (196) 1.01x, 256@14 N = 1 (196)
+# 1.30x, N = 4 (784) 1.52x (the weight's parts, prepared per call, against fewer pixels).
+TILE_FORWARD_MIN_PIXELS = 48  # N * OH * OW
+TILE_INPUT_GRAD_MIN_PIXELS = 256  # N * OH * OW, a float (not binary / ternary) weight
+
+
+def _tile_forward_applies(x, weight, bias, stride, padding) -> bool:
+    """Whether the forward of a tile layer (``SpikeConv2dFunction``, x saved as integers) runs
+    ``conv2d_integer_input``: stride 1, no bias, padding < the kernel, not under autocast, and
+    enough output pixels (``TILE_FORWARD_MIN_PIXELS``)."""
+    kh, kw = weight.shape[-2:]
+    pixels = x.shape[0] * (x.shape[2] + 2 * padding[0] - kh + 1) * (x.shape[3] + 2 * padding[1] - kw + 1)
+    return (tuple(stride) == (1, 1) and bias is None and padding[0] < kh and padding[1] < kw
+            and not torch.is_autocast_enabled("cpu") and pixels >= TILE_FORWARD_MIN_PIXELS)
+
+
 def _tile_backward(grad_y, x, w, scale, x_shape, stride, padding, needs):
     """A convolution's float32 backward on AMX-BF16, for an input x of integers (spikes, SEW ADD
     sums, exact in bfloat16; only read for dw): dx = conv_transpose2d(dy, w)
-    (``ops.conv_input_grad`` for a binary / ternary Q(W) = s * q, ``scale`` s, as
-    s * conv_transpose2d(dy, q), q = sign(Q(W)) since s > 0: q is exact in bfloat16; ATen's
-    float32 for a float weight, ``scale`` None), dw = correlate(x, dy) (``ops.conv_weight_grad``), db = sum
-    of dy over (N, H, W). Both ops split dy exactly into three bfloat16 parts: every product
-    exact, float32 sums in another order than oneDNN's float32, as accurate; ATen's float32
-    inside the ops where AMX-BF16 is not usable."""
+    (``ops.conv_input_grad``: for a binary / ternary Q(W) = s * q, ``scale`` s, as
+    s * conv_transpose2d(dy, q), q = sign(Q(W)) since s > 0: q is exact in bfloat16; a float
+    weight, ``scale`` None, in three parts, where at least ``TILE_INPUT_GRAD_MIN_PIXELS``, else
+    ATen's float32), dw = correlate(x, dy) (``ops.conv_weight_grad``), db = sum of dy over (N, H,
+    W). Both ops split dy exactly into three bfloat16 parts: every product exact (a float
+    weight: the 6 products of parts that matter), float32 sums in another order than oneDNN's
+    float32, as accurate; ATen's float32 inside the ops where AMX-BF16 is not usable."""
     grad_y = grad_y.contiguous()
     gx = None
     if needs[0] and scale is not None:
         gx = conv_input_grad(grad_y, torch.sign(w), x_shape[-2:], stride, padding, float(scale))
-    elif needs[0]:  # a float weight: ATen's (its 6 of 9 products of parts drift past SpikingJelly's
-        # gradients through ResNet-18's 17 layers in tests/test_models.py, beyond their tolerance)
+    elif needs[0] and grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3] >= TILE_INPUT_GRAD_MIN_PIXELS:
+        gx = conv_input_grad(grad_y, w, x_shape[-2:], stride, padding, 1.0)
+    elif needs[0]:
         gx = torch.ops.aten.convolution_backward(grad_y, grad_y.new_zeros(()).expand(x_shape), w, None, stride, padding,
                                                  [1, 1], False, [0, 0], 1, [True, False, False])[0]
     gw = conv_weight_grad(grad_y, x, tuple(w.shape[-2:]), stride, padding) if needs[1] else None
@@ -198,6 +219,10 @@ class SpikeConv2dFunction(torch.autograd.Function):
     ``integer_conv2d`` (w = Q(W) = s * q, x integers in [0, integer.input_max], saved in 1 or
     8 bits without a value check; ``compact=False``: saved as is). ``scale``: s of a binary /
     ternary w = s * q on the float forward (the integer forward's is ``integer.scale``).
+
+    Forward otherwise: with ``tile``, on the CPU in float32 with x saved compactly (integers),
+    ``conv2d_integer_input`` where ``_tile_forward_applies`` (stride 1, no bias: x's one
+    bfloat16 part times the weight's three, every product exact on AMX-BF16), else F.conv2d.
 
     Backward: with ``tile``, on the CPU in float32 (groups 1, dilation 1) with x saved compactly
     (integers) or not needed, ``_tile_backward``'s (the same gradients, every product exact on
@@ -224,6 +249,8 @@ class SpikeConv2dFunction(torch.autograd.Function):
         ctx.scale = integer.scale if integer is not None else scale
         if integer is not None:
             return integer_conv2d(x, weight, bias, stride, padding, dilation, groups, integer)
+        if ctx.tile and ctx.compact is not None and _tile_forward_applies(x, weight, bias, stride, padding):
+            return conv2d_integer_input(x, weight, padding)  # x integers (saved compactly): 3 exact products each
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # under autocast: in its dtype
 
     @staticmethod
@@ -275,7 +302,13 @@ class LIFConv2d(nn.Conv2d):
             popcount convolution) where it is the faster forward (attribute
             ``integer_forward``: True; ``"always"``: wherever it applies; False: never); the
             backward is the float one. Not where BatchNorm is folded (eval) or under
-            autocast / compile.
+            autocast / compile. On the CPU in float32, a layer whose input is saved as
+            integers (spikes, declared sums) runs its convolution's products exactly on
+            AMX-BF16 (``SpikeConv2dFunction``'s ``tile``: the forward of float weights at
+            stride 1, both gradients), float32 sums in another order than oneDNN's;
+            ``integer_forward = False`` keeps ATen's float32 forward and backward there too
+            (the authors' / SpikingJelly's rounding, for lock-step comparisons; so does
+            ``CBP_KERNELS_NO_AMX=1`` for every layer).
         compact_spikes: store spikes saved for the backward at 1 bit per spike (eager only:
             under ``torch.compile`` they are saved as is).
         recompute_bn: in training with BN and a neuron, save only the conv output and recompute
@@ -362,8 +395,8 @@ class LIFConv2d(nn.Conv2d):
         if integer is not None and not torch.is_grad_enabled():
             return integer_conv2d(x, weight, bias, *conv, integer)
         if compact or integer is not None:
-            # integer_forward=False on a quantized layer keeps ATen's backward too (the authors' rounding)
-            tile = self.levels is None or self.integer_forward is not False
+            # integer_forward=False keeps ATen's forward and backward (the authors' / SpikingJelly's rounding)
+            tile = self.integer_forward is not False
             scale = self.quant_scale() if self.popcount_levels is not None else None  # w = s * q
             return SpikeConv2dFunction.apply(x, weight, bias, *conv, packed, integer, compact, tile, scale)
         return F.conv2d(x, weight, bias, *conv)

@@ -13,6 +13,14 @@
 //     bfloat16 gives exact products with float32 accumulation in another order than ATen's;
 //     any other weight, split into three bfloat16 parts, is within 2^-21 alpha sum |g| |w| more
 //     (the pairs of parts dropped, csrc/cpu/conv_input_grad.cpp).
+//   conv2d_integer_input(x, weight, padding) -> y: the same kernel as a stride-1 convolution,
+//     x float32 [N, C, H, W] contiguous, weight float32 [O, C, KH, KW] contiguous, padding
+//     (ph, pw) with 0 <= ph < KH, 0 <= pw < KW (groups 1, dilation 1, no bias) -> y float32
+//     [N, O, H + 2 ph - KH + 1, W + 2 pw - KW + 1] = aten::conv2d(x, weight, padding): the
+//     input gradient of a convolution whose weight is `weight` transposed and flipped, padding
+//     K - 1 - p. For x exact in bfloat16 (spikes, SEW sums) the kernel skips x's parts 2 and 3:
+//     a float32 weight's three parts times x, every product exact, float32 sums in another
+//     order than ATen's. AMX-BF16 where the CPU allows it, else aten::conv2d itself.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,5 +38,12 @@ struct ConvInputGradOp {
   static constexpr std::array<const char*, 6> args{"grad_y", "weight", "input_size", "stride", "padding", "alpha"};
 };
 ConvInputGradOp::Fn conv_input_grad_cpu;
+
+struct Conv2dIntegerInputOp {
+  static constexpr const char* name = "conv2d_integer_input";
+  using Fn = at::Tensor(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef padding);
+  static constexpr std::array<const char*, 3> args{"x", "weight", "padding"};
+};
+Conv2dIntegerInputOp::Fn conv2d_integer_input_cpu;
 
 }  // namespace cbp

@@ -136,9 +136,17 @@ struct AmxInputGrad {
   std::vector<int64_t> ktap;      // per K step: kh * KW + kw
   bool zero_fill = false;          // some input pixels read no tap (their gradient is 0)
 
-  AmxInputGrad(const at::Tensor& g, const at::Tensor& w, at::IntArrayRef in, at::IntArrayRef s, at::IntArrayRef p)
-      : N(g.size(0)), O(g.size(1)), OH(g.size(2)), OW(g.size(3)), C(w.size(1)), H(in[0]), W(in[1]),
-        KH(w.size(2)), KW(w.size(3)), sh(s[0]), sw(s[1]), dh(H, OH, KH, sh, p[0]), dw(W, OW, KW, sw, p[1]) {
+  // The weight as the kernel reads it, w'[o, c, tap] = w[o * wo + c * wc + tap'] with tap' = tap,
+  // or taps - 1 - tap where `flipped` (the forward: w' = the weight [C, O, KH, KW] transposed
+  // and flipped in both spatial dims, read in place).
+  int64_t wo, wc;
+  bool flipped;
+
+  AmxInputGrad(const at::Tensor& g, const at::Tensor& w, at::IntArrayRef in, at::IntArrayRef s, at::IntArrayRef p,
+               bool forward = false)
+      : N(g.size(0)), O(g.size(1)), OH(g.size(2)), OW(g.size(3)), C(w.size(forward ? 0 : 1)), H(in[0]), W(in[1]),
+        KH(w.size(2)), KW(w.size(3)), sh(s[0]), sw(s[1]), dh(H, OH, KH, sh, p[0]), dw(W, OW, KW, sw, p[1]),
+        wo(forward ? KH * KW : C * KH * KW), wc(forward ? O * KH * KW : KH * KW), flipped(forward) {
     Oq = (O + 31) / 32 * 16;  // o-pairs, O padded to whole K steps of 32
     // Window pitch per pixel: an odd number of 64-byte lines, so that a tile's rows and the
     // taps' neighbouring rows spread over all L1 sets. One thread, A/B in one process (min of
@@ -183,7 +191,7 @@ struct AmxInputGrad {
   }
 
   // The B tiles of the weight's parts: bt[((cb * kParts + j) * K + k) * 512 + r * 32 + 2 c + e]
-  // = part j (next_bf16_part) of weight[2 (kq[k] + r) + e][16 cb + c] at tap ktap[k], 0 past O / C;
+  // = part j (next_bf16_part) of w'[2 (kq[k] + r) + e][16 cb + c] at tap ktap[k], 0 past O / C;
   // per o a gather of 16 c (576 consecutive bytes for 3 x 3), once. Returns whether every weight
   // that reaches an output is exact in bfloat16 (the low halves all 0; a tap no input pixel
   // reads, e.g. stride > H, is not): then only part 1 is written (the one the steps read), else
@@ -193,7 +201,7 @@ struct AmxInputGrad {
   CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
     const int64_t taps = KH * KW;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(static_cast<int>(taps)));
+                                            _mm512_set1_epi32(static_cast<int>(wc)));
     int low = 0;
     std::vector<uint8_t> split(Cp / 16 * K, 0);  // per tile: parts 2 and 3 written
 #pragma omp parallel for collapse(2) schedule(static) reduction(| : low)
@@ -206,10 +214,10 @@ struct AmxInputGrad {
         __m512 rest[2][16];  // what part 1 leaves of each row's even / odd o
         for (int64_t r = 0; r < 16; ++r) {
           const int64_t o = 2 * (kq[k] + r);
-          const float* src = w + (std::min(o, O - 1) * C + std::min(c0, C - 1)) * taps + ktap[k];
+          const float* src = w + std::min(o, O - 1) * wo + std::min(c0, C - 1) * wc + (flipped ? taps - 1 - ktap[k] : ktap[k]);
           const __m512i even = o < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4)
                                      : _mm512_setzero_si512();
-          const __m512i odd = o + 1 < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + C * taps, 4)
+          const __m512i odd = o + 1 < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + wo, 4)
                                         : _mm512_setzero_si512();
           lows = _mm512_or_si512(lows, _mm512_or_si512(even, odd));
           rest[0][r] = _mm512_castsi512_ps(even);
@@ -439,6 +447,16 @@ struct AmxInputGrad {
       _tile_release();
     }
   }
+
+  // The weight's B tiles, then grad_x [N, C, H, W] from grad_y (contiguous float32 both).
+  CBP_AMX_BF16 at::Tensor compute(const at::Tensor& grad_y, const at::Tensor& weight, double alpha) const {
+    const at::Tensor tiles = at::empty({Cp / 16 * kParts * K * kTileElems}, at::kShort);
+    uint16_t* bt = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
+    const int64_t w_parts = prepare_weights(weight.data_ptr<float>(), bt) ? 1 : kParts;
+    auto grad_x = zero_fill ? at::zeros({N, C, H, W}, grad_y.options()) : at::empty({N, C, H, W}, grad_y.options());
+    run(grad_y.data_ptr<float>(), bt, w_parts, static_cast<float>(alpha), grad_x.data_ptr<float>());
+    return grad_x;
+  }
 };
 #endif
 
@@ -459,20 +477,38 @@ at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weigh
               "conv_input_grad: grad_y's OH / OW do not follow from input_size, the kernel, stride and padding");
   const int64_t numel = grad_y.size(0) * weight.size(1) * input_size[0] * input_size[1];
 #if defined(__x86_64__) || defined(_M_X64)
-  if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false)) {
-    const AmxInputGrad conv(grad_y, weight, input_size, stride, padding);
-    const at::Tensor tiles = at::empty({conv.Cp / 16 * kParts * conv.K * kTileElems}, at::kShort);
-    uint16_t* bt = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
-    const int64_t w_parts = conv.prepare_weights(weight.data_ptr<float>(), bt) ? 1 : kParts;
-    auto grad_x = conv.zero_fill ? at::zeros({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options())
-                                 : at::empty({grad_y.size(0), conv.C, conv.H, conv.W}, grad_y.options());
-    conv.run(grad_y.data_ptr<float>(), bt, w_parts, static_cast<float>(alpha), grad_x.data_ptr<float>());
-    return grad_x;
-  }
+  if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false))
+    return AmxInputGrad(grad_y, weight, input_size, stride, padding).compute(grad_y, weight, alpha);
 #endif
   return aten_input_grad(grad_y, weight, input_size, stride, padding, alpha);
 }
 
-TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) { CBP_IMPL(m, ConvInputGradOp, conv_input_grad_cpu); }
+at::Tensor conv2d_integer_input_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef padding) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat,
+              "conv2d_integer_input: x must be a contiguous float32 [N, C, H, W] tensor");
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
+                  weight.size(1) == x.size(1),
+              "conv2d_integer_input: weight must be a contiguous float32 [O, C, KH, KW] tensor, C = x.size(1)");
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[0] < weight.size(2) && padding[1] >= 0 &&
+                  padding[1] < weight.size(3) && x.size(2) + 2 * padding[0] >= weight.size(2) &&
+                  x.size(3) + 2 * padding[1] >= weight.size(3),
+              "conv2d_integer_input: padding must be a pair, 0 <= p < the kernel, and the padded input hold it");
+  const std::array<int64_t, 2> out{x.size(2) + 2 * padding[0] - weight.size(2) + 1,
+                                   x.size(3) + 2 * padding[1] - weight.size(3) + 1};
+#if defined(__x86_64__) || defined(_M_X64)
+  // conv2d(x, w, padding p) = the input gradient of a conv with weight w' = w transposed and
+  // flipped, read in place, output size `out`, stride 1 and padding K - 1 - p, x as grad_y
+  if (x.numel() > 0 && weight.size(0) > 0 && amx_usable(/*int8=*/false)) {
+    const std::array<int64_t, 2> pad{weight.size(2) - 1 - padding[0], weight.size(3) - 1 - padding[1]};
+    return AmxInputGrad(x, weight, out, {1, 1}, pad, /*forward=*/true).compute(x, weight, 1.0);
+  }
+#endif
+  return at::conv2d(x, weight, {}, 1, padding);
+}
+
+TORCH_LIBRARY_IMPL(cbp_kernels_ext, CPU, m) {
+  CBP_IMPL(m, ConvInputGradOp, conv_input_grad_cpu);
+  CBP_IMPL(m, Conv2dIntegerInputOp, conv2d_integer_input_cpu);
+}
 
 }  // namespace cbp

@@ -7,3 +7,7 @@ import torch
 
 def conv_input_grad(grad_y, weight, input_size: list[int], stride: list[int], padding: list[int], alpha: float):
     return torch.ops.cbp_kernels_ext.conv_input_grad(grad_y, weight, input_size, stride, padding, alpha)
+
+
+def conv2d_integer_input(x, weight, padding: list[int]):
+    return torch.ops.cbp_kernels_ext.conv2d_integer_input(x, weight, padding)

@@ -16,6 +16,12 @@ float32:
 The choice is made per call by checking the weight. A CPU without AMX-BF16 or
 ``CBP_KERNELS_NO_AMX=1`` run ATen's float32 call inside the same op. CPU only: on CUDA the layer
 keeps cuDNN.
+
+``conv2d_integer_input(x, weight, padding)`` is ATen's stride-1 ``conv2d`` on the same kernel: the
+input gradient of a convolution whose weight is ``weight`` transposed and flipped (read in place).
+For x exact in bfloat16 (spikes, SEW ADD sums) x's parts 2 and 3 are zero and skipped: a float32
+weight's three parts, 3 exact products per multiply-add summed in float32 (another order than
+oneDNN's, as accurate); other x as float grad_y above. Without AMX-BF16, ``aten::conv2d`` itself.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import torch
 from .._backend import _available, call, kernels, resolve_backend
 from ..utils import check_finite, check_pair, check_tensor
 
-__all__ = ["conv_input_grad", "has_cpu_kernel", "split_bf16"]
+__all__ = ["conv2d_integer_input", "conv_input_grad", "has_cpu_kernel", "split_bf16"]
 
 
 def _grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
@@ -38,6 +44,31 @@ _conv_input_grad = torch.library.custom_op("cbp_kernels::conv_input_grad", _grad
 @_conv_input_grad.register_fake
 def _(grad_y, weight, input_size, stride, padding, alpha, backend):
     return grad_y.new_empty(grad_y.shape[0], weight.shape[1], *input_size)
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, padding: list[int], backend: str) -> torch.Tensor:
+    return kernels(__package__, backend).conv2d_integer_input(x, weight, padding)
+
+
+_conv2d_integer_input = torch.library.custom_op("cbp_kernels::conv2d_integer_input", _conv, mutates_args=())
+
+
+@_conv2d_integer_input.register_fake
+def _(x, weight, padding, backend):
+    return x.new_empty(x.shape[0], weight.shape[0], *(x.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i] + 1
+                                                      for i in range(2)))
+
+
+def _check_operands(name: str, t: torch.Tensor, layout: str, weight: torch.Tensor, dim: int) -> None:
+    """float32 CPU 4-D ``t`` (``layout``) and weight ``[O, C, KH, KW]``, t's channels the weight's
+    dim ``dim`` (O: 0, C: 1)."""
+    check_tensor(name, t, dtypes=(torch.float32,))
+    check_tensor("weight", weight, dtypes=(torch.float32,))
+    if t.dim() != 4 or weight.dim() != 4 or weight.shape[dim] != t.shape[1]:
+        raise ValueError(f"{name} {layout} and weight [O, C, KH, KW] must be 4-D with one {'OC'[dim]}, got "
+                         f"{tuple(t.shape)} and {tuple(weight.shape)}")
+    if t.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"{name} and weight must be CPU tensors, got {t.device} and {weight.device}")
 
 
 def has_cpu_kernel() -> bool:
@@ -80,13 +111,7 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
     Returns:
         grad_x float32 ``[N, C, H, W]``.
     """
-    check_tensor("grad_y", grad_y, dtypes=(torch.float32,))
-    check_tensor("weight", weight, dtypes=(torch.float32,))
-    if grad_y.dim() != 4 or weight.dim() != 4 or weight.shape[0] != grad_y.shape[1]:
-        raise ValueError(f"grad_y [N, O, OH, OW] and weight [O, C, KH, KW] must be 4-D with one O, got "
-                         f"{tuple(grad_y.shape)} and {tuple(weight.shape)}")
-    if grad_y.device.type != "cpu" or weight.device.type != "cpu":
-        raise ValueError(f"grad_y and weight must be CPU tensors, got {grad_y.device} and {weight.device}")
+    _check_operands("grad_y", grad_y, "[N, O, OH, OW]", weight, 0)
     size, s = check_pair("input_size", input_size, 1), check_pair("stride", stride, 1)
     p = check_pair("padding", padding, 0)
     expected = [(size[i] + 2 * p[i] - weight.shape[2 + i]) // s[i] + 1 for i in range(2)]
@@ -96,3 +121,29 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
     alpha = check_finite("alpha", alpha)
     backend = resolve_backend(backend, "conv_input_grad", grad_y.device, __package__)
     return call(_conv_input_grad, _grad, grad_y.contiguous(), weight.contiguous(), size, s, p, alpha, backend)
+
+
+def conv2d_integer_input(x: torch.Tensor, weight: torch.Tensor, padding=0, backend: str = "auto") -> torch.Tensor:
+    """``F.conv2d(x, weight, padding=padding)`` (stride 1, groups 1, dilation 1, no bias) on the
+    input gradient's AMX-BF16 kernel (see the module's docstring): for the spiking layers' float
+    weights on spikes / SEW sums.
+
+    Args:
+        x: float32 CPU ``[N, C, H, W]`` (made contiguous); exact in bfloat16 for the fast path
+            (integers up to 256: 1 x part), any float32 otherwise (3 parts, as grad_y).
+        weight: float32 CPU ``[O, C, KH, KW]`` (made contiguous).
+        padding: int or pair (ph, pw), 0 <= ph < KH, 0 <= pw < KW.
+        backend: "auto", "cpu" or "reference".
+
+    Returns:
+        float32 ``[N, O, H + 2 ph - KH + 1, W + 2 pw - KW + 1]``.
+    """
+    _check_operands("x", x, "[N, C, H, W]", weight, 1)
+    p = check_pair("padding", padding, 0)
+    kernel = weight.shape[2:]
+    if p[0] >= kernel[0] or p[1] >= kernel[1]:
+        raise ValueError(f"padding {p} must be smaller than the kernel {tuple(kernel)}")
+    if min(x.shape[2 + i] + 2 * p[i] - kernel[i] + 1 for i in range(2)) < 1:
+        raise ValueError(f"x's (H, W) {tuple(x.shape[2:])} with padding {p} are smaller than the kernel {tuple(kernel)}")
+    backend = resolve_backend(backend, "conv_input_grad", x.device, __package__)
+    return call(_conv2d_integer_input, _conv, x.contiguous(), weight.contiguous(), p, backend)
