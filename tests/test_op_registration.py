@@ -230,6 +230,13 @@ def test_compile_max_pool():
     _compiled_equals_eager(lambda g, a: max_pool2d_3x3s2_backward(g, a, 9, 12), torch.randn(argmax.shape), argmax)
 
 
+def test_compile_plane_sum():
+    from cbp_kernels.ops.plane_sum import plane_sum_nchw
+
+    _compiled_equals_eager(lambda c, s: plane_sum_nchw(c, 2, s), torch.randint(-9, 10, (6, 5, 7, 17)).float(),
+                           torch.tensor(0.37))
+
+
 def test_compile_batch_norm_stats():
     from cbp_kernels.ops.batch_norm_stats import batch_norm_stats
 
