@@ -6,7 +6,7 @@
 // [32, 56, 56, 64], one thread). Here per (image, block of 2^16 / O pixels), per 16 channels,
 // 16 x 16 tiles: 16 pixel rows of 16 channels loaded (each plane's, summed: exact integers),
 // scaled, transposed in registers (cpu/transpose16.h) and stored as 16 channel rows of 16
-// pixels; tails masked. Without AVX-512 (cpu/isa.h) a scalar loop, the same arithmetic.
+// pixels; tails masked. Without AVX-512 (cpu/isa.h) the same tiles through a buffer in memory.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -32,16 +32,29 @@ struct Dims {
   float s;
 };
 
-// Pixels [p0, p1) of image n, every channel: out[n, o, p] = float32(sum_b 2^b c_b) * s.
+// Pixels [p0, p1) of image n, every channel: out[n, o, p] = float32(sum_b 2^b c_b) * s, through
+// 16 x 16 tiles in memory (rows read along the channels, columns written along the pixels).
 void block_scalar(const float* counts, const Dims& d, int64_t n, int64_t p0, int64_t p1, float* out) {
   const int64_t plane = d.N * d.HW * d.O;
-  for (int64_t o = 0; o < d.O; ++o) {
-    float* dst = out + (n * d.O + o) * d.HW;
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* src = counts + (n * d.HW + p) * d.O + o;
-      float c = src[0];
-      for (int64_t b = 1; b < d.P; ++b) c += static_cast<float>(int64_t{1} << b) * src[b * plane];  // exact
-      dst[p] = c * d.s;
+  for (int64_t o0 = 0; o0 < d.O; o0 += 16) {
+    const int64_t no = std::min<int64_t>(16, d.O - o0);
+    for (int64_t q = p0; q < p1; q += 16) {
+      const int64_t np = std::min<int64_t>(16, p1 - q);
+      float t[16][16];  // t[i][j]: channel o0 + j of pixel q + i (rows summed and scaled as read)
+      for (int64_t i = 0; i < np; ++i) {
+        const float* src = counts + (n * d.HW + q + i) * d.O + o0;
+        float* row = t[i];
+        std::copy(src, src + no, row);
+        for (int64_t b = 1; b < d.P; ++b) {
+          const float w = static_cast<float>(int64_t{1} << b);
+          for (int64_t j = 0; j < no; ++j) row[j] += w * src[b * plane + j];  // exact
+        }
+        for (int64_t j = 0; j < no; ++j) row[j] *= d.s;  // rounded once
+      }
+      float* dst = out + (n * d.O + o0) * d.HW + q;
+      for (int64_t j = 0; j < no; ++j) {
+        for (int64_t i = 0; i < np; ++i) dst[j * d.HW + i] = t[i][j];
+      }
     }
   }
 }
