@@ -14,6 +14,7 @@
 #include "common/conv_weight_grad_api.h"
 #include "common/max_pool_api.h"
 #include "common/neuron_api.h"
+#include "common/plane_sum_api.h"
 #include "common/sigmoid_quant_api.h"
 
 TORCH_LIBRARY(cbp_kernels_ext, m) {
@@ -32,6 +33,7 @@ TORCH_LIBRARY(cbp_kernels_ext, m) {
   cbp::define<cbp::MaxPool2d3x3s2BackwardOp>(m);
   cbp::define<cbp::NeuronForwardOp>(m);
   cbp::define<cbp::NeuronBackwardOp>(m);
+  cbp::define<cbp::PlaneSumNchwOp>(m);
   cbp::define<cbp::SigmoidQuantForwardOp>(m);
   cbp::define<cbp::SigmoidQuantBackwardOp>(m);
 }

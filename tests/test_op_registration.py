@@ -118,6 +118,8 @@ OPS = {
     "batch_norm_stats": ("cbp_kernels.ops.batch_norm_stats", _batch_norm_stats_args),
     "max_pool2d_3x3s2": ("cbp_kernels.ops.max_pool", lambda b: (torch.randn(6, 9, 12), b)),
     "max_pool2d_3x3s2_backward": ("cbp_kernels.ops.max_pool", _max_pool_backward_args),
+    "plane_sum_nchw": ("cbp_kernels.ops.plane_sum", lambda b: (
+        torch.randint(-9, 10, (6, 5, 7, 17)).float(), 2, torch.tensor(0.37), b)),
     "conv_input_grad": ("cbp_kernels.ops.conv_input_grad", lambda b: (
         torch.randn(2, 6, 5, 5), torch.randint(-1, 2, (6, 4, 3, 3)).float(), [9, 9], [2, 2], [1, 1], 0.5, b)),
     "conv2d_integer_input": ("cbp_kernels.ops.conv_input_grad", lambda b: (
@@ -128,7 +130,7 @@ OPS = {
 PLAIN_REFERENCE = {"neuron_forward", "neuron_backward", "sigmoid_quant_forward", "sigmoid_quant_backward"}
 # Ops with a CPU kernel only (ATen's CPU arithmetic reproduced bit for bit; CUDA keeps ATen's op).
 CPU_ONLY = {"batch_norm_stats", "max_pool2d_3x3s2", "max_pool2d_3x3s2_backward", "conv_input_grad", "conv2d_integer_input",
-            "conv_weight_grad"}
+            "conv_weight_grad", "plane_sum_nchw"}
 
 
 def _cases():
@@ -144,6 +146,7 @@ def test_every_custom_op_is_listed():
     import cbp_kernels.ops.batch_norm_stats  # noqa: F401  (registers its op)
     import cbp_kernels.ops.conv_input_grad  # noqa: F401  (registers its ops)
     import cbp_kernels.ops.max_pool  # noqa: F401  (registers its op)
+    import cbp_kernels.ops.plane_sum  # noqa: F401  (registers its op)
     import cbp_kernels.ops.sigmoid_quant  # noqa: F401  (registers its ops)
 
     registered = {name for name in dir(torch.ops.cbp_kernels) if not name.startswith("_")
@@ -225,6 +228,13 @@ def test_compile_max_pool():
     _compiled_equals_eager(max_pool2d_3x3s2, torch.randn(2, 3, 9, 12))
     _, argmax = max_pool2d_3x3s2(torch.randn(2, 3, 9, 12))
     _compiled_equals_eager(lambda g, a: max_pool2d_3x3s2_backward(g, a, 9, 12), torch.randn(argmax.shape), argmax)
+
+
+def test_compile_plane_sum():
+    from cbp_kernels.ops.plane_sum import plane_sum_nchw
+
+    _compiled_equals_eager(lambda c, s: plane_sum_nchw(c, 2, s), torch.randint(-9, 10, (6, 5, 7, 17)).float(),
+                           torch.tensor(0.37))
 
 
 def test_compile_batch_norm_stats():
