@@ -70,7 +70,8 @@ constexpr int64_t kPrefetchAhead = 2 * kChunk;
 // float32 T = 64 87.7 / 100.2, T = 32 36.9 / 46.3. At T = 64, into L2 alone (two chunks ahead) was
 // 0.96-0.98x of L1 alone, four chunks ahead 1.05-1.09x; the L2 prefetch three chunks ahead
 // 1.00-1.03x of two; prefetcht1 and prefetcht2 the same. The forward, whose chunks touch only X
-// and S rows, keeps L1 alone: two-level measured 0.92-1.07x there at T = 32 and 64 (noise).
+// and S rows, keeps L1 alone: two-level measured 0.92-1.07x there at T = 32 and 64 (the last two
+// runs, 15 calls each: 0.94-1.00x float32, 0.96-1.00x bfloat16 at T = 64), within the noise.
 constexpr int64_t kTwoLevelBytes = int64_t{16} << 10;
 
 template <int64_t W>
