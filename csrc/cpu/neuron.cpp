@@ -11,8 +11,10 @@
 // time loop, so a training step streams X, S, dL/dS and dL/dX (4 [T, N] tensors, 5 passes)
 // instead of also writing and reading H and reading S back (7 passes). H is returned empty.
 // The arithmetic is float32 whatever the storage dtype: float16 / bfloat16 rows are widened as
-// they are read (GCC vectorizes c10's conversions) and rounded as they are written (bfloat16
-// dL/dX through cpu/bf16_rows.h where the CPU has AVX512-BF16).
+// they are read (GCC vectorizes c10's conversions; widening a bfloat16 row first into a float
+// row with AVX-512 shuffles, 3 per 32 values instead of GCC's 5, measured 1.04-1.10x slower
+// backward) and rounded as they are written (bfloat16 dL/dX through cpu/bf16_rows.h where the
+// CPU has AVX512-BF16).
 // Equations: csrc/common/neuron_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
@@ -67,7 +69,9 @@ constexpr int64_t kPrefetchAhead = 2 * kChunk;
 // one to four runs): bfloat16 T = 64 (16 KiB) 33.5-41.2 / 42.0-48.0, T = 32 18.9-19.2 / 18.6,
 // T = 16 8.6-8.8 / 8.5-8.7; float32 T = 64 59.8-73.0 / 63.5-73.8, T = 32 (16 KiB) 24.3-27.5 /
 // 26.0-29.9, T = 16 11.2-11.4 / 11.0-11.2; two threads (noisier), bfloat16 T = 64 56.0 / 74.0,
-// float32 T = 64 87.7 / 100.2, T = 32 36.9 / 46.3. At T = 64, into L2 alone (two chunks ahead) was
+// float32 T = 64 87.7 / 100.2, T = 32 36.9 / 46.3; PLIF (dL/dk) bfloat16 T = 64 46.8 / 51.8,
+// float32 T = 64 60.7 / 66.2, T = 32 29.7 / 30.8; Sigmoid bfloat16 T = 64 66.0 / 71.3, float32
+// T = 64 76.4 / 85.6, T = 32 36.2 / 37.6. At T = 64, into L2 alone (two chunks ahead) was
 // 0.96-0.98x of L1 alone, four chunks ahead 1.05-1.09x; the L2 prefetch three chunks ahead
 // 1.00-1.03x of two; prefetcht1 and prefetcht2 the same. The forward, whose chunks touch only X
 // and S rows, keeps L1 alone: two-level measured 0.92-1.07x there at T = 32 and 64 (the last two
