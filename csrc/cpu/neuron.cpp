@@ -4,14 +4,17 @@
 // of columns, each through all T steps, with the chunk's state in a local array and the inner
 // loop over its columns vectorized. A chunk reads T strided rows per pass, more streams than the
 // hardware prefetchers follow from T = 16 on, so each row read prefetches the same row two
-// chunks ahead, and large [T, N] outputs (S, dL/dX) go out with non-temporal stores (see
-// kChunk and stream_output for the measurements). The forward writes only S (and V[T-1]); the backward
+// chunks ahead (the backward of long chunks: into L2, and one chunk ahead into L1), and large
+// [T, N] outputs (S, dL/dX) go out with non-temporal stores (see kChunk, kTwoLevelBytes and
+// stream_output for the measurements). The forward writes only S (and V[T-1]); the backward
 // recomputes the chunk's H[0..T-1] from X into an L1/L2-resident buffer before its reverse
 // time loop, so a training step streams X, S, dL/dS and dL/dX (4 [T, N] tensors, 5 passes)
 // instead of also writing and reading H and reading S back (7 passes). H is returned empty.
 // The arithmetic is float32 whatever the storage dtype: float16 / bfloat16 rows are widened as
-// they are read (GCC vectorizes c10's conversions) and rounded as they are written (bfloat16
-// dL/dX through cpu/bf16_rows.h where the CPU has AVX512-BF16).
+// they are read (GCC vectorizes c10's conversions; widening a bfloat16 row first into a float
+// row with AVX-512 shuffles, 3 per 32 values instead of GCC's 5, measured 1.04-1.10x slower
+// backward) and rounded as they are written (bfloat16 dL/dX through cpu/bf16_rows.h where the
+// CPU has AVX512-BF16).
 // Equations: csrc/common/neuron_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
@@ -53,9 +56,29 @@ constexpr int64_t kBlock = 16384;
 // steps ahead in the chunk's own sequence (at most 8 lines per cache set in flight: rows 2 MiB
 // apart share sets) was 0.91-1.01x, into L2 instead of L1 0.94-1.03x; prefetching 1 chunk
 // ahead 1.02-1.04x at T = 64 and 0.99x at T = 16, 3, 4 or 6 chunks 0.84-0.95x at T = 64 (one
-// thread, A/B in one process, under load).
+// thread, A/B in one process, under load). With the backward's two-level prefetch
+// (kTwoLevelBytes), bfloat16 chunks of 64 / 256 columns took 1.12x / 1.08x the backward time
+// of 128 at T = 64, on one thread and on two.
 constexpr int64_t kChunk = 128;
 constexpr int64_t kPrefetchAhead = 2 * kChunk;
+// The backward's rows go to L1 in two steps where a chunk's rows of one [T, N] tensor,
+// T * kChunk elements, take kTwoLevelBytes or more: each row read prefetches the same row
+// kPrefetchAhead columns ahead into L2 and kChunk ahead into L1. Between a prefetch two chunks
+// ahead and its use, a chunk's backward touches two chunks of X and of dL/dS rows and its H
+// buffer (T * kChunk floats), and from that size on these no longer fit the 48 KiB L1 with the
+// prefetched lines, which were evicted before use. Measured (backward ms, two-level / L1 only,
+// ATan, [T, 2^20], one thread, A/B in one process under load, median of 9-11 interleaved calls,
+// one to four runs): bfloat16 T = 64 (16 KiB) 33.5-41.2 / 42.0-48.0, T = 32 18.9-19.2 / 18.6,
+// T = 16 8.6-8.8 / 8.5-8.7; float32 T = 64 59.8-73.0 / 63.5-73.8, T = 32 (16 KiB) 24.3-27.5 /
+// 26.0-29.9, T = 16 11.2-11.4 / 11.0-11.2; two threads (noisier), bfloat16 T = 64 56.0 / 74.0,
+// float32 T = 64 87.7 / 100.2, T = 32 36.9 / 46.3; PLIF (dL/dk) bfloat16 T = 64 46.8 / 51.8,
+// float32 T = 64 60.7 / 66.2, T = 32 29.7 / 30.8; Sigmoid bfloat16 T = 64 66.0 / 71.3, float32
+// T = 64 76.4 / 85.6, T = 32 36.2 / 37.6. At T = 64, into L2 alone (two chunks ahead) was
+// 0.96-0.98x of L1 alone, four chunks ahead 1.05-1.09x; the L2 prefetch three chunks ahead
+// 1.00-1.03x of two; prefetcht1 and prefetcht2 the same. The forward, whose chunks touch only X
+// and S rows, keeps L1 alone: two-level measured 0.92-1.07x there at T = 32 and 64 (the last two
+// runs, 15 calls each: 0.94-1.00x float32, 0.96-1.00x bfloat16 at T = 64), within the noise.
+constexpr int64_t kTwoLevelBytes = int64_t{16} << 10;
 
 template <int64_t W>
 using Fixed = std::integral_constant<int64_t, W>;
@@ -89,13 +112,25 @@ CBP_ALWAYS_INLINE void load_state(const float* state, float fill, int64_t start,
   }
 }
 
-// Prefetches row[kPrefetchAhead .. + kChunk) into L1, where it is inside the tensor (end: one
-// past its last element), for a chunk to come.
+// Prefetches row[ahead .. ahead + kChunk), where it is inside the tensor (end: one past its
+// last element), with __builtin_prefetch's kLocality (3: into L1, 2: into L2).
+template <int kLocality, typename scalar_t>
+CBP_ALWAYS_INLINE void prefetch_slice(const scalar_t* row, int64_t ahead, const scalar_t* end) {
+  const char* line = reinterpret_cast<const char*>(row + ahead);
+  const char* stop = std::min(line + kChunk * sizeof(scalar_t), reinterpret_cast<const char*>(end));
+  for (; line < stop; line += 64) __builtin_prefetch(line, 0, kLocality);
+}
+
+// Prefetches a row for the chunks to come: kPrefetchAhead columns ahead into L1, or where
+// `two_level` that far into L2 and kChunk ahead into L1 (kTwoLevelBytes).
 template <typename scalar_t>
-CBP_ALWAYS_INLINE void prefetch_ahead(const scalar_t* row, const scalar_t* end) {
-  const char* ahead = reinterpret_cast<const char*>(row + kPrefetchAhead);
-  const char* stop = std::min(ahead + kChunk * sizeof(scalar_t), reinterpret_cast<const char*>(end));
-  for (; ahead < stop; ahead += 64) __builtin_prefetch(ahead);
+CBP_ALWAYS_INLINE void prefetch_ahead(const scalar_t* row, const scalar_t* end, bool two_level = false) {
+  if (two_level) {
+    prefetch_slice<2>(row, kPrefetchAhead, end);
+    prefetch_slice<3>(row, kChunk, end);
+  } else {
+    prefetch_slice<3>(row, kPrefetchAhead, end);
+  }
 }
 
 // Non-temporal 64-byte stores of `bytes` (a multiple of 64) from src to dst, both 64-byte
@@ -157,7 +192,11 @@ CBP_ALWAYS_INLINE void store_row_from_float(scalar_t* __restrict__ dst, const fl
 // 0.74 / 1.16, [4, 2^20] 1.73 / 2.36, [8, 2^20] 2.97 / 4.50; [4, 2^16], [4, 2^17] (1, 2 MiB)
 // 0.21 / 0.12, 0.44 / 0.26. V[T-1] streamed alone: [4, 2^20] 2.16 / 2.36. bfloat16, one thread,
 // A/B in one process: streaming dL/dX of [4, 2^20] and [8, 2^20] (8, 16 MiB) too was 0.83x and
-// 0.92x backward; S of both not streamed 0.78x forward: the thresholds hold in bytes.
+// 0.92x backward; S of both not streamed 0.78x forward: the thresholds hold in bytes. They hold
+// for the whole training step too (bench_neuron's step, whose outputs stay alive into the next
+// call; [4, 2^20], one thread, A/B in one process under load, median of 15 steps): streaming
+// dL/dX from 4 MiB on was 1.06x (float32) / 1.23x (bfloat16) slower, S streamed only above 16 MiB
+// 1.14x / 1.08x slower.
 constexpr int64_t kStreamBackward = int64_t{16} << 20;
 constexpr int64_t kStreamForward = int64_t{4} << 20;
 template <typename scalar_t>
@@ -206,13 +245,15 @@ CBP_ALWAYS_INLINE void forward_chunk(const scalar_t* __restrict__ x, const float
 // and v_init (the forward's equations, same arithmetic, so S = (H - V_th >= 0) is the forward's
 // spike bit for bit) into h[t * len + i]. PLIF (kGradK): returns sum over the chunk's columns and
 // t of gH dH/dk, with V[t-1] = reset(H[t-1], S[t-1]) (v_init at t = 0); per-column float sums,
-// added up in double. grad_v_init may be null (not wanted). `stream`: as the forward's, for dL/dX.
+// added up in double. grad_v_init may be null (not wanted). `stream`: as the forward's, for dL/dX;
+// `two_level`: the rows' prefetch (kTwoLevelBytes).
 template <bool kWide, typename scalar_t, int kSurrogate, bool kGradK, typename Len>
 CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike, const float* __restrict__ grad_v_last,
                                         const scalar_t* __restrict__ x, const float* __restrict__ v_init, float k,
                                         const NeuronParams q, scalar_t* __restrict__ grad_x,
                                         float* __restrict__ grad_v_init, int64_t T, int64_t N, int64_t start,
-                                        Len len, float* __restrict__ h, bool stream, bool bf16_rows) {
+                                        Len len, float* __restrict__ h, bool stream, bool two_level,
+                                        bool bf16_rows) {
   const float dh_dv = charge_dh_dv(k, q);
   const float dh_dx = charge_dh_dx(k, q);
   float gv[kChunk], gk[kChunk], dk[kChunk], sg[kChunk];
@@ -221,7 +262,7 @@ CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike,
   load_state(v_init, q.v_reset, start, len, gv);  // gv holds V while H is recomputed
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + start;
-    prefetch_ahead(xr, x + T * N);
+    prefetch_ahead(xr, x + T * N, two_level);
     float* __restrict__ hr = h + t * len;
     for (int64_t i = 0; i < len; ++i) {
       hr[i] = neuron_charge(gv[i], static_cast<float>(xr[i]), k, q);
@@ -232,7 +273,7 @@ CBP_ALWAYS_INLINE double backward_chunk(const scalar_t* __restrict__ grad_spike,
   if (kGradK) std::fill(gk, gk + len, 0.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t row = t * N + start;
-    prefetch_ahead(grad_spike + row, grad_spike + T * N);
+    prefetch_ahead(grad_spike + row, grad_spike + T * N, two_level);
     const float* __restrict__ hr = h + t * len;
     if (kGradK) {  // dk = dH[t]/dk; branches outside the column loops keep them vectorizable
       if (t > 0) {
@@ -303,6 +344,7 @@ float* thread_scratch(int64_t floats) {
                               float* grad_v_init, double* partial, int64_t T, int64_t N) {                      \
     const int64_t blocks = (N + kBlock - 1) / kBlock;                                                           \
     const bool stream = stream_output(grad_x, T, N, kStreamBackward);                                           \
+    const bool two_level = T * kChunk * static_cast<int64_t>(sizeof(scalar_t)) >= kTwoLevelBytes;             \
     const bool bf16_rows = WIDE && use_avx512_bf16();                                                           \
     _Pragma("omp parallel for schedule(static)") for (int64_t b = 0; b < blocks; ++b) {                         \
       float* h = thread_scratch(T * kChunk);                                                                    \
@@ -311,7 +353,7 @@ float* thread_scratch(int64_t floats) {
                                                                            CBP_ALWAYS_INLINE_LAMBDA {           \
         sum += backward_chunk<WIDE, scalar_t, kSurrogate, kGradK>(grad_spike, grad_v_last, x, v_init, k, p,    \
                                                             grad_x, grad_v_init, T, N, start, len, h, stream,   \
-                                                            bf16_rows);                                         \
+                                                            two_level, bf16_rows);                              \
       });                                                                                                       \
       _mm_sfence();                                                                                             \
       partial[b] = sum;                                                                                         \
