@@ -352,6 +352,29 @@ def test_bad_input(case, match):
         multistep_neuron(x, **case)
 
 
+def test_checked_settings_are_cached_by_type_and_value():
+    """prepare caches its scalar checks (ops/neuron/op.py ``_cached``): a setting that passed once
+    does not let an equal one of another type through (True == 1), an unhashable one gets the
+    checks' own error, and the cached decay, first made under inference mode, can be saved by a
+    graph later."""
+    x = torch.randn(3, 4)
+    multistep_neuron(x, v_threshold=1, v_reset=0)  # int settings: valid, now cached
+    with pytest.raises(TypeError, match="v_threshold must be a real number"):
+        multistep_neuron(x, v_threshold=True, v_reset=0)
+    with pytest.raises(TypeError, match="v_threshold must be a real number"):
+        multistep_neuron(x, v_threshold=[1.0])
+    with torch.inference_mode():
+        multistep_neuron(x, tau=3.25)
+    xg = x.clone().requires_grad_()
+    spike, _ = multistep_neuron(xg, tau=3.25, surrogate="sigmoid")
+    spike.sum().backward()
+    ref = x.clone().requires_grad_()
+    ref_spike, _ = multistep_neuron(ref, tau=3.25, surrogate="sigmoid", backend="reference")
+    ref_spike.sum().backward()
+    assert torch.equal(spike, ref_spike)
+    assert_close(xg.grad, ref.grad, 1e-6, 1e-5, "grad x after the cached decay")
+
+
 def test_mixed_devices_rejected():
     meta = torch.zeros(4, device="meta")
     with pytest.raises(ValueError, match="v_init is on meta"):

@@ -193,7 +193,7 @@ CBP_ALWAYS_INLINE void store_row_from_float(scalar_t* __restrict__ dst, const fl
 // 0.21 / 0.12, 0.44 / 0.26. V[T-1] streamed alone: [4, 2^20] 2.16 / 2.36. bfloat16, one thread,
 // A/B in one process: streaming dL/dX of [4, 2^20] and [8, 2^20] (8, 16 MiB) too was 0.83x and
 // 0.92x backward; S of both not streamed 0.78x forward: the thresholds hold in bytes. They hold
-// for the whole training step too (bench_neuron's step, whose outputs stay alive into the next
+// for the whole training step too (bench_neuron's step, whose outputs then stayed alive into the next
 // call; [4, 2^20], one thread, A/B in one process under load, median of 15 steps): streaming
 // dL/dX from 4 MiB on was 1.06x (float32) / 1.23x (bfloat16) slower, S streamed only above 16 MiB
 // 1.14x / 1.08x slower.
