@@ -78,6 +78,24 @@ def test_bitunpack_cpu_float32_paths(no_avx512, monkeypatch):
 
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_bitpack_cpu_one_long_row_on_two_threads(dtype):
+    """One row of several blocks of 256 words, ending mid-block and mid-word (the training
+    step packs each saved spike tensor as one row; its word blocks are split between the
+    threads): float32's vector path and the generic loop (uint8) equal the reference, and a
+    bad value in the last block is still counted."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x = _spikes((1, 3 * 8192 + 37)).to(dtype)
+        assert torch.equal(bitpack(x, -1, backend="cpu"), bitpack(x, -1, backend="reference"))
+        x[0, -3] = 2
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            bitpack(x, -1, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bool])
 @pytest.mark.parametrize("no_avx512", ["0", "1"])
 def test_bitunpack_cpu_byte_paths(dtype, no_avx512, monkeypatch):
