@@ -228,12 +228,13 @@ def test_non_contiguous_inputs(path):
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 def test_weight_sign_reads_the_levels_of_a_cbp_weight(levels, path):
     """``weight_sign=True`` on a CBP weight Q(W) = s * q (s not exact in bfloat16; ternary with
-    +0 and -0 entries) with alpha = s is the op on q itself, bit for bit, within the bound of
-    the float64 truth s * conv_transpose2d(g, q); a NaN weight counts as 0 (torch.sign's value:
-    the layer passed torch.sign(Q(W)) before)."""
+    +0 and -0 entries; odd channel counts, 1 to 25 taps) with alpha = s is the op on q itself,
+    bit for bit, within the bound of the float64 truth s * conv_transpose2d(g, q); a NaN weight
+    counts as 0 (torch.sign's value: the layer passed torch.sign(Q(W)) before)."""
     gen = torch.Generator().manual_seed(6)
     s = 0.0371
-    for C, O, k, st, p in [(64, 128, 3, 2, 1), (33, 20, 1, 1, 0), (24, 40, 3, 1, 1)]:
+    for C, O, k, st, p in [(64, 128, 3, 2, 1), (33, 20, 1, 1, 0), (24, 40, 3, 1, 1), (17, 5, 3, 1, 1), (7, 3, 4, 1, 2),
+                           (40, 33, 5, 2, 2)]:
         q = _levels(O, C, k, k, gen)
         if levels == "binary":
             q = torch.where(q == 0, 1.0, q)
