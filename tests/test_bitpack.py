@@ -77,6 +77,41 @@ def test_bitunpack_cpu_float32_paths(no_avx512, monkeypatch):
     assert torch.equal(bitunpack(bitpack(x, -1), -1, x.shape[1], torch.float32, backend="cpu"), x)
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_bitpack_cpu_one_long_row_on_two_threads(dtype):
+    """One row of several blocks of 256 words, ending mid-block and mid-word (the training
+    step packs each saved spike tensor as one row; its word blocks are split between the
+    threads): float32's vector path and the generic loop (uint8) equal the reference, and a
+    bad value in the last block is still counted."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x = _spikes((1, 3 * 8192 + 37)).to(dtype)
+        assert torch.equal(bitpack(x, -1, backend="cpu"), bitpack(x, -1, backend="reference"))
+        x[0, -3] = 2
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            bitpack(x, -1, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool])
+@pytest.mark.parametrize("no_avx512", ["0", "1"])
+def test_bitunpack_cpu_byte_paths(dtype, no_avx512, monkeypatch):
+    """The CPU unpack to uint8 / bool (AVX-512BW: 64 values of two words per masked byte move;
+    the scalar loop without it) against the reference: rows whose size ends mid-word and
+    mid-block of 64 (odd word counts), random bits, one long row (the training step's saved
+    spikes: one row, its blocks spread over the threads)."""
+    monkeypatch.setenv("CBP_KERNELS_NO_AVX512", no_avx512)
+    words = torch.randint(-(2**31), 2**31 - 1, (5, 5), dtype=torch.int32)
+    for size in [1, 31, 32, 33, 63, 64, 65, 96, 100, 128, 129, 160]:
+        w = words[:, : -(-size // 32)].contiguous()
+        ref = bitunpack(w, -1, size, dtype, backend="reference")
+        assert torch.equal(bitunpack(w, -1, size, dtype, backend="cpu"), ref), size
+    x = _spikes((3 * 4096 + 37,))
+    assert torch.equal(bitunpack(bitpack(x, 0), 0, x.numel(), dtype, backend="cpu"), x.to(dtype))
+
 def test_bitpack_threshold_and_non_contiguous():
     h = torch.randn(5, 40, 3)
     spikes = (h >= 0.3).float()

@@ -224,6 +224,34 @@ def test_non_contiguous_inputs(path):
     _check(g, w, (32, 9), 1, 1)
 
 
+@needs_kernel
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_weight_sign_reads_the_levels_of_a_cbp_weight(levels, path):
+    """``weight_sign=True`` on a CBP weight Q(W) = s * q (s not exact in bfloat16; ternary with
+    +0 and -0 entries; odd channel counts, 1 to 25 taps) with alpha = s is the op on q itself,
+    bit for bit, within the bound of the float64 truth s * conv_transpose2d(g, q); a NaN weight
+    counts as 0 (torch.sign's value: the layer passed torch.sign(Q(W)) before)."""
+    gen = torch.Generator().manual_seed(6)
+    s = 0.0371
+    for C, O, k, st, p in [(64, 128, 3, 2, 1), (33, 20, 1, 1, 0), (24, 40, 3, 1, 1), (17, 5, 3, 1, 1), (7, 3, 4, 1, 2),
+                           (40, 33, 5, 2, 2)]:
+        q = _levels(O, C, k, k, gen)
+        if levels == "binary":
+            q = torch.where(q == 0, 1.0, q)
+        wq = q * s
+        if levels == "ternary":
+            wq[0, : C // 2] = -0.0  # Q(W)'s zeros may carry a sign
+            q[0, : C // 2] = 0.0
+        H = 9
+        OH = (H + 2 * p - k) // st + 1
+        g = _grad(2, O, OH, OH, gen, spread=True)
+        got = conv_input_grad(g, wq, (H, H), st, p, s, weight_sign=True)
+        assert torch.equal(got, conv_input_grad(g, q, (H, H), st, p, s))
+        assert torch.equal(got, _check(g, q, (H, H), st, p, alpha=s))
+    wq[0, 0, 0, 0], q[0, 0, 0, 0] = float("nan"), 0.0
+    assert torch.equal(conv_input_grad(g, wq, (H, H), st, p, s, weight_sign=True), conv_input_grad(g, q, (H, H), st, p, s))
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(grad_y=torch.zeros(2, 4, 5, 5, dtype=torch.float64)), "grad_y must have dtype"),
     (dict(weight=torch.zeros(3, 2, 3, 3)), "one O"),
@@ -232,6 +260,7 @@ def test_non_contiguous_inputs(path):
     (dict(stride=0), "stride"),
     (dict(padding=(-1, 0)), "padding"),
     (dict(alpha=float("nan")), "alpha"),
+    (dict(weight_sign=1), "weight_sign"),
 ])
 def test_bad_arguments_are_named(change, message):
     args = dict(grad_y=torch.zeros(2, 4, 5, 5), weight=torch.zeros(4, 2, 3, 3), input_size=(9, 9), stride=2, padding=1,

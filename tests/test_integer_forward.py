@@ -219,13 +219,14 @@ def test_lifconv_runs_the_integer_forward_in_training():
 def test_lifconv_on_the_float_forward_takes_the_level_backward(monkeypatch):
     """A binary LIFConv2d whose integer forward the shape rule declines (a 1x1 downsample):
     its input gradient still runs on the levels q with alpha = s (exact in bfloat16: the tile
-    path), and its gradients are the ATen backward's (``integer_forward=False``) to float32
+    path; q = sign(Q(W)) read by the op, ``weight_sign``), and its gradients are the ATen backward's (``integer_forward=False``) to float32
     accuracy."""
     torch.manual_seed(8)
     x = torch.randint(0, 2, (2, 3, 24, 9, 9)).float()
     grads, seen = {}, []
     real = lifconv.conv_input_grad
-    monkeypatch.setattr(lifconv, "conv_input_grad", lambda g, w, *a: seen.append((w, a[-1])) or real(g, w, *a))
+    monkeypatch.setattr(lifconv, "conv_input_grad",
+                        lambda g, w, *a, **kw: seen.append((w.sign(), a[-1], kw)) or real(g, w, *a, **kw))
     for mode in (True, False):
         torch.manual_seed(9)
         m = LIFConv2d(24, 16, 1, stride=2, bn=False, neuron=None, weight_levels="binary", input_max=1)
@@ -234,7 +235,7 @@ def test_lifconv_on_the_float_forward_takes_the_level_backward(monkeypatch):
         xi = x.clone().requires_grad_()
         m(xi).square().sum().backward()
         grads[mode] = (xi.grad, m.weight.grad)
-    assert len(seen) == 1 and set(seen[0][0].unique().tolist()) == {-1.0, 1.0}
+    assert len(seen) == 1 and set(seen[0][0].unique().tolist()) == {-1.0, 1.0} and seen[0][2] == {"weight_sign": True}
     assert seen[0][1] == pytest.approx(float(m.quant_scale()))
     for got, exp in zip(grads[True], grads[False]):
         assert_close(got, exp, 1e-6, 1e-5, "gradient")

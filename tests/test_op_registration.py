@@ -121,7 +121,8 @@ OPS = {
     "plane_sum_nchw": ("cbp_kernels.ops.plane_sum", lambda b: (
         torch.randint(-9, 10, (6, 5, 7, 17)).float(), 2, torch.tensor(0.37), b)),
     "conv_input_grad": ("cbp_kernels.ops.conv_input_grad", lambda b: (
-        torch.randn(2, 6, 5, 5), torch.randint(-1, 2, (6, 4, 3, 3)).float(), [9, 9], [2, 2], [1, 1], 0.5, b)),
+        torch.randn(2, 6, 5, 5), torch.randint(-1, 2, (6, 4, 3, 3)).float() * 0.37, [9, 9], [2, 2], [1, 1], 0.5, True,
+        b)),
     "conv2d_integer_input": ("cbp_kernels.ops.conv_input_grad", lambda b: (
         torch.randint(0, 2, (2, 4, 7, 9)).float(), torch.randn(6, 4, 3, 3), [1, 0], b)),
     "conv_weight_grad": ("cbp_kernels.ops.conv_weight_grad", lambda b: (

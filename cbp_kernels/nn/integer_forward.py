@@ -164,14 +164,17 @@ def _input_planes(x: torch.Tensor, spec: IntegerForward, groups: int) -> torch.T
     """x ``[N, C, H, W]`` (integers in [0, input_max]) -> int32 ``[P*N, H, W, groups*Wg]``:
     plane b (bit b of x) in rows b*N..(b+1)*N, each group's channels packed on their own.
     The planes are float32 NCHW, the bitpack kernel's vector path (16 pixels per channel),
-    taken from the top bit down with the rest r (r = x first): plane b = floor(r / 2^b),
-    r -= 2^b * plane b; plane 0 = the last rest (exact: small integers, power-of-two scaling)."""
+    taken from the top bit down with the rest r (r = x first, r < 2^(b+1) at plane b): plane
+    b = (r >= 2^b), r -= 2^b * plane b; plane 0 = the last rest (exact: small integers,
+    power-of-two scaling). One compare instead of a multiply and a floor: the 7 two-plane
+    inputs of SEW-ResNet-18's batch-1 step (its ADD sums), planes and packing, A/B in one
+    process, min of 21, under load: 6.19 -> 5.56 ms on one thread, 3.49 -> 3.31 on two."""
     x = x.detach()
     if spec.planes > 1:
         bits = torch.empty((spec.planes, *x.shape), dtype=x.dtype, device=x.device)
         rest = x
         for b in range(spec.planes - 1, 0, -1):
-            torch.mul(rest, 1.0 / (1 << b), out=bits[b]).floor_()
+            torch.ge(rest, float(1 << b), out=bits[b])
             rest = torch.add(rest, bits[b], alpha=-float(1 << b), out=bits[0])
         x = bits.flatten(0, 1)
     nhwc = x.permute(0, 2, 3, 1)

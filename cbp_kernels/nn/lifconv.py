@@ -190,7 +190,8 @@ def _tile_backward(grad_y, x, w, scale, x_shape, stride, padding, needs):
     """A convolution's float32 backward on AMX-BF16, for an input x of integers (spikes, SEW ADD
     sums, exact in bfloat16; only read for dw): dx = conv_transpose2d(dy, w)
     (``ops.conv_input_grad``: for a binary / ternary Q(W) = s * q, ``scale`` s, as
-    s * conv_transpose2d(dy, q), q = sign(Q(W)) since s > 0: q is exact in bfloat16; a float
+    s * conv_transpose2d(dy, q), q = sign(Q(W)) since s > 0, read by the op from Q(W)
+    (``weight_sign``): q is exact in bfloat16; a float
     weight, ``scale`` None, in three parts, where at least ``TILE_INPUT_GRAD_MIN_PIXELS``, else
     ATen's float32), dw = correlate(x, dy) (``ops.conv_weight_grad``), db = sum of dy over (N, H,
     W). Both ops split dy exactly into three bfloat16 parts: every product exact (a float
@@ -199,7 +200,7 @@ def _tile_backward(grad_y, x, w, scale, x_shape, stride, padding, needs):
     grad_y = grad_y.contiguous()
     gx = None
     if needs[0] and scale is not None:
-        gx = conv_input_grad(grad_y, torch.sign(w), x_shape[-2:], stride, padding, float(scale))
+        gx = conv_input_grad(grad_y, w, x_shape[-2:], stride, padding, float(scale), weight_sign=True)
     elif needs[0] and grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3] >= TILE_INPUT_GRAD_MIN_PIXELS:
         gx = conv_input_grad(grad_y, w, x_shape[-2:], stride, padding, 1.0)
     elif needs[0]:

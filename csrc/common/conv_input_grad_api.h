@@ -2,14 +2,15 @@
 // CBP's levels q in {-1, 0, 1} with the scale s passed as alpha, or any float32), declared once;
 // CPU only (csrc/cpu/conv_input_grad.cpp): on CUDA the layer keeps cuDNN. Schema:
 // csrc/common/op_schema.h.
-//   conv_input_grad(grad_y, weight, input_size, stride, padding, alpha) -> grad_x:
+//   conv_input_grad(grad_y, weight, input_size, stride, padding, alpha, weight_sign) -> grad_x:
 //     grad_y float32 [N, O, OH, OW] contiguous, weight float32 [O, C, KH, KW] contiguous,
 //     input_size (H, W), stride (sh, sw) >= 1, padding (ph, pw) >= 0 (groups 1, dilation 1),
 //     OH = (H + 2 ph - KH) / sh + 1 (OW alike) -> grad_x float32 [N, C, H, W],
 //       grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw : ih = oh*sh - ph + kh, iw = ow*sw - pw + kw}
 //                              grad_y[n, o, oh, ow] * weight[o, c, kh, kw]
 //     (alpha applied once to the float32 sum): alpha * aten::convolution_backward's input
-//     gradient. AMX-BF16 where the CPU allows it, else that ATen call: a weight exact in
+//     gradient. weight_sign: sign(weight) in its place (read as the kernel prepares its tiles:
+//     the levels q of a CBP weight Q(W) = s * q, s > 0, without a pass that writes them). AMX-BF16 where the CPU allows it, else that ATen call: a weight exact in
 //     bfloat16 gives exact products with float32 accumulation in another order than ATen's;
 //     any other weight, split into three bfloat16 parts, is within 2^-21 alpha sum |g| |w| more
 //     (the pairs of parts dropped, csrc/cpu/conv_input_grad.cpp).
@@ -34,8 +35,9 @@ namespace cbp {
 struct ConvInputGradOp {
   static constexpr const char* name = "conv_input_grad";
   using Fn = at::Tensor(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
-                        at::IntArrayRef stride, at::IntArrayRef padding, double alpha);
-  static constexpr std::array<const char*, 6> args{"grad_y", "weight", "input_size", "stride", "padding", "alpha"};
+                        at::IntArrayRef stride, at::IntArrayRef padding, double alpha, bool weight_sign);
+  static constexpr std::array<const char*, 7> args{"grad_y", "weight", "input_size", "stride", "padding", "alpha",
+                                                   "weight_sign"};
 };
 ConvInputGradOp::Fn conv_input_grad_cpu;
 

@@ -61,9 +61,10 @@ namespace {
 // alpha * aten::convolution_backward's input gradient in float32 (the path where AMX-BF16
 // is not usable).
 at::Tensor aten_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
-                           at::IntArrayRef stride, at::IntArrayRef padding, double alpha) {
+                           at::IntArrayRef stride, at::IntArrayRef padding, double alpha, bool weight_sign) {
   const auto stand_in = at::empty({grad_y.size(0), weight.size(1), input_size[0], input_size[1]}, grad_y.options());
-  auto grad_x = std::get<0>(at::convolution_backward(grad_y, stand_in, weight, std::nullopt, stride, padding, {1, 1},
+  const auto w = weight_sign ? at::sign(weight) : weight;
+  auto grad_x = std::get<0>(at::convolution_backward(grad_y, stand_in, w, std::nullopt, stride, padding, {1, 1},
                                                      false, {0, 0}, 1, {true, false, false}));
   return alpha == 1.0 ? grad_x : grad_x.mul_(alpha);
 }
@@ -142,12 +143,14 @@ struct AmxInputGrad {
   // and flipped in both spatial dims, read in place).
   int64_t wo, wc;
   bool flipped;
+  bool weight_sign = false;  // the tiles hold sign(w') (conv_input_grad's weight_sign)
 
   AmxInputGrad(const at::Tensor& g, const at::Tensor& w, at::IntArrayRef in, at::IntArrayRef s, at::IntArrayRef p,
-               bool forward = false)
+               bool forward = false, bool sign = false)
       : N(g.size(0)), O(g.size(1)), OH(g.size(2)), OW(g.size(3)), C(w.size(forward ? 0 : 1)), H(in[0]), W(in[1]),
         KH(w.size(2)), KW(w.size(3)), sh(s[0]), sw(s[1]), dh(H, OH, KH, sh, p[0]), dw(W, OW, KW, sw, p[1]),
-        wo(forward ? KH * KW : C * KH * KW), wc(forward ? O * KH * KW : KH * KW), flipped(forward) {
+        wo(forward ? KH * KW : C * KH * KW), wc(forward ? O * KH * KW : KH * KW), flipped(forward),
+        weight_sign(sign) {
     Oq = (O + 31) / 32 * 16;  // o-pairs, O padded to whole K steps of 32
     // Window pitch per pixel: an odd number of 64-byte lines, so that a tile's rows and the
     // taps' neighbouring rows spread over all L1 sets. One thread, A/B in one process (min of
@@ -199,6 +202,15 @@ struct AmxInputGrad {
   // parts 2 and 3 too (those of exact tiles zeroed after the loop). One pass instead of part 1
   // then all three parts again: one thread, 512 -> 512 3 x 3 float weights, N = 1 at 7 x 7
   // (almost all preparation), min of 9, loaded machine: 6.26 -> 3.56 ms (levels 3.14 -> 2.3).
+  // sign(v) of 16 float32s as bits, torch.sign's values: +-1.0f, +0.0f for +-0 and NaN.
+  CBP_AMX_BF16 static __m512i sign_bits(__m512i v) {
+    const __m512i magnitude = _mm512_and_si512(v, _mm512_set1_epi32(0x7FFFFFFF));
+    const __mmask16 number = _mm512_test_epi32_mask(magnitude, magnitude) &
+                             _mm512_cmple_epu32_mask(magnitude, _mm512_set1_epi32(0x7F800000));
+    const __m512i unit = _mm512_or_si512(_mm512_andnot_si512(magnitude, v), _mm512_set1_epi32(0x3F800000));
+    return _mm512_maskz_mov_epi32(number, unit);
+  }
+
   CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
     const int64_t taps = KH * KW;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -216,10 +228,14 @@ struct AmxInputGrad {
         for (int64_t r = 0; r < 16; ++r) {
           const int64_t o = 2 * (kq[k] + r);
           const float* src = w + std::min(o, O - 1) * wo + std::min(c0, C - 1) * wc + (flipped ? taps - 1 - ktap[k] : ktap[k]);
-          const __m512i even = o < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4)
-                                     : _mm512_setzero_si512();
-          const __m512i odd = o + 1 < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + wo, 4)
-                                        : _mm512_setzero_si512();
+          __m512i even = o < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src, 4)
+                               : _mm512_setzero_si512();
+          __m512i odd = o + 1 < O ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, src + wo, 4)
+                                  : _mm512_setzero_si512();
+          if (weight_sign) {
+            even = sign_bits(even);
+            odd = sign_bits(odd);
+          }
           lows = _mm512_or_si512(lows, _mm512_or_si512(even, odd));
           rest[0][r] = _mm512_castsi512_ps(even);
           rest[1][r] = _mm512_castsi512_ps(odd);
@@ -437,7 +453,7 @@ struct AmxInputGrad {
 }  // namespace
 
 at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
-                               at::IntArrayRef stride, at::IntArrayRef padding, double alpha) {
+                               at::IntArrayRef stride, at::IntArrayRef padding, double alpha, bool weight_sign) {
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.is_contiguous() && grad_y.scalar_type() == at::kFloat,
               "conv_input_grad: grad_y must be a contiguous float32 [N, O, OH, OW] tensor");
   TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
@@ -452,9 +468,10 @@ at::Tensor conv_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weigh
   const int64_t numel = grad_y.size(0) * weight.size(1) * input_size[0] * input_size[1];
 #if defined(__x86_64__) || defined(_M_X64)
   if (numel > 0 && grad_y.numel() > 0 && amx_usable(/*int8=*/false))
-    return AmxInputGrad(grad_y, weight, input_size, stride, padding).compute(grad_y, weight, alpha);
+    return AmxInputGrad(grad_y, weight, input_size, stride, padding, /*forward=*/false, weight_sign)
+        .compute(grad_y, weight, alpha);
 #endif
-  return aten_input_grad(grad_y, weight, input_size, stride, padding, alpha);
+  return aten_input_grad(grad_y, weight, input_size, stride, padding, alpha, weight_sign);
 }
 
 at::Tensor conv2d_integer_input_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef padding) {

@@ -3,7 +3,8 @@ custom op (with its fake for torch.compile).
 
 ``conv_input_grad(grad_y, weight, input_size, stride, padding, alpha)`` is
 ``alpha * aten.convolution_backward(grad_y, x, weight, ...)``'s input gradient (groups 1,
-dilation 1). On CPUs with AMX-BF16 (Sapphire Rapids and later) the C++ kernel splits grad_y
+dilation 1); ``weight_sign=True`` uses sign(weight) instead of the weight (CBP's levels q of
+Q(W) = s * q, taken as the kernel reads the weight: no tensor of them is written). On CPUs with AMX-BF16 (Sapphire Rapids and later) the C++ kernel splits grad_y
 exactly into three bfloat16 parts (``split_bf16``) and sums the products with TDPBF16PS in
 float32:
 - a weight exact in bfloat16 (CBP's levels q in {-1, 0, 1}; the layer's scale s comes as
@@ -34,15 +35,16 @@ __all__ = ["conv2d_integer_input", "conv_input_grad", "has_cpu_kernel", "split_b
 
 
 def _grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size: list[int], stride: list[int], padding: list[int],
-          alpha: float, backend: str) -> torch.Tensor:
-    return kernels(__package__, backend).conv_input_grad(grad_y, weight, input_size, stride, padding, alpha)
+          alpha: float, weight_sign: bool, backend: str) -> torch.Tensor:
+    return kernels(__package__, backend).conv_input_grad(grad_y, weight, input_size, stride, padding, alpha,
+                                                         weight_sign)
 
 
 _conv_input_grad = torch.library.custom_op("cbp_kernels::conv_input_grad", _grad, mutates_args=())
 
 
 @_conv_input_grad.register_fake
-def _(grad_y, weight, input_size, stride, padding, alpha, backend):
+def _(grad_y, weight, input_size, stride, padding, alpha, weight_sign, backend):
     return grad_y.new_empty(grad_y.shape[0], weight.shape[1], *input_size)
 
 
@@ -94,7 +96,7 @@ def split_bf16(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stride, padding, alpha: float = 1.0,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", *, weight_sign: bool = False) -> torch.Tensor:
     """The input gradient of ``conv2d(x, alpha * weight, stride=stride, padding=padding)``
     (groups 1, dilation 1): ``grad_x[n, c, ih, iw] = alpha * sum_{o, kh, kw} grad_y[n, o, oh, ow]
     * weight[o, c, kh, kw]`` over ``ih = oh * sh - ph + kh``, ``iw = ow * sw - pw + kw``.
@@ -107,6 +109,8 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
         stride, padding: pairs (sh, sw) >= 1, (ph, pw) >= 0 (or one int for both).
         alpha: finite float applied once to each float32 sum (the layer's scale s).
         backend: "auto", "cpu" or "reference".
+        weight_sign: use sign(weight) (+-1, 0) in the weight's place: for a CBP weight Q(W) =
+            s * q (s > 0) its levels q, with ``alpha`` = s.
 
     Returns:
         grad_x float32 ``[N, C, H, W]``.
@@ -120,7 +124,10 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, input_size, stri
                          f"{tuple(weight.shape[2:])}, stride {s} and padding {p}: expected {tuple(expected)}")
     alpha = check_finite("alpha", alpha)
     backend = resolve_backend(backend, "conv_input_grad", grad_y.device, __package__)
-    return call(_conv_input_grad, _grad, grad_y.contiguous(), weight.contiguous(), size, s, p, alpha, backend)
+    if not isinstance(weight_sign, bool):
+        raise TypeError(f"weight_sign must be a bool, got {type(weight_sign).__name__}")
+    return call(_conv_input_grad, _grad, grad_y.contiguous(), weight.contiguous(), size, s, p, alpha, weight_sign,
+                backend)
 
 
 def conv2d_integer_input(x: torch.Tensor, weight: torch.Tensor, padding=0, backend: str = "auto") -> torch.Tensor:
