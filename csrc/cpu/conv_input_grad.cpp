@@ -194,14 +194,6 @@ struct AmxInputGrad {
     L = per_item * kRows + maxoff - minoff;  // window pixels: an item's blocks plus the taps' reach
   }
 
-  // The B tiles of the weight's parts: bt[((cb * kParts + j) * K + k) * 512 + r * 32 + 2 c + e]
-  // = part j (next_bf16_part) of w'[2 (kq[k] + r) + e][16 cb + c] at tap ktap[k], 0 past O / C;
-  // per o a gather of 16 c (576 consecutive bytes for 3 x 3), once. Returns whether every weight
-  // that reaches an output is exact in bfloat16 (the low halves all 0; a tap no input pixel
-  // reads, e.g. stride > H, is not): then only part 1 is written (the one the steps read), else
-  // parts 2 and 3 too (those of exact tiles zeroed after the loop). One pass instead of part 1
-  // then all three parts again: one thread, 512 -> 512 3 x 3 float weights, N = 1 at 7 x 7
-  // (almost all preparation), min of 9, loaded machine: 6.26 -> 3.56 ms (levels 3.14 -> 2.3).
   // sign(v) of 16 float32s as bits, torch.sign's values: +-1.0f, +0.0f for +-0 and NaN.
   CBP_AMX_BF16 static __m512i sign_bits(__m512i v) {
     const __m512i magnitude = _mm512_and_si512(v, _mm512_set1_epi32(0x7FFFFFFF));
@@ -211,6 +203,15 @@ struct AmxInputGrad {
     return _mm512_maskz_mov_epi32(number, unit);
   }
 
+  // The B tiles of the weight's parts: bt[((cb * kParts + j) * K + k) * 512 + r * 32 + 2 c + e]
+  // = part j (next_bf16_part) of w'[2 (kq[k] + r) + e][16 cb + c] at tap ktap[k], 0 past O / C;
+  // per o a gather of 16 c (576 consecutive bytes for 3 x 3), once. Returns whether every weight
+  // that reaches an output is exact in bfloat16 (the low halves all 0; a tap no input pixel
+  // reads, e.g. stride > H, is not): then only part 1 is written (the one the steps read), else
+  // parts 2 and 3 too (those of exact tiles zeroed after the loop). One pass instead of part 1
+  // then all three parts again: one thread, 512 -> 512 3 x 3 float weights, N = 1 at 7 x 7
+  // (almost all preparation), min of 9, loaded machine: 6.26 -> 3.56 ms (levels 3.14 -> 2.3).
+  // weight_sign: each gathered value replaced by its sign (sign_bits), exact in bfloat16.
   CBP_AMX_BF16 bool prepare_weights(const float* w, uint16_t* bt) const {
     const int64_t taps = KH * KW;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
