@@ -58,10 +58,19 @@ cuda-check: $(STAMP)
 # fresh mapping, whose first-touch page faults cost as much as a memory-bound kernel on this VM,
 # depends on what the suite ran before (measured: the same LIF step 38 ms or 88 ms at T = 16).
 BENCH_MALLOC = glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+# Each suite runs in a process of its own, joined by report.py --merge: a suite's timings do not
+# depend on what another left in the heap (measured: our float32 LIF step at [64, 2^20], one
+# thread, 128-130 ms in two runs where bench_neuron followed bench_cbp_step and bench_models in
+# one process, 84-87 ms in four runs of bench_neuron's cases alone).
+SUITE_RUNS = build/bench-runs
 bench: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} GLIBC_TUNABLES=$${GLIBC_TUNABLES:-$(BENCH_MALLOC)} \
-		$(BIN)/python -m pytest -q bench/bench_*.py --benchmark-json=bench/results/last.json
-	$(BIN)/python bench/report.py
+	rm -rf $(SUITE_RUNS) && mkdir -p $(SUITE_RUNS)
+	for suite in bench/bench_*.py; do \
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} GLIBC_TUNABLES=$${GLIBC_TUNABLES:-$(BENCH_MALLOC)} \
+			$(BIN)/python -m pytest -q $$suite --benchmark-json=$(SUITE_RUNS)/$$(basename $$suite .py).json \
+			|| exit 1; \
+	done
+	$(BIN)/python bench/report.py --merge $(SUITE_RUNS)/*.json
 
 clean:
 	rm -rf build *.egg-info cbp_kernels/*.so

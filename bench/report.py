@@ -13,11 +13,12 @@ and these optional ``extra_info`` keys, which bench/harness.py's ``run`` stores:
   with such groups opens with one table of those two ratios, a row per group (e.g. per batch
   and thread count), a column per provider.
 
-Steps: (1) ``bench/results/last.json`` (``make bench`` writes it), when present, is split into
+Steps: (0) with ``--merge``, the given runs (``make bench`` runs each suite in a process of its
+own) are joined into ``bench/results/last.json``; (1) ``last.json``, when present, is split into
 ``bench/results/<device>/<suite>.json`` (a new run of a suite on a device replaces the old one);
 (2) every ``bench/results/<device>/*.json`` is read and the report written.
 
-    python bench/report.py [--results bench/results]
+    python bench/report.py [--results bench/results] [--merge RUN.json ...]
 """
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def _device(bench: dict, machine_info: dict) -> str:
 
 def _suite(bench: dict) -> str:
     return Path(bench["fullname"].split("::")[0]).stem
+
+
+def merge_runs(runs: list[Path], results: Path) -> Path:
+    """Joins pytest-benchmark runs (one per suite) into results/last.json: their benchmarks in
+    order, the first run's machine_info and datetime; returns last.json's path."""
+    loaded = [json.loads(path.read_text()) for path in runs]
+    if not loaded:
+        raise ValueError("--merge needs at least one run file")
+    last = results / "last.json"
+    last.write_text(json.dumps({**loaded[0], "benchmarks": [b for run in loaded for b in run["benchmarks"]]}) + "\n")
+    return last
 
 
 def split_last_run(results: Path) -> list[Path]:
@@ -208,7 +220,10 @@ def write_report(results: Path) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results directory (default: bench/results)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RUN", help="runs to join into last.json first")
     args = parser.parse_args(argv)
+    if args.merge:
+        print(f"wrote {merge_runs(args.merge, args.results)}")
     for path in split_last_run(args.results):
         print(f"wrote {path}")
     print(f"wrote {write_report(args.results)}")

@@ -40,6 +40,25 @@ def test_split_and_report(tmp_path):
     assert len(list((tmp_path / "dev-a").glob("*.png"))) == 3  # one plot per group
 
 
+def test_merge_joins_the_suites_runs(tmp_path):
+    """make bench runs each suite in a process of its own: --merge joins their runs into last.json
+    (every benchmark, in order; the first run's machine_info), which is then split as one run."""
+    report = _report_module()
+    runs = []
+    for i, suite in enumerate(["bench_one", "bench_two"]):
+        path = tmp_path / f"{suite}.json"
+        path.write_text(json.dumps({"machine_info": {"cbp_device": f"dev-{i}"}, "datetime": f"2026-01-0{i + 1}",
+                                    "benchmarks": [_bench(suite, "ours", 0.5 + i), _bench(suite, "naive", 1.0 + i)]}))
+        runs.append(path)
+    report.main(["--results", str(tmp_path), "--merge", *map(str, runs)])
+    merged = json.loads((tmp_path / "last.json").read_text())
+    suites = [b["fullname"].split("::")[0] for b in merged["benchmarks"]]
+    assert suites == ["bench/bench_one.py"] * 2 + ["bench/bench_two.py"] * 2
+    assert merged["machine_info"] == {"cbp_device": "dev-0"}
+    assert sorted(p.name for p in (tmp_path / "dev-0").glob("*.json")) == ["bench_one.json", "bench_two.json"]
+    assert "bench_two" in (tmp_path / "REPORT.md").read_text()
+
+
 def test_ours_against_each_provider_with_peak_memory(tmp_path):
     """Groups with peak memory: a peak-memory column, ours against every other row (its time over
     ours, ours' peak over its), and one table of those ratios per suite, a row per group."""
