@@ -121,8 +121,9 @@ class _EagerNeuron(torch.autograd.Function):
 
 def _checked_tau(neuron: str, tau, x_seq: torch.Tensor) -> torch.Tensor:
     """The decay k = 1/tau as a 0-dim float tensor (differentiable when tau is a tensor)."""
-    if neuron == "if" or not isinstance(tau, torch.Tensor):
-        return _cached(_number_decay, neuron, tau, x_seq.dtype == torch.float64, x_seq.device)
+    if neuron == "if" or not isinstance(tau, torch.Tensor):  # IF ignores tau: not a key of the cache
+        return _cached(_number_decay, neuron, None if neuron == "if" else tau, x_seq.dtype == torch.float64,
+                       x_seq.device)
     if tau.numel() != 1:
         raise ValueError(f"tau must be a number or a one-element tensor, got shape {tuple(tau.shape)}")
     check_same_device("x_seq", x_seq, tau=tau)
